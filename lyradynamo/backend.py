@@ -1,0 +1,130 @@
+"""The `lyra` torch.compile backend: rewrite the graph Dynamo hands over, then run it.
+
+    torch.compile(model, backend="lyra")
+
+1. shape policy (shape_policy.py): traced dynamic from the first call, no duck sizing, no
+   0/1 specialisation, op-internal size guards relaxed: one compilation for all shapes;
+2. passes (passes/): anchor subgraphs -> lyra:: custom ops;
+3. runtime (runtime.py): CUDA graphs on CUDA, the rewritten graph as is elsewhere;
+4. dump (dump.py) when `config.dump_dir` is set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from . import config, dump, runtime, shape_policy
+from .passes import run_passes
+from .passes.report import GraphReport
+
+log = logging.getLogger("lyradynamo")
+
+
+@dataclasses.dataclass
+class CompiledGraph:
+    """One backend call: what was compiled and what the passes did."""
+
+    index: int
+    seconds: float  # time spent in the backend (passes + dump), not Dynamo's tracing
+    report: GraphReport
+    policy_active: bool
+    device: str
+    num_nodes: int
+    dynamic_inputs: int  # SymInt inputs: >0 means the graph serves many shapes
+    dump_path: str | None = None
+    summary: dict = dataclasses.field(default_factory=dict)  # dump.summary_dict(), always filled
+
+
+_lock = threading.Lock()
+_compiled: list[CompiledGraph] = []
+
+
+def compile_count() -> int:
+    """How many graphs the lyra backend has compiled in this process."""
+    return len(_compiled)
+
+
+def compiled_graphs() -> list[CompiledGraph]:
+    return list(_compiled)
+
+
+def reset_stats() -> None:
+    with _lock:
+        _compiled.clear()
+
+
+def _device_of(example_inputs) -> str:
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device.type
+    return "cpu"
+
+
+def _fake_mode_of(gm: fx.GraphModule, example_inputs: list):
+    """The fake mode of the traced values in node.meta (the passes compute new values in it)."""
+    for n in gm.graph.nodes:
+        mode = getattr(n.meta.get("example_value"), "fake_mode", None)
+        if mode is not None:
+            return mode
+    tracing = torch._guards.TracingContext.try_get()
+    return tracing.fake_mode if tracing is not None else None
+
+
+def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+    """torch.compile backend entry point (registered as "lyra")."""
+    if kwargs:
+        log.warning("lyradynamo: backend options %s are ignored; use lyradynamo.config", sorted(kwargs))
+    start = time.perf_counter()
+    fake_mode = _fake_mode_of(gm, example_inputs)
+    policy = shape_policy.policy_active()
+    if not policy:
+        log.warning("lyradynamo: this graph was traced without lyra's shape policy (the backend was "
+                    "reached without torch.compile's backend hook); new shapes may recompile")
+    before_code = gm.code if config.dump_dir else None
+    gm, report = run_passes(gm, config.passes, fake_mode)
+    if config.relax_size_guards and fake_mode is not None and fake_mode.shape_env is not None:
+        try:
+            report.relaxed_guards = shape_policy.relax_internal_guards(fake_mode.shape_env)
+        except Exception as exc:  # noqa: BLE001 - relaxing is an optimisation; never fatal
+            log.warning("lyradynamo: could not relax size guards (%s); batch 1 may recompile", exc)
+    device = _device_of(example_inputs)
+    with _lock:
+        record = CompiledGraph(
+            index=len(_compiled), seconds=0.0, report=report, policy_active=policy, device=device,
+            num_nodes=len(gm.graph.nodes),
+            dynamic_inputs=sum(isinstance(t, torch.SymInt) for t in example_inputs),
+        )
+        _compiled.append(record)
+    runner = runtime.make_runner(gm, example_inputs, record)
+    record.seconds = time.perf_counter() - start
+    record.summary = dump.summary_dict(record, gm)
+    if config.dump_dir:
+        record.dump_path = dump.write_graph_dump(config.dump_dir, record, gm, before_code)
+    log.info("lyradynamo: compiled graph %d (%d nodes, %s) in %.2fs: %s", record.index,
+             record.num_nodes, device, record.seconds, report.matched)
+    return runner
+
+
+lyra_backend.backend_ctx_ctor = shape_policy.policy_context  # type: ignore[attr-defined]
+lyra_backend.compiler_name = "lyra"  # type: ignore[attr-defined]
+
+
+def register() -> None:
+    """Make backend="lyra" resolve to this backend and install the shape-policy hook.
+
+    If torch discovered our `torch_dynamo_backends` entry point and is loading it right now,
+    torch registers the function itself when the import returns: registering it here too
+    would be a duplicate.
+    """
+    from torch._dynamo.backends import registry
+
+    shape_policy.install()
+    if "lyra" in registry._COMPILER_FNS or registry._BACKENDS.get("lyra") is not None:
+        return
+    registry.register_backend(lyra_backend, name="lyra")

@@ -1,0 +1,161 @@
+"""lyradynamo options: one typed module, settable at module level or in a `with` block.
+
+    import lyradynamo
+    lyradynamo.config.quant = "fp8"
+    with lyradynamo.config.patch(cuda_graphs=False, dump_dir="/tmp/dump"):
+        ...
+
+Every assignment is validated: a bad value raises `LyraConfigError` naming the option and
+the allowed values. Environment variables exist only for debugging knobs (`LYRA_DUMP_DIR`,
+`LYRA_LOG`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import types
+from typing import Any, Iterator
+
+ALL_PASSES = ("linear", "attention", "group_norm", "adaln")
+
+
+class LyraConfigError(ValueError):
+    """A lyradynamo.config option was given a value it does not accept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    default: Any
+    doc: str
+    choices: tuple | None = None  # allowed values (for enums)
+    kind: type | tuple | None = None  # allowed Python types
+
+
+_OPTIONS: dict[str, _Option] = {
+    "passes": _Option(
+        ALL_PASSES,
+        "Which rewrite passes run, in order. A subset of "
+        + ", ".join(ALL_PASSES) + ". An empty tuple runs the graph as Dynamo traced it.",
+        kind=(tuple, list),
+    ),
+    "quant": _Option(
+        "none",
+        "Weight/activation quantization of the rewritten linears: none, fp8 (Hopper/Ada), int8.",
+        choices=("none", "fp8", "int8"),
+    ),
+    "cuda_graphs": _Option(
+        True, "On CUDA, replay each compiled graph as a CUDA graph (one capture per input shape).",
+        kind=bool,
+    ),
+    "attention_backend": _Option(
+        "auto",
+        "Attention kernel: auto (fastest available per shape), sdpa (torch SDPA, any backend), "
+        "cudnn, flash (torch SDPA flash), flash_attn (the flash_attn package), math.",
+        choices=("auto", "sdpa", "cudnn", "flash", "flash_attn", "math"),
+    ),
+    "dump_dir": _Option(
+        None,
+        "Directory for the graph dump (graphs before/after, summary, HTML picture); None = off. "
+        "Env LYRA_DUMP_DIR sets it too.",
+        kind=(str, os.PathLike, type(None)),
+    ),
+    "relax_size_guards": _Option(
+        True,
+        "Drop the size-1 / heuristic guards that torch's own operator implementations add while "
+        "tracing (not the model's), so batch size 1 does not recompile. See shape_policy.py.",
+        kind=bool,
+    ),
+    "use_csrc": _Option(
+        True, "Use the compiled CUDA library where it is built; False forces the reference ops.",
+        kind=bool,
+    ),
+}
+
+
+class _Config(types.ModuleType):
+    """Module subclass so that `lyradynamo.config.x = v` is validated."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, __doc__)
+        object.__setattr__(self, "_values", {k: o.default for k, o in _OPTIONS.items()})
+        env_dump = os.environ.get("LYRA_DUMP_DIR")
+        if env_dump:
+            self._values["dump_dir"] = env_dump
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        raise AttributeError(f"lyradynamo.config has no option {name!r}; options: {', '.join(_OPTIONS)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("__"):
+            object.__setattr__(self, name, value)
+            return
+        self._values[name] = _validate(name, value)
+
+    def __dir__(self) -> list[str]:
+        return list(_OPTIONS) + ["patch", "describe", "snapshot", "LyraConfigError", "ALL_PASSES"]
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of every option's current value (what a compiled graph was built with)."""
+        return dict(self._values)
+
+    def describe(self) -> str:
+        """One line per option: name, current value, allowed values, doc."""
+        lines = []
+        for name, opt in _OPTIONS.items():
+            allowed = f" (one of {opt.choices})" if opt.choices else ""
+            lines.append(f"{name} = {self._values[name]!r}{allowed}: {opt.doc}")
+        return "\n".join(lines)
+
+    @contextlib.contextmanager
+    def patch(self, **changes: Any) -> Iterator[None]:
+        """Set options for the duration of a `with` block; all are validated before any is set."""
+        checked = {k: _validate(k, v) for k, v in changes.items()}
+        saved = {k: self._values[k] for k in checked}
+        self._values.update(checked)
+        try:
+            yield
+        finally:
+            self._values.update(saved)
+
+    LyraConfigError = LyraConfigError
+    ALL_PASSES = ALL_PASSES
+
+
+def _validate(name: str, value: Any) -> Any:
+    opt = _OPTIONS.get(name)
+    if opt is None:
+        raise LyraConfigError(
+            f"lyradynamo.config has no option {name!r}; options: {', '.join(_OPTIONS)}"
+        )
+    if opt.choices is not None and value not in opt.choices:
+        raise LyraConfigError(
+            f"lyradynamo.config.{name} = {value!r} is not allowed; allowed values: "
+            + ", ".join(repr(c) for c in opt.choices)
+        )
+    if opt.kind is not None and not isinstance(value, opt.kind):
+        kinds = opt.kind if isinstance(opt.kind, tuple) else (opt.kind,)
+        raise LyraConfigError(
+            f"lyradynamo.config.{name} = {value!r} has type {type(value).__name__}; expected "
+            + " or ".join(k.__name__ for k in kinds)
+        )
+    if name == "passes":
+        unknown = [p for p in value if p not in ALL_PASSES]
+        if unknown:
+            raise LyraConfigError(
+                f"lyradynamo.config.passes contains unknown pass(es) {unknown}; allowed: {ALL_PASSES}"
+            )
+        value = tuple(value)
+    if name == "dump_dir" and value is not None:
+        value = os.fspath(value)
+    return value
+
+
+_self = sys.modules[__name__]
+_cfg = _Config(__name__)
+_cfg.__dict__.update({"__file__": __file__, "__package__": __package__, "__spec__": __spec__})
+sys.modules[__name__] = _cfg

@@ -1,0 +1,200 @@
+"""Graph dump: what the passes matched and rewrote, per compiled graph.
+
+Set `lyradynamo.config.dump_dir` (or env LYRA_DUMP_DIR) and each compiled graph writes
+    graph_<i>/before.py   the graph as Dynamo traced it
+    graph_<i>/after.py    the rewritten graph
+    graph_<i>/summary.txt and summary.json: ops matched per pass, anchor ops left with the
+                          reason, relaxed guards, which kernel path each lyra op takes, histogram
+    graph_<i>/graph.html  a picture: one row per op in run order, rewritten ops in green,
+                          anchor ops left unrewritten in red, data edges on the left
+
+    python -m lyradynamo.dump --model sdxl-tiny     # prints the summary for a zoo model
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import html
+import json
+import os
+import sys
+
+import torch
+import torch.fx as fx
+
+from .passes.report import anchor_kind
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f".{node.target}"
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return str(t.name())
+        return getattr(t, "__name__", str(t))
+    return node.op
+
+
+def op_histogram(gm: fx.GraphModule) -> dict[str, int]:
+    c = collections.Counter(_target_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    return dict(c.most_common())
+
+
+def kernel_paths(gm: fx.GraphModule, device: str) -> dict[str, str]:
+    """Which implementation each lyra op in the graph runs on this device."""
+    from .ops import csrc_status
+
+    used = {str(n.target.name()).split("::")[-1] for n in gm.graph.nodes
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and n.target.namespace == "lyra"}
+    if device != "cuda":
+        return {op: f"PyTorch reference ({device})" for op in sorted(used)}
+    status = csrc_status()
+    paths = {}
+    for op in sorted(used):
+        if op == "attention":
+            paths[op] = "torch SDPA backends (cuDNN/flash/efficient) or flash_attn"
+        elif status == "built":
+            paths[op] = "csrc CUDA kernel (shapes/dtypes it cannot take fall back to the reference, logged)"
+        else:
+            paths[op] = f"PyTorch reference on CUDA: {status}"
+    return paths
+
+
+def summary_dict(record, gm: fx.GraphModule) -> dict:
+    rep = record.report
+    return {
+        "graph": record.index,
+        "device": record.device,
+        "nodes": record.num_nodes,
+        "dynamic_inputs": record.dynamic_inputs,
+        "shape_policy_active": record.policy_active,
+        "backend_seconds": round(record.seconds, 4),
+        **rep.as_dict(),
+        "kernel_paths": kernel_paths(gm, record.device),
+        "op_histogram": op_histogram(gm),
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"graph {s['graph']}: {s['nodes']} nodes on {s['device']}, {s['dynamic_inputs']} dynamic size inputs, "
+             f"shape policy {'on' if s['shape_policy_active'] else 'OFF'}"]
+    lines.append("anchor ops rewritten:")
+    for kind, c in sorted(s["coverage"].items()):
+        done = c["before"] - c["left"]
+        lines.append(f"  {kind:<11} {done:>4}/{c['before']:<4} ({100.0 * done / max(c['before'], 1):.0f}%)")
+    lines.append("matched per pass:")
+    for p, labels in s["matched"].items():
+        lines.append(f"  {p}: " + ", ".join(f"{k} x{v}" for k, v in sorted(labels.items())))
+    if s["left"]:
+        lines.append("anchor ops left unrewritten:")
+        reasons = collections.Counter((d["kind"], d["reason"]) for d in s["left"])
+        for (kind, reason), n in reasons.most_common():
+            lines.append(f"  {kind} x{n}: {reason}")
+    if s["canonicalized"]:
+        lines.append("no-ops removed: " + ", ".join(f"{k} x{v}" for k, v in s["canonicalized"].items()))
+    if s["relaxed_guards"]:
+        lines.append(f"op-internal size guards relaxed: {len(s['relaxed_guards'])} "
+                     f"(e.g. {', '.join(s['relaxed_guards'][:3])})")
+    for op, path in s["kernel_paths"].items():
+        lines.append(f"kernel lyra::{op}: {path}")
+    for e in s["errors"]:
+        lines.append(f"PASS ERROR {e['pass']}: {e['error']}")
+    top = list(s["op_histogram"].items())[:12]
+    lines.append("op histogram (top): " + ", ".join(f"{k} {v}" for k, v in top))
+    return "\n".join(lines)
+
+
+def graph_html(gm: fx.GraphModule, title: str) -> str:
+    """One row per op; lyra ops green, anchors left red; edges as arcs at the left."""
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "output")]
+    row = {n: i for i, n in enumerate(nodes)}
+    h, left, width = 20, 160, 1100
+    parts = []
+    for i, n in enumerate(nodes):
+        y = i * h + 10
+        lyra = n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "lyra"
+        color = "#b7f0b1" if lyra else ("#f6b3b3" if anchor_kind(n) else "#eeeeee")
+        label = f"{n.name} = {_target_name(n)}"
+        if lyra:
+            label += f"   [{n.meta.get('lyra', '')}]"
+        parts.append(f'<rect x="{left}" y="{y}" width="{width - left - 10}" height="{h - 4}" fill="{color}" rx="3"/>'
+                     f'<text x="{left + 6}" y="{y + 12}" font-size="11" font-family="monospace">'
+                     f'{html.escape(label[:150])}</text>')
+        for a in n.all_input_nodes:
+            if a in row:
+                y0, span = row[a] * h + 18, i - row[a]
+                bend = left - 8 - min(span * 3, left - 20)
+                parts.append(f'<path d="M{left},{y0} C{bend},{y0} {bend},{y + 8} {left},{y + 8}" '
+                             f'stroke="#6a8cc7" fill="none" stroke-width="0.7"/>')
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{len(nodes) * h + 20}">'
+           + "".join(parts) + "</svg>")
+    legend = ('<p><span style="background:#b7f0b1">lyra op (rewritten)</span> '
+              '<span style="background:#f6b3b3">anchor op left unrewritten</span> '
+              '<span style="background:#eeeeee">other op</span></p>')
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>" \
+           f"<body><h3>{html.escape(title)}</h3>{legend}{svg}</body></html>"
+
+
+def write_graph_dump(dump_dir: str, record, gm: fx.GraphModule, before_code: str | None = None) -> str:
+    path = os.path.join(dump_dir, f"graph_{record.index}")
+    os.makedirs(path, exist_ok=True)
+    if before_code is not None:
+        with open(os.path.join(path, "before.py"), "w") as f:
+            f.write(before_code)
+    with open(os.path.join(path, "after.py"), "w") as f:
+        f.write(gm.code)
+    s = summary_dict(record, gm)
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump(s, f, indent=1, default=str)
+    with open(os.path.join(path, "summary.txt"), "w") as f:
+        f.write(format_summary(s) + "\n")
+    with open(os.path.join(path, "graph.html"), "w") as f:
+        f.write(graph_html(gm, f"lyradynamo graph {record.index}"))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lyradynamo.dump",
+                                description="Compile a zoo model with backend='lyra' and print the rewrite summary.")
+    p.add_argument("--model", required=True, help="zoo model, e.g. sdxl-tiny, flux-tiny, sd15 (full size)")
+    p.add_argument("--model-path", default=None, help="local diffusers checkpoint (real weights)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on cpu, "
+                                                  "fp16 for SD / bf16 for DiTs on cuda)")
+    p.add_argument("--dir", default=None, help="also write the full dump here")
+    args = p.parse_args(argv)
+
+    import lyradynamo
+    from lyradynamo import zoo
+
+    name, tiny = args.model.removesuffix("-tiny"), args.model.endswith("-tiny")
+    if name not in zoo.MODEL_NAMES:
+        p.error(f"unknown model {args.model!r}; choose from "
+                + ", ".join(f"{n}-tiny" for n in zoo.MODEL_NAMES) + " (or a name without -tiny for full size)")
+    dtype = _dtype(args.dtype, name, args.device)
+    model = zoo.build_denoiser(name, tiny=tiny, dtype=dtype, device=args.device, model_path=args.model_path)
+    inputs = zoo.denoiser_inputs(name, model)
+    lyradynamo.backend.reset_stats()
+    compiled = torch.compile(model, backend="lyra")
+    with torch.no_grad(), lyradynamo.config.patch(dump_dir=args.dir):
+        compiled(**inputs)
+    for rec in lyradynamo.backend.compiled_graphs():
+        print(format_summary(rec.summary))
+    print(f"compiled graphs: {lyradynamo.backend.compile_count()}")
+    if args.dir:
+        print(f"dump written to {args.dir}")
+    return 0
+
+
+def _dtype(name: str | None, model: str, device: str) -> torch.dtype:
+    if name:
+        return getattr(torch, name)
+    if device == "cpu":
+        return torch.float32
+    return torch.float16 if model in ("sd15", "sdxl") else torch.bfloat16
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The lyra:: custom ops. Importing this package registers them with torch.library.
+
+Each op has: a schema (torch.library.custom_op), a fake implementation for symbolic
+shapes that adds no guards, a PyTorch reference (the CPU kernel and the test oracle), and
+a CUDA implementation that calls csrc (`lyradynamo._C`).
+"""
+from . import adaln, attention, group_norm, linear  # noqa: F401  (registration)
+from ._common import csrc_status, fallback_counts, reset_fallback_counts  # noqa: F401
+
+OPS = {
+    "linear": linear.linear,
+    "attention": attention.attention,
+    "group_norm": group_norm.group_norm,
+    "adaln": adaln.adaln,
+}

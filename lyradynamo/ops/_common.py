@@ -1,0 +1,121 @@
+"""What every lyra:: op shares: the compiled library, support checks, fallback records.
+
+The CUDA implementation of an op calls csrc (`lyradynamo._C`) when it is built and the inputs
+are ones the kernel handles; otherwise it runs the op's PyTorch reference and records why,
+so that the dump, the logs and the benchmarks can say which path ran. Nothing falls back
+silently.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import threading
+
+import torch
+
+log = logging.getLogger("lyradynamo")
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_lock = threading.Lock()
+_fallbacks: collections.Counter = collections.Counter()  # (op, reason) -> calls
+
+
+@functools.lru_cache(maxsize=None)
+def _load_csrc():
+    try:
+        from lyradynamo import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"csrc not built ({exc})"
+    return _C, "built"
+
+
+def csrc():
+    """The compiled CUDA library, or None when it is not built (or disabled in config)."""
+    from lyradynamo import config
+
+    if not config.use_csrc:
+        return None
+    return _load_csrc()[0]
+
+
+def csrc_status() -> str:
+    """'built', 'disabled by config.use_csrc', or why the library is missing."""
+    from lyradynamo import config
+
+    if not config.use_csrc:
+        return "disabled by config.use_csrc"
+    return _load_csrc()[1]
+
+
+def record_fallback(op: str, reason: str) -> None:
+    """Count a call of `op`'s CUDA path that ran the reference instead; warn once per reason."""
+    with _lock:
+        first = (op, reason) not in _fallbacks
+        _fallbacks[(op, reason)] += 1
+    if first:
+        log.warning("lyradynamo: lyra::%s ran its PyTorch reference on CUDA: %s", op, reason)
+
+
+def fallback_counts() -> dict[tuple[str, str], int]:
+    """{(op, reason): calls} since start or the last reset."""
+    with _lock:
+        return dict(_fallbacks)
+
+
+def reset_fallback_counts() -> None:
+    with _lock:
+        _fallbacks.clear()
+
+
+def unsupported_reason(**tensors: torch.Tensor | None) -> str | None:
+    """Why these op inputs cannot be handled by a lyra kernel (None if they can).
+
+    Checks dtype (fp32/fp16/bf16), device (cpu or cuda) and that all share one device.
+    Works on real and fake tensors without adding shape guards.
+    """
+    devices = set()
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} has dtype {t.dtype}; lyra kernels take float32, float16, bfloat16"
+        if t.device.type not in ("cpu", "cuda"):
+            return f"{name} is on device {t.device}; lyra kernels run on cpu and cuda"
+        devices.add(t.device.type)
+    if len(devices) > 1:
+        return f"inputs are on several devices {sorted(devices)}"
+    return None
+
+
+def stream_handle(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def row_vector_stride(v: torch.Tensor, x_dim0: int, n: int, ndim: int) -> int | None:
+    """Batch stride of a modulation/gate tensor read as v[b * stride + j], or None.
+
+    Accepts shapes broadcastable as (B or 1, 1, ..., 1, n) against an output of rank `ndim`
+    whose first dim is `x_dim0`, with unit stride along the last dim.
+    """
+    shape = list(v.shape)
+    if not shape or shape[-1] != n or (n > 1 and v.stride(-1) != 1):
+        return None
+    if len(shape) > ndim:
+        return None
+    full = [1] * (ndim - len(shape)) + shape
+    if any(s != 1 for s in full[1:-1]):
+        return None
+    if ndim == 1:
+        return 0
+    if full[0] == 1:
+        return 0
+    if full[0] != x_dim0 or len(shape) < ndim:
+        return None
+    return v.stride(0)

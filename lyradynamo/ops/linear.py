@@ -1,0 +1,132 @@
+"""lyra::linear: y = residual + gate * act(x @ W^T + b), each part optional.
+
+act: none | gelu | gelu_tanh | silu. With glu=True the GEMM output (.., 2N) is split in
+halves (a, g) and the result is a * act(g): diffusers' GEGLU (gelu) and SwiGLU (silu).
+The reference applies the same torch ops in the same order as diffusers does, so on the
+CPU the rewritten graph is bit-identical to eager.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import (DTYPE_CODES, csrc, ptr, record_fallback, row_vector_stride,
+                      stream_handle, unsupported_reason)
+
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu")
+_ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+
+def activate(y: Tensor, act: str) -> Tensor:
+    if act == "none":
+        return y
+    if act == "gelu":
+        return F.gelu(y)
+    if act == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if act == "silu":
+        return F.silu(y)
+    raise ValueError(f"lyra::linear: act={act!r} is not one of {ACTIVATIONS}")
+
+
+def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, glu: bool,
+                     gate: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
+    y = F.linear(x, weight, bias)
+    if glu:
+        a, g = y.chunk(2, dim=-1)
+        y = a * activate(g, act)
+    else:
+        y = activate(y, act)
+    if gate is not None:
+        y = gate * y
+    if residual is not None:
+        y = residual + y
+    return y
+
+
+def _check_args(x: Tensor, weight: Tensor, act: str, glu: bool) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"lyra::linear: act={act!r} is not one of {ACTIVATIONS}")
+    if weight.dim() != 2:
+        raise ValueError(f"lyra::linear: weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    if glu and weight.shape[0] % 2:
+        raise ValueError(f"lyra::linear: glu needs an even number of weight rows, got {weight.shape[0]}")
+
+
+@torch.library.custom_op("lyra::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, glu: bool,
+           gate: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
+    _check_args(x, weight, act, glu)
+    return linear_reference(x, weight, bias, act, glu, gate, residual)
+
+
+@linear.register_fake
+def _(x, weight, bias, act, glu, gate, residual):
+    _check_args(x, weight, act, glu)
+    n = weight.shape[0] // 2 if glu else weight.shape[0]
+    dtype = x.dtype
+    for t in (gate, residual):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return x.new_empty((*x.shape[:-1], n), dtype=dtype)
+
+
+@linear.register_kernel("cuda")
+def _(x, weight, bias, act, glu, gate, residual):
+    _check_args(x, weight, act, glu)
+    C = csrc()
+    reason = "csrc not built" if C is None else _cuda_unsupported(x, weight, bias, glu, gate, residual)
+    if reason:
+        record_fallback("linear", reason)
+        return linear_reference(x, weight, bias, act, glu, gate, residual)
+    k, n_y = x.shape[-1], weight.shape[0]
+    n_out = n_y // 2 if glu else n_y
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out_shape = (*x.shape[:-1], n_out)
+    code, stream = DTYPE_CODES[x.dtype], stream_handle(x)
+    plain = act == "none" and not glu and gate is None and residual is None
+    y = torch.empty((m, n_y), dtype=x.dtype, device=x.device)
+    C.gemm(ptr(x2), ptr(weight), ptr(bias), ptr(y), m, n_y, k, x2.stride(0) if m > 1 else k, n_y,
+           code, stream)
+    if plain or m == 0:
+        return y.view(out_shape)
+    gstride, rows_per_batch = 0, max(m, 1)
+    if gate is not None:
+        gstride = row_vector_stride(gate, x.shape[0], n_out, x.dim())
+        rows_per_batch = max(m // max(x.shape[0], 1), 1) if x.dim() > 1 else 1
+    res = None
+    if residual is not None:
+        res = residual.reshape(m, n_out)
+        if not res.is_contiguous():
+            res = res.contiguous()
+    out = y if not glu else torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    C.linear_epilogue(ptr(y), ptr(gate), ptr(res), ptr(out), m, n_out, _ACT_CODES[act], glu,
+                      rows_per_batch, gstride or 0, code, stream)
+    return out.view(out_shape)
+
+
+def _cuda_unsupported(x, weight, bias, glu, gate, residual) -> Optional[str]:
+    reason = unsupported_reason(x=x, weight=weight, bias=bias, gate=gate, residual=residual)
+    if reason:
+        return reason
+    for name, t in (("weight", weight), ("bias", bias), ("gate", gate), ("residual", residual)):
+        if t is not None and t.dtype != x.dtype:
+            return f"{name} dtype {t.dtype} differs from x dtype {x.dtype}"
+    if not weight.is_contiguous():
+        return "weight is not contiguous"
+    if bias is not None and not bias.is_contiguous():
+        return "bias is not contiguous"
+    if x.dim() == 0 or weight.shape[0] == 0:
+        return "empty weight or 0-d input"
+    n_out = weight.shape[0] // 2 if glu else weight.shape[0]
+    if gate is not None and row_vector_stride(gate, x.shape[0], n_out, x.dim()) is None:
+        return f"gate shape {tuple(gate.shape)} is not a per-sample row vector of width {n_out}"
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], n_out):
+        return f"residual shape {tuple(residual.shape)} is not the output shape"
+    return None

@@ -1,0 +1,47 @@
+"""Graph passes: canonicalise, then match + rewrite anchor subgraphs into lyra:: ops.
+
+Each pass is `run(graph, fake_mode, report)`; it matches patterns (never model names),
+rewrites what it can and records in the report why it left an anchor op alone. A pass that
+raises keeps the rewrites it completed (each rewrite is atomic: the new node's value is
+computed before the graph changes) and the error is reported: the model still runs,
+unrewritten there.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (registers the lyra:: ops)
+from . import adaln, attention, canonicalize, group_norm, linear
+from .report import GraphReport, count_anchors
+
+log = logging.getLogger("lyradynamo")
+
+PASSES = {
+    "linear": linear.run,
+    "attention": attention.run,
+    "group_norm": group_norm.run,
+    "adaln": adaln.run,
+}
+
+
+def run_passes(gm: fx.GraphModule, names, fake_mode) -> tuple[fx.GraphModule, GraphReport]:
+    """Rewrite gm in order canonicalize, then `names` (config.passes order). Returns (gm, report)."""
+    report = GraphReport(anchors_before=count_anchors(gm.graph))
+    if names:
+        canonicalize.run(gm.graph, fake_mode, report)
+    # group_norm and adaln first: their patterns start at a norm and must see the mul/add
+    # epilogues before the linear pass could claim a neighbouring add as a residual.
+    order = [n for n in ("group_norm", "adaln", "attention", "linear") if n in names]
+    for name in order:
+        try:
+            PASSES[name](gm.graph, fake_mode, report)
+        except Exception as exc:  # noqa: BLE001 - a pass bug must not break the user's model
+            log.warning("lyradynamo: pass %s failed (%s); its rewrites are dropped", name, exc)
+            report.errors.append({"pass": name, "error": repr(exc), "trace": traceback.format_exc()})
+    gm.graph.lint()
+    gm.recompile()
+    report.finish(gm.graph)
+    return gm, report

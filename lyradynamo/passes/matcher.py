@@ -1,0 +1,150 @@
+"""A small FX matcher: node predicates, shape facts without guards, and one rewrite helper.
+
+Passes see the torch-level graph Dynamo hands a backend: calls of torch functions
+(`torch._C._nn.linear`, `F.group_norm`), Tensor methods (`x.transpose(1, 2)`) and Python
+operators (`a * b`). Nothing here knows a model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+Node = fx.Node
+
+LINEAR = {torch._C._nn.linear, F.linear}
+SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
+GROUP_NORM = {F.group_norm, torch.group_norm}
+LAYER_NORM = {F.layer_norm, torch.layer_norm}
+RMS_NORM = {torch.rms_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
+GELU = {torch._C._nn.gelu, F.gelu}
+SILU = {F.silu, torch._C._nn.silu}
+MUL = {operator.mul, torch.mul}
+ADD = {operator.add, torch.add}
+RSQRT = {torch.rsqrt}
+DROPOUT = {F.dropout}
+
+
+def is_fn(node: Any, targets: set) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def is_method(node: Any, *names: str) -> bool:
+    return isinstance(node, Node) and node.op == "call_method" and node.target in names
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument by position or keyword (for methods, index counts self as 0)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def val(node: Any) -> Any:
+    """The traced (fake) value of a node, or the constant itself."""
+    if isinstance(node, Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def only_user(node: Node) -> Optional[Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def other_operand(binop: Node, this: Node) -> Any:
+    """For a binary op node using `this`, the other operand (None if `this` is both)."""
+    a, b = binop.args[0], binop.args[1]
+    if a is this and b is not this:
+        return b
+    if b is this and a is not this:
+        return a
+    return None
+
+
+def known_eq(a: Any, b: Any) -> bool:
+    """a == b is known without adding a guard (ints or SymInts)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(known_eq(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def is_row_vector_for(v: Any, out: torch.Tensor) -> bool:
+    """v broadcasts against `out` as (B or 1, 1, ..., 1, N): one row per sample (a gate/shift)."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.dim() > out.dim():
+        return False
+    shape = [1] * (out.dim() - v.dim()) + list(v.shape)
+    if not known_eq(shape[-1], out.shape[-1]):
+        return False
+    if any(not known_eq(s, 1) for s in shape[1:-1]):
+        return False
+    return out.dim() == 1 or known_eq(shape[0], 1) or known_eq(shape[0], out.shape[0])
+
+
+def hint(v: Any) -> Any:
+    """A concrete example value for an int or SymInt (no guard)."""
+    if isinstance(v, torch.SymInt):
+        node = v.node
+        h = getattr(node, "hint", None)
+        return h if h is not None else node.shape_env.size_hint(node.expr)
+    return v
+
+
+def is_const(x: Any) -> bool:
+    return not isinstance(x, (Node, torch.Tensor))
+
+
+@dataclasses.dataclass
+class Rewrite:
+    """One match: replace `root` (the last matched node) with target(*args)."""
+
+    root: Node
+    target: Callable
+    args: tuple
+    matched: list  # nodes the match covers (erased when unused afterwards)
+    label: str  # what was fused, for the dump, e.g. "linear+gelu_tanh+gate+residual"
+
+
+def apply(graph: fx.Graph, rw: Rewrite, fake_mode: Any) -> Node:
+    """Insert the new call after rw.root, move root's users to it, drop dead matched nodes."""
+    value = fake_run(rw.target, rw.args, fake_mode)  # first: a failure leaves the graph as it was
+    with graph.inserting_after(rw.root):
+        new = graph.call_function(rw.target, rw.args)
+    new.meta.update({k: v for k, v in rw.root.meta.items() if k in ("stack_trace", "nn_module_stack",
+                                                                     "source_fn_stack")})
+    new.meta["example_value"] = value
+    new.meta["lyra"] = rw.label
+    rw.root.replace_all_uses_with(new)
+    erase_unused(graph, rw.matched)
+    return new
+
+
+def erase_unused(graph: fx.Graph, nodes: Iterable[Node]) -> None:
+    for node in sorted(set(nodes), key=_order(graph), reverse=True):
+        if not node.users and node.graph is graph:
+            graph.erase_node(node)
+
+
+def _order(graph: fx.Graph) -> Callable[[Node], int]:
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index.get(n, -1)
+
+
+def fake_run(target: Callable, args: tuple, fake_mode: Any) -> Any:
+    fake_args = fx.node.map_arg(args, val)
+    if fake_mode is None:
+        return None
+    with fake_mode:
+        return target(*fake_args)

@@ -1,0 +1,134 @@
+"""Run a rewritten graph: as is on the CPU, replayed as CUDA graphs on CUDA.
+
+CUDA graphs (config.cuda_graphs): one capture per input signature (shapes, strides, dtypes
+of the tensor inputs and the values of the SymInt inputs), all captures of all graphs
+sharing one memory pool per device. A new shape costs one capture, never a compilation.
+Parameters and buffers are read in place (their addresses are captured), so in-place
+patches (LoRA fuse, ControlNet weight copy) are seen by the next replay; a parameter that
+was *replaced* by a new tensor changes its address and triggers a new capture. Other inputs
+are copied into the capture's static buffers; outputs are cloned out of the pool so the
+caller may keep them across calls.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from . import config
+
+log = logging.getLogger("lyradynamo")
+
+_pools: dict[int, Any] = {}
+_pool_lock = threading.Lock()
+
+
+def shared_pool(device: torch.device):
+    with _pool_lock:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _pools:
+            _pools[idx] = torch.cuda.graph_pool_handle()
+        return _pools[idx]
+
+
+def _static_input_indices(gm: fx.GraphModule, example_inputs: list) -> set[int]:
+    """Inputs whose storage is model state (parameters, buffers): read in place, not copied."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    static = set()
+    for i, t in enumerate(example_inputs):
+        name = names[i] if i < len(names) else ""
+        if isinstance(t, torch.nn.Parameter) or "_parameters_" in name or "_buffers_" in name:
+            static.add(i)
+    return static
+
+
+def make_runner(gm: fx.GraphModule, example_inputs: list, record) -> Callable:  # noqa: ANN001
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    if device.type == "cuda" and config.cuda_graphs:
+        return CudaGraphRunner(gm, _static_input_indices(gm, example_inputs), device, record)
+    return gm.forward
+
+
+class _Capture:
+    __slots__ = ("graph", "static_inputs", "outputs", "param_ptrs")
+
+    def __init__(self) -> None:
+        self.graph = None
+        self.static_inputs: list = []
+        self.outputs: Any = None
+        self.param_ptrs: tuple = ()
+
+
+class CudaGraphRunner:
+    """Callable replacing gm.forward: capture per signature, then replay."""
+
+    def __init__(self, gm: fx.GraphModule, static_idx: set[int], device: torch.device, record) -> None:  # noqa: ANN001
+        self.gm = gm
+        self.static_idx = static_idx
+        self.device = device
+        self.record = record
+        self.captures: dict[tuple, _Capture] = {}
+        self.captures_made = 0
+
+    def _signature(self, args) -> tuple:
+        sig = []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                sig.append((i, tuple(a.shape), a.stride(), a.dtype, a.device))
+            elif isinstance(a, (int, float, bool)):
+                sig.append((i, a))
+        return tuple(sig)
+
+    def _param_ptrs(self, args) -> tuple:
+        return tuple(args[i].data_ptr() for i in sorted(self.static_idx) if isinstance(args[i], torch.Tensor))
+
+    def __call__(self, *args):
+        if not config.cuda_graphs or torch.cuda.is_current_stream_capturing():
+            return self.gm(*args)
+        key = self._signature(args)
+        cap = self.captures.get(key)
+        if cap is not None and cap.param_ptrs != self._param_ptrs(args):
+            log.info("lyradynamo: a parameter was replaced (new address); recapturing")
+            cap = None
+        if cap is None:
+            cap = self._capture(args)
+            self.captures[key] = cap
+        for i, buf in cap.static_inputs:
+            buf.copy_(args[i], non_blocking=True)
+        cap.graph.replay()
+        return _clone_out(cap.outputs)
+
+    def _capture(self, args) -> _Capture:
+        cap = _Capture()
+        cap.param_ptrs = self._param_ptrs(args)
+        static_args = list(args)
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and i not in self.static_idx:
+                buf = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+                buf.copy_(a)
+                static_args[i] = buf
+                cap.static_inputs.append((i, buf))
+        # Warm up on a side stream: lazy inits (cuBLAS handles, csrc workspaces) stay out of the capture.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.gm(*static_args)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=shared_pool(self.device), stream=stream):
+            cap.outputs = self.gm(*static_args)
+        cap.graph = graph
+        self.captures_made += 1
+        log.info("lyradynamo: captured CUDA graph %d for graph %d", self.captures_made, self.record.index)
+        return cap
+
+
+def _clone_out(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_clone_out(o) for o in out)
+    return out
