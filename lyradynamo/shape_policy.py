@@ -41,7 +41,10 @@ _DYNAMO_POLICY = dict(
     specialize_float=True,  # eps / dropout p stay Python constants (matchable)
 )
 _FX_POLICY = dict(
-    use_duck_shape=False,  # H and W of a square latent get their own symbols
+    # Duck sizing stays on, but `_batch_only_duck` limits it to dim 0: the batch dims of
+    # all inputs (latents, text embeddings, masks, timesteps) share one symbol, while H and
+    # W of a square latent, or a prompt length equal to some width, stay apart.
+    use_duck_shape=True,
     backed_size_oblivious=True,  # no 0/1 specialisation of sizes
 )
 
@@ -60,8 +63,16 @@ _OP_INTERNAL_FILES = (
 @contextlib.contextmanager
 def policy_context() -> Iterator[None]:
     """Dynamo + symbolic-shape settings for tracing a lyra-compiled frame."""
+    global _active
     with torch._dynamo.config.patch(**_DYNAMO_POLICY), _fx_config.patch(**_FX_POLICY):
-        yield
+        _active += 1
+        try:
+            yield
+        finally:
+            _active -= 1
+
+
+_active = 0  # >0 while a lyra frame runs (policy_context entered)
 
 
 _installed = False
@@ -95,12 +106,42 @@ def install() -> None:
 
     get_compiler_fn.__wrapped__ = original  # type: ignore[attr-defined]
     _eval_frame.get_compiler_fn = get_compiler_fn
+    _install_batch_only_duck()
     _installed = True
+
+
+def _install_batch_only_duck() -> None:
+    """Under the policy, duck-size dim 0 only (see _FX_POLICY); other dims get own symbols."""
+    import dataclasses
+
+    from torch._dynamo.variables import builder
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    original = getattr(builder, "_automatic_dynamic", None)
+    if original is None:
+        log.warning("lyradynamo: torch._dynamo.variables.builder._automatic_dynamic not found; "
+                    "square latents may recompile at non-square sizes")
+        return
+
+    def _automatic_dynamic(*args, **kwargs):  # noqa: ANN002, ANN003 - torch's signature
+        ctx = original(*args, **kwargs)
+        sizes = getattr(ctx, "dynamic_sizes", None)
+        if not _active or not sizes or DimDynamic.DUCK not in sizes[1:]:
+            return ctx
+        batch_duck = [d if (i == 0 or d is not DimDynamic.DUCK) else DimDynamic.DYNAMIC
+                      for i, d in enumerate(sizes)]
+        try:
+            return dataclasses.replace(ctx, dynamic_sizes=batch_duck)
+        except Exception:  # noqa: BLE001 - keep torch's choice if its context changed shape
+            return ctx
+
+    _automatic_dynamic.__wrapped__ = original  # type: ignore[attr-defined]
+    builder._automatic_dynamic = _automatic_dynamic
 
 
 def policy_active() -> bool:
     """True while a frame is traced under the policy (checked by the backend)."""
-    return (not torch._dynamo.config.assume_static_by_default) and not _fx_config.use_duck_shape
+    return bool(_active) and not torch._dynamo.config.assume_static_by_default
 
 
 def _frame_file(sloc) -> str:  # noqa: ANN001 - torch's SLoc, varies across versions
