@@ -66,6 +66,19 @@ def _device_of(example_inputs) -> str:
     return "cpu"
 
 
+def _freeze_parameters(example_inputs: list) -> None:
+    """lyra compiles for inference: parameters become requires_grad=False, as diffusers' own
+    LoRA loading does. Dynamo guards on requires_grad (guards are built after the backend
+    returns), so without this a LoRA load/fuse on the compiled model would recompile."""
+    frozen = 0
+    for t in example_inputs:
+        if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+            t.requires_grad_(False)
+            frozen += 1
+    if frozen:
+        log.info("lyradynamo: set requires_grad=False on %d parameters (inference backend)", frozen)
+
+
 def _fake_mode_of(gm: fx.GraphModule, example_inputs: list):
     """The fake mode of the traced values in node.meta (the passes compute new values in it)."""
     for n in gm.graph.nodes:
@@ -93,6 +106,7 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
             report.relaxed_guards = shape_policy.relax_internal_guards(fake_mode.shape_env)
         except Exception as exc:  # noqa: BLE001 - relaxing is an optimisation; never fatal
             log.warning("lyradynamo: could not relax size guards (%s); batch 1 may recompile", exc)
+    _freeze_parameters(example_inputs)
     device = _device_of(example_inputs)
     with _lock:
         record = CompiledGraph(

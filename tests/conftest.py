@@ -1,0 +1,32 @@
+"""Shared fixtures: fresh Dynamo state per test, tiny zoo models, a relative-error helper."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import lyradynamo  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (run with -m cuda on the GPU machine)")
+    config.addinivalue_line("markers", "slow: whole pipelines")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    lyradynamo.reset_stats()
+    yield
+    torch._dynamo.reset()
+
+
+def rel_err(a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))

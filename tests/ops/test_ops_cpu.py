@@ -1,0 +1,117 @@
+"""Each lyra:: op: torch.library.opcheck (schema, fake vs real, symbolic shapes) and its
+reference against the plain torch composition it replaces, on fresh random inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lyradynamo  # noqa: F401  (registers the ops)
+from lyradynamo.ops import _common
+
+lyra = torch.ops.lyra
+g = torch.Generator().manual_seed(1234)
+
+
+def rnd(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("with_gate,with_residual", [(False, False), (True, True), (True, False), (False, True)])
+def test_linear(act, glu, with_gate, with_residual):
+    x, w, b = rnd(3, 5, 40), rnd(48, 40), rnd(48)
+    n = 24 if glu else 48
+    gate = rnd(3, 1, n) if with_gate else None
+    res = rnd(3, 5, n) if with_residual else None
+    torch.library.opcheck(lyra.linear.default, (x, w, b, act, glu, gate, res))
+    y = F.linear(x, w, b)
+    if glu:
+        a, gg = y.chunk(2, -1)
+        y = a * {"none": lambda t: t, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+                 "silu": F.silu}[act](gg)
+    else:
+        y = {"none": lambda t: t, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+             "silu": F.silu}[act](y)
+    if gate is not None:
+        y = gate * y
+    if res is not None:
+        y = res + y
+    torch.testing.assert_close(lyra.linear(x, w, b, act, glu, gate, res), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("masked,causal,scale", [(False, False, None), (True, False, 0.3), (False, True, None)])
+def test_attention(layout, masked, causal, scale):
+    b, h, lq, lk, d = 2, 3, 7, 5 if not causal else 7, 8
+    q, k, v = rnd(b, h, lq, d), rnd(b, h, lk, d), rnd(b, h, lk, d)
+    mask = rnd(b, 1, lq, lk) if masked else None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    if layout == "blhd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        ref = ref.transpose(1, 2)
+    torch.library.opcheck(lyra.attention.default, (q, k, v, mask, scale, causal, layout))
+    torch.testing.assert_close(lyra.attention(q, k, v, mask, scale, causal, layout), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["none", "silu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm(act, channels_last, affine):
+    x = rnd(2, 24, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (rnd(24), rnd(24)) if affine else (None, None)
+    torch.library.opcheck(lyra.group_norm.default, (x, 3, w, b, 1e-5, act, channels_last))
+    ref = F.group_norm(x, 3, w, b, 1e-5)
+    ref = F.silu(ref) if act == "silu" else ref
+    out = lyra.group_norm(x, 3, w, b, 1e-5, act, channels_last)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("modulate", [True, False])
+def test_adaln(kind, affine, modulate):
+    x = rnd(2, 9, 40)
+    w = rnd(40) if affine else None
+    b = rnd(40) if affine and kind == "layer" else None
+    mul = (1 + rnd(2, 1, 40)) if modulate else None
+    add = rnd(2, 1, 40) if modulate else None
+    torch.library.opcheck(lyra.adaln.default, (x, w, b, mul, add, kind, 1e-6))
+    if kind == "layer":
+        ref = F.layer_norm(x, (40,), w, b, 1e-6)
+    else:
+        ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        ref = ref * w if w is not None else ref
+    if modulate:
+        ref = ref * mul + add
+    torch.testing.assert_close(lyra.adaln(x, w, b, mul, add, kind, 1e-6), ref, rtol=0, atol=0)
+
+
+def test_bad_arguments_name_the_problem():
+    x, w = rnd(2, 8), rnd(4, 8)
+    with pytest.raises(ValueError, match="act='relu6'"):
+        lyra.linear(x, w, None, "relu6", False, None, None)
+    with pytest.raises(ValueError, match="glu needs an even number"):
+        lyra.linear(x, rnd(5, 8), None, "gelu", True, None, None)
+    with pytest.raises(ValueError, match="layout='hbld'"):
+        lyra.attention(rnd(1, 2, 3, 4), rnd(1, 2, 3, 4), rnd(1, 2, 3, 4), None, None, False, "hbld")
+    with pytest.raises(ValueError, match="kind='batch'"):
+        lyra.adaln(x, None, None, None, None, "batch", 1e-5)
+    with pytest.raises(ValueError, match="act='gelu'"):
+        lyra.group_norm(rnd(1, 4, 2, 2), 2, None, None, 1e-5, "gelu", False)
+
+
+def test_unsupported_reason_names_the_tensor():
+    assert "float64" in _common.unsupported_reason(x=torch.zeros(2, dtype=torch.float64))
+    assert "x has dtype" in _common.unsupported_reason(x=torch.zeros(2, dtype=torch.float64))
+    assert _common.unsupported_reason(x=torch.zeros(2), w=None) is None
+
+
+def test_row_vector_stride():
+    assert _common.row_vector_stride(torch.zeros(3, 1, 8), 3, 8, 3) == 8
+    assert _common.row_vector_stride(torch.zeros(8), 3, 8, 3) == 0
+    assert _common.row_vector_stride(torch.zeros(1, 1, 8), 3, 8, 3) == 0
+    assert _common.row_vector_stride(torch.zeros(3, 5, 8), 3, 8, 3) is None
+    assert _common.row_vector_stride(torch.zeros(3, 1, 7), 3, 8, 3) is None

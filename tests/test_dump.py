@@ -1,0 +1,59 @@
+"""The graph dump: files per graph, summary with matches and reasons, a picture, the CLI."""
+import json
+import os
+
+import torch
+
+import lyradynamo
+from lyradynamo import dump, zoo
+
+
+def test_dump_dir_writes_before_after_summary_and_picture(tmp_path):
+    model = zoo.build_denoiser("sd15")
+    with lyradynamo.config.patch(dump_dir=str(tmp_path)), torch.no_grad():
+        torch.compile(model, backend="lyra")(**zoo.denoiser_inputs("sd15", model))
+    g = tmp_path / "graph_0"
+    for f in ("before.py", "after.py", "summary.txt", "summary.json", "graph.html"):
+        assert (g / f).stat().st_size > 0, f
+    before, after = (g / "before.py").read_text(), (g / "after.py").read_text()
+    assert "torch._C._nn.linear" in before and "torch.ops.lyra.linear" in after
+    s = json.loads((g / "summary.json").read_text())
+    assert s["coverage"]["linear"]["left"] == 0 and s["matched"]["group_norm"]
+    assert "kernel_paths" in s and s["kernel_paths"]["linear"].startswith("PyTorch reference")
+    html = (g / "graph.html").read_text()
+    assert "#b7f0b1" in html and "lyra::group_norm" in html  # rewritten nodes stand out
+
+
+def test_env_var_sets_dump_dir(tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("LYRA_DUMP_DIR", str(tmp_path))
+    cfg = importlib.reload(importlib.import_module("lyradynamo.config"))
+    try:
+        assert cfg.dump_dir == str(tmp_path)
+    finally:
+        monkeypatch.delenv("LYRA_DUMP_DIR")
+        importlib.reload(cfg)
+        lyradynamo.config = cfg
+
+
+def test_cli_prints_summary(capsys):
+    assert dump.main(["--model", "flux-tiny", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "anchor ops rewritten" in out and "linear" in out and "compiled graphs: 1" in out
+
+
+def test_left_anchor_reported_with_reason():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm((4, 8))  # normalises two dims: not the op's form
+
+        def forward(self, x):
+            return self.norm(x)
+
+    with torch.no_grad():
+        torch.compile(M(), backend="lyra")(torch.randn(2, 4, 8))
+    left = lyradynamo.compiled_graphs()[0].summary["left"]
+    assert left and left[0]["kind"] == "layer_norm" and "last dim" in left[0]["reason"]
+    assert "anchor ops left unrewritten" in dump.format_summary(lyradynamo.compiled_graphs()[0].summary)
