@@ -3,6 +3,7 @@
     pip install -e ".[test]"                          # after torch
     LYRA_CUDA_ARCHS="80;90a" pip install -e .         # other SM targets (default 90a)
     LYRA_NO_CUDA=1 pip install -e .                   # skip the CUDA build
+    LYRA_REQUIRE_CUDA=1 pip install -e .              # a failed CUDA build is an error (CI)
 
 Without nvcc the package installs with its PyTorch reference ops only (one notice line).
 The CUDA library is torch-free, so the build needs no torch, only nvcc, cmake, pybind11.
@@ -54,8 +55,17 @@ class CMakeBuild(build_ext):
         if os.environ.get("LYRA_CUTLASS_DIR"):
             cfg.append(f"-DLYRA_CUTLASS_DIR={os.environ['LYRA_CUTLASS_DIR']}")
         start = time.time()
-        subprocess.check_call(cfg)
-        subprocess.check_call([cmake, "--build", build_dir, "-j", str(os.cpu_count() or 2)])
+        try:
+            subprocess.check_call(cfg)
+            subprocess.check_call([cmake, "--build", build_dir, "-j", str(os.cpu_count() or 2)])
+        except (subprocess.CalledProcessError, OSError) as exc:
+            if os.environ.get("LYRA_REQUIRE_CUDA"):
+                raise
+            self._skipped = True
+            print(f"lyradynamo: the CUDA library did not build ({exc}; see the CMake output above: "
+                  "cuBLASLt comes with a full CUDA toolkit or `pip install nvidia-cublas`); "
+                  "installing without it (PyTorch reference ops only). Set LYRA_REQUIRE_CUDA=1 to make this an error.")
+            return
         print(f"lyradynamo: CUDA library built in {time.time() - start:.0f} s -> {out_dir}")
 
     def get_outputs(self):  # noqa: ANN201 - setuptools API

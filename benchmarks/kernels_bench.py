@@ -1,0 +1,216 @@
+"""Times each lyradynamo._C kernel against its eager PyTorch equivalent.
+
+CUDA-event timing, median over --iters runs after --warmup runs. By default
+each measurement replays a CUDA graph of --graph-reps calls (GPU time, no
+Python launch overhead); --graph-reps 0 times eager calls instead. Prints a
+table and writes JSON to --out.
+
+    python benchmarks/kernels_bench.py --out benchmarks/results/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lyradynamo import _C  # noqa: E402
+
+CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def time_us(fn, warmup: int, iters: int, graph_reps: int) -> float:
+    """Median GPU time of one fn() call in microseconds.
+
+    With graph_reps > 0, graph_reps calls are captured in one CUDA graph and
+    each timed replay is divided by graph_reps: this measures GPU time without
+    the Python/launch overhead (which dominates kernels of a few microseconds,
+    and which a CUDA-graph deployment does not pay). graph_reps = 0 times
+    plain eager calls, launch overhead included.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    run, per = fn, 1
+    if graph_reps > 0:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(graph_reps):
+                fn()
+        run, per = g.replay, graph_reps
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / per)
+    return statistics.median(times)
+
+
+def s() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def cases(dt):
+    """Yields (name, shape string, ours, torch_eager, bytes moved by ours)."""
+    code, es = CODE[dt], torch.empty((), dtype=dt).element_size()
+    dev = "cuda"
+
+    def rn(*shape):
+        return torch.randn(*shape, device=dev, dtype=dt)
+
+    # group_norm (+SiLU), SD UNet shapes
+    for n, c, hw in [(2, 320, 4096), (2, 640, 1024), (2, 1280, 256), (2, 320, 16384)]:
+        h = int(math.isqrt(hw))
+        for cl in (False, True):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            x = rn(n, c, h, h).contiguous(memory_format=fmt)
+            w, b = rn(c), rn(c)
+            y = torch.empty_like(x)
+            yield (f"group_norm+silu {'nhwc' if cl else 'nchw'}", f"N{n} C{c} HW{hw} G32",
+                   lambda x=x, w=w, b=b, y=y, n=n, c=c, hw=hw, cl=cl: _C.group_norm(
+                       x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, c, hw, 32,
+                       1e-5, True, cl, code, s()),
+                   lambda x=x, w=w, b=b: F.silu(F.group_norm(x, 32, w, b, 1e-5)),
+                   2 * x.numel() * es)
+
+    # norm_modulate: FLUX / SD3 adaLN  LayerNorm(x) * (1 + scale) + shift
+    for B, L, D, rms in [(1, 4608, 3072, False), (2, 4096, 1536, False), (1, 4608, 3072, True)]:
+        x, sc, sh = rn(B, L, D), rn(B, D), rn(B, D)
+        mul = (1 + sc).contiguous()
+        y = torch.empty_like(x)
+
+        def eager(x=x, sc=sc, sh=sh, rms=rms, D=D):
+            if rms:
+                n = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt)
+            else:
+                n = F.layer_norm(x, (D,), eps=1e-6)
+            return n * (1 + sc[:, None]) + sh[:, None]
+
+        yield ("norm_modulate" + (" rms" if rms else ""), f"B{B} L{L} D{D}",
+               lambda x=x, mul=mul, sh=sh, y=y, B=B, L=L, D=D, rms=rms: _C.norm_modulate(
+                   x.data_ptr(), 0, 0, mul.data_ptr(), sh.data_ptr(), y.data_ptr(), B * L, D, L,
+                   D, D, 1e-6, rms, code, s()),
+               eager, 2 * x.numel() * es)
+
+    # gemm (+bias), FLUX / SD linear shapes
+    for M, N, K in [(4096, 3072, 3072), (4608, 12288, 3072), (8192, 1280, 5120), (77, 1280, 768)]:
+        a, w, bias = rn(M, K), rn(N, K), rn(N)
+        out = torch.empty(M, N, device=dev, dtype=dt)
+        yield ("gemm+bias", f"M{M} N{N} K{K}",
+               lambda a=a, w=w, bias=bias, out=out, M=M, N=N, K=K: _C.gemm(
+                   a.data_ptr(), w.data_ptr(), bias.data_ptr(), out.data_ptr(), M, N, K, K, N,
+                   code, s()),
+               lambda a=a, w=w, bias=bias: F.linear(a, w, bias),
+               (M * K + N * K + M * N) * es)
+
+    # linear_epilogue: GEGLU (SD) and gated residual (FLUX)
+    M, n_out = 2 * 4096, 5120
+    y2, out = rn(M, 2 * n_out), torch.empty(M, n_out, device=dev, dtype=dt)
+
+    def geglu(y2=y2, n=n_out):
+        hid, gate = y2.chunk(2, dim=-1)
+        return hid * F.gelu(gate)
+
+    yield ("epilogue geglu", f"M{M} N{n_out}",
+           lambda: _C.linear_epilogue(y2.data_ptr(), 0, 0, out.data_ptr(), M, n_out, 1, True, M,
+                                      0, code, s()),
+           geglu, 3 * M * n_out * es)
+    M, n_out = 4608, 3072
+    yv, gate, res = rn(M, n_out), rn(1, n_out), rn(M, n_out)
+    out2 = torch.empty_like(res)
+    yield ("epilogue gate+residual", f"M{M} N{n_out}",
+           lambda: _C.linear_epilogue(yv.data_ptr(), gate.data_ptr(), res.data_ptr(),
+                                      out2.data_ptr(), M, n_out, 0, False, M, 0, code, s()),
+           lambda: res + gate * yv, 3 * M * n_out * es)
+
+    # qk_norm_rope: FLUX q from fused QKV (B, L, 3*H*D)
+    B, L, H, D = 1, 4608, 24, 128
+    qkv = rn(B, L, 3 * H * D)
+    q = qkv[..., : H * D].view(B, L, H, D)
+    w = rn(D)
+    ang = torch.randn(L, D // 2, device=dev).repeat_interleave(2, dim=-1)
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    yq = torch.empty(B, L, H, D, device=dev, dtype=dt)
+
+    def qk_eager():
+        n = (q.float() * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt) * w
+        t = n.transpose(1, 2)  # (B, H, L, D) as diffusers does
+        re, im = t.reshape(*t.shape[:-1], -1, 2).unbind(-1)
+        rot = torch.stack([-im, re], dim=-1).flatten(3)
+        return (t.float() * cos + rot.float() * sin).to(dt)
+
+    yield ("qk_norm_rope", f"B{B} L{L} H{H} D{D}",
+           lambda: _C.qk_norm_rope(q.data_ptr(), w.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                   yq.data_ptr(), B, L, H, D, q.stride(0), q.stride(1),
+                                   q.stride(2), yq.stride(0), yq.stride(1), yq.stride(2), 1e-6,
+                                   True, 0, L, code, s()),
+           qk_eager, 2 * B * L * H * D * es)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/kernels.json")
+    ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--graph-reps", type=int, default=10,
+                    help="calls per CUDA graph replay (0: time eager calls, launch overhead included)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("kernels_bench: no CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dt = DTYPES[args.dtype]
+    rows = []
+    with torch.no_grad():
+        for name, shape, ours, ref, nbytes in cases(dt):
+            t_ours = time_us(ours, args.warmup, args.iters, args.graph_reps)
+            t_ref = time_us(ref, args.warmup, args.iters, args.graph_reps)
+            rows.append({
+                "kernel": name, "shape": shape, "dtype": args.dtype,
+                "ours_us": round(t_ours, 2), "torch_us": round(t_ref, 2),
+                "speedup": round(t_ref / t_ours, 3),
+                "ours_GBps": round(nbytes / t_ours / 1e3, 1),
+            })
+    hdr = f"{'kernel':<24} {'shape':<24} {'ours us':>9} {'torch us':>9} {'speedup':>8} {'GB/s*':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['kernel']:<24} {r['shape']:<24} {r['ours_us']:>9.2f} {r['torch_us']:>9.2f} "
+              f"{r['speedup']:>7.2f}x {r['ours_GBps']:>8.1f}")
+    print("* GB/s: minimum bytes moved by our kernel / its median time (for gemm: operand bytes)")
+    meta = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(),
+        "dtype": args.dtype, "iters": args.iters, "warmup": args.warmup,
+        "graph_reps": args.graph_reps,
+        "timing": "CUDA graph replay / graph_reps" if args.graph_reps else "eager calls",
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

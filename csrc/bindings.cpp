@@ -1,0 +1,87 @@
+// bindings.cpp: pybind11 module lyradynamo._C (torch-free).
+//
+// Every function takes device pointers as Python ints (0 = absent for the
+// nullable ones), sizes, a dtype code (0 = float32, 1 = float16, 2 = bfloat16)
+// and a cudaStream_t as a Python int, and only enqueues work on that stream.
+// Errors: std::invalid_argument -> ValueError (bad argument, named in the
+// message), std::runtime_error -> RuntimeError (CUDA / cuBLASLt failure).
+// The GIL is released while a call enqueues its work.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+namespace py = pybind11;
+
+// Definitions live in the .cu files; the signatures must match exactly (a
+// mismatch is a link error, not a silent bug).
+namespace lyra {
+void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N, int64_t C,
+                int64_t HW, int64_t groups, double eps, bool silu, bool channels_last, int dtype,
+                uintptr_t stream);
+void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul, uintptr_t add,
+                   uintptr_t y, int64_t rows, int64_t D, int64_t rows_per_batch,
+                   int64_t mul_bstride, int64_t add_bstride, double eps, bool rms, int dtype,
+                   uintptr_t stream);
+void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
+          int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream);
+void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
+                     int64_t N_out, int act, bool glu, int64_t rows_per_batch,
+                     int64_t gate_bstride, int dtype, uintptr_t stream);
+void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, uintptr_t y,
+                  int64_t B, int64_t L, int64_t H, int64_t D, int64_t x_stride_b,
+                  int64_t x_stride_l, int64_t x_stride_h, int64_t y_stride_b, int64_t y_stride_l,
+                  int64_t y_stride_h, double eps, bool has_norm, int64_t rope_l_offset,
+                  int64_t rope_len, int dtype, uintptr_t stream);
+}  // namespace lyra
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() =
+      "lyradynamo CUDA kernels (torch-free). Pointers, streams are Python ints; dtype codes: "
+      "0 float32, 1 float16, 2 bfloat16.";
+  m.attr("DTYPE_FLOAT32") = 0;
+  m.attr("DTYPE_FLOAT16") = 1;
+  m.attr("DTYPE_BFLOAT16") = 2;
+  m.attr("ACT_NONE") = 0;
+  m.attr("ACT_GELU") = 1;
+  m.attr("ACT_GELU_TANH") = 2;
+  m.attr("ACT_SILU") = 3;
+
+  using release = py::call_guard<py::gil_scoped_release>;
+
+  m.def("group_norm", &lyra::group_norm, release(),
+        "GroupNorm (+SiLU) over (C/groups x HW) per (sample, group); x, y are (N, C, HW) or, "
+        "with channels_last, (N, HW, C). weight/bias (C,) may be 0.",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("C"),
+        py::arg("HW"), py::arg("groups"), py::arg("eps"), py::arg("silu"),
+        py::arg("channels_last"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("norm_modulate", &lyra::norm_modulate, release(),
+        "LayerNorm (or RMSNorm if rms) over rows of length D, optional affine, then "
+        "y = n * mul[b] + add[b] with b = row / rows_per_batch (adaLN modulation).",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mul"), py::arg("add"),
+        py::arg("y"), py::arg("rows"), py::arg("D"), py::arg("rows_per_batch"),
+        py::arg("mul_bstride"), py::arg("add_bstride"), py::arg("eps"), py::arg("rms"),
+        py::arg("dtype"), py::arg("stream"));
+
+  m.def("gemm", &lyra::gemm, release(),
+        "out(M, N) = a(M, K) @ b(N, K)^T (+ bias[N]) via cuBLASLt, fp32 accumulation; row strides "
+        "lda (a) and ldo (out) in elements. First call per device allocates a 32 MiB workspace.",
+        py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("lda"), py::arg("ldo"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("linear_epilogue", &lyra::linear_epilogue, release(),
+        "out = residual + gate * act(y) (or y[:, :N] * act(y[:, N:]) if glu); act 0 none, "
+        "1 gelu, 2 gelu_tanh, 3 silu.",
+        py::arg("y"), py::arg("gate"), py::arg("residual"), py::arg("out"), py::arg("M"),
+        py::arg("N_out"), py::arg("act"), py::arg("glu"), py::arg("rows_per_batch"),
+        py::arg("gate_bstride"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("qk_norm_rope", &lyra::qk_norm_rope, release(),
+        "Per-head RMSNorm over D (if has_norm) then FLUX-style rotary embedding with fp32 "
+        "cos/sin (rope_len, D) at position l - rope_l_offset; y may equal x.",
+        py::arg("x"), py::arg("weight"), py::arg("cos"), py::arg("sin"), py::arg("y"),
+        py::arg("B"), py::arg("L"), py::arg("H"), py::arg("D"), py::arg("x_stride_b"),
+        py::arg("x_stride_l"), py::arg("x_stride_h"), py::arg("y_stride_b"),
+        py::arg("y_stride_l"), py::arg("y_stride_h"), py::arg("eps"), py::arg("has_norm"),
+        py::arg("rope_l_offset"), py::arg("rope_len"), py::arg("dtype"), py::arg("stream"));
+}
