@@ -71,6 +71,7 @@ class CudaGraphRunner:
         self.device = device
         self.record = record
         self.captures: dict[tuple, _Capture] = {}
+        self.uncapturable: dict[tuple, str] = {}  # signature -> why capture failed
         self.captures_made = 0
 
     def _signature(self, args) -> tuple:
@@ -93,9 +94,18 @@ class CudaGraphRunner:
         if cap is not None and cap.param_ptrs != self._param_ptrs(args):
             log.info("lyradynamo: a parameter was replaced (new address); recapturing")
             cap = None
-        if cap is None:
-            cap = self._capture(args)
+        if cap is None and key not in self.uncapturable:
+            try:
+                cap = self._capture(args)
+            except Exception as exc:  # noqa: BLE001 - e.g. a host sync or CPU copy inside the graph
+                self.uncapturable[key] = repr(exc)[:300]
+                self.record.summary.setdefault("cuda_graph_failures", []).append(self.uncapturable[key])
+                log.warning("lyradynamo: CUDA graph capture failed for graph %d (%s); this shape runs "
+                            "without CUDA graphs", self.record.index, exc)
+                torch.cuda.synchronize(self.device)
             self.captures[key] = cap
+        if cap is None:
+            return self.gm(*args)
         for i, buf in cap.static_inputs:
             buf.copy_(args[i], non_blocking=True)
         cap.graph.replay()

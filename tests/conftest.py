@@ -25,8 +25,3 @@ def fresh_dynamo():
     lyradynamo.reset_stats()
     yield
     torch._dynamo.reset()
-
-
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))

@@ -8,7 +8,7 @@ import torch
 
 import lyradynamo
 from lyradynamo.ops import _common
-from conftest import ROOT, rel_err
+from helpers import ROOT, rel_err
 
 
 class Block(torch.nn.Module):

@@ -6,7 +6,7 @@ import torch
 
 import lyradynamo
 from lyradynamo import zoo
-from conftest import rel_err
+from helpers import rel_err
 
 # (batch, (height, width) in pixels, prompt_len or None for the default)
 SHAPES = [(2, (64, 64), None), (1, (64, 64), None), (4, (64, 96), 24), (1, (96, 64), 40), (2, (96, 96), 24)]

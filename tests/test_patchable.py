@@ -5,7 +5,7 @@ import torch
 
 import lyradynamo
 from lyradynamo import zoo
-from conftest import rel_err
+from helpers import rel_err
 
 
 def test_param_add_changes_output_like_eager_without_recompile():

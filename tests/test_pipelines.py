@@ -5,7 +5,7 @@ import torch
 
 import lyradynamo
 from lyradynamo import zoo
-from conftest import rel_err
+from helpers import rel_err
 
 
 @pytest.mark.slow

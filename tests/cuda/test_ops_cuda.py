@@ -1,0 +1,89 @@
+"""lyra:: ops on CUDA through their torch wrappers: csrc kernels (no silent fallback) against
+the PyTorch reference, tolerance from numerics: the low-precision result may be at most 2x as
+far from an fp32 reference as eager in the same dtype is."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lyradynamo  # noqa: F401
+from lyradynamo.ops import _common, adaln, attention, group_norm, linear
+
+pytestmark = pytest.mark.cuda
+lyra = torch.ops.lyra
+DT = [torch.float16, torch.bfloat16]
+
+
+def err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def check(fn_lyra, fn_ref, args, dtype):
+    """args: fp32 CUDA tensors/values. Compare lyra(dtype) and eager(dtype) against ref(fp32)."""
+    low = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    ref = fn_ref(*args)
+    e_eager = err(fn_ref(*low), ref)
+    out = fn_lyra(*low)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert err(out, ref) <= 2 * e_eager + 1e-6, (err(out, ref), e_eager)
+
+
+@pytest.fixture(autouse=True)
+def no_fallback():
+    _common.reset_fallback_counts()
+    yield
+    assert _common.fallback_counts() == {}, _common.fallback_counts()
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("act,glu,gate,res", [("none", False, False, False), ("gelu_tanh", False, True, True),
+                                               ("gelu", True, False, False), ("silu", False, False, True)])
+@pytest.mark.parametrize("shape", [(2, 77, 40), (1, 7, 64), (3, 333, 320)])
+def test_linear(dtype, act, glu, gate, res, shape):
+    torch.manual_seed(hash((act, glu, shape)) % 1000)
+    x = torch.randn(*shape, device="cuda")
+    w, b = torch.randn(96, shape[-1], device="cuda") / shape[-1] ** 0.5, torch.randn(96, device="cuda")
+    n = 48 if glu else 96
+    g = torch.randn(shape[0], 1, n, device="cuda") if gate else None
+    r = torch.randn(*shape[:-1], n, device="cuda") if res else None
+    check(lambda *a: lyra.linear(*a), linear.linear_reference, (x, w, b, act, glu, g, r), dtype)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape,groups", [((2, 320, 32, 32), 32), ((1, 24, 7, 5), 3), ((2, 640, 16, 24), 32)])
+def test_group_norm(dtype, cl, shape, groups):
+    x = torch.randn(*shape, device="cuda") * 3 + 1
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda")
+    check(lambda *a: lyra.group_norm(*a), group_norm.group_norm_reference, (x, groups, w, b, 1e-5, "silu", cl), dtype)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("shape", [(2, 4096, 3072), (1, 9, 40), (3, 77, 72)])
+def test_adaln(dtype, kind, shape):
+    x = torch.randn(*shape, device="cuda") * 2 + 0.5
+    d = shape[-1]
+    mul, add = 1 + 0.1 * torch.randn(shape[0], 1, d, device="cuda"), torch.randn(shape[0], 1, d, device="cuda")
+    w = torch.randn(d, device="cuda") if kind == "rms" else None
+    check(lambda *a: lyra.adaln(*a), adaln.adaln_reference, (x, w, None, mul, add, kind, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("layout", ["blhd", "bhld"])
+def test_attention(dtype, layout):
+    q, k, v = (torch.randn(2, 8, 300, 64, device="cuda") for _ in range(3))
+    if layout == "blhd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    check(lambda *a: lyra.attention(*a), attention.attention_reference, (q, k, v, None, None, False, layout), dtype)
+
+
+def test_unsupported_dtype_on_cuda_is_recorded():
+    x = torch.randn(4, 8, device="cuda", dtype=torch.float64)
+    w = torch.randn(8, 8, device="cuda", dtype=torch.float64)
+    out = lyra.linear(x, w, None, "none", False, None, None)
+    torch.testing.assert_close(out, F.linear(x, w))
+    counts = _common.fallback_counts()
+    assert any(op == "linear" and "float64" in why for op, why in counts)
+    _common.reset_fallback_counts()
