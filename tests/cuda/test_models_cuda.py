@@ -35,8 +35,9 @@ def test_tiny_model_cuda_graphs_across_shapes(name):
     kept = []
     with torch.no_grad():
         for i, (b, h, w) in enumerate([(2, 64, 64), (1, 64, 96), (2, 64, 64), (4, 96, 64)]):
-            inp = zoo.denoiser_inputs(name, model, batch=b, height=h, width=w, seed=i)
-            inp32 = zoo.denoiser_inputs(name, ref32, batch=b, height=h, width=w, seed=i)
+            seed = 0 if i == 2 else i  # call 2 repeats call 0's inputs
+            inp = zoo.denoiser_inputs(name, model, batch=b, height=h, width=w, seed=seed)
+            inp32 = zoo.denoiser_inputs(name, ref32, batch=b, height=h, width=w, seed=seed)
             out = first(compiled(**inp))
             kept.append(out)
             e_lyra = err(out, first(ref32(**inp32)))

@@ -1,0 +1,176 @@
+"""CPU smoke test of the benchmark harness (benchmarks/bench.py --quick, benchmarks/report.py).
+
+Runs the real CLI in a subprocess on tiny zoo models (sd15 and flux, eager and lyra, 64x64,
+2 steps, 1 timed run) into a temporary directory, checks the JSON rows, then renders the
+markdown report. The GPU paths (CUDA events, peak memory, inductor-cg, torchao) are not run here.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "bench.py")
+REPORT = os.path.join(ROOT, "benchmarks", "report.py")
+
+FIELDS = (
+    "model", "mode", "size", "steps", "batch", "scenario", "seconds", "first_call_s", "compiles",
+    "peak_mem_gb", "rel_err", "psnr_db", "gpu", "torch", "diffusers", "lyradynamo", "date", "error",
+)
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "quick.jsonl"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, BENCH, "--quick", "--model", "sd15,flux", "--modes", "eager,lyra",
+           "--sizes", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0", "--progress", "none",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(tmp), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return tmp, out, rows, proc.stdout
+
+
+def test_quick_rows(quick_rows):
+    _tmp, _out, rows, stdout = quick_rows
+    assert [(r["model"], r["mode"]) for r in rows] == [
+        ("sd15", "eager"), ("sd15", "lyra"), ("flux", "eager"), ("flux", "lyra")]
+    for r in rows:
+        missing = [f for f in FIELDS if f not in r]
+        assert not missing, (r["model"], r["mode"], missing)
+        assert r["error"] is None, r["error"]
+        assert r["size"] == "64x64" and r["steps"] == 2 and r["batch"] == 1
+        assert r["scenario"] == "steady"
+        assert r["gpu"] == "cpu" and r["peak_mem_gb"] is None
+        assert r["seconds"] > 0 and r["first_call_s"] > 0
+        assert isinstance(r["rel_err"], float) and math.isfinite(r["rel_err"])
+        datetime.datetime.fromisoformat(r["date"])
+        if r["mode"] == "eager":
+            assert r["psnr_db"] is None
+            assert r["compiles"] == 0
+        else:
+            assert r["rel_err"] < 1e-4, r
+            assert r["psnr_db"] is not None and r["psnr_db"] > 60, r
+            assert r["compiles"] >= 1, r
+            assert r["compiles_source"] == "lyradynamo.compile_count"
+    # the summary table is printed
+    assert "first_call_s" in stdout and "lyra" in stdout
+
+
+def test_report_markdown(quick_rows):
+    tmp, out, _rows, _ = quick_rows
+    md_path = tmp / "RESULTS.md"
+    proc = subprocess.run([sys.executable, REPORT, str(out), "--out", str(md_path), "--png", str(tmp / "chart.png")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    md = md_path.read_text()
+    assert "cpu" in md
+    assert "### sd15 · steady · cpu" in md and "### flux · steady · cpu" in md
+    assert md.count("| lyra | 64x64 |") == 2
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "chart skipped" in md
+    else:
+        assert (tmp / "chart.png").exists()
+
+
+def test_report_speedups_and_latest(tmp_path):
+    """Synthetic rows: most recent row wins, speed-ups vs eager and vs the best peer, error rows."""
+    report = _load("lyra_bench_report", REPORT)
+    base = dict(model="sdxl", size="1024x1024", scenario="steady", gpu="NVIDIA H100 80GB HBM3", steps=20, batch=1,
+                first_call_s=1.0, compiles=1, peak_mem_gb=10.0, rel_err=1e-3, psnr_db=40.0, error=None)
+    rows = [
+        dict(base, mode="eager", seconds=9.0, date="2026-01-01T00:00:00+00:00"),  # superseded
+        dict(base, mode="eager", seconds=4.0, date="2026-01-02T00:00:00+00:00"),
+        dict(base, mode="inductor", seconds=3.0, date="2026-01-02T00:00:00+00:00"),
+        dict(base, mode="inductor-cg", seconds=2.5, date="2026-01-02T00:00:00+00:00"),
+        dict(base, mode="lyra", seconds=2.0, date="2026-01-02T00:00:00+00:00"),
+        dict(base, mode="lyra-fp8", seconds=None, error="quant mode not implemented", date="2026-01-02T00:00:00+00:00"),
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md_path = tmp_path / "R.md"
+    assert report.main([str(path), "--out", str(md_path)]) == 0
+    md = md_path.read_text()
+    assert "NVIDIA H100 80GB HBM3" in md
+    lyra = next(line for line in md.splitlines() if line.startswith("| lyra |"))
+    assert "2.00x" in lyra and "1.25x (inductor-cg)" in lyra
+    eager = next(line for line in md.splitlines() if line.startswith("| eager |"))
+    assert "4.000" in eager and "9.000" not in md
+    assert "quant mode not implemented" in md
+
+
+def test_cli_helpers():
+    bench = _load("lyra_bench_cli", BENCH)
+    assert bench.parse_size("1280x768") == (1280, 768)
+    args = bench.resolve(bench.parse_args(["--model", "sd15", "--quick", "--modes", "torchao-fp8,lyra,eager,inductor"]))
+    assert args.mode_list == ["eager", "lyra", "inductor", "torchao-fp8"]  # eager first, torchao last
+    assert args.device == "cpu" and args.steps == 2 and args.runs == 3
+    assert bench.sizes_for(args, "sd15") == [(64, 64)]
+    with pytest.raises(SystemExit):
+        bench.sizes_for(bench.resolve(bench.parse_args(["--model", "flux", "--quick", "--sizes", "72x72"])), "flux")
+    import torch
+
+    img = torch.rand(1, 3, 8, 8)
+    assert bench.psnr(img, img) == bench.PSNR_IDENTICAL
+    assert 20 < bench.psnr((img + 0.01).clamp(0, 1), img) < 60
+    assert bench.gpu_short("NVIDIA H100 80GB HBM3") == "h100" and bench.gpu_short("cpu") == "cpu"
+    assert bench.mode_unavailable("lyra") is None
+    err = bench.mode_unavailable("lyra-fp8")
+    assert err in (None, bench.ERR_QUANT)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "flux"])
+def test_loop_matches_diffusers_pipeline(name):
+    """benchmarks/denoise.py's loop + decode gives the diffusers pipeline's image (same latents/embeddings)."""
+    import torch
+
+    from lyradynamo import zoo
+
+    if os.path.join(ROOT, "benchmarks") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    denoise = _load("lyra_bench_denoise", os.path.join(ROOT, "benchmarks", "denoise.py"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only spin when the CPU is shared
+    try:
+        _compare_with_pipeline(name, denoise, zoo, torch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_with_pipeline(name, denoise, zoo, torch):
+    pipe = zoo.build_pipeline(name)
+    model = pipe.transformer if name == "flux" else pipe.unet
+    W, H = 64, 96
+    wl = denoise.Workload(name, model, pipe.vae, pipe.scheduler, height=H, width=W, steps=3)
+    ours = denoise.postprocess(wl.run(model))
+    kw = dict(num_inference_steps=3, height=H, width=W, output_type="pt", return_dict=False, latents=wl.noise)
+    if name == "flux":
+        kw.update(prompt_embeds=wl.prompt_embeds, pooled_prompt_embeds=wl.pooled, guidance_scale=3.5)
+    else:
+        e = wl.encoder_hidden_states
+        b = e.shape[0] // 2
+        kw.update(prompt_embeds=e[b:], negative_prompt_embeds=e[:b], guidance_scale=7.5)
+        if name == "sdxl":
+            pooled = wl.added_cond_kwargs["text_embeds"]
+            kw.update(pooled_prompt_embeds=pooled[b:], negative_pooled_prompt_embeds=pooled[:b])
+    with torch.no_grad():
+        theirs = pipe(**kw)[0].float()
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
