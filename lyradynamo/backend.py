@@ -38,6 +38,7 @@ class CompiledGraph:
     num_nodes: int
     dynamic_inputs: int  # SymInt inputs: >0 means the graph serves many shapes
     dump_path: str | None = None
+    recompile_reason: str | None = None  # the guard that failed, when this is a recompilation
     summary: dict = dataclasses.field(default_factory=dict)  # dump.summary_dict(), always filled
 
 
@@ -79,6 +80,19 @@ def _freeze_parameters(example_inputs: list) -> None:
         log.info("lyradynamo: set requires_grad=False on %d parameters (inference backend)", frozen)
 
 
+def _recompile_reason() -> str | None:
+    """Why Dynamo is compiling this frame again (its last guard failure), if it is."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._dynamo.utils import guard_failures
+
+        tx = InstructionTranslator.current_tx()
+        failures = guard_failures.get(tx.f_code) if tx is not None else None
+        return str(failures[-1])[:500] if failures else None
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return None
+
+
 def _fake_mode_of(gm: fx.GraphModule, example_inputs: list):
     """The fake mode of the traced values in node.meta (the passes compute new values in it)."""
     for n in gm.graph.nodes:
@@ -107,12 +121,17 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
         except Exception as exc:  # noqa: BLE001 - relaxing is an optimisation; never fatal
             log.warning("lyradynamo: could not relax size guards (%s); batch 1 may recompile", exc)
     _freeze_parameters(example_inputs)
+    reason = _recompile_reason()
+    if reason:
+        log.warning("lyradynamo: recompiling: %s (a model that branches on a size in its own Python "
+                    "code compiles once per value of that size)", reason)
     device = _device_of(example_inputs)
     with _lock:
         record = CompiledGraph(
             index=len(_compiled), seconds=0.0, report=report, policy_active=policy, device=device,
             num_nodes=len(gm.graph.nodes),
             dynamic_inputs=sum(isinstance(t, torch.SymInt) for t in example_inputs),
+            recompile_reason=reason,
         )
         _compiled.append(record)
     runner = runtime.make_runner(gm, example_inputs, record)

@@ -71,6 +71,7 @@ def summary_dict(record, gm: fx.GraphModule) -> dict:
         "dynamic_inputs": record.dynamic_inputs,
         "shape_policy_active": record.policy_active,
         "backend_seconds": round(record.seconds, 4),
+        "recompile_reason": record.recompile_reason,
         **rep.as_dict(),
         "kernel_paths": kernel_paths(gm, record.device),
         "op_histogram": op_histogram(gm),
@@ -80,6 +81,8 @@ def summary_dict(record, gm: fx.GraphModule) -> dict:
 def format_summary(s: dict) -> str:
     lines = [f"graph {s['graph']}: {s['nodes']} nodes on {s['device']}, {s['dynamic_inputs']} dynamic size inputs, "
              f"shape policy {'on' if s['shape_policy_active'] else 'OFF'}"]
+    if s.get("recompile_reason"):
+        lines.append(f"RECOMPILED because: {s['recompile_reason']}")
     lines.append("anchor ops rewritten:")
     for kind, c in sorted(s["coverage"].items()):
         done = c["before"] - c["left"]

@@ -57,3 +57,17 @@ def test_left_anchor_reported_with_reason():
     left = lyradynamo.compiled_graphs()[0].summary["left"]
     assert left and left[0]["kind"] == "layer_norm" and "last dim" in left[0]["reason"]
     assert "anchor ops left unrewritten" in dump.format_summary(lyradynamo.compiled_graphs()[0].summary)
+
+
+def test_recompile_is_explained_in_log_and_dump():
+    def f(x):
+        if x.shape[-1] > 8:  # the model's own Python branches on a size
+            return x * 2
+        return x + 1
+
+    c = torch.compile(f, backend="lyra")
+    c(torch.randn(2, 4))
+    c(torch.randn(2, 16))
+    recs = lyradynamo.compiled_graphs()
+    assert len(recs) == 2 and recs[0].recompile_reason is None
+    assert recs[1].recompile_reason and "RECOMPILED because" in dump.format_summary(recs[1].summary)
