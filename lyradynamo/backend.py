@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from . import config, dump, runtime, shape_policy
+from . import config, runtime, shape_policy
 from .passes import run_passes
 from .passes.report import GraphReport
 
@@ -134,6 +134,8 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
             recompile_reason=reason,
         )
         _compiled.append(record)
+    from . import dump  # lazy: keeps `python -m lyradynamo.dump` free of a double import
+
     runner = runtime.make_runner(gm, example_inputs, record)
     record.seconds = time.perf_counter() - start
     record.summary = dump.summary_dict(record, gm)
