@@ -49,11 +49,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scal
 @attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, layout):
     _check(q, k, v, layout)
-    if layout == "bhld":
-        shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-    else:
-        shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-    return q.new_empty(shape)
+    # (B, H, Lq, Dv) or (B, Lq, H, Dv): q's first three dims in either layout
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
 def _sdpa_backends(choice: str):
