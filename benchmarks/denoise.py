@@ -19,13 +19,13 @@ PIL. The VAE is always eager: only the denoiser is compiled.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
 import torch
 
 from lyradynamo import zoo
+from lyradynamo.zoo.pipelines import _build_context  # the zoo builds models in place this way too
 
 GUIDANCE_SCALE_SD = 7.5
 GUIDANCE_FLUX = 3.5
@@ -48,17 +48,6 @@ def size_multiple(name: str) -> int:
 # ------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _on(device, dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def vae_dtype(name: str, dtype: torch.dtype, vae_config) -> torch.dtype:
     """SDXL's pipeline upcasts a fp16 VAE with force_upcast to fp32 before decoding; the SD1.5
     and FLUX pipelines decode in the model dtype."""
@@ -78,7 +67,7 @@ def build_vae(name, *, tiny, dtype, device, seed=0, model_path=None):
         _lib, cls_name, cfg = spec["vae"]
         vdt = vae_dtype(name, dtype, cfg)
         torch.manual_seed(seed + 1)
-        with _on(device, vdt):
+        with _build_context(device, vdt):
             vae = getattr(diffusers, cls_name).from_config(cfg)
     vdt = vae_dtype(name, dtype, dict(vae.config))
     torch.nn.Module.to(vae, device=device, dtype=vdt)
