@@ -67,11 +67,15 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, glu: boo
 def _(x, weight, bias, act, glu, gate, residual):
     _check_args(x, weight, act, glu)
     n = weight.shape[0] // 2 if glu else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], n), dtype=_out_dtype(x, gate, residual))
+
+
+def _out_dtype(x, gate, residual) -> torch.dtype:
     dtype = x.dtype
     for t in (gate, residual):
         if t is not None:
             dtype = torch.promote_types(dtype, t.dtype)
-    return x.new_empty((*x.shape[:-1], n), dtype=dtype)
+    return dtype
 
 
 @linear.register_kernel("cuda")
@@ -90,11 +94,13 @@ def _(x, weight, bias, act, glu, gate, residual):
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n_out)
     code, stream = DTYPE_CODES[x.dtype], stream_handle(x)
+    if m == 0:  # an empty batch: nothing for the kernels to do (they reject M == 0)
+        return x.new_empty(out_shape, dtype=_out_dtype(x, gate, residual))
     plain = act == "none" and not glu and gate is None and residual is None
     y = torch.empty((m, n_y), dtype=x.dtype, device=x.device)
     C.gemm(ptr(x2), ptr(weight), ptr(bias), ptr(y), m, n_y, k, x2.stride(0) if m > 1 else k, n_y,
            code, stream)
-    if plain or m == 0:
+    if plain:
         return y.view(out_shape)
     gstride, rows_per_batch = 0, max(m, 1)
     if gate is not None:
