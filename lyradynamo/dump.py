@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in zoo.MODEL_NAMES:
         p.error(f"unknown model {args.model!r}; choose from "
                 + ", ".join(f"{n}-tiny" for n in zoo.MODEL_NAMES) + " (or a name without -tiny for full size)")
-    dtype = _dtype(args.dtype, name, args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else zoo.default_dtype(name, args.device)
     model = zoo.build_denoiser(name, tiny=tiny, dtype=dtype, device=args.device, model_path=args.model_path)
     inputs = zoo.denoiser_inputs(name, model)
     lyradynamo.backend.reset_stats()
@@ -189,14 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dir:
         print(f"dump written to {args.dir}")
     return 0
-
-
-def _dtype(name: str | None, model: str, device: str) -> torch.dtype:
-    if name:
-        return getattr(torch, name)
-    if device == "cpu":
-        return torch.float32
-    return torch.float16 if model in ("sd15", "sdxl") else torch.bfloat16
 
 
 if __name__ == "__main__":

@@ -325,3 +325,10 @@ def build_pipeline(name, *, tiny=True, dtype=torch.float32, device="cpu", seed=0
         pipe = pipe_cls(**components, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def default_dtype(name: str, device: str) -> torch.dtype:
+    """The dtype diffusers users run a model in: fp32 on CPU, fp16 for SD UNets, bf16 for DiTs."""
+    if device == "cpu":
+        return torch.float32
+    return torch.float16 if name in ("sd15", "sdxl") else torch.bfloat16
