@@ -18,7 +18,7 @@ import sys
 import types
 from typing import Any, Iterator
 
-ALL_PASSES = ("linear", "attention", "group_norm", "adaln")
+ALL_PASSES = ("linear", "attention", "group_norm", "adaln", "rope")
 
 
 class LyraConfigError(ValueError):

@@ -14,7 +14,7 @@ import traceback
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers the lyra:: ops)
-from . import adaln, attention, canonicalize, group_norm, linear
+from . import adaln, attention, canonicalize, group_norm, linear, rope
 from .report import GraphReport, count_anchors
 
 log = logging.getLogger("lyradynamo")
@@ -24,6 +24,7 @@ PASSES = {
     "attention": attention.run,
     "group_norm": group_norm.run,
     "adaln": adaln.run,
+    "rope": rope.run,
 }
 
 
@@ -33,8 +34,9 @@ def run_passes(gm: fx.GraphModule, names, fake_mode) -> tuple[fx.GraphModule, Gr
     if names:
         canonicalize.run(gm.graph, fake_mode, report)
     # group_norm and adaln first: their patterns start at a norm and must see the mul/add
-    # epilogues before the linear pass could claim a neighbouring add as a residual.
-    order = [n for n in ("group_norm", "adaln", "attention", "linear") if n in names]
+    # epilogues before the linear pass could claim a neighbouring add as a residual; rope
+    # folds the q/k RMSNorms adaln produced.
+    order = [n for n in ("group_norm", "adaln", "rope", "attention", "linear") if n in names]
     for name in order:
         try:
             PASSES[name](gm.graph, fake_mode, report)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import lyradynamo  # noqa: F401
-from lyradynamo.ops import _common, adaln, attention, group_norm, linear
+from lyradynamo.ops import _common, adaln, attention, group_norm, linear, rope
 
 pytestmark = pytest.mark.cuda
 lyra = torch.ops.lyra
@@ -77,6 +77,32 @@ def test_attention(dtype, layout):
     if layout == "blhd":
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     check(lambda *a: lyra.attention(*a), attention.attention_reference, (q, k, v, None, None, False, layout), dtype)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("lens,h,d,norm", [((512, 4096), 24, 128, "rms"), ((7,), 3, 64, "rms"),
+                                           ((5, 9, 1), 2, 16, "none"), ((33,), 5, 256, "rms")])
+def test_qk_norm_rope(dtype, lens, h, d, norm):
+    b = 2
+    # parts are views of a wider projection output (strided heads), as in a fused QKV GEMM
+    parts = [torch.randn(b, n, 3 * h * d, device="cuda")[..., h * d:2 * h * d].unflatten(-1, (h, d))
+             for n in lens]
+    weights = [1 + 0.2 * torch.randn(d, device="cuda") for _ in lens] if norm == "rms" else []
+    ang = torch.rand(sum(lens), d, device="cuda") * 6.3
+    cos, sin = ang.cos(), ang.sin()
+
+    def run(parts_, weights_, *rest):
+        return lyra.qk_norm_rope(list(parts_), list(weights_), *rest)
+
+    def ref(parts_, weights_, *rest):
+        return rope.qk_norm_rope_reference(list(parts_), list(weights_), *rest)
+
+    low = [p.to(dtype) for p in parts], [w.to(dtype) for w in weights]
+    expect = ref(parts, weights, norm, 1e-6, cos, sin)
+    e_eager = err(ref(*low, norm, 1e-6, cos, sin), expect)
+    out = run(*low, norm, 1e-6, cos, sin)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert err(out, expect) <= 2 * e_eager + 1e-6, (err(out, expect), e_eager)
 
 
 def test_unsupported_dtype_on_cuda_is_recorded():

@@ -115,3 +115,43 @@ def test_row_vector_stride():
     assert _common.row_vector_stride(torch.zeros(1, 1, 8), 3, 8, 3) == 0
     assert _common.row_vector_stride(torch.zeros(3, 5, 8), 3, 8, 3) is None
     assert _common.row_vector_stride(torch.zeros(3, 1, 7), 3, 8, 3) is None
+
+
+def _diffusers_rms(x, w, eps):
+    from diffusers.models.normalization import RMSNorm
+
+    norm = RMSNorm(x.shape[-1], eps=eps, elementwise_affine=w is not None).to(x.dtype)
+    if w is not None:
+        norm.weight.data.copy_(w)
+    return norm(x)
+
+
+@pytest.mark.parametrize("nparts,norm,affine", [(1, "none", False), (1, "rms", True), (2, "rms", True),
+                                                (2, "rms", False), (3, "none", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_matches_diffusers(nparts, norm, affine, dtype):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    b, h, d = 2, 3, 8
+    lens = [5, 7, 2][:nparts]
+    parts = [rnd(b, n, h, d).to(dtype) for n in lens]
+    weights = [rnd(d).to(dtype) for _ in lens] if affine else []
+    cos, sin = rnd(sum(lens), d), rnd(sum(lens), d)
+    args = (parts, weights, norm, 1e-6, cos, sin)
+    torch.library.opcheck(lyra.qk_norm_rope.default, args)
+    normed = [(_diffusers_rms(p, weights[i] if affine else None, 1e-6) if norm == "rms" else p)
+              for i, p in enumerate(parts)]
+    ref = apply_rotary_emb(torch.cat(normed, dim=1), (cos, sin), sequence_dim=1)
+    out = lyra.qk_norm_rope(*args)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_qk_norm_rope_rejects_bad_arguments():
+    x = rnd(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="norm="):
+        lyra.qk_norm_rope([x], [], "layer", 1e-6, rnd(4, 8), rnd(4, 8))
+    with pytest.raises(ValueError, match="one per part"):
+        lyra.qk_norm_rope([x, x], [rnd(8)], "rms", 1e-6, rnd(8, 8), rnd(8, 8))
+    with pytest.raises(ValueError, match=r"\(B, L, H, D\)"):
+        lyra.qk_norm_rope([rnd(4, 8)], [], "none", 1e-6, rnd(4, 8), rnd(4, 8))

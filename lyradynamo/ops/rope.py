@@ -1,0 +1,127 @@
+"""lyra::qk_norm_rope: per-head RMSNorm (q/k norm) + rotary embedding, with the sequence
+concatenation of DiT joint attention folded in.
+
+    parts[i]: (B, L_i, H, D)      x = cat([rms_norm_i(parts[i]) ...], dim=1)   # (B, L, H, D)
+    out = (x.float() * cos + rotate_pairs(x).float() * sin).to(x.dtype)          # cos/sin (L, D)
+
+rotate_pairs is diffusers' `apply_rotary_emb(use_real=True, use_real_unbind_dim=-1)`:
+pair (x[2i], x[2i+1]) -> (-x[2i+1], x[2i]). norm="rms" follows diffusers' RMSNorm (fp32
+statistics, normalised value rounded to x's dtype, then the weight); weights holds one weight
+per part, or is empty for an RMSNorm without affine. On CUDA one kernel per part reads the
+projection output through its strides and writes its slice of the concatenated output: the
+norm, the rope, the fp32 temporaries and the cat copy of eager become one pass.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor
+
+from ._common import DTYPE_CODES, csrc, ptr, record_fallback, stream_handle, unsupported_reason
+from .adaln import adaln_reference
+
+NORMS = ("none", "rms")
+_MAX_HEAD_DIM = 256  # the kernel keeps a head vector in one warp's registers
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """diffusers' apply_rotary_emb(x, (cos, sin), sequence_dim=1) for x (B, L, H, D)."""
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * c + rotated.float() * s).to(x.dtype)
+
+
+def qk_norm_rope_reference(parts: List[Tensor], weights: List[Tensor], norm: str, eps: float,
+                           cos: Tensor, sin: Tensor) -> Tensor:
+    normed = []
+    for i, x in enumerate(parts):
+        if norm == "rms":
+            x = adaln_reference(x, weights[i] if weights else None, None, None, None, "rms", eps)
+        normed.append(x)
+    x = torch.cat(normed, dim=1) if len(normed) > 1 else normed[0]
+    return rope_reference(x, cos, sin)
+
+
+def _check(parts: List[Tensor], weights: List[Tensor], norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"lyra::qk_norm_rope: norm={norm!r} is not one of {NORMS}")
+    if not parts:
+        raise ValueError("lyra::qk_norm_rope: parts is empty")
+    if any(p.dim() != 4 for p in parts):
+        raise ValueError("lyra::qk_norm_rope: every part must be (B, L, H, D), got shapes "
+                         f"{[tuple(p.shape) for p in parts]}")
+    if weights and (norm != "rms" or len(weights) != len(parts)):
+        raise ValueError("lyra::qk_norm_rope: weights must be empty or one per part (with norm='rms')")
+
+
+@torch.library.custom_op("lyra::qk_norm_rope", mutates_args=())
+def qk_norm_rope(parts: List[Tensor], weights: List[Tensor], norm: str, eps: float, cos: Tensor,
+                 sin: Tensor) -> Tensor:
+    _check(parts, weights, norm)
+    return qk_norm_rope_reference(parts, weights, norm, eps, cos, sin)
+
+
+@qk_norm_rope.register_fake
+def _(parts, weights, norm, eps, cos, sin):
+    _check(parts, weights, norm)
+    b, _, h, d = parts[0].shape
+    length = sum(p.shape[1] for p in parts)
+    dtype = parts[0].dtype
+    if norm == "rms" and weights:
+        dtype = torch.promote_types(dtype, weights[0].dtype)
+    return parts[0].new_empty((b, length, h, d), dtype=dtype)
+
+
+@qk_norm_rope.register_kernel("cuda")
+def _(parts, weights, norm, eps, cos, sin):
+    _check(parts, weights, norm)
+    C = csrc()
+    reason = "csrc not built" if C is None else _cuda_unsupported(parts, weights, norm, cos, sin)
+    if reason:
+        record_fallback("qk_norm_rope", reason)
+        return qk_norm_rope_reference(parts, weights, norm, eps, cos, sin)
+    x0 = parts[0]
+    b, _, h, d = x0.shape
+    length = sum(p.shape[1] for p in parts)
+    out = torch.empty((b, length, h, d), dtype=x0.dtype, device=x0.device)
+    if out.numel() == 0:
+        return out
+    code, stream, offset = DTYPE_CODES[x0.dtype], stream_handle(x0), 0
+    for i, x in enumerate(parts):
+        n = x.shape[1]
+        if n:
+            y = out[:, offset:offset + n]
+            # position of row l of this part = l + offset  (kernel: p = l - rope_l_offset)
+            C.qk_norm_rope(ptr(x), ptr(weights[i]) if weights else 0, ptr(cos), ptr(sin), ptr(y),
+                           b, n, h, d, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
+                           y.stride(1), y.stride(2), float(eps), norm == "rms", -offset,
+                           cos.shape[0], code, stream)
+        offset += n
+    return out
+
+
+def _cuda_unsupported(parts, weights, norm, cos, sin) -> str | None:
+    x0 = parts[0]
+    reason = unsupported_reason(**{f"part{i}": p for i, p in enumerate(parts)}, cos=cos, sin=sin)
+    if reason:
+        return reason
+    b, _, h, d = x0.shape
+    if d % 2 or d > _MAX_HEAD_DIM:
+        return f"head dim {d} is odd or above {_MAX_HEAD_DIM}"
+    for i, p in enumerate(parts):
+        if p.dtype != x0.dtype or p.shape[0] != b or p.shape[2] != h or p.shape[3] != d:
+            return f"part {i} shape {tuple(p.shape)} / dtype {p.dtype} differs from part 0"
+        if p.stride(3) != 1:
+            return f"part {i} is not unit-stride along the head dim"
+    if norm == "rms" and not weights:
+        return "RMSNorm without a weight"
+    for i, w in enumerate(weights):
+        if w.dtype != x0.dtype or tuple(w.shape) != (d,) or not w.is_contiguous():
+            return f"weight {i} must be a contiguous ({d},) tensor of the parts' dtype"
+    length = sum(p.shape[1] for p in parts)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (length, d) or not t.is_contiguous():
+            return f"{name} must be a contiguous float32 ({length}, {d}) table, got {tuple(t.shape)} {t.dtype}"
+    return None
