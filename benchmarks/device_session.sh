@@ -16,6 +16,8 @@
 #   BENCH_STEPS     --steps                                          (default 20)
 #   BENCH_SCENARIO  steady|sweep|cold                                (default steady)
 #   BENCH_EXTRA     more bench.py arguments, e.g. "--runs 5 --warmup 2"
+#   PROFILE_MODELS  comma list: top CUDA kernels of one call (profile_model.py) -> profile.log
+#   PROFILE_MODES   modes to profile (default lyra); PROFILE_SIZE WxH
 #   SESSION_BUDGET_S  seconds from the start after which nothing new is started and running
 #                   benchmarks are interrupted (rows kept)  (default 540: a run call has 600)
 set -u
@@ -118,6 +120,17 @@ if [ "${KERNEL_BENCH:-0}" = 1 ]; then
     S_KERNELS="benchmarks/kernels_bench.py does not exist"
   fi
   echo "== kernel bench: $S_KERNELS"
+fi
+
+# PROFILE_MODELS=sd15,flux: top CUDA kernels of one model call per PROFILE_MODES mode
+if [ -n "${PROFILE_MODELS:-}" ]; then
+  for m in ${PROFILE_MODELS//,/ }; do
+    pt=$(( $(left) - 30 )); [ "$pt" -gt 240 ] && pt=240
+    [ "$pt" -lt 30 ] && { echo "== profile $m: skipped, no time left"; continue; }
+    timeout -s INT -k 10 "$pt" python3 benchmarks/profile_model.py --model "$m" \
+      --modes "${PROFILE_MODES:-lyra}" ${PROFILE_SIZE:+--size $PROFILE_SIZE} 2>&1 \
+      | grep -v Warning | tee -a "$OUT/profile.log" | tail -60
+  done
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then

@@ -49,6 +49,13 @@ _OPTIONS: dict[str, _Option] = {
         True, "On CUDA, replay each compiled graph as a CUDA graph (one capture per input shape).",
         kind=bool,
     ),
+    "channels_last": _Option(
+        "auto",
+        "Lay 4-D convolution weights out channels_last when a graph is traced, so a UNet's "
+        "convolutions, GroupNorms and residual adds run NHWC with no layout copies between them "
+        "(the parameter keeps its identity and values; only its strides change). auto = on CUDA.",
+        choices=("auto", True, False),
+    ),
     "attention_backend": _Option(
         "auto",
         "Attention kernel: auto (fastest available per shape), sdpa (torch SDPA, any backend), "

@@ -124,6 +124,8 @@ def _install_batch_only_duck() -> None:
         return
 
     def _automatic_dynamic(*args, **kwargs):  # noqa: ANN002, ANN003 - torch's signature
+        if _active and args:
+            _prepare_input(args[0], args[2] if len(args) > 2 else kwargs.get("source"))
         ctx = original(*args, **kwargs)
         sizes = getattr(ctx, "dynamic_sizes", None)
         if not _active or not sizes or DimDynamic.DUCK not in sizes[1:]:
@@ -137,6 +139,17 @@ def _install_batch_only_duck() -> None:
 
     _automatic_dynamic.__wrapped__ = original  # type: ignore[attr-defined]
     builder._automatic_dynamic = _automatic_dynamic
+
+
+def _prepare_input(t, source) -> None:  # noqa: ANN001
+    """Re-lay a parameter out (layout.py) before Dynamo records its strides."""
+    try:
+        from . import layout
+
+        name = getattr(source, "name", "")
+        layout.prepare_parameter(t, (name() if callable(name) else name) or "")
+    except Exception as exc:  # noqa: BLE001 - a layout choice must never break tracing
+        log.warning("lyradynamo: could not prepare input layout (%s)", exc)
 
 
 def policy_active() -> bool:

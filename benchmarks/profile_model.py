@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Where a model call spends its GPU time: top CUDA kernels under torch.profiler.
+
+    python benchmarks/profile_model.py --model sd15 --modes eager,lyra [--size 512x512] [--out f.json]
+
+Builds the full-size model (random weights, the real config), runs one denoiser call per mode
+(lyra without CUDA graphs so each kernel is visible; kernel times are the same) after a
+warm-up, and prints the kernels by total time, grouped by name. The JSON keeps the table.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+import lyradynamo  # noqa: E402
+from lyradynamo import zoo  # noqa: E402
+
+
+def kernel_table(prof, top: int):
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals[ev.name[:110]]
+            t[0] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            t[1] += 1
+    total = sum(v[0] for v in totals.values())
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return total, [{"kernel": k, "ms": v[0] / 1e3, "calls": v[1], "pct": 100 * v[0] / max(total, 1e-9)}
+                   for k, v in rows]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--modes", default="lyra")
+    p.add_argument("--size", default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dtype = zoo.default_dtype(args.model, "cuda")
+    model = zoo.build_denoiser(args.model, tiny=False, dtype=dtype, device="cuda")
+    if args.size:
+        w, h = (int(v) for v in args.size.split("x"))
+    else:
+        h, w = zoo.default_size(args.model, tiny=False)
+    batch = args.batch or (2 if args.model.startswith("sd") and args.model != "sd3" else 1)
+    inputs = zoo.denoiser_inputs(args.model, model, batch=batch, height=h, width=w, dtype=dtype, device="cuda")
+    result = {"model": args.model, "size": f"{w}x{h}", "batch": batch, "gpu": torch.cuda.get_device_name(),
+              "modes": {}}
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()
+        if mode == "eager":
+            fn = model
+        elif mode == "lyra":
+            lyradynamo.config.cuda_graphs = False
+            fn = torch.compile(model, backend="lyra")
+        else:
+            fn = torch.compile(model, mode=None if mode == "inductor" else mode)
+        with torch.no_grad():
+            for _ in range(2):
+                fn(**inputs)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(**inputs)
+            end.record()
+            torch.cuda.synchronize()
+            wall = start.elapsed_time(end)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fn(**inputs)
+                torch.cuda.synchronize()
+        total, rows = kernel_table(prof, args.top)
+        result["modes"][mode] = {"call_ms": wall, "kernel_ms": total / 1e3, "top": rows,
+                                 "fallbacks": {f"{k[0]}: {k[1]}": v for k, v in
+                                               lyradynamo.ops.fallback_counts().items()}}
+        print(f"\n== {args.model} {w}x{h} batch {batch} {mode}: call {wall:.2f} ms, kernels {total / 1e3:.2f} ms")
+        for r in rows:
+            print(f"{r['ms']:8.3f} ms {r['pct']:5.1f}% {r['calls']:5d}  {r['kernel']}")
+        if result["modes"][mode]["fallbacks"]:
+            print("fallbacks:", result["modes"][mode]["fallbacks"])
+        lyradynamo.config.cuda_graphs = True
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
