@@ -18,7 +18,7 @@ import sys
 import types
 from typing import Any, Iterator
 
-ALL_PASSES = ("linear", "attention", "group_norm", "adaln", "rope")
+ALL_PASSES = ("layout", "group_norm", "adaln", "rope", "attention", "linear")
 
 
 class LyraConfigError(ValueError):

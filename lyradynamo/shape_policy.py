@@ -57,6 +57,10 @@ _OP_INTERNAL_FILES = (
     "torch/_prims/",
     "torch/_prims_common/",
     "torch/_decomp/",
+    # torch.nn.functional wrappers: argument checks (_verify_batch_size) and the C++ kernel
+    # they call (its memory-format heuristics guard on sizes: a channels_last group_norm on
+    # CUDA guards batch != 1). The graph keeps the op and re-runs it on real tensors.
+    "torch/nn/functional.py",
 )
 
 

@@ -55,3 +55,17 @@ def test_auto_is_cuda_only():
         assert w.is_contiguous()  # not a module's `weight`
         layout.prepare_parameter(w, "self._modules['conv']._parameters['weight']")
         assert w.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nhwc_contiguous_is_kept_nhwc():
+    """Transformer2DModel's `permute(0, 3, 1, 2).contiguous()` on an NHWC tensor stays NHWC."""
+    model = zoo.build_denoiser("sd15")
+    inputs = zoo.denoiser_inputs("sd15", model, batch=2)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+    with lyradynamo.config.patch(channels_last=True):
+        out = torch.compile(model, backend="lyra")(**inputs)[0]
+    summary = lyradynamo.compiled_graphs()[0].summary
+    hits = summary["matched"].get("layout", {})
+    assert hits.get("contiguous->channels_last", 0) >= 1, summary["matched"]
+    assert rel_err(out, ref) < 1e-5

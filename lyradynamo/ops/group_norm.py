@@ -1,8 +1,10 @@
 """lyra::group_norm: GroupNorm (+ SiLU) on NCHW or channels_last activations.
 
-`channels_last` is decided when the graph is rewritten (from the traced strides) and fixes
-the output's memory format, so a UNet kept in channels_last never pays a layout copy
-between its convolutions and norms.
+The output keeps the input's memory format, decided on the real tensor at run time, so a
+UNet kept in channels_last never pays a layout copy between its convolutions and norms (and
+a layout rewritten after tracing cannot make the op copy). `channels_last` records the
+layout seen when the graph was traced (for the dump); an input that is neither NCHW- nor
+NHWC-contiguous is laid out that way.
 """
 from __future__ import annotations
 
@@ -23,12 +25,21 @@ def _format(channels_last: bool, ndim: int):
     return torch.contiguous_format
 
 
+def _output_format(x: Tensor, channels_last: bool):
+    """x's own format when it has one (NHWC wins only when x is NHWC and not also NCHW)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return _format(channels_last, x.dim())
+
+
 def group_norm_reference(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                          eps: float, act: str, channels_last: bool) -> Tensor:
     y = F.group_norm(x, num_groups, weight, bias, eps)
     if act == "silu":
         y = F.silu(y)
-    return y.contiguous(memory_format=_format(channels_last, x.dim()))
+    return y.contiguous(memory_format=_output_format(x, channels_last))
 
 
 def _check(x: Tensor, num_groups: int, act: str) -> None:
@@ -51,7 +62,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optio
 def _(x, num_groups, weight, bias, eps, act, channels_last):
     _check(x, num_groups, act)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                       memory_format=_format(channels_last, x.dim()))
+                       memory_format=_output_format(x, channels_last))
 
 
 @group_norm.register_kernel("cuda")
@@ -64,16 +75,13 @@ def _(x, num_groups, weight, bias, eps, act, channels_last):
         return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last)
     n, c = x.shape[0], x.shape[1]
     hw = x.numel() // max(n * c, 1)
-    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if not nhwc and not x.is_contiguous():
-        x = x.contiguous(memory_format=_format(channels_last, x.dim()))
-        nhwc = channels_last and x.dim() == 4
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    fmt = _output_format(x, channels_last)
+    x = x.contiguous(memory_format=fmt)  # no-op unless x had neither layout
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     if x.numel():
         C.group_norm(ptr(x), ptr(weight), ptr(bias), ptr(y), n, c, hw, num_groups, float(eps),
-                     act == "silu", nhwc, DTYPE_CODES[x.dtype], stream_handle(x))
-    return y.contiguous(memory_format=_format(channels_last, x.dim()))
+                     act == "silu", fmt is torch.channels_last, DTYPE_CODES[x.dtype], stream_handle(x))
+    return y
 
 
 def _cuda_unsupported(x, num_groups, weight, bias) -> Optional[str]:
