@@ -6,11 +6,13 @@ Python launch overhead); --graph-reps 0 times eager calls instead. Prints a
 table and writes JSON to --out.
 
     python benchmarks/kernels_bench.py --out benchmarks/results/kernels.json
+    python benchmarks/kernels_bench.py --dtype bf16 --quant --out /tmp/kernels_quant.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -166,6 +168,88 @@ def cases(dt):
            qk_eager, 2 * B * L * H * D * es)
 
 
+def quant_cases(dt):
+    """W8A8 rows at FLUX shapes (M = 4608 tokens): yields like cases().
+
+    gemm_fp8: ours is cuBLASLt with OUTER_VEC row scales (or, where the library reports it
+    unavailable, the fp32-accumulator GEMM + scaled_epilogue), torch is torch._scaled_mm
+    row-wise; the dense GEMM of the same shape (ours vs F.linear) gives the fp16/bf16 baseline;
+    gemm_int8 + scaled_epilogue vs torch._int_mm + eager scaling; quantize_rows vs the eager
+    quantisation of lyradynamo.quant.numerics.
+    """
+    from lyradynamo.quant import numerics as qn
+
+    code, es = CODE[dt], torch.empty((), dtype=dt).element_size()
+    dev = "cuda"
+    outer = _C.gemm_fp8_supported_outer_vec(torch.cuda.current_device(), code)
+    fp8_name = "gemm_fp8 outer_vec" if outer else "gemm_fp8 unscaled+epi"
+    for M, K, N in [(4608, 3072, 3072), (4608, 3072, 9216), (4608, 3072, 12288),
+                    (4608, 12288, 3072)]:
+        shape = f"M{M} N{N} K{K}"
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        w = (torch.randn(N, K, device=dev) / math.sqrt(K)).to(dt)
+        out = torch.empty(M, N, device=dev, dtype=dt)
+        acc = torch.empty(M, N, device=dev, dtype=torch.float32)
+        acc_i = torch.empty(M, N, device=dev, dtype=torch.int32)
+        xq, xs = qn.quantize_rows(x, "fp8")
+        wq, ws = qn.quantize_rows(w, "fp8")
+        xq8, xs8 = qn.quantize_rows(x, "int8")
+        wq8, ws8 = qn.quantize_rows(w, "int8")
+        q_bytes = M * K + N * K + M * N * es
+
+        if outer:
+            def ours(xq=xq, wq=wq, xs=xs, ws=ws, out=out, M=M, N=N, K=K):
+                _C.gemm_fp8(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0,
+                            out.data_ptr(), M, N, K, K, N, code, s())
+        else:
+            def ours(xq=xq, wq=wq, xs=xs, ws=ws, out=out, acc=acc, M=M, N=N, K=K):
+                _C.gemm_fp8_unscaled(xq.data_ptr(), wq.data_ptr(), acc.data_ptr(), M, N, K, K, s())
+                _C.scaled_epilogue(acc.data_ptr(), 0, xs.data_ptr(), ws.data_ptr(), 0, 0, 0,
+                                   out.data_ptr(), M, N, 0, False, M, 0, code, s())
+
+        def scaled_mm(xq=xq, wq=wq, xs=xs, ws=ws):
+            return torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :],
+                                    out_dtype=dt)
+
+        try:
+            scaled_mm()
+        except Exception as exc:  # e.g. no row-wise support for this dtype in this torch
+            print(f"kernels_bench: torch._scaled_mm row-wise unavailable ({exc}); "
+                  f"comparing {fp8_name} with torch's dense GEMM", file=sys.stderr)
+            scaled_mm = (lambda x=x, w=w: F.linear(x, w))
+        yield (fp8_name, shape, ours, scaled_mm, q_bytes)
+        yield ("gemm dense (baseline)", shape,
+               lambda x=x, w=w, out=out, M=M, N=N, K=K: _C.gemm(
+                   x.data_ptr(), w.data_ptr(), 0, out.data_ptr(), M, N, K, K, N, code, s()),
+               lambda x=x, w=w: F.linear(x, w), (M * K + N * K + M * N) * es)
+
+        def ours_i8(xq8=xq8, wq8=wq8, xs8=xs8, ws8=ws8, acc_i=acc_i, out=out, M=M, N=N, K=K):
+            _C.gemm_int8(xq8.data_ptr(), wq8.data_ptr(), acc_i.data_ptr(), M, N, K, K, s())
+            _C.scaled_epilogue(acc_i.data_ptr(), 3, xs8.data_ptr(), ws8.data_ptr(), 0, 0, 0,
+                               out.data_ptr(), M, N, 0, False, M, 0, code, s())
+
+        yield ("gemm_int8+scaled_epi", shape, ours_i8,
+               lambda xq8=xq8, wq8=wq8, xs8=xs8, ws8=ws8: (
+                   torch._int_mm(xq8, wq8.t()).float() * xs8[:, None] * ws8[None, :]).to(dt),
+               q_bytes)
+
+    for M, K in [(4608, 3072), (4608, 12288)]:
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        q = torch.empty(M, K, device=dev, dtype=torch.uint8)
+        sc = torch.empty(M, device=dev, dtype=torch.float32)
+        yield ("quantize_rows fp8", f"M{M} K{K}",
+               lambda x=x, q=q, sc=sc, M=M, K=K: _C.quantize_rows(
+                   x.data_ptr(), 0, q.data_ptr(), sc.data_ptr(), M, K, K, code, 0, s()),
+               lambda x=x: _eager_quant_fp8(x), M * K * (es + 1))
+
+
+def _eager_quant_fp8(x):
+    """Eager per-row fp8 quantisation (what torch code does without a fused kernel)."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1) / 448.0).clamp_min(1e-12)
+    return (xf / scale[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
@@ -174,6 +258,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--graph-reps", type=int, default=10,
                     help="calls per CUDA graph replay (0: time eager calls, launch overhead included)")
+    ap.add_argument("--quant", action="store_true",
+                    help="also time the W8A8 kernels (fp8 / int8 GEMMs, quantize_rows) at FLUX "
+                         "shapes; needs --dtype fp16 or bf16")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernels_bench: no CUDA GPU", file=sys.stderr)
@@ -182,7 +269,13 @@ def main() -> int:
     dt = DTYPES[args.dtype]
     rows = []
     with torch.no_grad():
-        for name, shape, ours, ref, nbytes in cases(dt):
+        all_cases = cases(dt)
+        if args.quant:
+            if dt == torch.float32:
+                print("kernels_bench: --quant needs --dtype fp16 or bf16", file=sys.stderr)
+                return 2
+            all_cases = itertools.chain(all_cases, quant_cases(dt))
+        for name, shape, ours, ref, nbytes in all_cases:
             t_ours = time_us(ours, args.warmup, args.iters, args.graph_reps)
             t_ref = time_us(ref, args.warmup, args.iters, args.graph_reps)
             rows.append({

@@ -32,6 +32,32 @@ void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, u
                   int64_t x_stride_l, int64_t x_stride_h, int64_t y_stride_b, int64_t y_stride_l,
                   int64_t y_stride_h, double eps, bool has_norm, int64_t rope_l_offset,
                   int64_t rope_len, int dtype, uintptr_t stream);
+
+// W8A8 quantisation (quant.cu, norm_modulate.cu, epilogue.cu, gemm.cu).
+void quantize_rows(uintptr_t x, uintptr_t inv_smooth, uintptr_t q, uintptr_t scale, int64_t M,
+                   int64_t K, int64_t ld_x, int dtype, int kind, uintptr_t stream);
+void norm_modulate_quant(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul,
+                         uintptr_t add, uintptr_t inv_smooth, uintptr_t q, uintptr_t scale,
+                         int64_t rows, int64_t D, int64_t rows_per_batch, int64_t mul_bstride,
+                         int64_t add_bstride, double eps, bool rms, int kind, int dtype,
+                         uintptr_t stream);
+void gemm_fp8(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
+              uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldo,
+              int out_dtype, uintptr_t stream);
+void gemm_fp8_unscaled(uintptr_t a, uintptr_t b, uintptr_t out_f32, int64_t M, int64_t N,
+                       int64_t K, int64_t lda, uintptr_t stream);
+void gemm_int8(uintptr_t a, uintptr_t b, uintptr_t out_i32, int64_t M, int64_t N, int64_t K,
+               int64_t lda, uintptr_t stream);
+bool gemm_fp8_supported_outer_vec(int device, int out_dtype);
+void scaled_epilogue(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t b_scale,
+                     uintptr_t bias, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
+                     int64_t N_out, int act, bool glu, int64_t rows_per_batch,
+                     int64_t gate_bstride, int out_dtype, uintptr_t stream);
+void linear_epilogue_quant(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t b_scale,
+                           uintptr_t bias, uintptr_t gate, uintptr_t residual,
+                           uintptr_t inv_smooth, uintptr_t q, uintptr_t scale, int64_t M,
+                           int64_t N_out, int act, bool glu, int64_t rows_per_batch,
+                           int64_t gate_bstride, int out_dtype, int kind, uintptr_t stream);
 }  // namespace lyra
 
 PYBIND11_MODULE(_C, m) {
@@ -45,6 +71,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ACT_GELU") = 1;
   m.attr("ACT_GELU_TANH") = 2;
   m.attr("ACT_SILU") = 3;
+  m.attr("ACC_INT32") = 3;  // acc_dtype code of int32 accumulators
+  m.attr("QUANT_FP8") = 0;  // kind codes (fp8 = float8 e4m3fn, QMAX 448)
+  m.attr("QUANT_INT8") = 1;  // (int8, symmetric, QMAX 127)
 
   using release = py::call_guard<py::gil_scoped_release>;
 
@@ -84,4 +113,65 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x_stride_l"), py::arg("x_stride_h"), py::arg("y_stride_b"),
         py::arg("y_stride_l"), py::arg("y_stride_h"), py::arg("eps"), py::arg("has_norm"),
         py::arg("rope_l_offset"), py::arg("rope_len"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("quantize_rows", &lyra::quantize_rows, release(),
+        "Per-row quantisation: xs = x * inv_smooth (if not 0), scale[m] = max(amax|xs[m]| / QMAX, "
+        "1e-12), q[m, k] = quant(xs / scale[m]); kind 0 fp8 e4m3 (QMAX 448, RNE, saturating), "
+        "1 int8 (QMAX 127, round half even). x (M, K) with row stride ld_x; q (M, K) "
+        "contiguous bytes; scale (M,) and inv_smooth (K,) float32.",
+        py::arg("x"), py::arg("inv_smooth"), py::arg("q"), py::arg("scale"), py::arg("M"),
+        py::arg("K"), py::arg("ld_x"), py::arg("dtype"), py::arg("kind"), py::arg("stream"));
+
+  m.def("norm_modulate_quant", &lyra::norm_modulate_quant, release(),
+        "norm_modulate, rounded to dtype, then quantize_rows of that row into q (rows, D) + "
+        "scale (rows,) (y is not written).",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mul"), py::arg("add"),
+        py::arg("inv_smooth"), py::arg("q"), py::arg("scale"), py::arg("rows"), py::arg("D"),
+        py::arg("rows_per_batch"), py::arg("mul_bstride"), py::arg("add_bstride"),
+        py::arg("eps"), py::arg("rms"), py::arg("kind"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("gemm_fp8", &lyra::gemm_fp8, release(),
+        "out(M, N) = (a @ b^T) * a_scale[m] * b_scale[n] (+ bias[n]); a (M, K; row stride lda), "
+        "b (N, K) fp8 e4m3, scales float32, bias in out_dtype (not with float32 out). cuBLASLt "
+        "OUTER_VEC_32F scaling: check gemm_fp8_supported_outer_vec first. K, lda multiples of "
+        "16, 16-byte aligned pointers and output row pitch.",
+        py::arg("a"), py::arg("b"), py::arg("a_scale"), py::arg("b_scale"), py::arg("bias"),
+        py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("lda"), py::arg("ldo"),
+        py::arg("out_dtype"), py::arg("stream"));
+
+  m.def("gemm_fp8_unscaled", &lyra::gemm_fp8_unscaled, release(),
+        "out_f32(M, N) = a @ b^T (fp8 e4m3 in, float32 out, no scales): the fallback where "
+        "OUTER_VEC scaling is unavailable; apply scales with scaled_epilogue(acc_dtype=0).",
+        py::arg("a"), py::arg("b"), py::arg("out_f32"), py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("lda"), py::arg("stream"));
+
+  m.def("gemm_int8", &lyra::gemm_int8, release(),
+        "out_i32(M, N) = a @ b^T with int8 a (M, K; row stride lda), b (N, K) and exact int32 "
+        "sums; K and lda multiples of 4. Apply scales with scaled_epilogue(acc_dtype=3).",
+        py::arg("a"), py::arg("b"), py::arg("out_i32"), py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("lda"), py::arg("stream"));
+
+  m.def("gemm_fp8_supported_outer_vec", &lyra::gemm_fp8_supported_outer_vec, release(),
+        "Whether gemm_fp8 (cuBLASLt OUTER_VEC_32F scales) works on this device for out_dtype "
+        "(-1: both float16 and bfloat16), checked once per device by running a small GEMM and "
+        "verifying its numbers; cached. Allocates on its first call: not during graph capture.",
+        py::arg("device"), py::arg("out_dtype") = -1);
+
+  m.def("scaled_epilogue", &lyra::scaled_epilogue, release(),
+        "out = linear_epilogue chain of y = acc * a_scale[m] * b_scale[col] (+ bias[col]); acc "
+        "(M, N_y) float32 (acc_dtype 0) or int32 (3); out, bias, gate, residual in out_dtype.",
+        py::arg("acc"), py::arg("acc_dtype"), py::arg("a_scale"), py::arg("b_scale"),
+        py::arg("bias"), py::arg("gate"), py::arg("residual"), py::arg("out"), py::arg("M"),
+        py::arg("N_out"), py::arg("act"), py::arg("glu"), py::arg("rows_per_batch"),
+        py::arg("gate_bstride"), py::arg("out_dtype"), py::arg("stream"));
+
+  m.def("linear_epilogue_quant", &lyra::linear_epilogue_quant, release(),
+        "linear_epilogue / scaled_epilogue chain rounded to out_dtype, then quantised per row "
+        "(optional inv_smooth) into q (M, N_out) + scale (M,) instead of stored. acc_dtype 1/2 "
+        "(== out_dtype, no scales), 0 (scales optional) or 3 (scales required).",
+        py::arg("acc"), py::arg("acc_dtype"), py::arg("a_scale"), py::arg("b_scale"),
+        py::arg("bias"), py::arg("gate"), py::arg("residual"), py::arg("inv_smooth"),
+        py::arg("q"), py::arg("scale"), py::arg("M"), py::arg("N_out"), py::arg("act"),
+        py::arg("glu"), py::arg("rows_per_batch"), py::arg("gate_bstride"),
+        py::arg("out_dtype"), py::arg("kind"), py::arg("stream"));
 }

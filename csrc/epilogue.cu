@@ -10,17 +10,42 @@
 // act: 0 none, 1 gelu (erf), 2 gelu (tanh approximation), 3 silu.
 //
 // One fp32 chain and a single rounding (eager PyTorch rounds after each op).
+// Every fp32 op is an explicit intrinsic (no FMA contraction left to the
+// compiler), so all entry points below compute bit-identical values.
 // out may alias y (non-glu) or residual: each thread reads its own elements
 // before it writes them, so no pointer is __restrict__.
 //
 // Mapping: 2D grid, x over column vectors of V elements (16 B), y over rows
 // with a grid-stride loop, so there is no per-element division.
-#include "common.cuh"
+//
+// scaled_epilogue: the same chain after a quantised (W8A8) GEMM whose raw
+// accumulators acc (M, N_y) are fp32 (acc_dtype 0, fp8 GEMM without scales) or
+// int32 (acc_dtype 3, int8 GEMM):
+//   y[m, c] = fp32(acc[m, c]) * a_scale[m] * b_scale[c] (+ bias[c])
+// (each op rounded in fp32, in this order, no FMA contraction; with glu the two
+// halves use their own columns c = j and c = j + N_out of b_scale and bias),
+// then act / glu / gate / residual as above, written in out_dtype.
+// a_scale (M,), b_scale (N_y,) fp32; bias (N_y,), gate, residual, out in out_dtype.
+//
+// linear_epilogue_quant: the chain of linear_epilogue (acc_dtype = out_dtype,
+// fp16 / bf16 / fp32, no scales) or of scaled_epilogue (fp32 / int32 acc with
+// scales; fp32 acc may also come without scales), but the result row is
+// rounded to out_dtype and quantised for the next W8A8 linear instead of
+// being stored (see quant.cuh):
+//   xs = round_to_out_dtype(v) * inv_smooth     (inv_smooth (N_out,) fp32 or 0)
+//   scale[m] = max(max_j |xs| / QMAX, 1e-12),  q[m, j] = quant(xs / scale[m])
+// so (q, scale) == numerics.quantize_rows(<the other entry's out>) bit for bit.
+// Mapping: one row per group of tpr threads (one to sixteen warps) with the
+// row's values in registers between the amax and the quantise pass (rows
+// longer than 512 * 4 vectors are recomputed in the second pass).
+#include "quant.cuh"
 
 namespace lyra {
 namespace {
 
 enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActSilu = 3 };
+constexpr int kAccInt32 = 3;  // acc_dtype code of int32 accumulators
+constexpr int kEpiQuantMaxTpr = 512;
 
 struct EpiParams {
   int64_t M;
@@ -34,31 +59,69 @@ struct EpiParams {
 
 __device__ __forceinline__ float activate(float v, int act) {
   switch (act) {
-    case kActGelu: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case kActGelu:
+      return __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.f, erff(__fmul_rn(v, 0.70710678118654752f))));
     case kActGeluTanh: {
-      const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-      return 0.5f * v * (1.f + tanhf(inner));
+      const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, v), v), v);
+      const float inner = __fmul_rn(0.7978845608028654f, __fadd_rn(v, cube));
+      return __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.f, tanhf(inner)));
     }
-    case kActSilu: return v / (1.f + expf(-v));
+    case kActSilu: return __fdiv_rn(v, __fadd_rn(1.f, expf(-v)));
     default: return v;
   }
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(256)
-linear_epilogue_kernel(const T* y, const T* gate, const T* residual, T* out, EpiParams p) {
-  const int cvec = blockIdx.x * blockDim.x + threadIdx.x;
-  if (cvec >= p.ncv) return;
-  const int j = cvec * V;
-  const int64_t ny = p.glu ? 2ll * p.n_out : p.n_out;
-  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < p.M;
-       m += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    float v[V], t[V];
-    load_vec<V>(y + m * ny + j, v);
-    if (p.glu) {
-      load_vec<V>(y + m * ny + p.n_out + j, t);
+// V accumulators as fp32: storage types through to_float, int32 rounded to nearest.
+template <int V, typename TA>
+__device__ __forceinline__ void load_acc(const TA* p, float (&out)[V]) {
+  load_vec<V>(p, out);
+}
+template <int V>
+__device__ __forceinline__ void load_acc(const int32_t* p, float (&out)[V]) {
+  const Pack<int32_t, V> pk = *reinterpret_cast<const Pack<int32_t, V>*>(p);
 #pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = v[e] * activate(t[e], p.act);
+  for (int e = 0; e < V; ++e) out[e] = __int2float_rn(pk.v[e]);
+}
+
+// The fused chain for V consecutive outputs of row m (shared by every entry
+// point, so they compute identical fp32 values). Without scales and bias it is
+// exactly the original linear_epilogue chain.
+template <typename TA, typename TO, int V>
+struct EpiChain {
+  const TA* y;
+  const float* a_scale;  // (M,) or null; b_scale is then non-null
+  const float* b_scale;  // (N_y,)
+  const TO* bias;        // (N_y,) or null
+  const TO* gate;
+  const TO* residual;
+
+  // acc * a_scale[m] * b_scale[c] + bias[c] for columns c .. c + V - 1.
+  __device__ __forceinline__ void gemm_out(int64_t m, int64_t ny, int c, float (&v)[V]) const {
+    load_acc<V>(y + m * ny + c, v);
+    if (a_scale) {
+      const float sa = a_scale[m];
+      float sb[V];
+      load_f32<V>(b_scale + c, sb);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = __fmul_rn(__fmul_rn(v[e], sa), sb[e]);
+    }
+    if (bias) {
+      float t[V];
+      load_vec<V>(bias + c, t);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = __fadd_rn(v[e], t[e]);
+    }
+  }
+
+  __device__ __forceinline__ void operator()(const EpiParams& p, int64_t m, int j,
+                                             float (&v)[V]) const {
+    const int64_t ny = p.glu ? 2ll * p.n_out : p.n_out;
+    float t[V];
+    gemm_out(m, ny, j, v);
+    if (p.glu) {
+      gemm_out(m, ny, p.n_out + j, t);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = __fmul_rn(v[e], activate(t[e], p.act));
     } else {
 #pragma unroll
       for (int e = 0; e < V; ++e) v[e] = activate(v[e], p.act);
@@ -66,19 +129,33 @@ linear_epilogue_kernel(const T* y, const T* gate, const T* residual, T* out, Epi
     if (gate) {
       load_vec<V>(gate + (m / p.rows_per_batch) * p.gate_bstride + j, t);
 #pragma unroll
-      for (int e = 0; e < V; ++e) v[e] *= t[e];
+      for (int e = 0; e < V; ++e) v[e] = __fmul_rn(v[e], t[e]);
     }
     if (residual) {
       load_vec<V>(residual + m * p.n_out + j, t);
 #pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = t[e] + v[e];
+      for (int e = 0; e < V; ++e) v[e] = __fadd_rn(t[e], v[e]);
     }
+  }
+};
+
+template <typename TA, typename TO, int V>
+__global__ void __launch_bounds__(256)
+linear_epilogue_kernel(EpiChain<TA, TO, V> chain, TO* out, EpiParams p) {
+  const int cvec = blockIdx.x * blockDim.x + threadIdx.x;
+  if (cvec >= p.ncv) return;
+  const int j = cvec * V;
+  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < p.M;
+       m += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    float v[V];
+    chain(p, m, j, v);
     store_vec<V>(out + m * p.n_out + j, v);
   }
 }
 
-template <typename T, int V>
-void launch_epi(const T* y, const T* gate, const T* res, T* out, EpiParams p, cudaStream_t s) {
+template <typename TA, typename TO, int V>
+void launch_epi(const EpiChain<TA, TO, V>& chain, TO* out, EpiParams p, cudaStream_t s,
+                const char* fn) {
   p.ncv = p.n_out / V;
   // Block: bx threads across column vectors (power of two <= 256), the rest
   // across rows, so narrow outputs (N_out = 24) still use full blocks.
@@ -88,18 +165,54 @@ void launch_epi(const T* y, const T* gate, const T* res, T* out, EpiParams p, cu
   const unsigned gx = static_cast<unsigned>((p.ncv + bx - 1) / bx);
   const int64_t gy_needed = (p.M + by - 1) / by;
   const unsigned gy = static_cast<unsigned>(gy_needed < 65535 ? gy_needed : 65535);
-  linear_epilogue_kernel<T, V><<<dim3(gx, gy), dim3(bx, by), 0, s>>>(y, gate, res, out, p);
-  LYRA_CHECK_LAUNCH("linear_epilogue");
+  linear_epilogue_kernel<TA, TO, V><<<dim3(gx, gy), dim3(bx, by), 0, s>>>(chain, out, p);
+  LYRA_CHECK_LAUNCH(fn);
 }
 
-}  // namespace
+template <typename TA, typename TO, int V, int R>
+__global__ void __launch_bounds__(kEpiQuantMaxTpr)
+linear_epilogue_quant_kernel(EpiChain<TA, TO, V> chain, const float* __restrict__ inv_smooth,
+                             uint8_t* __restrict__ q, float* __restrict__ scale, EpiParams p,
+                             int kind) {
+  __shared__ float s_red[kEpiQuantMaxTpr / 32];
+  const int tpr = blockDim.x;
+  const int wpr = tpr >> 5;
+  const int warp_in_row = threadIdx.x >> 5;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < p.M;
+  auto prod = [&](int i, float (&v)[V]) {
+    chain(p, row, i * V, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = round_to<TO>(v[e]);
+    if (inv_smooth) {
+      float t[V];
+      load_f32<V>(inv_smooth + static_cast<int64_t>(i) * V, t);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = __fmul_rn(v[e], t[e]);
+    }
+  };
+  quantize_row<V, R>(prod, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr, warp_in_row, wpr,
+                     valid, q + (valid ? row : 0) * p.n_out, scale + (valid ? row : 0), kind);
+}
 
-void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
-                     int64_t N_out, int act, bool glu, int64_t rows_per_batch,
-                     int64_t gate_bstride, int dtype, uintptr_t stream) {
-  const char* fn = "linear_epilogue";
-  LYRA_CHECK_ARG(y != 0, fn, "y must be a non-null device pointer");
-  LYRA_CHECK_ARG(out != 0, fn, "out must be a non-null device pointer");
+template <typename TA, typename TO, int V>
+void launch_epi_quant(const EpiChain<TA, TO, V>& chain, const float* inv, uint8_t* q,
+                      float* scale, EpiParams p, int kind, cudaStream_t s, const char* fn) {
+  constexpr int R = V == 1 ? 8 : 4;
+  p.ncv = p.n_out / V;
+  const int tpr = quant_threads_per_row(p.ncv, R, kEpiQuantMaxTpr);
+  const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
+  const int64_t grid = (p.M + rows_blk - 1) / rows_blk;
+  LYRA_CHECK_ARG(grid < (1ll << 31), fn, "M too large");
+  linear_epilogue_quant_kernel<TA, TO, V, R>
+      <<<static_cast<unsigned>(grid), dim3(tpr, rows_blk), 0, s>>>(chain, inv, q, scale, p, kind);
+  LYRA_CHECK_LAUNCH(fn);
+}
+
+// Checks shared by every entry point; returns the parameters.
+EpiParams epi_params(const char* fn, const char* y_name, uintptr_t y, int64_t M, int64_t N_out,
+                     int act, int64_t rows_per_batch, int64_t gate_bstride, bool glu) {
+  LYRA_CHECK_ARG(y != 0, fn, std::string(y_name) + " must be a non-null device pointer");
   LYRA_CHECK_ARG(M > 0, fn, "M must be positive, got " + std::to_string(M));
   LYRA_CHECK_ARG(N_out > 0 && N_out < (1ll << 30), fn,
                  "N_out must be positive, got " + std::to_string(N_out));
@@ -108,15 +221,6 @@ void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t 
   LYRA_CHECK_ARG(rows_per_batch > 0, fn,
                  "rows_per_batch must be positive, got " + std::to_string(rows_per_batch));
   LYRA_CHECK_ARG(gate_bstride >= 0, fn, "gate_bstride must be >= 0");
-  const size_t es = dtype_size(dtype);
-  // With glu, out row m (N_out wide) overlaps y rows m/2.. (2*N_out wide): another
-  // thread may still need the y elements we overwrite.
-  if (glu) {
-    const uintptr_t y_end = y + static_cast<uintptr_t>(M * 2 * N_out) * es;
-    const uintptr_t o_end = out + static_cast<uintptr_t>(M * N_out) * es;
-    LYRA_CHECK_ARG(out >= y_end || o_end <= y, fn, "out must not overlap y when glu=True");
-  }
-
   EpiParams p;
   p.M = M;
   p.rows_per_batch = rows_per_batch;
@@ -125,6 +229,66 @@ void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t 
   p.ncv = p.n_out;
   p.act = act;
   p.glu = glu ? 1 : 0;
+  return p;
+}
+
+// Scale arguments of the quantised entries: both or neither; required for int32.
+void check_scales(const char* fn, int acc_dtype, uintptr_t a_scale, uintptr_t b_scale,
+                  bool required) {
+  LYRA_CHECK_ARG((a_scale == 0) == (b_scale == 0), fn,
+                 "a_scale and b_scale must be given together (both 0 or both pointers)");
+  if (required || acc_dtype == kAccInt32) {
+    LYRA_CHECK_ARG(a_scale != 0, fn, "a_scale and b_scale are required for this acc_dtype");
+  }
+  LYRA_CHECK_ARG(aligned_to(a_scale, 4) && aligned_to(b_scale, 4), fn,
+                 "a_scale and b_scale must be 4-byte aligned (float32)");
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls body(TypeTag<TA>, TypeTag<TO>) for the accumulator / output storage pair.
+template <typename Body>
+void dispatch_acc_out(const char* fn, int acc_dtype, int out_dtype, Body&& body) {
+  LYRA_CHECK_ARG(out_dtype >= 0 && out_dtype <= 2, fn,
+                 "out_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                     std::to_string(out_dtype));
+  if (acc_dtype == kFloat32 || acc_dtype == kAccInt32) {
+    LYRA_DISPATCH_DTYPE(out_dtype, fn, [&] {
+      if (acc_dtype == kFloat32) {
+        body(TypeTag<float>{}, TypeTag<scalar_t>{});
+      } else {
+        body(TypeTag<int32_t>{}, TypeTag<scalar_t>{});
+      }
+    });
+    return;
+  }
+  LYRA_CHECK_ARG(acc_dtype == out_dtype, fn,
+                 "acc_dtype must be 0 (float32), 3 (int32) or equal to out_dtype, got acc_dtype=" +
+                     std::to_string(acc_dtype) + " out_dtype=" + std::to_string(out_dtype));
+  LYRA_DISPATCH_DTYPE(out_dtype, fn, [&] { body(TypeTag<scalar_t>{}, TypeTag<scalar_t>{}); });
+}
+
+size_t acc_size(int acc_dtype) { return acc_dtype == kAccInt32 ? 4 : dtype_size(acc_dtype); }
+
+}  // namespace
+
+void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
+                     int64_t N_out, int act, bool glu, int64_t rows_per_batch,
+                     int64_t gate_bstride, int dtype, uintptr_t stream) {
+  const char* fn = "linear_epilogue";
+  LYRA_CHECK_ARG(out != 0, fn, "out must be a non-null device pointer");
+  const EpiParams p = epi_params(fn, "y", y, M, N_out, act, rows_per_batch, gate_bstride, glu);
+  const size_t es = dtype_size(dtype);
+  // With glu, out row m (N_out wide) overlaps y rows m/2.. (2*N_out wide): another
+  // thread may still need the y elements we overwrite.
+  if (glu) {
+    const uintptr_t y_end = y + static_cast<uintptr_t>(M * 2 * N_out) * es;
+    const uintptr_t o_end = out + static_cast<uintptr_t>(M * N_out) * es;
+    LYRA_CHECK_ARG(out >= y_end || o_end <= y, fn, "out must not overlap y when glu=True");
+  }
 
   const int vmax = static_cast<int>(16 / es);
   const size_t vb = 16;
@@ -137,9 +301,104 @@ void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t 
     auto* rp = as_ptr<const scalar_t>(residual);
     auto* op = as_ptr<scalar_t>(out);
     if (vec_ok) {
-      launch_epi<scalar_t, vec16<scalar_t>()>(yp, gp, rp, op, p, s);
+      constexpr int V = vec16<scalar_t>();
+      launch_epi<scalar_t, scalar_t, V>({yp, nullptr, nullptr, nullptr, gp, rp}, op, p, s, fn);
     } else {
-      launch_epi<scalar_t, 1>(yp, gp, rp, op, p, s);
+      launch_epi<scalar_t, scalar_t, 1>({yp, nullptr, nullptr, nullptr, gp, rp}, op, p, s, fn);
+    }
+  });
+}
+
+void scaled_epilogue(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t b_scale,
+                     uintptr_t bias, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
+                     int64_t N_out, int act, bool glu, int64_t rows_per_batch,
+                     int64_t gate_bstride, int out_dtype, uintptr_t stream) {
+  const char* fn = "scaled_epilogue";
+  LYRA_CHECK_ARG(out != 0, fn, "out must be a non-null device pointer");
+  LYRA_CHECK_ARG(acc_dtype == kFloat32 || acc_dtype == kAccInt32, fn,
+                 "acc_dtype must be 0 (float32) or 3 (int32), got " + std::to_string(acc_dtype));
+  check_scales(fn, acc_dtype, a_scale, b_scale, /*required=*/true);
+  const EpiParams p = epi_params(fn, "acc", acc, M, N_out, act, rows_per_batch, gate_bstride, glu);
+  LYRA_CHECK_ARG(out_dtype >= 0 && out_dtype <= 2, fn,
+                 "out_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                     std::to_string(out_dtype));
+  // out may alias acc only element for element (same size, no glu); residual
+  // may alias out (each thread reads its elements before writing them).
+  {
+    const int64_t ny = glu ? 2 * N_out : N_out;
+    const uintptr_t a_end = acc + static_cast<uintptr_t>(M * ny) * acc_size(acc_dtype);
+    const uintptr_t o_end = out + static_cast<uintptr_t>(M * N_out) * dtype_size(out_dtype);
+    const bool same_layout = !glu && acc_size(acc_dtype) == dtype_size(out_dtype);
+    LYRA_CHECK_ARG(out == acc ? same_layout : (out >= a_end || o_end <= acc), fn,
+                   "out must not overlap acc (except out == acc with equal element sizes and "
+                   "glu=False)");
+  }
+  constexpr int V = 4;  // 16-byte fp32 / int32 accumulator loads
+  const size_t vb = 16;
+  const bool vec_ok = N_out % V == 0 && gate_bstride % V == 0 && aligned_to(acc, vb) &&
+                      aligned_to(b_scale, vb) && aligned_to(bias, vb) && aligned_to(gate, vb) &&
+                      aligned_to(residual, vb) && aligned_to(out, vb);
+  cudaStream_t s = as_stream(stream);
+  dispatch_acc_out(fn, acc_dtype, out_dtype, [&](auto ta, auto to) {
+    using TA = typename decltype(ta)::type;
+    using TO = typename decltype(to)::type;
+    auto* ap = as_ptr<const TA>(acc);
+    auto* sa = as_ptr<const float>(a_scale);
+    auto* sb = as_ptr<const float>(b_scale);
+    auto* bp = as_ptr<const TO>(bias);
+    auto* gp = as_ptr<const TO>(gate);
+    auto* rp = as_ptr<const TO>(residual);
+    auto* op = as_ptr<TO>(out);
+    if (vec_ok) {
+      launch_epi<TA, TO, V>({ap, sa, sb, bp, gp, rp}, op, p, s, fn);
+    } else {
+      launch_epi<TA, TO, 1>({ap, sa, sb, bp, gp, rp}, op, p, s, fn);
+    }
+  });
+}
+
+void linear_epilogue_quant(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t b_scale,
+                           uintptr_t bias, uintptr_t gate, uintptr_t residual,
+                           uintptr_t inv_smooth, uintptr_t q, uintptr_t scale, int64_t M,
+                           int64_t N_out, int act, bool glu, int64_t rows_per_batch,
+                           int64_t gate_bstride, int out_dtype, int kind, uintptr_t stream) {
+  const char* fn = "linear_epilogue_quant";
+  LYRA_CHECK_ARG(q != 0, fn, "q must be a non-null device pointer");
+  LYRA_CHECK_ARG(scale != 0, fn, "scale must be a non-null device pointer");
+  LYRA_CHECK_ARG(aligned_to(scale, 4), fn, "scale must be 4-byte aligned (float32)");
+  LYRA_CHECK_ARG(inv_smooth == 0 || aligned_to(inv_smooth, 4), fn,
+                 "inv_smooth must be 4-byte aligned (float32)");
+  check_quant_kind(kind, fn);
+  LYRA_CHECK_ARG(acc_dtype >= 0 && acc_dtype <= 3, fn,
+                 "acc_dtype must be 0 (float32), 1 (float16), 2 (bfloat16) or 3 (int32), got " +
+                     std::to_string(acc_dtype));
+  check_scales(fn, acc_dtype, a_scale, b_scale, /*required=*/false);
+  LYRA_CHECK_ARG(a_scale == 0 || acc_dtype == kFloat32 || acc_dtype == kAccInt32, fn,
+                 "a_scale / b_scale need float32 or int32 accumulators (acc_dtype 0 or 3)");
+  const EpiParams p = epi_params(fn, "acc", acc, M, N_out, act, rows_per_batch, gate_bstride, glu);
+  const size_t vb = 16;
+  cudaStream_t s = as_stream(stream);
+  dispatch_acc_out(fn, acc_dtype, out_dtype, [&](auto ta, auto to) {
+    using TA = typename decltype(ta)::type;
+    using TO = typename decltype(to)::type;
+    constexpr int V = vec16<TA>() < 4 ? 4 : vec16<TA>();  // 16-byte accumulator loads
+    const bool vec_ok = N_out % V == 0 && gate_bstride % V == 0 && aligned_to(acc, vb) &&
+                        aligned_to(b_scale, vb) && aligned_to(bias, vb) &&
+                        aligned_to(gate, vb) && aligned_to(residual, vb) &&
+                        aligned_to(inv_smooth, vb) && aligned_to(q, vb);
+    auto* ap = as_ptr<const TA>(acc);
+    auto* sa = as_ptr<const float>(a_scale);
+    auto* sb = as_ptr<const float>(b_scale);
+    auto* bp = as_ptr<const TO>(bias);
+    auto* gp = as_ptr<const TO>(gate);
+    auto* rp = as_ptr<const TO>(residual);
+    auto* ip = as_ptr<const float>(inv_smooth);
+    auto* qp = as_ptr<uint8_t>(q);
+    auto* scp = as_ptr<float>(scale);
+    if (vec_ok) {
+      launch_epi_quant<TA, TO, V>({ap, sa, sb, bp, gp, rp}, ip, qp, scp, p, kind, s, fn);
+    } else {
+      launch_epi_quant<TA, TO, 1>({ap, sa, sb, bp, gp, rp}, ip, qp, scp, p, kind, s, fn);
     }
   });
 }

@@ -20,10 +20,35 @@
 // The workspace is shared by all streams of a device: do not run two gemm
 // calls concurrently on different streams of the same device.
 // Descriptors + heuristic choice are cached per problem key (small map).
+//
+// Quantised (W8A8) variants, same TN row-major trick and the same state/cache
+// (the plan key carries the variant):
+//   gemm_fp8:          out(M, N) = (a @ b^T) * a_scale[m] * b_scale[n] (+ bias[n])
+//                      a (M, K; row stride lda), b (N, K) fp8 e4m3; a_scale (M,),
+//                      b_scale (N,) fp32 applied by cuBLASLt's OUTER_VEC_32F scale
+//                      mode (Lt's A is our b, so Lt's A scale is b_scale, Lt's B
+//                      scale is a_scale); out fp16 / bf16 / fp32, bias in out dtype
+//                      (fp16 / bf16 outputs only: cuBLASLt wants a bf16 bias for
+//                      fp32 outputs). fp32 accumulation (no fast accumulation).
+//   gemm_fp8_unscaled: out_f32(M, N) = a @ b^T in fp32 (no scales): the fallback
+//                      where OUTER_VEC is not available; scaled_epilogue
+//                      (epilogue.cu) then applies scales and bias.
+//   gemm_int8:         out_i32(M, N) = a @ b^T, int8 inputs, exact int32 sums
+//                      (CUBLAS_COMPUTE_32I).
+// fp8 needs K % 16 == 0, lda % 16 == 0, a 16-byte multiple row pitch of out and
+// 16-byte aligned pointers; int8 needs K % 4 == 0, lda % 4 == 0 and 4-byte
+// aligned a / b. gemm_fp8_supported_outer_vec(device) runs one small scaled
+// GEMM per device (first call only; must not be made during graph capture: it
+// allocates) and says whether gemm_fp8 works there, checking the numbers.
+// Measured: cuBLAS 13.1 on H200 runs OUTER_VEC for fp16 / bf16 / fp32 output,
+// but its heuristic answers CUBLAS_STATUS_INVALID_VALUE unless the A/B scale
+// pointers are set on the descriptor first (make_plan sets them).
 #include <cublasLt.h>
 
+#include <cmath>
 #include <cstring>
 #include <map>
+#include <vector>
 #include <mutex>
 #include <tuple>
 
@@ -45,6 +70,23 @@ constexpr int kMaxDevices = 64;
     }                                                                                \
   } while (0)
 
+// Which GEMM a plan is for (part of the plan key).
+enum Variant : int {
+  kVarFloat = 0,        // gemm: fp32/fp16/bf16 in and out
+  kVarFp8Scaled = 1,    // gemm_fp8: e4m3 in, OUTER_VEC scales, dtype = out dtype
+  kVarFp8Unscaled = 2,  // gemm_fp8_unscaled: e4m3 in, fp32 out
+  kVarInt8 = 3,         // gemm_int8: int8 in, int32 out
+};
+
+const char* variant_name(int variant) {
+  switch (variant) {
+    case kVarFp8Scaled: return "gemm_fp8";
+    case kVarFp8Unscaled: return "gemm_fp8_unscaled";
+    case kVarInt8: return "gemm_int8";
+    default: return "gemm";
+  }
+}
+
 struct DeviceState {
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
@@ -65,8 +107,9 @@ struct Plan {
   }
 };
 
-// (device, M, N, K, lda, ldo, dtype, has_bias, alignment bits, workspace?)
-using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, uint32_t, bool>;
+// (device, M, N, K, lda, ldo, dtype, has_bias, alignment bits, workspace?, variant)
+using PlanKey =
+    std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, uint32_t, bool, int>;
 
 std::mutex g_mu;  // guards g_dev and g_plans (and the bias-pointer attribute)
 DeviceState g_dev[kMaxDevices];
@@ -88,23 +131,46 @@ cudaDataType_t lt_type(int dtype) {
   }
 }
 
-Plan make_plan(cublasLtHandle_t h, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldo,
-               int dtype, bool has_bias, uint32_t al_a, uint32_t al_b, uint32_t al_o,
-               uint32_t al_bias, size_t ws_bytes) {
+Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K, int64_t lda,
+               int64_t ldo, int dtype, bool has_bias, uint32_t al_a, uint32_t al_b, uint32_t al_o,
+               uint32_t al_bias, size_t ws_bytes, uintptr_t a_scale, uintptr_t b_scale) {
   Plan p;
-  const cudaDataType_t t = lt_type(dtype);
+  // Input (A, B) and output (C, D) types, compute and alpha/beta types.
+  cudaDataType_t t_in = lt_type(dtype), t_out = lt_type(dtype), t_scale = CUDA_R_32F;
+  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  switch (variant) {
+    case kVarFp8Scaled: t_in = CUDA_R_8F_E4M3; break;
+    case kVarFp8Unscaled: t_in = CUDA_R_8F_E4M3; t_out = CUDA_R_32F; break;
+    case kVarInt8:
+      t_in = CUDA_R_8I; t_out = CUDA_R_32I; t_scale = CUDA_R_32I; compute = CUBLAS_COMPUTE_32I;
+      break;
+    default: break;
+  }
   try {
-    LYRA_LT_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    LYRA_LT_CHECK(cublasLtMatmulDescCreate(&p.op, compute, t_scale));
     const cublasOperation_t opT = CUBLAS_OP_T, opN = CUBLAS_OP_N;
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof(opT)));
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &opN, sizeof(opN)));
     const cublasLtEpilogue_t epi = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+    if (variant == kVarFp8Scaled) {
+      // Per-row scale vectors: Lt's A (our b) gets N values, Lt's B (our a) M.
+      const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+      LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)));
+      LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)));
+      // The heuristic rejects OUTER_VEC (CUBLAS_STATUS_INVALID_VALUE, seen with
+      // cuBLAS 13.1 on H200) unless the scale pointers are already set: set this
+      // call's (every call sets its own before cublasLtMatmul).
+      const void* lt_a_scale = reinterpret_cast<const void*>(b_scale);
+      const void* lt_b_scale = reinterpret_cast<const void*>(a_scale);
+      LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &lt_a_scale, sizeof(lt_a_scale)));
+      LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &lt_b_scale, sizeof(lt_b_scale)));
+    }
     // Lt's A = b buffer viewed (K, N) col-major; B = a buffer (K, M; ld lda);
     // C = D = out (N, M; ld ldo).
-    LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.la, t, K, N, K));
-    LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lb, t, K, M, lda));
-    LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lc, t, N, M, ldo));
+    LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.la, t_in, K, N, K));
+    LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lb, t_in, K, M, lda));
+    LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lc, t_out, N, M, ldo));
 
     cublasLtMatmulPreference_t pref = nullptr;
     LYRA_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -126,7 +192,8 @@ Plan make_plan(cublasLtHandle_t h, int64_t M, int64_t N, int64_t K, int64_t lda,
       cublasLtMatmulPreferenceDestroy(pref);
     }
     if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
-      throw std::runtime_error("gemm: cuBLASLt found no algorithm for M=" + std::to_string(M) +
+      throw std::runtime_error(std::string(variant_name(variant)) +
+                               ": cuBLASLt found no algorithm for M=" + std::to_string(M) +
                                " N=" + std::to_string(N) + " K=" + std::to_string(K) +
                                " lda=" + std::to_string(lda) + " ldo=" + std::to_string(ldo) +
                                " dtype=" + dtype_name(dtype) + " (status " +
@@ -141,20 +208,16 @@ Plan make_plan(cublasLtHandle_t h, int64_t M, int64_t N, int64_t K, int64_t lda,
   return p;
 }
 
-}  // namespace
+// Pointers of one call; the *_scale ones are our a / b scales (fp8 scaled only).
+struct GemmArgs {
+  uintptr_t a, b, bias, out, a_scale, b_scale;
+};
 
-void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
-          int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream) {
-  const char* fn = "gemm";
-  LYRA_CHECK_ARG(a != 0 && b != 0 && out != 0, fn, "a, b and out must be non-null device pointers");
-  LYRA_CHECK_ARG(M > 0, fn, "M must be positive, got " + std::to_string(M));
-  LYRA_CHECK_ARG(N > 0, fn, "N must be positive, got " + std::to_string(N));
-  LYRA_CHECK_ARG(K > 0, fn, "K must be positive, got " + std::to_string(K));
-  LYRA_CHECK_ARG(lda >= K, fn, "lda must be >= K, got lda=" + std::to_string(lda) + " K=" + std::to_string(K));
-  LYRA_CHECK_ARG(ldo >= N, fn, "ldo must be >= N, got ldo=" + std::to_string(ldo) + " N=" + std::to_string(N));
-  LYRA_CHECK_ARG(dtype >= 0 && dtype <= 2, fn, "dtype must be 0, 1 or 2, got " + std::to_string(dtype));
-
-  const cudaStream_t s = as_stream(stream);
+// Finds (or builds) the plan for this problem and enqueues the matmul on
+// `stream`. Holds g_mu for the whole call: the cached descriptors' pointer
+// attributes (bias, scales) are per call.
+void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t N, int64_t K,
+              int64_t lda, int64_t ldo, int dtype, cudaStream_t s) {
   int dev = 0;
   LYRA_CUDA_CHECK(cudaGetDevice(&dev), fn);
   LYRA_CHECK_ARG(dev >= 0 && dev < kMaxDevices, fn, "device ordinal out of range");
@@ -172,12 +235,12 @@ void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, in
   }
   const bool has_ws = ds.workspace != nullptr;
 
-  const uint32_t al_a = ptr_alignment(a), al_b = ptr_alignment(b), al_o = ptr_alignment(out);
-  const uint32_t al_bias = bias ? ptr_alignment(bias) : 256;
+  const uint32_t al_a = ptr_alignment(g.a), al_b = ptr_alignment(g.b), al_o = ptr_alignment(g.out);
+  const uint32_t al_bias = g.bias ? ptr_alignment(g.bias) : 256;
   // Pack the four alignments (each a power of two <= 256 -> log2 fits in 4 bits).
   auto lg = [](uint32_t v) { uint32_t l = 0; while (v > 1) { v >>= 1; ++l; } return l; };
   const uint32_t al_bits = lg(al_a) | (lg(al_b) << 4) | (lg(al_o) << 8) | (lg(al_bias) << 12);
-  const PlanKey key{dev, M, N, K, lda, ldo, dtype, bias != 0, al_bits, has_ws};
+  const PlanKey key{dev, M, N, K, lda, ldo, dtype, g.bias != 0, al_bits, has_ws, variant};
 
   auto it = g_plans.find(key);
   if (it == g_plans.end()) {
@@ -185,21 +248,235 @@ void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, in
       for (auto& kv : g_plans) kv.second.destroy();
       g_plans.clear();
     }
-    Plan plan = make_plan(ds.handle, M, N, K, lda, ldo, dtype, bias != 0, al_a, al_b, al_o,
-                          al_bias, has_ws ? kWorkspaceBytes : 0);
+    Plan plan = make_plan(ds.handle, variant, M, N, K, lda, ldo, dtype, g.bias != 0, al_a, al_b,
+                          al_o, al_bias, has_ws ? kWorkspaceBytes : 0, g.a_scale, g.b_scale);
     it = g_plans.emplace(key, plan).first;
   }
   Plan& plan = it->second;
-  if (bias) {
-    const void* bp = reinterpret_cast<const void*>(bias);
+  if (g.bias) {
+    const void* bp = reinterpret_cast<const void*>(g.bias);
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)));
   }
-  const float alpha = 1.f, beta = 0.f;
-  void* o = reinterpret_cast<void*>(out);
-  LYRA_LT_CHECK(cublasLtMatmul(ds.handle, plan.op, &alpha, reinterpret_cast<const void*>(b), plan.la,
-                               reinterpret_cast<const void*>(a), plan.lb, &beta, o, plan.lc, o, plan.lc,
+  if (variant == kVarFp8Scaled) {
+    // Row-major trick: Lt's A is our b (N rows of op(A)), Lt's B is our a.
+    const void* lt_a_scale = reinterpret_cast<const void*>(g.b_scale);
+    const void* lt_b_scale = reinterpret_cast<const void*>(g.a_scale);
+    LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                 &lt_a_scale, sizeof(lt_a_scale)));
+    LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                 &lt_b_scale, sizeof(lt_b_scale)));
+  }
+  const float alpha_f = 1.f, beta_f = 0.f;
+  const int32_t alpha_i = 1, beta_i = 0;
+  const void* alpha = variant == kVarInt8 ? static_cast<const void*>(&alpha_i) : &alpha_f;
+  const void* beta = variant == kVarInt8 ? static_cast<const void*>(&beta_i) : &beta_f;
+  void* o = reinterpret_cast<void*>(g.out);
+  LYRA_LT_CHECK(cublasLtMatmul(ds.handle, plan.op, alpha, reinterpret_cast<const void*>(g.b), plan.la,
+                               reinterpret_cast<const void*>(g.a), plan.lb, beta, o, plan.lc, o, plan.lc,
                                &plan.algo, has_ws ? ds.workspace : nullptr, plan.ws_bytes, s));
   LYRA_CHECK_LAUNCH(fn);
+}
+
+// Checks shared by every variant.
+void check_sizes(const char* fn, uintptr_t a, uintptr_t b, uintptr_t out, const char* out_name,
+                 int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldo) {
+  LYRA_CHECK_ARG(a != 0 && b != 0 && out != 0, fn,
+                 std::string("a, b and ") + out_name + " must be non-null device pointers");
+  LYRA_CHECK_ARG(M > 0, fn, "M must be positive, got " + std::to_string(M));
+  LYRA_CHECK_ARG(N > 0, fn, "N must be positive, got " + std::to_string(N));
+  LYRA_CHECK_ARG(K > 0, fn, "K must be positive, got " + std::to_string(K));
+  LYRA_CHECK_ARG(lda >= K, fn, "lda must be >= K, got lda=" + std::to_string(lda) + " K=" + std::to_string(K));
+  LYRA_CHECK_ARG(ldo >= N, fn, "ldo must be >= N, got ldo=" + std::to_string(ldo) + " N=" + std::to_string(N));
+}
+
+// fp8 (e4m3) operand rules of cuBLASLt: K and lda multiples of 16, 16-byte
+// aligned pointers and output row pitch.
+void check_fp8(const char* fn, uintptr_t a, uintptr_t b, uintptr_t out, int64_t K, int64_t lda,
+               int64_t ldo, size_t out_es) {
+  LYRA_CHECK_ARG(K % 16 == 0, fn, "K must be a multiple of 16 for fp8, got K=" + std::to_string(K));
+  LYRA_CHECK_ARG(lda % 16 == 0, fn, "lda must be a multiple of 16 for fp8, got lda=" + std::to_string(lda));
+  LYRA_CHECK_ARG((ldo * static_cast<int64_t>(out_es)) % 16 == 0, fn,
+                 "the output row pitch (ldo * element size) must be a multiple of 16 bytes for fp8, "
+                 "got ldo=" + std::to_string(ldo));
+  LYRA_CHECK_ARG(aligned_to(a, 16) && aligned_to(b, 16) && aligned_to(out, 16), fn,
+                 "a, b and the output must be 16-byte aligned for fp8");
+}
+
+// Per-device result of the OUTER_VEC probe, per output dtype: 0 unknown, 1 yes, 2 no.
+std::mutex g_probe_mu;
+int8_t g_outer_vec_ok[kMaxDevices][3] = {};
+
+// One 16 x 32 x 32 scaled fp8 GEMM on `dev` (+ bias if asked), checked against
+// the closed form. All ones in a and b, a_scale[m] = m + 1, b_scale[n] =
+// 2^-(n % 4), bias[n] = n / 4: out[m, n] = 32 (m + 1) 2^-(n % 4) + bias[n].
+// Asymmetric on purpose: swapped or ignored scales give other numbers.
+bool probe_outer_vec(int out_dtype, bool with_bias) {
+  const char* fn = "gemm_fp8_supported_outer_vec";
+  constexpr int M = 16, N = 32, K = 32;
+  const size_t es = dtype_size(out_dtype);
+  unsigned char h_ab[(M + N) * K];
+  for (auto& v : h_ab) v = 0x38;  // 1.0 in e4m3
+  float h_sc[M + N];
+  for (int m = 0; m < M; ++m) h_sc[m] = static_cast<float>(m + 1);
+  for (int n = 0; n < N; ++n) h_sc[M + n] = 1.f / static_cast<float>(1 << (n % 4));
+  // bias in the output dtype (exact small multiples of 1/4)
+  uint16_t h_bias16[N];
+  float h_bias32[N];
+  for (int n = 0; n < N; ++n) {
+    const float bv = 0.25f * static_cast<float>(n);
+    h_bias32[n] = bv;
+    if (out_dtype == kFloat16) {
+      const __half hv = __float2half_rn(bv);
+      std::memcpy(&h_bias16[n], &hv, 2);
+    } else {
+      const __nv_bfloat16 bh = __float2bfloat16_rn(bv);
+      std::memcpy(&h_bias16[n], &bh, 2);
+    }
+  }
+  void* d_ab = nullptr;
+  void* d_sc = nullptr;
+  void* d_bias = nullptr;
+  void* d_out = nullptr;
+  cudaStream_t st = nullptr;
+  bool ok = false;
+  try {
+    LYRA_CUDA_CHECK(cudaMalloc(&d_ab, sizeof(h_ab)), fn);
+    LYRA_CUDA_CHECK(cudaMalloc(&d_sc, sizeof(h_sc)), fn);
+    LYRA_CUDA_CHECK(cudaMalloc(&d_bias, sizeof(h_bias32)), fn);
+    LYRA_CUDA_CHECK(cudaMalloc(&d_out, M * N * es), fn);
+    LYRA_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), fn);
+    LYRA_CUDA_CHECK(cudaMemcpy(d_ab, h_ab, sizeof(h_ab), cudaMemcpyHostToDevice), fn);
+    LYRA_CUDA_CHECK(cudaMemcpy(d_sc, h_sc, sizeof(h_sc), cudaMemcpyHostToDevice), fn);
+    if (out_dtype == kFloat32) {
+      LYRA_CUDA_CHECK(cudaMemcpy(d_bias, h_bias32, sizeof(h_bias32), cudaMemcpyHostToDevice), fn);
+    } else {
+      LYRA_CUDA_CHECK(cudaMemcpy(d_bias, h_bias16, sizeof(h_bias16), cudaMemcpyHostToDevice), fn);
+    }
+    // Pageable copies may still be in flight; st does not order after them.
+    LYRA_CUDA_CHECK(cudaDeviceSynchronize(), fn);
+    const uintptr_t a = reinterpret_cast<uintptr_t>(d_ab);
+    const uintptr_t b = a + M * K;
+    const uintptr_t sa = reinterpret_cast<uintptr_t>(d_sc);
+    const uintptr_t sb = sa + M * sizeof(float);
+    const GemmArgs g{a, b, with_bias ? reinterpret_cast<uintptr_t>(d_bias) : 0,
+                     reinterpret_cast<uintptr_t>(d_out), sa, sb};
+    run_gemm(fn, kVarFp8Scaled, g, M, N, K, K, N, out_dtype, st);
+    LYRA_CUDA_CHECK(cudaStreamSynchronize(st), fn);
+    std::vector<unsigned char> h_out(M * N * es);
+    LYRA_CUDA_CHECK(cudaMemcpy(h_out.data(), d_out, h_out.size(), cudaMemcpyDeviceToHost), fn);
+    ok = true;
+    for (int m = 0; m < M && ok; ++m) {
+      for (int n = 0; n < N; ++n) {
+        float got;
+        const unsigned char* src = h_out.data() + (m * N + n) * es;
+        if (out_dtype == kFloat32) {
+          std::memcpy(&got, src, 4);
+        } else if (out_dtype == kFloat16) {
+          __half hv;
+          std::memcpy(&hv, src, 2);
+          got = __half2float(hv);
+        } else {
+          __nv_bfloat16 bh;
+          std::memcpy(&bh, src, 2);
+          got = __bfloat162float(bh);
+        }
+        const float want = 32.f * h_sc[m] * h_sc[M + n] + (with_bias ? h_bias32[n] : 0.f);
+        if (!(std::fabs(got - want) <= 1e-2f * std::fabs(want))) {
+          ok = false;
+          break;
+        }
+      }
+    }
+  } catch (const std::exception&) {
+    ok = false;  // no algorithm / refused attribute / launch error: not supported
+  }
+  if (st) cudaStreamDestroy(st);
+  cudaFree(d_ab);
+  cudaFree(d_sc);
+  cudaFree(d_bias);
+  cudaFree(d_out);
+  cudaGetLastError();  // a refused call must not leave an error behind
+  return ok;
+}
+
+}  // namespace
+
+void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
+          int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream) {
+  const char* fn = "gemm";
+  check_sizes(fn, a, b, out, "out", M, N, K, lda, ldo);
+  LYRA_CHECK_ARG(dtype >= 0 && dtype <= 2, fn, "dtype must be 0, 1 or 2, got " + std::to_string(dtype));
+  run_gemm(fn, kVarFloat, GemmArgs{a, b, bias, out, 0, 0}, M, N, K, lda, ldo, dtype,
+           as_stream(stream));
+}
+
+void gemm_fp8(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
+              uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldo,
+              int out_dtype, uintptr_t stream) {
+  const char* fn = "gemm_fp8";
+  check_sizes(fn, a, b, out, "out", M, N, K, lda, ldo);
+  LYRA_CHECK_ARG(out_dtype >= 0 && out_dtype <= 2, fn,
+                 "out_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                     std::to_string(out_dtype));
+  LYRA_CHECK_ARG(a_scale != 0 && b_scale != 0, fn,
+                 "a_scale and b_scale must be non-null device pointers (float32)");
+  LYRA_CHECK_ARG(aligned_to(a_scale, 4) && aligned_to(b_scale, 4), fn,
+                 "a_scale and b_scale must be 4-byte aligned (float32)");
+  LYRA_CHECK_ARG(!(bias != 0 && out_dtype == kFloat32), fn,
+                 "bias is not supported with out_dtype float32 (cuBLASLt fp8 takes a bf16 bias "
+                 "there): pass bias=0 and add it in scaled_epilogue / linear_epilogue");
+  check_fp8(fn, a, b, out, K, lda, ldo, dtype_size(out_dtype));
+  run_gemm(fn, kVarFp8Scaled, GemmArgs{a, b, bias, out, a_scale, b_scale}, M, N, K, lda, ldo,
+           out_dtype, as_stream(stream));
+}
+
+void gemm_fp8_unscaled(uintptr_t a, uintptr_t b, uintptr_t out_f32, int64_t M, int64_t N,
+                       int64_t K, int64_t lda, uintptr_t stream) {
+  const char* fn = "gemm_fp8_unscaled";
+  check_sizes(fn, a, b, out_f32, "out_f32", M, N, K, lda, N);
+  check_fp8(fn, a, b, out_f32, K, lda, N, 4);
+  run_gemm(fn, kVarFp8Unscaled, GemmArgs{a, b, 0, out_f32, 0, 0}, M, N, K, lda, N, kFloat32,
+           as_stream(stream));
+}
+
+void gemm_int8(uintptr_t a, uintptr_t b, uintptr_t out_i32, int64_t M, int64_t N, int64_t K,
+               int64_t lda, uintptr_t stream) {
+  const char* fn = "gemm_int8";
+  check_sizes(fn, a, b, out_i32, "out_i32", M, N, K, lda, N);
+  LYRA_CHECK_ARG(K % 4 == 0, fn, "K must be a multiple of 4 for int8, got K=" + std::to_string(K));
+  LYRA_CHECK_ARG(lda % 4 == 0, fn, "lda must be a multiple of 4 for int8, got lda=" + std::to_string(lda));
+  LYRA_CHECK_ARG(aligned_to(a, 4) && aligned_to(b, 4) && aligned_to(out_i32, 4), fn,
+                 "a, b and out_i32 must be 4-byte aligned for int8");
+  // dtype slot of the key: the (fixed) int32 output.
+  run_gemm(fn, kVarInt8, GemmArgs{a, b, 0, out_i32, 0, 0}, M, N, K, lda, N, kFloat32,
+           as_stream(stream));
+}
+
+bool gemm_fp8_supported_outer_vec(int device, int out_dtype) {
+  const char* fn = "gemm_fp8_supported_outer_vec";
+  LYRA_CHECK_ARG(device >= 0 && device < kMaxDevices, fn,
+                 "device must be a CUDA device ordinal, got " + std::to_string(device));
+  LYRA_CHECK_ARG(out_dtype >= -1 && out_dtype <= 2, fn,
+                 "out_dtype must be -1 (float16 and bfloat16), 0, 1 or 2, got " +
+                     std::to_string(out_dtype));
+  if (out_dtype == -1) {
+    return gemm_fp8_supported_outer_vec(device, kFloat16) &&
+           gemm_fp8_supported_outer_vec(device, kBFloat16);
+  }
+  std::lock_guard<std::mutex> lock(g_probe_mu);
+  int8_t& cached = g_outer_vec_ok[device][out_dtype];
+  if (cached != 0) return cached == 1;
+  int prev = 0;
+  LYRA_CUDA_CHECK(cudaGetDevice(&prev), fn);
+  LYRA_CUDA_CHECK(cudaSetDevice(device), fn);
+  int cc_major = 0;
+  LYRA_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device), fn);
+  bool ok = cc_major >= 9;  // probed on Hopper and newer only; older: reported False
+  if (ok) ok = probe_outer_vec(out_dtype, false);
+  if (ok && out_dtype != kFloat32) ok = probe_outer_vec(out_dtype, true);
+  LYRA_CUDA_CHECK(cudaSetDevice(prev), fn);
+  cached = ok ? 1 : 2;
+  return ok;
 }
 
 }  // namespace lyra

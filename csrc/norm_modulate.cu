@@ -14,7 +14,19 @@
 // warps, blockDim.x) and a block holds blockDim.y rows. Each thread caches up
 // to kMaxVec vectors of V elements in registers, so x is read exactly once;
 // mean and variance are an exact two-pass over those registers.
-#include "common.cuh"
+// Every fp32 op is an explicit intrinsic (__fmul_rn, __fadd_rn, __fmaf_rn): the
+// compiler cannot contract differently in the two instantiations below, so
+// norm_modulate_quant sees bit for bit the values norm_modulate stores.
+//
+// norm_modulate_quant: the same row computation, but instead of y it writes the
+// W8A8 activation of the next (quantised) linear (see quant.cuh / quant.cu):
+//   yr = round_to_dtype(y)                    exactly norm_modulate's output value
+//   xs = yr * inv_smooth                      (fp32, if inv_smooth)
+//   scale[r] = max(max_d |xs| / QMAX, 1e-12)  (rows,) fp32
+//   q[r, d]  = quant(xs / scale[r])           (rows, D) contiguous, 1 byte
+// so q == numerics.quantize_rows(norm_modulate(...)) bit for bit; y itself is
+// never written. Both entry points share the kernel below (kQuant template).
+#include "quant.cuh"
 
 namespace lyra {
 namespace {
@@ -37,10 +49,19 @@ struct NMParams {
   float eps;
 };
 
-template <typename T, int V>
+// Quantised output of norm_modulate_quant (unused by norm_modulate).
+struct NMQuantOut {
+  const float* inv_smooth;
+  uint8_t* q;
+  float* scale;
+  int kind;
+};
+
+template <typename T, int V, bool kQuant>
 __global__ void __launch_bounds__(max_tpr<V>(), 1)
 norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ bias,
-                     const T* __restrict__ mul, const T* __restrict__ add, T* y, NMParams p) {
+                     const T* __restrict__ mul, const T* __restrict__ add, T* y, NMQuantOut qo,
+                     NMParams p) {
   // x / y are not __restrict__: in-place (y == x) is fine, the whole row is in
   // registers before the first store.
   __shared__ float s_red[32];  // one slot per warp of the block
@@ -65,96 +86,139 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
       for (int e = 0; e < V; ++e) v[k][e] = 0.f;
     }
 #pragma unroll
-    for (int e = 0; e < V; ++e) s += p.rms ? v[k][e] * v[k][e] : v[k][e];
+    for (int e = 0; e < V; ++e) s = p.rms ? __fmaf_rn(v[k][e], v[k][e], s) : __fadd_rn(s, v[k][e]);
   }
   s = group_sum(s, red, warp_in_row, wpr);
 
   float mean = 0.f, rstd;
   const float inv_d = 1.f / static_cast<float>(p.D);
   if (p.rms) {
-    rstd = rsqrtf(s * inv_d + p.eps);
+    rstd = rsqrtf(__fmaf_rn(s, inv_d, p.eps));
   } else {
-    mean = s * inv_d;
+    mean = __fmul_rn(s, inv_d);
     float q = 0.f;  // second pass from registers: exact, no E[x^2]-E[x]^2 cancellation
 #pragma unroll
     for (int k = 0; k < kMaxVec; ++k) {
       const int i = threadIdx.x + k * tpr;
       if (i < p.nvec) {
 #pragma unroll
-        for (int e = 0; e < V; ++e) q += (v[k][e] - mean) * (v[k][e] - mean);
+        for (int e = 0; e < V; ++e) {
+          const float dv = __fsub_rn(v[k][e], mean);
+          q = __fmaf_rn(dv, dv, q);
+        }
       }
     }
     q = group_sum(q, red, warp_in_row, wpr);
-    rstd = rsqrtf(q * inv_d + p.eps);
+    rstd = rsqrtf(__fmaf_rn(q, inv_d, p.eps));
   }
-  if (!valid) return;  // past the last barrier
-
   const int64_t b = row / p.rows_per_batch;
   const T* mulr = mul ? mul + b * p.mul_bstride : nullptr;
   const T* addr = add ? add + b * p.add_bstride : nullptr;
-  T* yr = y + row * p.D;
+  // The normalised + modulated fp32 values of cached vector k (element d = i * V).
+  auto finish = [&](int k, int d, float (&o)[V]) {
+    float t[V];
 #pragma unroll
-  for (int k = 0; k < kMaxVec; ++k) {
-    const int i = threadIdx.x + k * tpr;
-    if (i >= p.nvec) continue;
-    const int d = i * V;
-    float o[V], t[V];
-#pragma unroll
-    for (int e = 0; e < V; ++e) o[e] = (v[k][e] - mean) * rstd;
+    for (int e = 0; e < V; ++e) o[e] = __fmul_rn(__fsub_rn(v[k][e], mean), rstd);
     if (w) {
       load_vec<V>(w + d, t);
 #pragma unroll
-      for (int e = 0; e < V; ++e) o[e] *= t[e];
+      for (int e = 0; e < V; ++e) o[e] = __fmul_rn(o[e], t[e]);
     }
     if (bias) {
       load_vec<V>(bias + d, t);
 #pragma unroll
-      for (int e = 0; e < V; ++e) o[e] += t[e];
+      for (int e = 0; e < V; ++e) o[e] = __fadd_rn(o[e], t[e]);
     }
     if (mulr) {
       load_vec<V>(mulr + d, t);
 #pragma unroll
-      for (int e = 0; e < V; ++e) o[e] *= t[e];
+      for (int e = 0; e < V; ++e) o[e] = __fmul_rn(o[e], t[e]);
     }
     if (addr) {
       load_vec<V>(addr + d, t);
 #pragma unroll
-      for (int e = 0; e < V; ++e) o[e] += t[e];
+      for (int e = 0; e < V; ++e) o[e] = __fadd_rn(o[e], t[e]);
     }
-    store_vec<V>(yr + d, o);
+  };
+
+  if constexpr (!kQuant) {
+    if (!valid) return;  // past the last barrier
+    T* yr = y + row * p.D;
+#pragma unroll
+    for (int k = 0; k < kMaxVec; ++k) {
+      const int i = threadIdx.x + k * tpr;
+      if (i >= p.nvec) continue;
+      const int d = i * V;
+      float o[V];
+      finish(k, d, o);
+      store_vec<V>(yr + d, o);
+    }
+  } else {
+    // Round to T (the value norm_modulate stores), smooth, keep in v for pass 2.
+    float amax = 0.f;
+#pragma unroll
+    for (int k = 0; k < kMaxVec; ++k) {
+      const int i = threadIdx.x + k * tpr;
+      if (!valid || i >= p.nvec) continue;
+      const int d = i * V;
+      float o[V];
+      finish(k, d, o);
+#pragma unroll
+      for (int e = 0; e < V; ++e) o[e] = round_to<T>(o[e]);
+      if (qo.inv_smooth) {
+        float t[V];
+        load_f32<V>(qo.inv_smooth + d, t);
+#pragma unroll
+        for (int e = 0; e < V; ++e) o[e] = __fmul_rn(o[e], t[e]);
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        v[k][e] = o[e];
+        amax = nan_max(amax, fabsf(o[e]));
+      }
+    }
+    amax = group_max(amax, red, warp_in_row, wpr);
+    if (!valid) return;  // past the last barrier
+    const float sc = quant_row_scale(amax, qo.kind);
+    if (threadIdx.x == 0) qo.scale[row] = sc;
+    uint8_t* qr = qo.q + row * p.D;
+#pragma unroll
+    for (int k = 0; k < kMaxVec; ++k) {
+      const int i = threadIdx.x + k * tpr;
+      if (i < p.nvec) quant_store<V>(qr + i * V, v[k], sc, qo.kind);
+    }
   }
 }
 
-template <typename T, int V>
+template <typename T, int V, bool kQuant>
 void launch_nm(const T* x, const T* w, const T* b, const T* mul, const T* add, T* y,
-               NMParams p, cudaStream_t stream) {
+               NMQuantOut qo, NMParams p, cudaStream_t stream, const char* fn) {
   p.nvec = p.D / V;
   // Threads per row: enough warps that kMaxVec vectors per thread cover D.
   int tpr = (p.nvec + kMaxVec - 1) / kMaxVec;
   tpr = ((tpr + 31) / 32) * 32;
   if (tpr > max_tpr<V>() || p.nvec > tpr * kMaxVec) {
-    throw std::invalid_argument("norm_modulate: D=" + std::to_string(p.D) +
+    throw std::invalid_argument(std::string(fn) + ": D=" + std::to_string(p.D) +
                                 " too large (max " + std::to_string(max_tpr<V>() * kMaxVec * V) +
                                 " for this dtype/alignment)");
   }
   // Several rows per block for small D, so blocks have >= 128 threads.
   const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
   const int64_t grid = (p.rows + rows_blk - 1) / rows_blk;
-  LYRA_CHECK_ARG(grid < (1ll << 31), "norm_modulate", "rows too large");
-  norm_modulate_kernel<T, V><<<static_cast<unsigned>(grid), dim3(tpr, rows_blk), 0, stream>>>(
-      x, w, b, mul, add, y, p);
-  LYRA_CHECK_LAUNCH("norm_modulate");
+  LYRA_CHECK_ARG(grid < (1ll << 31), fn, "rows too large");
+  norm_modulate_kernel<T, V, kQuant>
+      <<<static_cast<unsigned>(grid), dim3(tpr, rows_blk), 0, stream>>>(x, w, b, mul, add, y, qo, p);
+  LYRA_CHECK_LAUNCH(fn);
 }
 
 }  // namespace
 
-void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul, uintptr_t add,
-                   uintptr_t y, int64_t rows, int64_t D, int64_t rows_per_batch,
-                   int64_t mul_bstride, int64_t add_bstride, double eps, bool rms, int dtype,
-                   uintptr_t stream) {
-  const char* fn = "norm_modulate";
+namespace {
+
+// Argument checks and parameters shared by norm_modulate and norm_modulate_quant.
+NMParams nm_params(const char* fn, uintptr_t x, int64_t rows, int64_t D, int64_t rows_per_batch,
+                   int64_t mul_bstride, int64_t add_bstride, double eps, bool rms) {
   LYRA_CHECK_ARG(x != 0, fn, "x must be a non-null device pointer");
-  LYRA_CHECK_ARG(y != 0, fn, "y must be a non-null device pointer");
   LYRA_CHECK_ARG(rows > 0, fn, "rows must be positive, got " + std::to_string(rows));
   LYRA_CHECK_ARG(D > 0 && D < (1 << 30), fn, "D must be positive, got " + std::to_string(D));
   LYRA_CHECK_ARG(rows_per_batch > 0, fn,
@@ -162,7 +226,6 @@ void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul,
   LYRA_CHECK_ARG(mul_bstride >= 0, fn, "mul_bstride must be >= 0");
   LYRA_CHECK_ARG(add_bstride >= 0, fn, "add_bstride must be >= 0");
   LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
-
   NMParams p;
   p.rows = rows;
   p.rows_per_batch = rows_per_batch;
@@ -172,15 +235,35 @@ void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul,
   p.nvec = p.D;
   p.rms = rms ? 1 : 0;
   p.eps = static_cast<float>(eps);
+  return p;
+}
 
-  const size_t es = dtype_size(dtype);
+// 16-byte path only when every row / batch offset and input pointer is
+// aligned. The same rule (plus the output's alignment) for both entry points,
+// so they reduce in the same order and norm_modulate_quant quantises exactly
+// norm_modulate's values whenever both outputs are 16-byte aligned.
+bool nm_vec_ok(int dtype, int64_t D, int64_t mul_bstride, int64_t add_bstride, uintptr_t x,
+               uintptr_t weight, uintptr_t bias, uintptr_t mul, uintptr_t add) {
   const size_t vbytes = 16;
-  const int vmax = static_cast<int>(vbytes / es);
-  // 16-byte path only when every row / batch offset and pointer is aligned.
-  const bool vec_ok = D % vmax == 0 && mul_bstride % vmax == 0 && add_bstride % vmax == 0 &&
-                      aligned_to(x, vbytes) && aligned_to(y, vbytes) &&
-                      aligned_to(weight, vbytes) && aligned_to(bias, vbytes) &&
-                      aligned_to(mul, vbytes) && aligned_to(add, vbytes);
+  const int vmax = static_cast<int>(vbytes / dtype_size(dtype));
+  return D % vmax == 0 && mul_bstride % vmax == 0 && add_bstride % vmax == 0 &&
+         aligned_to(x, vbytes) && aligned_to(weight, vbytes) && aligned_to(bias, vbytes) &&
+         aligned_to(mul, vbytes) && aligned_to(add, vbytes);
+}
+
+}  // namespace
+
+void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul, uintptr_t add,
+                   uintptr_t y, int64_t rows, int64_t D, int64_t rows_per_batch,
+                   int64_t mul_bstride, int64_t add_bstride, double eps, bool rms, int dtype,
+                   uintptr_t stream) {
+  const char* fn = "norm_modulate";
+  LYRA_CHECK_ARG(y != 0, fn, "y must be a non-null device pointer");
+  const NMParams p =
+      nm_params(fn, x, rows, D, rows_per_batch, mul_bstride, add_bstride, eps, rms);
+  const bool vec_ok = nm_vec_ok(dtype, D, mul_bstride, add_bstride, x, weight, bias, mul, add) &&
+                      aligned_to(y, 16);
+  const NMQuantOut no_quant{nullptr, nullptr, nullptr, 0};
   cudaStream_t s = as_stream(stream);
   LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
     auto* xp = as_ptr<const scalar_t>(x);
@@ -190,9 +273,42 @@ void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul,
     auto* ap = as_ptr<const scalar_t>(add);
     auto* yp = as_ptr<scalar_t>(y);
     if (vec_ok) {
-      launch_nm<scalar_t, vec16<scalar_t>()>(xp, wp, bp, mp, ap, yp, p, s);
+      launch_nm<scalar_t, vec16<scalar_t>(), false>(xp, wp, bp, mp, ap, yp, no_quant, p, s, fn);
     } else {
-      launch_nm<scalar_t, 1>(xp, wp, bp, mp, ap, yp, p, s);
+      launch_nm<scalar_t, 1, false>(xp, wp, bp, mp, ap, yp, no_quant, p, s, fn);
+    }
+  });
+}
+
+void norm_modulate_quant(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul,
+                         uintptr_t add, uintptr_t inv_smooth, uintptr_t q, uintptr_t scale,
+                         int64_t rows, int64_t D, int64_t rows_per_batch, int64_t mul_bstride,
+                         int64_t add_bstride, double eps, bool rms, int kind, int dtype,
+                         uintptr_t stream) {
+  const char* fn = "norm_modulate_quant";
+  LYRA_CHECK_ARG(q != 0, fn, "q must be a non-null device pointer");
+  LYRA_CHECK_ARG(scale != 0, fn, "scale must be a non-null device pointer");
+  LYRA_CHECK_ARG(aligned_to(scale, 4), fn, "scale must be 4-byte aligned (float32)");
+  LYRA_CHECK_ARG(inv_smooth == 0 || aligned_to(inv_smooth, 4), fn,
+                 "inv_smooth must be 4-byte aligned (float32)");
+  check_quant_kind(kind, fn);
+  const NMParams p =
+      nm_params(fn, x, rows, D, rows_per_batch, mul_bstride, add_bstride, eps, rms);
+  const bool vec_ok = nm_vec_ok(dtype, D, mul_bstride, add_bstride, x, weight, bias, mul, add) &&
+                      aligned_to(q, 16) && aligned_to(inv_smooth, 16);
+  const NMQuantOut qo{as_ptr<const float>(inv_smooth), as_ptr<uint8_t>(q), as_ptr<float>(scale),
+                      kind};
+  cudaStream_t s = as_stream(stream);
+  LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
+    auto* xp = as_ptr<const scalar_t>(x);
+    auto* wp = as_ptr<const scalar_t>(weight);
+    auto* bp = as_ptr<const scalar_t>(bias);
+    auto* mp = as_ptr<const scalar_t>(mul);
+    auto* ap = as_ptr<const scalar_t>(add);
+    if (vec_ok) {
+      launch_nm<scalar_t, vec16<scalar_t>(), true>(xp, wp, bp, mp, ap, nullptr, qo, p, s, fn);
+    } else {
+      launch_nm<scalar_t, 1, true>(xp, wp, bp, mp, ap, nullptr, qo, p, s, fn);
     }
   });
 }

@@ -1,0 +1,160 @@
+// quant.cuh: device helpers of the W8A8 row quantisation, shared by the
+// kernels that produce quantised activations (quant.cu: quantize_rows;
+// norm_modulate.cu: norm_modulate_quant; epilogue.cu: linear_epilogue_quant).
+//
+// Scheme (lyradynamo/quant/numerics.py is the reference, bit for bit):
+//   amax  = max_k |xs[k]|                       xs: fp32 row, already smoothed
+//   scale = max(amax / QMAX, 1e-12)             IEEE fp32 division (no fast math)
+//   q[k]  = fp8 e4m3: cvt_rn_satfinite(xs[k] / scale)       QMAX 448
+//           int8    : clamp(rint(xs[k] / scale), -127, 127) QMAX 127
+// NaN propagates through amax and scale like torch.amax / clamp_min do.
+#pragma once
+
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+
+namespace lyra {
+
+enum QuantKind : int { kQuantFp8 = 0, kQuantInt8 = 1 };
+
+constexpr float kQuantScaleEps = 1e-12f;
+
+inline void check_quant_kind(int kind, const char* fn) {
+  LYRA_CHECK_ARG(kind == kQuantFp8 || kind == kQuantInt8, fn,
+                 "kind must be 0 (fp8 e4m3) or 1 (int8), got " + std::to_string(kind));
+}
+
+// max that keeps a NaN from either side (fmaxf would drop it).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Max over a group of `nwarps` consecutive warps sharing `scratch` (same
+// contract as group_sum in common.cuh: every thread of the group calls it).
+__device__ __forceinline__ float group_max(float v, float* scratch, int warp_in_group,
+                                           int nwarps) {
+  v = warp_max(v);
+  if (nwarps == 1) return v;
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) scratch[warp_in_group] = v;
+  __syncthreads();
+  float t = scratch[0];
+  for (int w = 1; w < nwarps; ++w) t = nan_max(t, scratch[w]);
+  __syncthreads();
+  return t;
+}
+
+__device__ __forceinline__ float quant_qmax(int kind) { return kind == kQuantFp8 ? 448.f : 127.f; }
+
+// scale = max(amax / QMAX, 1e-12); written so that a NaN amax stays NaN.
+__device__ __forceinline__ float quant_row_scale(float amax, int kind) {
+  const float s = __fdiv_rn(amax, quant_qmax(kind));
+  return s < kQuantScaleEps ? kQuantScaleEps : s;
+}
+
+// One value -> one byte (fp8 e4m3 bits or two's-complement int8).
+__device__ __forceinline__ uint8_t quant_one(float x, float scale, int kind) {
+  const float v = __fdiv_rn(x, scale);  // IEEE division: the reference divides too
+  if (kind == kQuantFp8) {
+    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+  }
+  int i = __float2int_rn(v);  // round half to even, like torch.round
+  i = i < -127 ? -127 : (i > 127 ? 127 : i);
+  return static_cast<uint8_t>(static_cast<int8_t>(i));
+}
+
+// V fp32 values from p (16-byte aligned when V % 4 == 0).
+template <int V>
+__device__ __forceinline__ void load_f32(const float* p, float (&out)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int c = 0; c < V / 4; ++c) {
+      float t[4];
+      load_vec<4>(p + 4 * c, t);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[4 * c + e] = t[e];
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = p[e];
+  }
+}
+
+// Quantises V values and stores the V bytes as one access (p aligned to V).
+template <int V>
+__device__ __forceinline__ void quant_store(uint8_t* p, const float (&v)[V], float scale,
+                                            int kind) {
+  Pack<uint8_t, V> pk;
+#pragma unroll
+  for (int e = 0; e < V; ++e) pk.v[e] = quant_one(v[e], scale, kind);
+  *reinterpret_cast<Pack<uint8_t, V>*>(p) = pk;
+}
+
+// Quantises one row of nvec vectors (V values each) handled by the `tpr`
+// threads of a row group (tid = thread index in the group, a multiple of 32
+// threads; `red` = wpr floats of shared scratch for the group).
+//
+// prod(i, v) must write the final fp32 values (rounded / smoothed as the
+// caller defines) of vector i. The first R vectors of every thread stay in
+// registers between the amax pass and the quantise pass; vectors beyond
+// R * tpr are produced again in the second pass (same code, same values)
+// instead of spilling, so any row length works.
+//
+// Every thread of the group must call this (it holds barriers); `valid` is
+// false for a group past the last row (it joins the barriers, writes nothing).
+template <int V, int R, typename Prod>
+__device__ __forceinline__ void quantize_row(Prod& prod, int nvec, int tpr, int tid, float* red,
+                                             int warp_in_row, int wpr, bool valid, uint8_t* qrow,
+                                             float* scale_out, int kind) {
+  float c[R][V];
+  float amax = 0.f;
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    const int i = tid + k * tpr;
+    if (valid && i < nvec) {
+      prod(i, c[k]);
+#pragma unroll
+      for (int e = 0; e < V; ++e) amax = nan_max(amax, fabsf(c[k][e]));
+    }
+  }
+  if (valid) {
+    for (int i = tid + R * tpr; i < nvec; i += tpr) {
+      float t[V];
+      prod(i, t);
+#pragma unroll
+      for (int e = 0; e < V; ++e) amax = nan_max(amax, fabsf(t[e]));
+    }
+  }
+  amax = group_max(amax, red, warp_in_row, wpr);
+  if (!valid) return;  // past the last barrier
+  const float s = quant_row_scale(amax, kind);
+  if (tid == 0) *scale_out = s;
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    const int i = tid + k * tpr;
+    if (i < nvec) quant_store<V>(qrow + static_cast<int64_t>(i) * V, c[k], s, kind);
+  }
+  for (int i = tid + R * tpr; i < nvec; i += tpr) {
+    float t[V];
+    prod(i, t);
+    quant_store<V>(qrow + static_cast<int64_t>(i) * V, t, s, kind);
+  }
+}
+
+// Threads per row for a row of nvec vectors with R cached per thread: enough
+// warps to cover the row from registers, at most max_tpr (longer rows use the
+// recompute loop of quantize_row).
+inline int quant_threads_per_row(int64_t nvec, int R, int max_tpr) {
+  int64_t tpr = (nvec + R - 1) / R;
+  tpr = ((tpr + 31) / 32) * 32;
+  if (tpr > max_tpr) tpr = max_tpr;
+  if (tpr < 32) tpr = 32;
+  return static_cast<int>(tpr);
+}
+
+}  // namespace lyra
