@@ -24,6 +24,7 @@ from .pipelines import (
     tiny_model_names,
 )
 from .tokenizers import clip_g_tokenizer, clip_tokenizer, t5_tokenizer
+from .controlnet import CONTROLNET_NAMES, build_controlnet, controlnet_inputs  # noqa: F401
 
 __all__ = [
     "MODEL_NAMES",

@@ -1,0 +1,129 @@
+"""lyradynamo.controlnet.swap_controlnet: another ControlNet's weights copied into a compiled one,
+no recompilation; ControlNet / FLUX ControlNet / multi-ControlNet compile with lyra and match eager."""
+import copy
+
+import pytest
+import torch
+
+import lyradynamo
+from lyradynamo import zoo
+from lyradynamo.controlnet import ControlNetMismatch, swap_controlnet
+from helpers import rel_err
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _flat(out):
+    """All residuals of a ControlNet output (SD: down tuple + mid; FLUX: block + single-block tuples)."""
+    ts = []
+    for part in out:
+        if part is None:
+            continue
+        ts.extend(part if isinstance(part, (tuple, list)) else [part])
+    return torch.cat([t.flatten() for t in ts])
+
+
+def _run(model, kw):
+    with torch.no_grad():
+        return _flat(model(**kw, return_dict=False))
+
+
+def _params(m):
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "flux"])
+def test_compiled_controlnet_matches_eager_and_swaps_without_recompile(name, tmp_path):
+    a, b = zoo.build_controlnet(name, seed=0), zoo.build_controlnet(name, seed=1)
+    kw = zoo.controlnet_inputs(name, a, batch=2)
+    eager_a, eager_b = _run(a, kw), _run(b, kw)
+    assert rel_err(eager_b, eager_a) > 0.1  # the two ControlNets differ
+    orig_a = copy.deepcopy(a)
+    compiled = torch.compile(a, backend="lyra")
+    assert rel_err(_run(compiled, kw), eager_a) < 1e-5
+    b.save_pretrained(str(tmp_path / "b"))  # diffusion_pytorch_model.safetensors
+    with torch.compiler.set_stance("fail_on_recompile"):
+        swap_controlnet(compiled, b)
+        assert rel_err(_run(compiled, kw), eager_b) < 1e-5
+        swap_controlnet(compiled, orig_a.state_dict())  # a state dict
+        assert rel_err(_run(compiled, kw), eager_a) < 1e-5
+        swap_controlnet(compiled, str(tmp_path / "b"))  # a diffusers folder
+        assert rel_err(_run(compiled, kw), eager_b) < 1e-5
+    assert lyradynamo.compile_count() == 1
+    for k, v in b.named_parameters():  # the weights are b's, bit for bit
+        assert torch.equal(dict(a.named_parameters())[k], v), k
+
+
+def test_swap_casts_to_the_targets_dtype():
+    a = zoo.build_controlnet("sd15", seed=0)
+    b = zoo.build_controlnet("sd15", seed=1, dtype=torch.float64)
+    ids = {k: id(p) for k, p in a.named_parameters()}
+    swap_controlnet(a, b)
+    for k, p in a.named_parameters():
+        assert p.dtype == torch.float32 and id(p) == ids[k]  # same Parameter objects
+        assert torch.equal(p, dict(b.named_parameters())[k].float()), k
+
+
+def test_other_architecture_is_refused_and_nothing_changes():
+    a = zoo.build_controlnet("sd15", seed=0)
+    compiled = torch.compile(a, backend="lyra")
+    before = _params(a)
+    with pytest.raises(ControlNetMismatch, match=r"shapes differ.*compile the other one separately"):
+        swap_controlnet(compiled, zoo.build_controlnet("sd15", seed=1, conditioning_channels=1))
+    with pytest.raises(ControlNetMismatch, match=r"(missing|unexpected|shapes differ).*compile the other one separately"):
+        swap_controlnet(compiled, zoo.build_controlnet("sdxl", seed=1))
+    with pytest.raises(ControlNetMismatch, match="FluxControlNetModel into a compiled ControlNetModel"):
+        swap_controlnet(compiled, zoo.build_controlnet("flux", seed=1))
+    sd = zoo.build_controlnet("sd15", seed=1).state_dict()
+    sd.pop(next(iter(sd)))
+    with pytest.raises(ControlNetMismatch, match="1 tensors missing"):
+        swap_controlnet(compiled, sd)
+    for k, v in before.items():
+        assert torch.equal(dict(a.named_parameters())[k], v), k
+
+
+def test_multi_controlnet_pipeline_compiled_matches_eager_and_swaps():
+    """StableDiffusionControlNetPipeline with a MultiControlNetModel of two lyra-compiled ControlNets:
+    the image equals eager; swapping one element (in the multi model) needs no recompilation."""
+    import diffusers
+
+    base = zoo.build_pipeline("sd15")
+    nets = [zoo.build_controlnet("sd15", seed=s) for s in (1, 2)]
+    third = zoo.build_controlnet("sd15", seed=3)
+
+    def make(cns):
+        p = diffusers.StableDiffusionControlNetPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            controlnet=cns, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(1, 3, 64, 64, generator=g) for _ in nets]
+
+    def run(p):
+        return p(prompt="a cat", image=images, num_inference_steps=2, height=64, width=64, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    eager = run(make([copy.deepcopy(n) for n in nets]))
+    eager_swapped = run(make([copy.deepcopy(nets[0]), copy.deepcopy(third)]))
+    pipe = make([torch.compile(n, backend="lyra") for n in nets])
+    assert isinstance(pipe.controlnet, diffusers.MultiControlNetModel)
+    got = run(pipe)
+    assert rel_err(got, eager) < 1e-5
+    assert lyradynamo.compile_count() == 2  # one graph per ControlNet
+    with torch.compiler.set_stance("fail_on_recompile"):
+        swap_controlnet(pipe.controlnet.nets[1], third)
+        got_swapped = run(pipe)
+        swap_controlnet(pipe.controlnet, [nets[0], copy.deepcopy(nets[1])])  # the whole multi model
+    assert rel_err(got_swapped, eager_swapped) < 1e-5 and rel_err(got_swapped, got) > 1e-4
+    assert lyradynamo.compile_count() == 2
+    with pytest.raises(ControlNetMismatch, match="holds 2 ControlNets, got 1"):
+        swap_controlnet(pipe.controlnet, [third])
