@@ -69,7 +69,8 @@ DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-TABLE_COLS = ("mode", "size", "seconds", "first_call_s", "compiles", "peak_mem_gb", "rel_err", "psnr_db")
+TABLE_COLS = ("mode", "size", "seconds", "first_call_s", "compiles", "peak_mem_gb", "rel_err", "sqnr_db",
+              "psnr_db")
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,6 +312,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor):
     return (a - b).norm().item() / den if den > 0 else None
 
 
+def sqnr_db(out: torch.Tensor, ref: torch.Tensor):
+    """Signal-to-quantisation-noise of one model call against eager, in dB (None if not finite)."""
+    a, b = out.double().cpu(), ref.double().cpu()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return None
+    noise = ((a - b) ** 2).sum().item()
+    return PSNR_IDENTICAL if noise == 0 else min(PSNR_IDENTICAL, 10 * math.log10((b ** 2).sum().item() / noise))
+
+
 def psnr(img: torch.Tensor, ref: torch.Tensor):
     """PSNR in dB of two [0, 1] images; PSNR_IDENTICAL when they are bit-identical."""
     a, b = img.double(), ref.double()
@@ -448,7 +458,7 @@ def base_row(args, env, model_name, mode, size, dtype, scenario):
         "steps": args.steps, "batch": args.batch, "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
         "scenario": scenario,
         "seconds": None, "first_call_s": None, "compiles": None, "new_compiles": None,
-        "compiles_source": None, "peak_mem_gb": None, "rel_err": None, "psnr_db": None,
+        "compiles_source": None, "peak_mem_gb": None, "rel_err": None, "sqnr_db": None, "psnr_db": None,
         "loop_s": None, "decode_s": None, "samples": None, "runs": args.runs, "warmup": args.warmup,
         "tiny": bool(args.quick), "weights": "checkpoint" if args.model_path else "random",
     }
@@ -574,6 +584,8 @@ def run_in_process(args, model_name, env, writer, scenario):
                     ctx.__exit__(None, None, None)
                 del fn
                 torch._dynamo.reset()
+                if mode in QUANT_MODES:  # bring the high-precision weights back for later modes
+                    lyradynamo.quant.restore(model)
                 cleanup(cuda)
     finally:
         prog.close()
@@ -639,6 +651,7 @@ def measure(args, row, fn, hook, wl, ref, count, c_mode0, cuda, prog, label):
             _add_note(row, "no eager reference (it failed): rel_err/psnr_db not measured")
         else:
             row["rel_err"] = rel_err(out, ref["out"])
+            row["sqnr_db"] = sqnr_db(out, ref["out"])
             if row["rel_err"] is None:
                 _add_note(row, "rel_err: non-finite or zero reference/output")
             if row["mode"] == "eager":

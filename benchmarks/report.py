@@ -145,8 +145,8 @@ def table_md(key, rows):
         meta.append(f"measured {dates[0]}" + (f" … {dates[-1]}" if dates[-1] != dates[0] else ""))
     lines += ["Card: **" + str(gpu) + "**; " + ", ".join(meta) + ".", ""]
     secs = "time to first image s" if scenario == "cold" else "s/image"
-    lines.append(f"| mode | size | {secs} | first call s | compiles | peak GB | rel_err | PSNR dB | vs eager | vs best peer | note |")
-    lines.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+    lines.append(f"| mode | size | {secs} | first call s | compiles | peak GB | rel_err | SQNR dB | PSNR dB | vs eager | vs best peer | note |")
+    lines.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
     for r in rows:
         ve, vp, peer = sp.get(id(r), (None, None, None))
         note = r.get("error") or r.get("notes") or ""
@@ -158,7 +158,7 @@ def table_md(key, rows):
         lines.append("| " + " | ".join(_cell(c) for c in (
             r.get("mode"), r.get("size"), _f(r.get("seconds"), ".3f"), _f(r.get("first_call_s"), ".1f"),
             "–" if r.get("compiles") is None else r.get("compiles"), _f(r.get("peak_mem_gb"), ".2f"),
-            _f(r.get("rel_err"), ".1e"), _psnr(r.get("psnr_db")), "–" if ve is None else f"{ve:.2f}x",
+            _f(r.get("rel_err"), ".1e"), _psnr(r.get("sqnr_db")), _psnr(r.get("psnr_db")), "–" if ve is None else f"{ve:.2f}x",
             vp_s, note)) + " |")
     lines.append("")
     return "\n".join(lines)

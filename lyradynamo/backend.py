@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -103,6 +104,32 @@ def _fake_mode_of(gm: fx.GraphModule, example_inputs: list):
     return tracing.fake_mode if tracing is not None else None
 
 
+def _quantize(gm: fx.GraphModule, example_inputs: list, report: GraphReport) -> list:
+    """config.quant: lyra::linear -> lyra::qlinear with quantised weight buffers (quant/apply.py)."""
+    if config.quant == "none":
+        return []
+    from .quant import apply as quant_apply
+
+    try:
+        return quant_apply.quantize_graph(gm, example_inputs, report)
+    except Exception as exc:  # noqa: BLE001 - the graph stays valid: linears not yet rewritten stay bf16
+        log.warning("lyradynamo: quantisation failed (%s); remaining linears stay in high precision", exc)
+        report.errors.append({"pass": "quant", "error": repr(exc), "trace": traceback.format_exc()})
+        return []
+
+
+def _with_weight_refresh(runner: Callable, entries: list) -> Callable:
+    """Before each call, re-derive quantised weights whose high-precision copy changed in place."""
+    from .quant import weights
+
+    def run(*args):
+        weights.refresh(entries)
+        return runner(*args)
+
+    run.runner = runner  # type: ignore[attr-defined]
+    return run
+
+
 def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
     """torch.compile backend entry point (registered as "lyra")."""
     if kwargs:
@@ -121,6 +148,7 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
         except Exception as exc:  # noqa: BLE001 - relaxing is an optimisation; never fatal
             log.warning("lyradynamo: could not relax size guards (%s); batch 1 may recompile", exc)
     _freeze_parameters(example_inputs)
+    quant_entries = _quantize(gm, example_inputs, report)
     reason = _recompile_reason()
     if reason:
         log.warning("lyradynamo: recompiling: %s (a model that branches on a size in its own Python "
@@ -137,6 +165,8 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
     from . import dump  # lazy: keeps `python -m lyradynamo.dump` free of a double import
 
     runner = runtime.make_runner(gm, example_inputs, record)
+    if quant_entries:
+        runner = _with_weight_refresh(runner, quant_entries)
     record.seconds = time.perf_counter() - start
     record.summary = dump.summary_dict(record, gm)
     if config.dump_dir:

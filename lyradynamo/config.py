@@ -45,6 +45,22 @@ _OPTIONS: dict[str, _Option] = {
         "Weight/activation quantization of the rewritten linears: none, fp8 (Hopper/Ada), int8.",
         choices=("none", "fp8", "int8"),
     ),
+    "quant_exclude": _Option(
+        (r"(^|\.)(x_embedder|context_embedder|pos_embed|patch_embed|time_text_embed|time_embedding|"
+         r"time_embed|add_embedding|caption_projection|adaln_single|conv_in|conv_out)\.",
+         r"^(proj_out|norm_out)\."),
+        "With quant on: regexes (re.search) on a weight's module path, e.g. "
+        "'transformer_blocks.0.attn.to_q.weight'; matching layers stay in high precision. "
+        "Default: embedders and the final norm / projection.",
+        kind=(tuple, list),
+    ),
+    "quant_master": _Option(
+        "host",
+        "With quant on, where the high-precision copy of a quantised weight lives: host (pinned "
+        "CPU memory: the GPU holds only fp8/int8; the Parameter becomes a NaN placeholder, "
+        "lyradynamo.quant.restore(model) brings it back) or gpu (kept as is).",
+        choices=("host", "gpu"),
+    ),
     "cuda_graphs": _Option(
         True, "On CUDA, replay each compiled graph as a CUDA graph (one capture per input shape).",
         kind=bool,

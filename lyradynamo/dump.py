@@ -100,6 +100,12 @@ def format_summary(s: dict) -> str:
     if s["relaxed_guards"]:
         lines.append(f"op-internal size guards relaxed: {len(s['relaxed_guards'])} "
                      f"(e.g. {', '.join(s['relaxed_guards'][:3])})")
+    q = s.get("quant") or {}
+    if q:
+        lines.append(f"quantized ({q['kind']}, master on {q['master']}): {len(q['quantized'])} linear(s); "
+                     f"kept in high precision: {len(q['kept'])}")
+        for name, why in list(q["kept"].items())[:20]:
+            lines.append(f"  kept {name}: {why}")
     for op, path in s["kernel_paths"].items():
         lines.append(f"kernel lyra::{op}: {path}")
     for e in s["errors"]:

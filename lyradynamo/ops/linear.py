@@ -34,7 +34,12 @@ def activate(y: Tensor, act: str) -> Tensor:
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, glu: bool,
                      gate: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
-    y = F.linear(x, weight, bias)
+    return epilogue_reference(F.linear(x, weight, bias), act, glu, gate, residual)
+
+
+def epilogue_reference(y: Tensor, act: str, glu: bool, gate: Optional[Tensor],
+                       residual: Optional[Tensor]) -> Tensor:
+    """What follows the GEMM (+ bias): act or GLU, gate, residual, in diffusers' op order."""
     if glu:
         a, g = y.chunk(2, dim=-1)
         y = a * activate(g, act)
@@ -96,12 +101,14 @@ def _(x, weight, bias, act, glu, gate, residual):
     code, stream = DTYPE_CODES[x.dtype], stream_handle(x)
     if m == 0:  # an empty batch: nothing for the kernels to do (they reject M == 0)
         return x.new_empty(out_shape, dtype=_out_dtype(x, gate, residual))
-    plain = act == "none" and not glu and gate is None and residual is None
     y = torch.empty((m, n_y), dtype=x.dtype, device=x.device)
     C.gemm(ptr(x2), ptr(weight), ptr(bias), ptr(y), m, n_y, k, x2.stride(0) if m > 1 else k, n_y,
            code, stream)
-    if plain:
-        return y.view(out_shape)
+    return epilogue_cuda(C, y, x, act, glu, gate, residual).view(out_shape)
+
+
+def epilogue_args(x: Tensor, m: int, n_out: int, gate: Optional[Tensor], residual: Optional[Tensor]):
+    """(rows_per_batch, gate_bstride, residual as (m, n_out) contiguous) for the epilogue kernels."""
     gstride, rows_per_batch = 0, max(m, 1)
     if gate is not None:
         gstride = row_vector_stride(gate, x.shape[0], n_out, x.dim())
@@ -111,26 +118,46 @@ def _(x, weight, bias, act, glu, gate, residual):
         res = residual.reshape(m, n_out)
         if not res.is_contiguous():
             res = res.contiguous()
-    out = y if not glu else torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    return rows_per_batch, gstride or 0, res
+
+
+def epilogue_cuda(C, y: Tensor, x: Tensor, act: str, glu: bool, gate: Optional[Tensor],
+                  residual: Optional[Tensor]) -> Tensor:
+    """act/GLU/gate/residual on the GEMM output y (m, n_y) of x's dtype: y itself when plain."""
+    if act == "none" and not glu and gate is None and residual is None:
+        return y
+    m, n_y = y.shape
+    n_out = n_y // 2 if glu else n_y
+    rows_per_batch, gstride, res = epilogue_args(x, m, n_out, gate, residual)
+    out = y if not glu else torch.empty((m, n_out), dtype=y.dtype, device=y.device)
     C.linear_epilogue(ptr(y), ptr(gate), ptr(res), ptr(out), m, n_out, _ACT_CODES[act], glu,
-                      rows_per_batch, gstride or 0, code, stream)
-    return out.view(out_shape)
+                      rows_per_batch, gstride, DTYPE_CODES[y.dtype], stream_handle(y))
+    return out
 
 
 def _cuda_unsupported(x, weight, bias, glu, gate, residual) -> Optional[str]:
-    reason = unsupported_reason(x=x, weight=weight, bias=bias, gate=gate, residual=residual)
+    reason = unsupported_reason(x=x, weight=weight)
     if reason:
         return reason
-    for name, t in (("weight", weight), ("bias", bias), ("gate", gate), ("residual", residual)):
-        if t is not None and t.dtype != x.dtype:
-            return f"{name} dtype {t.dtype} differs from x dtype {x.dtype}"
+    if weight.dtype != x.dtype:
+        return f"weight dtype {weight.dtype} differs from x dtype {x.dtype}"
     if not weight.is_contiguous():
         return "weight is not contiguous"
-    if bias is not None and not bias.is_contiguous():
-        return "bias is not contiguous"
     if x.dim() == 0 or weight.shape[0] == 0:
         return "empty weight or 0-d input"
-    n_out = weight.shape[0] // 2 if glu else weight.shape[0]
+    return epilogue_unsupported(x, weight.shape[0] // 2 if glu else weight.shape[0], bias, gate, residual)
+
+
+def epilogue_unsupported(x, n_out: int, bias, gate, residual) -> Optional[str]:
+    """Why bias / gate / residual cannot go through the csrc epilogues (None when they can)."""
+    reason = unsupported_reason(bias=bias, gate=gate, residual=residual)
+    if reason:
+        return reason
+    for name, t in (("bias", bias), ("gate", gate), ("residual", residual)):
+        if t is not None and t.dtype != x.dtype:
+            return f"{name} dtype {t.dtype} differs from x dtype {x.dtype}"
+    if bias is not None and not bias.is_contiguous():
+        return "bias is not contiguous"
     if gate is not None and row_vector_stride(gate, x.shape[0], n_out, x.dim()) is None:
         return f"gate shape {tuple(gate.shape)} is not a per-sample row vector of width {n_out}"
     if residual is not None and tuple(residual.shape) != (*x.shape[:-1], n_out):

@@ -40,6 +40,7 @@ class GraphReport:
     canonicalized: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     relaxed_guards: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)  # passes that raised (graph kept)
+    quant: dict = dataclasses.field(default_factory=dict)  # quant/apply.py: layers and decisions
 
     def hit(self, pass_name: str, label: str) -> None:
         self.matched.setdefault(pass_name, collections.Counter())[label] += 1
@@ -68,4 +69,5 @@ class GraphReport:
             "canonicalized": dict(self.canonicalized),
             "relaxed_guards": self.relaxed_guards,
             "errors": self.errors,
+            "quant": self.quant,
         }

@@ -1,0 +1,142 @@
+"""lyra::qlinear: lyra::linear with W8A8 weights and activations (config.quant fp8 / int8).
+
+    xq, xs = quantize_rows(x * inv_smooth)                 per token (row) of x    # (M, K)
+    y = (xq @ wq^T) * xs[m] * ws[n] (+ bias)                per-channel weight scales
+    out = residual + gate * act(y)  (or GLU), as lyra::linear, in x's dtype
+
+qweight (N, K) fp8 e4m3 / int8 and wscale (N,) float32 are derived from the model's weight
+when the graph is prepared (quant/weights.py); the math of every step is
+quant/numerics.py, which is also the CPU implementation. On CUDA: one quantize_rows pass,
+then fp8: a cuBLASLt GEMM applying both scale vectors (+ bias) in its epilogue, followed by
+the act/gate/residual epilogue kernel when there is one; int8 (or fp8 where cuBLASLt lacks
+outer-vector scales): an int32/fp32 GEMM and one scaled epilogue kernel doing all the rest.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..quant import numerics
+from ._common import DTYPE_CODES, csrc, ptr, record_fallback, stream_handle, unsupported_reason
+from .linear import (_ACT_CODES, ACTIVATIONS, _out_dtype, epilogue_args, epilogue_cuda,
+                     epilogue_reference, epilogue_unsupported)
+
+_ACC_F32, _ACC_I32 = 0, 3
+_outer_vec_ok: dict[tuple, bool] = {}
+
+
+def qlinear_reference(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act: str,
+                      glu: bool, gate: Optional[Tensor], residual: Optional[Tensor], kind: str,
+                      inv_smooth: Optional[Tensor]) -> Tensor:
+    xq, xs = numerics.quantize_rows(x, kind, inv_smooth)
+    y = numerics.quantized_linear_reference(xq, xs, qweight, wscale, bias, x.dtype)
+    return epilogue_reference(y, act, glu, gate, residual)
+
+
+def _check(x: Tensor, qweight: Tensor, wscale: Tensor, act: str, glu: bool, kind: str) -> None:
+    numerics.check_kind(kind)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"lyra::qlinear: act={act!r} is not one of {ACTIVATIONS}")
+    if qweight.dim() != 2 or qweight.dtype != numerics.QDTYPE[kind]:
+        raise ValueError(f"lyra::qlinear: qweight must be a 2-D {numerics.QDTYPE[kind]} tensor, got "
+                         f"{tuple(qweight.shape)} {qweight.dtype}")
+    if tuple(wscale.shape) != (qweight.shape[0],) or wscale.dtype != torch.float32:
+        raise ValueError(f"lyra::qlinear: wscale must be float32 ({qweight.shape[0]},), got "
+                         f"{tuple(wscale.shape)} {wscale.dtype}")
+    if glu and qweight.shape[0] % 2:
+        raise ValueError(f"lyra::qlinear: glu needs an even number of weight rows, got {qweight.shape[0]}")
+
+
+@torch.library.custom_op("lyra::qlinear", mutates_args=())
+def qlinear(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act: str, glu: bool,
+            gate: Optional[Tensor], residual: Optional[Tensor], kind: str,
+            inv_smooth: Optional[Tensor]) -> Tensor:
+    _check(x, qweight, wscale, act, glu, kind)
+    return qlinear_reference(x, qweight, wscale, bias, act, glu, gate, residual, kind, inv_smooth)
+
+
+@qlinear.register_fake
+def _(x, qweight, wscale, bias, act, glu, gate, residual, kind, inv_smooth):
+    _check(x, qweight, wscale, act, glu, kind)
+    n = qweight.shape[0] // 2 if glu else qweight.shape[0]
+    return x.new_empty((*x.shape[:-1], n), dtype=_out_dtype(x, gate, residual))
+
+
+def outer_vec_supported(C, x: Tensor) -> bool:
+    """cuBLASLt FP8 with per-row x per-column scale vectors on this device and dtype (cached)."""
+    key = (x.device.index, x.dtype)
+    if key not in _outer_vec_ok:
+        _outer_vec_ok[key] = bool(C.gemm_fp8_supported_outer_vec(x.device.index or 0, DTYPE_CODES[x.dtype]))
+    return _outer_vec_ok[key]
+
+
+@qlinear.register_kernel("cuda")
+def _(x, qweight, wscale, bias, act, glu, gate, residual, kind, inv_smooth):
+    _check(x, qweight, wscale, act, glu, kind)
+    C = csrc()
+    reason = "csrc not built" if C is None else _cuda_unsupported(x, qweight, wscale, bias, glu, gate,
+                                                                    residual, kind, inv_smooth)
+    if reason:
+        record_fallback("qlinear", reason)
+        return qlinear_reference(x, qweight, wscale, bias, act, glu, gate, residual, kind, inv_smooth)
+    k, n_y = x.shape[-1], qweight.shape[0]
+    n_out = n_y // 2 if glu else n_y
+    out_shape = (*x.shape[:-1], n_out)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(out_shape, dtype=_out_dtype(x, gate, residual))
+    code, stream = DTYPE_CODES[x.dtype], stream_handle(x)
+    xq = torch.empty((m, k), dtype=numerics.QDTYPE[kind], device=x.device)
+    xs = torch.empty((m,), dtype=torch.float32, device=x.device)
+    C.quantize_rows(ptr(x2), ptr(inv_smooth), ptr(xq), ptr(xs), m, k, x2.stride(0) if m > 1 else k,
+                    code, numerics.KIND_CODES[kind], stream)
+    if kind == "fp8" and outer_vec_supported(C, x):
+        y = torch.empty((m, n_y), dtype=x.dtype, device=x.device)
+        C.gemm_fp8(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), ptr(y), m, n_y, k, k, n_y,
+                   code, stream)
+        return epilogue_cuda(C, y, x, act, glu, gate, residual).view(out_shape)
+    acc_i32 = kind == "int8"
+    acc = torch.empty((m, n_y), dtype=torch.int32 if acc_i32 else torch.float32, device=x.device)
+    if acc_i32:
+        C.gemm_int8(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
+    else:
+        C.gemm_fp8_unscaled(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
+    rows_per_batch, gstride, res = epilogue_args(x, m, n_out, gate, residual)
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    C.scaled_epilogue(ptr(acc), _ACC_I32 if acc_i32 else _ACC_F32, ptr(xs), ptr(wscale), ptr(bias),
+                      ptr(gate), ptr(res), ptr(out), m, n_out, _ACT_CODES[act], glu, rows_per_batch,
+                      gstride, code, stream)
+    return out.view(out_shape)
+
+
+def shape_unsupported(n: int, k: int, kind: str) -> Optional[str]:
+    """Why a (N, K) weight cannot take the quantised GEMM (cuBLASLt alignment rules), or None."""
+    if kind == "fp8" and k % 16:
+        return f"K={k} is not a multiple of 16 (FP8 GEMM)"
+    if kind == "int8" and k % 16:
+        return f"K={k} is not a multiple of 16 (INT8 GEMM alignment)"
+    if n % 8:
+        return f"N={n} is not a multiple of 8 (16-byte output rows)"
+    return None
+
+
+def _cuda_unsupported(x, qweight, wscale, bias, glu, gate, residual, kind, inv_smooth) -> Optional[str]:
+    reason = unsupported_reason(x=x)
+    if reason:
+        return reason
+    if x.dtype == torch.float32:
+        return "float32 activations (the quantised path is for fp16/bf16 models)"
+    for name, t in (("qweight", qweight), ("wscale", wscale), ("inv_smooth", inv_smooth)):
+        if t is not None and (not t.is_cuda or t.device != x.device or not t.is_contiguous()):
+            return f"{name} must be a contiguous tensor on {x.device}"
+    reason = shape_unsupported(qweight.shape[0], qweight.shape[1], kind)
+    if reason:
+        return reason
+    if x.dim() == 0:
+        return "0-d input"
+    return epilogue_unsupported(x, qweight.shape[0] // 2 if glu else qweight.shape[0], bias, gate, residual)

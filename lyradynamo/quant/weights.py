@@ -1,0 +1,181 @@
+"""Quantised copies of the model's linear weights, kept in step with the model.
+
+For each weight a quantised lyra::qlinear reads, one `QuantWeight` holds:
+  master   the high-precision weight: the Parameter itself (config.quant_master = "gpu"), or
+           a host copy (= "host", the default on CUDA: the GPU keeps only the fp8/int8 copy;
+           the Parameter's storage becomes a NaN placeholder so that running the original
+           module eagerly fails loudly instead of silently using stale values);
+  qweight  (N, K) fp8 e4m3 / int8 and wscale (N,) float32 on the GPU (buffers of the graph);
+  version  master._version when qweight was derived.
+`refresh()` (run before every call of a quantised graph) re-derives the copies of exactly the
+weights whose master changed in place since (LoRA loads and unloads, ControlNet weight
+copies), writing into the same buffers, so CUDA graphs stay valid. Patch a quantised weight
+through `master_weight(param)` (lyradynamo.lora does).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import numerics
+
+log = logging.getLogger("lyradynamo")
+
+class TensorKeyed:
+    """A map keyed by tensor identity that does not keep the tensor alive (a WeakKeyDictionary
+    would compare tensors with `==`, which is elementwise)."""
+
+    def __init__(self) -> None:
+        self._d: dict[int, tuple] = {}
+
+    def get(self, t: Tensor, default=None):
+        item = self._d.get(id(t))
+        return item[1] if item is not None and item[0]() is t else default
+
+    def __setitem__(self, t: Tensor, value) -> None:
+        key = id(t)
+        self._d[key] = (weakref.ref(t, lambda _r, k=key: self._d.pop(k, None)), value)
+
+    def pop(self, t: Tensor, default=None):
+        value = self.get(t, default)
+        self._d.pop(id(t), None)
+        return value
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+_lock = threading.Lock()
+_by_param = TensorKeyed()
+_placeholders: dict[tuple, Tensor] = {}  # (device, dtype) -> NaN storage shared by placeholders
+
+
+@dataclasses.dataclass(eq=False)
+class QuantWeight:
+    name: str
+    kind: str
+    param: Tensor
+    master: Tensor
+    qweight: Tensor
+    wscale: Tensor
+    smooth: Optional[Tensor]  # SmoothQuant s (K,) folded into the weight (x is multiplied by 1/s)
+    inv_smooth: Optional[Tensor]
+    version: int = -1
+    param_version: int = -1
+
+    def derive(self) -> None:
+        """(Re)compute qweight / wscale from master, in place."""
+        w = self.master.to(self.qweight.device, non_blocking=True)
+        if self.smooth is not None:
+            w = w.float() * self.smooth.to(w.device)[None, :]
+        q, s = numerics.quantize_rows(w, self.kind)
+        self.qweight.copy_(q)
+        self.wscale.copy_(s)
+        self.version = self.master._version
+        self.param_version = self.param._version
+
+    def stale(self) -> bool:
+        return self.master._version != self.version
+
+    def param_patched(self) -> bool:
+        """The placeholder Parameter was written to (a patch that bypassed master_weight)."""
+        return self.master is not self.param and self.param._version != self.param_version
+
+
+def quantize_weight(name: str, param: Tensor, kind: str, smooth: Optional[Tensor]) -> QuantWeight:
+    """The QuantWeight of `param` for `kind`, created on first use and shared by all graphs."""
+    with _lock:
+        entry = _by_param.get(param)
+        if entry is not None and entry.kind == kind and _same(entry.smooth, smooth):
+            return entry
+        master = entry.master if entry is not None else param
+        n, k = param.shape
+        qweight = torch.empty((n, k), dtype=numerics.QDTYPE[kind], device=param.device)
+        wscale = torch.empty((n,), dtype=torch.float32, device=param.device)
+        inv = None if smooth is None else (1.0 / smooth.float()).to(param.device)
+        entry = QuantWeight(name, kind, param, master, qweight, wscale,
+                            None if smooth is None else smooth.float().cpu(), inv)
+        entry.derive()
+        _by_param[param] = entry
+        return entry
+
+
+def _same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and torch.equal(a.cpu().float(), b.cpu().float())
+
+
+def offload_master(entry: QuantWeight) -> None:
+    """Move the high-precision weight to the host; the Parameter keeps shape, strides, dtype and
+    device (Dynamo's guards) but points into a shared NaN placeholder."""
+    param = entry.param
+    if entry.master is not param or not param.is_cuda:
+        return
+    with torch.no_grad():
+        host = torch.empty(param.shape, dtype=param.dtype, pin_memory=True)
+        host.copy_(param.detach())
+        entry.master = host
+        entry.version = host._version
+        param.data = _placeholder(param)
+        entry.param_version = param._version
+
+
+def _placeholder(param: Tensor) -> Tensor:
+    key = (param.device, param.dtype)
+    buf = _placeholders.get(key)
+    if buf is None or buf.numel() < param.numel():
+        buf = torch.full((max(param.numel(), 1 << 20),), float("nan"), dtype=param.dtype, device=param.device)
+        _placeholders[key] = buf
+    return buf[: param.numel()].view(param.shape)
+
+
+def refresh(entries) -> int:
+    """Re-derive the quantised copies whose master changed in place; returns how many."""
+    done = 0
+    for entry in entries:
+        if entry.param_patched():
+            raise RuntimeError(
+                f"lyradynamo: the weight {entry.name} is quantised and its high-precision copy lives "
+                "on the host; it was patched through the Parameter, which is only a placeholder. "
+                "Patch it through lyradynamo.quant.master_weight(param) (lyradynamo.lora does), or "
+                "set lyradynamo.config.quant_master = 'gpu'.")
+        if entry.stale():
+            entry.derive()
+            done += 1
+    if done:
+        log.info("lyradynamo: re-quantised %d weight(s) changed in place", done)
+    return done
+
+
+def master_weight(param: Tensor) -> Tensor:
+    """The tensor holding `param`'s high-precision values: patch this one in place."""
+    entry = _by_param.get(param)
+    return param if entry is None else entry.master
+
+
+def entry_of(param: Tensor) -> Optional[QuantWeight]:
+    return _by_param.get(param)
+
+
+def restore(model: torch.nn.Module) -> int:
+    """Put the high-precision weights of `model` back into its Parameters (on their device), e.g.
+    to run the module eagerly again. Compiled graphs keep working and keep following them."""
+    count = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            entry = _by_param.get(p)
+            if entry is None or entry.master is p:
+                continue
+            p.data = entry.master.to(p.device)
+            entry.master = p
+            entry.version = p._version
+            entry.param_version = p._version
+            count += 1
+    return count

@@ -1,0 +1,138 @@
+"""config.quant = fp8 / int8 on the CPU (the reference path of lyra::qlinear): the rewrite,
+per-layer decisions in the dump, quality, weight refresh after in-place patches, SmoothQuant."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lyradynamo
+from lyradynamo import zoo
+from lyradynamo.quant import calibration, numerics
+from helpers import rel_err
+
+lyra = torch.ops.lyra
+g = torch.Generator().manual_seed(7)
+
+
+def rnd(*shape):
+    return torch.randn(*shape, generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _restore_config():
+    snap = lyradynamo.config.snapshot()
+    yield
+    for k, v in snap.items():
+        setattr(lyradynamo.config, k, v)
+
+
+def _compile(model, kind, **cfg):
+    """Options are read when the graph compiles (the first call): set them for the test."""
+    lyradynamo.config.quant = kind
+    for k, v in cfg.items():
+        setattr(lyradynamo.config, k, v)
+    return torch.compile(model, backend="lyra")
+
+
+def _linears(model):
+    return {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("kind,min_db", [("fp8", 25.0), ("int8", 20.0)])
+@pytest.mark.parametrize("name", ["flux", "sdxl"])
+def test_quantized_model_quality_layers_and_one_compile(name, kind, min_db):
+    model = zoo.build_denoiser(name)
+    shapes = [dict(batch=2), dict(batch=1, height=48, width=80)]
+    with torch.no_grad():
+        refs = [model(**zoo.denoiser_inputs(name, model, **s))[0] for s in shapes]
+        compiled = _compile(model, kind)
+        outs = [compiled(**zoo.denoiser_inputs(name, model, **shapes[0]))[0]]
+        torch.compiler.set_stance("fail_on_recompile")
+        try:
+            outs.append(compiled(**zoo.denoiser_inputs(name, model, **shapes[1]))[0])
+        finally:
+            torch.compiler.set_stance("default")
+    assert lyradynamo.compile_count() == 1
+    for out, ref in zip(outs, refs):
+        db = numerics.sqnr_db(ref, out)
+        assert min_db <= db < 120, db  # quantised: close, but not the unquantised result
+    q = lyradynamo.compiled_graphs()[0].summary["quant"]
+    assert q["kind"] == kind and q["quantized"]
+    assert set(q["quantized"]) | set(q["kept"]) == _linears(model)
+    assert all("config.quant_exclude" in why or "not a multiple" in why for why in q["kept"].values()), q["kept"]
+    hist = lyradynamo.compiled_graphs()[0].summary["op_histogram"]
+    assert hist.get("lyra::qlinear", 0) == len(q["quantized"]) or hist.get("lyra::qlinear", 0) >= len(q["quantized"])
+
+
+def test_exclude_pattern_keeps_layers_in_high_precision():
+    model = zoo.build_denoiser("flux")
+    with torch.no_grad():
+        _compile(model, "fp8", quant_exclude=(r"\.ff\.",))(**zoo.denoiser_inputs("flux", model))
+    q = lyradynamo.compiled_graphs()[0].summary["quant"]
+    assert any(".ff." in k for k in q["kept"]) and not any(".ff." in k for k in q["quantized"])
+    assert any(k.startswith("x_embedder") for k in q["quantized"])  # default exclusions replaced
+
+
+def test_patched_weight_is_requantized_without_recompile():
+    model = zoo.build_denoiser("flux")
+    inputs = zoo.denoiser_inputs("flux", model)
+    compiled = _compile(model, "fp8")
+    with torch.no_grad():
+        before = compiled(**inputs)[0]
+        torch.compiler.set_stance("fail_on_recompile")
+        try:
+            w = model.transformer_blocks[0].attn.to_q.weight
+            lyradynamo.quant.master_weight(w).add_(0.5 * rnd(*w.shape))
+            after = compiled(**inputs)[0]
+        finally:
+            torch.compiler.set_stance("default")
+        torch._dynamo.reset()
+        fresh = _compile(model, "fp8")(**inputs)[0]  # quantised from the patched weights
+    assert rel_err(after, before) > 1e-4
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("act,glu,with_gate,with_res", [("none", False, False, False), ("gelu_tanh", False, True, True),
+                                                         ("gelu", True, False, False), ("silu", False, False, True)])
+def test_qlinear_op(kind, act, glu, with_gate, with_res):
+    x, w, b = rnd(3, 5, 32), rnd(48, 32), rnd(48)
+    n = 24 if glu else 48
+    gate = rnd(3, 1, n) if with_gate else None
+    res = rnd(3, 5, n) if with_res else None
+    wq, ws = numerics.quantize_rows(w, kind)
+    args = (x, wq, ws, b, act, glu, gate, res, kind, None)
+    # test_schema compares fp8 tensors with ops the CPU lacks for float8; the rest run for both
+    utils = ("test_faketensor", "test_aot_dispatch_dynamic") if kind == "fp8" else None
+    torch.library.opcheck(lyra.qlinear.default, args, **({"test_utils": utils} if utils else {}))
+    out = lyra.qlinear(*args)
+    exact = lyra.linear(x, w, b, act, glu, gate, res)
+    assert numerics.sqnr_db(exact, out) > (20 if kind == "fp8" else 30)
+    # emulation: dequantised operands through the float op give the same numbers
+    xq, xs = numerics.quantize_rows(x, kind)
+    emu = lyra.linear(numerics.dequantize_rows(xq, xs), numerics.dequantize_rows(wq, ws), b, act, glu, gate, res)
+    torch.testing.assert_close(out, emu, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothquant_calibration_helps_an_outlier_channel():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+        model[0].bias.zero_()
+        model[0].bias[3] = 300.0  # one activation channel of the second linear is an outlier
+    x = rnd(16, 64)
+    with torch.no_grad():
+        ref = model(x)
+        plain = _compile(model, "int8")(x)
+        torch._dynamo.reset()
+        assert lyradynamo.quant.calibrate(model, [{"input": x}]) == 2
+        smooth = _compile(model, "int8")(x)
+    assert calibration.smooth_of(model[1].weight) is not None
+    assert numerics.sqnr_db(ref, smooth) > numerics.sqnr_db(ref, plain) + 3
+    calibration.clear()
+
+
+def test_bad_quant_options_are_named():
+    with pytest.raises(lyradynamo.config.LyraConfigError, match="quant_master"):
+        lyradynamo.config.quant_master = "disk"
+    with pytest.raises(ValueError, match="alpha"):
+        lyradynamo.quant.calibrate(torch.nn.Linear(4, 4), {"input": torch.randn(2, 4)}, alpha=2.0)
