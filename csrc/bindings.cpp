@@ -24,6 +24,9 @@ void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul,
                    uintptr_t stream);
 void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
           int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream);
+void gemm_ex(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t residual, uintptr_t alpha_vec,
+             uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldo,
+             int dtype, int epi, uintptr_t stream);
 void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
                      int64_t N_out, int act, bool glu, int64_t rows_per_batch,
                      int64_t gate_bstride, int dtype, uintptr_t stream);
@@ -97,6 +100,15 @@ PYBIND11_MODULE(_C, m) {
         "lda (a) and ldo (out) in elements. First call per device allocates a 32 MiB workspace.",
         py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("N"),
         py::arg("K"), py::arg("lda"), py::arg("ldo"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("gemm_ex", &lyra::gemm_ex, release(),
+        "out = epi(alpha[n] * (a @ b^T) + residual + bias[n]) in cuBLASLt's epilogue: epi 0 none, "
+        "1 gelu (tanh approximation); alpha (N,) float32 or 0 (= 1); residual (M, N; row stride "
+        "ldo) or 0, not aliasing out; b (N, K) with row stride ldb >= K. Same layouts and numerics "
+        "as gemm.",
+        py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("residual"), py::arg("alpha_vec"),
+        py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("lda"), py::arg("ldb"), py::arg("ldo"),
+        py::arg("dtype"), py::arg("epi"), py::arg("stream"));
 
   m.def("linear_epilogue", &lyra::linear_epilogue, release(),
         "out = residual + gate * act(y) (or y[:, :N] * act(y[:, N:]) if glu); act 0 none, "

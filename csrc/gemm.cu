@@ -35,6 +35,14 @@
 //                      (epilogue.cu) then applies scales and bias.
 //   gemm_int8:         out_i32(M, N) = a @ b^T, int8 inputs, exact int32 sums
 //                      (CUBLAS_COMPUTE_32I).
+//
+// Fused epilogues for the float GEMM (gemm_ex), all inside cuBLASLt's epilogue:
+//   out = epi(alpha[n] * (a @ b^T)[m, n] + residual[m, n] + bias[n])
+//   epi: 0 none, 1 GELU (tanh approximation, cuBLASLt's GELU); alpha (N,) fp32 per
+//   output column (CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST) or 1;
+//   residual (M, N; row stride ldo, may not alias out) added through C with beta = 1;
+//   b may be a column slice of a wider weight (row stride ldb >= K).
+//   A DiT's gated residual  r + g * (x W^T + b)  is alpha = g, bias = g * b.
 // fp8 needs K % 16 == 0, lda % 16 == 0, a 16-byte multiple row pitch of out and
 // 16-byte aligned pointers; int8 needs K % 4 == 0, lda % 4 == 0 and 4-byte
 // aligned a / b. gemm_fp8_supported_outer_vec(device) runs one small scaled
@@ -76,6 +84,8 @@ enum Variant : int {
   kVarFp8Scaled = 1,    // gemm_fp8: e4m3 in, OUTER_VEC scales, dtype = out dtype
   kVarFp8Unscaled = 2,  // gemm_fp8_unscaled: e4m3 in, fp32 out
   kVarInt8 = 3,         // gemm_int8: int8 in, int32 out
+  // gemm_ex: kVarEx | epi (bit 0: GELU) | 2 (alpha vector) | 4 (residual through C)
+  kVarEx = 16,
 };
 
 const char* variant_name(int variant) {
@@ -83,7 +93,7 @@ const char* variant_name(int variant) {
     case kVarFp8Scaled: return "gemm_fp8";
     case kVarFp8Unscaled: return "gemm_fp8_unscaled";
     case kVarInt8: return "gemm_int8";
-    default: return "gemm";
+    default: return variant >= kVarEx ? "gemm_ex" : "gemm";
   }
 }
 
@@ -107,9 +117,9 @@ struct Plan {
   }
 };
 
-// (device, M, N, K, lda, ldo, dtype, has_bias, alignment bits, workspace?, variant)
+// (device, M, N, K, lda, ldo, dtype, has_bias, alignment bits, workspace?, variant, ldb)
 using PlanKey =
-    std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, uint32_t, bool, int>;
+    std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, uint32_t, bool, int, int64_t>;
 
 std::mutex g_mu;  // guards g_dev and g_plans (and the bias-pointer attribute)
 DeviceState g_dev[kMaxDevices];
@@ -132,7 +142,7 @@ cudaDataType_t lt_type(int dtype) {
 }
 
 Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K, int64_t lda,
-               int64_t ldo, int dtype, bool has_bias, uint32_t al_a, uint32_t al_b, uint32_t al_o,
+               int64_t ldb, int64_t ldo, int dtype, bool has_bias, uint32_t al_a, uint32_t al_b, uint32_t al_o,
                uint32_t al_bias, size_t ws_bytes, uintptr_t a_scale, uintptr_t b_scale) {
   Plan p;
   // Input (A, B) and output (C, D) types, compute and alpha/beta types.
@@ -151,8 +161,14 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
     const cublasOperation_t opT = CUBLAS_OP_T, opN = CUBLAS_OP_N;
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof(opT)));
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &opN, sizeof(opN)));
-    const cublasLtEpilogue_t epi = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    const bool gelu = variant >= kVarEx && (variant & 1);
+    const cublasLtEpilogue_t epi = gelu ? (has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU)
+                                        : (has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+    if (variant >= kVarEx && (variant & 2)) {
+      const int32_t pm = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST;
+      LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &pm, sizeof(pm)));
+    }
     if (variant == kVarFp8Scaled) {
       // Per-row scale vectors: Lt's A (our b) gets N values, Lt's B (our a) M.
       const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
@@ -168,7 +184,7 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
     }
     // Lt's A = b buffer viewed (K, N) col-major; B = a buffer (K, M; ld lda);
     // C = D = out (N, M; ld ldo).
-    LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.la, t_in, K, N, K));
+    LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.la, t_in, K, N, ldb));
     LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lb, t_in, K, M, lda));
     LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lc, t_out, N, M, ldo));
 
@@ -211,6 +227,8 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
 // Pointers of one call; the *_scale ones are our a / b scales (fp8 scaled only).
 struct GemmArgs {
   uintptr_t a, b, bias, out, a_scale, b_scale;
+  uintptr_t residual = 0, alpha_vec = 0;  // gemm_ex only
+  int64_t ldb = 0;                        // row stride of b; 0 = K (contiguous)
 };
 
 // Finds (or builds) the plan for this problem and enqueues the matmul on
@@ -240,7 +258,8 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
   // Pack the four alignments (each a power of two <= 256 -> log2 fits in 4 bits).
   auto lg = [](uint32_t v) { uint32_t l = 0; while (v > 1) { v >>= 1; ++l; } return l; };
   const uint32_t al_bits = lg(al_a) | (lg(al_b) << 4) | (lg(al_o) << 8) | (lg(al_bias) << 12);
-  const PlanKey key{dev, M, N, K, lda, ldo, dtype, g.bias != 0, al_bits, has_ws, variant};
+  const int64_t ldb = g.ldb ? g.ldb : K;
+  const PlanKey key{dev, M, N, K, lda, ldo, dtype, g.bias != 0, al_bits, has_ws, variant, ldb};
 
   auto it = g_plans.find(key);
   if (it == g_plans.end()) {
@@ -248,7 +267,7 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
       for (auto& kv : g_plans) kv.second.destroy();
       g_plans.clear();
     }
-    Plan plan = make_plan(ds.handle, variant, M, N, K, lda, ldo, dtype, g.bias != 0, al_a, al_b,
+    Plan plan = make_plan(ds.handle, variant, M, N, K, lda, ldb, ldo, dtype, g.bias != 0, al_a, al_b,
                           al_o, al_bias, has_ws ? kWorkspaceBytes : 0, g.a_scale, g.b_scale);
     it = g_plans.emplace(key, plan).first;
   }
@@ -266,13 +285,16 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
                                                  &lt_b_scale, sizeof(lt_b_scale)));
   }
-  const float alpha_f = 1.f, beta_f = 0.f;
+  const float alpha_f = 1.f, beta_f = g.residual ? 1.f : 0.f;
   const int32_t alpha_i = 1, beta_i = 0;
-  const void* alpha = variant == kVarInt8 ? static_cast<const void*>(&alpha_i) : &alpha_f;
+  const void* alpha = variant == kVarInt8 ? static_cast<const void*>(&alpha_i)
+                      : g.alpha_vec      ? reinterpret_cast<const void*>(g.alpha_vec)
+                                         : &alpha_f;
   const void* beta = variant == kVarInt8 ? static_cast<const void*>(&beta_i) : &beta_f;
   void* o = reinterpret_cast<void*>(g.out);
+  const void* c = g.residual ? reinterpret_cast<const void*>(g.residual) : o;
   LYRA_LT_CHECK(cublasLtMatmul(ds.handle, plan.op, alpha, reinterpret_cast<const void*>(g.b), plan.la,
-                               reinterpret_cast<const void*>(g.a), plan.lb, beta, o, plan.lc, o, plan.lc,
+                               reinterpret_cast<const void*>(g.a), plan.lb, beta, c, plan.lc, o, plan.lc,
                                &plan.algo, has_ws ? ds.workspace : nullptr, plan.ws_bytes, s));
   LYRA_CHECK_LAUNCH(fn);
 }
@@ -408,6 +430,25 @@ void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, in
   LYRA_CHECK_ARG(dtype >= 0 && dtype <= 2, fn, "dtype must be 0, 1 or 2, got " + std::to_string(dtype));
   run_gemm(fn, kVarFloat, GemmArgs{a, b, bias, out, 0, 0}, M, N, K, lda, ldo, dtype,
            as_stream(stream));
+}
+
+void gemm_ex(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t residual, uintptr_t alpha_vec,
+             uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldo,
+             int dtype, int epi, uintptr_t stream) {
+  const char* fn = "gemm_ex";
+  check_sizes(fn, a, b, out, "out", M, N, K, lda, ldo);
+  LYRA_CHECK_ARG(ldb >= K, fn, "ldb must be >= K, got ldb=" + std::to_string(ldb) + " K=" + std::to_string(K));
+  LYRA_CHECK_ARG(dtype == kFloat16 || dtype == kFloat32 || dtype == kBFloat16, fn,
+                 "dtype must be 0, 1 or 2, got " + std::to_string(dtype));
+  LYRA_CHECK_ARG(epi == 0 || epi == 1, fn, "epi must be 0 (none) or 1 (gelu tanh), got " + std::to_string(epi));
+  LYRA_CHECK_ARG(residual != out || residual == 0, fn, "residual must not alias out");
+  LYRA_CHECK_ARG(alpha_vec == 0 || aligned_to(alpha_vec, 4), fn, "alpha_vec must be 4-byte aligned (float32)");
+  const int variant = kVarEx | epi | (alpha_vec ? 2 : 0) | (residual ? 4 : 0);
+  GemmArgs g{a, b, bias, out, 0, 0};
+  g.residual = residual;
+  g.alpha_vec = alpha_vec;
+  g.ldb = ldb;
+  run_gemm(fn, variant, g, M, N, K, lda, ldo, dtype, as_stream(stream));
 }
 
 void gemm_fp8(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,

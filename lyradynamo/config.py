@@ -18,7 +18,7 @@ import sys
 import types
 from typing import Any, Iterator
 
-ALL_PASSES = ("layout", "group_norm", "adaln", "rope", "attention", "linear")
+ALL_PASSES = ("layout", "group_norm", "adaln", "rope", "attention", "linear", "split_cat")
 
 
 class LyraConfigError(ValueError):

@@ -101,10 +101,56 @@ def _(x, weight, bias, act, glu, gate, residual):
     code, stream = DTYPE_CODES[x.dtype], stream_handle(x)
     if m == 0:  # an empty batch: nothing for the kernels to do (they reject M == 0)
         return x.new_empty(out_shape, dtype=_out_dtype(x, gate, residual))
+    lda = x2.stride(0) if m > 1 else k
+    ldb = weight.stride(0) if n_y > 1 else k  # > k: a column slice of a wider weight
+    fused = _gemm_epilogue_fused(C, x, x2, weight, bias, act, glu, gate, residual, m, n_y, k, lda, ldb)
+    if fused is not None:
+        return fused.view(out_shape)
     y = torch.empty((m, n_y), dtype=x.dtype, device=x.device)
-    C.gemm(ptr(x2), ptr(weight), ptr(bias), ptr(y), m, n_y, k, x2.stride(0) if m > 1 else k, n_y,
-           code, stream)
+    if ldb == k:
+        C.gemm(ptr(x2), ptr(weight), ptr(bias), ptr(y), m, n_y, k, lda, n_y, code, stream)
+    else:
+        C.gemm_ex(ptr(x2), ptr(weight), ptr(bias), 0, 0, ptr(y), m, n_y, k, lda, ldb, n_y, code, 0, stream)
     return epilogue_cuda(C, y, x, act, glu, gate, residual).view(out_shape)
+
+
+_EX_FAILED: dict[tuple, str] = {}  # (device, dtype, kind) -> why cuBLASLt refused that epilogue
+
+
+def _gemm_epilogue_fused(C, x, x2, weight, bias, act, glu, gate, residual, m, n, k, lda, ldb):
+    """The whole linear in one cuBLASLt call when its epilogue can do the rest:
+    gelu_tanh (+ bias), or residual + gate * (x W^T + b) with one gate row for all rows
+    (alpha vector = gate, bias = gate * b, residual through C). None: not this case."""
+    if glu or getattr(C, "gemm_ex", None) is None:
+        return None
+    epi, alpha, res = 0, None, None
+    if act == "gelu_tanh" and gate is None and residual is None:
+        epi = 1
+    elif act == "none" and (gate is not None or residual is not None):
+        if gate is not None:
+            if gate.numel() != n:  # per-sample gates (batch > 1): the epilogue kernel does them
+                return None
+            alpha = gate.reshape(n).float()
+            if bias is not None:
+                bias = (alpha * bias.float()).to(x.dtype)
+        if residual is not None:
+            res = residual.reshape(m, n)
+            if not res.is_contiguous():
+                res = res.contiguous()
+    else:
+        return None
+    key = (x.device.index, x.dtype, epi, alpha is not None, res is not None)
+    if key in _EX_FAILED:
+        return None
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    try:
+        C.gemm_ex(ptr(x2), ptr(weight), ptr(bias), ptr(res), ptr(alpha), ptr(y), m, n, k, lda, ldb, n,
+                  DTYPE_CODES[x.dtype], epi, stream_handle(x))
+    except RuntimeError as exc:  # cuBLASLt has no algorithm for this epilogue here: two kernels
+        _EX_FAILED[key] = str(exc)[:200]
+        record_fallback("linear", f"cuBLASLt epilogue {key[2:]} unavailable, separate epilogue kernel: {exc}")
+        return None
+    return y
 
 
 def epilogue_args(x: Tensor, m: int, n_out: int, gate: Optional[Tensor], residual: Optional[Tensor]):
@@ -141,11 +187,19 @@ def _cuda_unsupported(x, weight, bias, glu, gate, residual) -> Optional[str]:
         return reason
     if weight.dtype != x.dtype:
         return f"weight dtype {weight.dtype} differs from x dtype {x.dtype}"
-    if not weight.is_contiguous():
-        return "weight is not contiguous"
+    if not weight.is_contiguous() and not _row_strided_ok(weight, csrc()):
+        return "weight is not contiguous (nor a 16-byte aligned column slice of one)"
     if x.dim() == 0 or weight.shape[0] == 0:
         return "empty weight or 0-d input"
     return epilogue_unsupported(x, weight.shape[0] // 2 if glu else weight.shape[0], bias, gate, residual)
+
+
+def _row_strided_ok(weight: Tensor, C) -> bool:
+    """A column slice W[:, a:b] of a contiguous weight: gemm_ex reads it with row stride ldb."""
+    es = weight.element_size()
+    return (getattr(C, "gemm_ex", None) is not None and weight.stride(1) == 1
+            and weight.stride(0) >= weight.shape[1] and (weight.stride(0) * es) % 16 == 0
+            and weight.data_ptr() % 16 == 0)
 
 
 def epilogue_unsupported(x, n_out: int, bias, gate, residual) -> Optional[str]:

@@ -64,11 +64,11 @@ def _(x, qweight, wscale, bias, act, glu, gate, residual, kind, inv_smooth):
     return x.new_empty((*x.shape[:-1], n), dtype=_out_dtype(x, gate, residual))
 
 
-def outer_vec_supported(C, x: Tensor) -> bool:
+def outer_vec_supported(C, device: torch.device, dtype: torch.dtype) -> bool:
     """cuBLASLt FP8 with per-row x per-column scale vectors on this device and dtype (cached)."""
-    key = (x.device.index, x.dtype)
+    key = (device.index, dtype)
     if key not in _outer_vec_ok:
-        _outer_vec_ok[key] = bool(C.gemm_fp8_supported_outer_vec(x.device.index or 0, DTYPE_CODES[x.dtype]))
+        _outer_vec_ok[key] = bool(C.gemm_fp8_supported_outer_vec(device.index or 0, DTYPE_CODES[dtype]))
     return _outer_vec_ok[key]
 
 
@@ -81,33 +81,49 @@ def _(x, qweight, wscale, bias, act, glu, gate, residual, kind, inv_smooth):
     if reason:
         record_fallback("qlinear", reason)
         return qlinear_reference(x, qweight, wscale, bias, act, glu, gate, residual, kind, inv_smooth)
-    k, n_y = x.shape[-1], qweight.shape[0]
-    n_out = n_y // 2 if glu else n_y
-    out_shape = (*x.shape[:-1], n_out)
+    xq, xs = quantize_cuda(C, x, kind, inv_smooth)
+    return qgemm_cuda(C, xq, xs, x.dtype, qweight, wscale, bias, act, glu, gate, residual, kind)
+
+
+def quantize_cuda(C, x: Tensor, kind: str, inv_smooth: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(q, scale) of x per row with csrc quantize_rows: q x's shape, scale x.shape[:-1]."""
+    k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
         x2 = x2.contiguous()
     m = x2.shape[0]
+    xq = torch.empty(x.shape, dtype=numerics.QDTYPE[kind], device=x.device)
+    xs = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if m:
+        C.quantize_rows(ptr(x2), ptr(inv_smooth), ptr(xq), ptr(xs), m, k, x2.stride(0) if m > 1 else k,
+                        DTYPE_CODES[x.dtype], numerics.KIND_CODES[kind], stream_handle(x))
+    return xq, xs
+
+
+def qgemm_cuda(C, xq: Tensor, xs: Tensor, out_dtype: torch.dtype, qweight: Tensor, wscale: Tensor,
+               bias: Optional[Tensor], act: str, glu: bool, gate: Optional[Tensor],
+               residual: Optional[Tensor], kind: str) -> Tensor:
+    """The GEMM + epilogue of a quantised linear on a quantised activation (contiguous xq)."""
+    k, n_y = xq.shape[-1], qweight.shape[0]
+    n_out = n_y // 2 if glu else n_y
+    out_shape = (*xq.shape[:-1], n_out)
+    m = xq.numel() // max(k, 1)
     if m == 0:
-        return x.new_empty(out_shape, dtype=_out_dtype(x, gate, residual))
-    code, stream = DTYPE_CODES[x.dtype], stream_handle(x)
-    xq = torch.empty((m, k), dtype=numerics.QDTYPE[kind], device=x.device)
-    xs = torch.empty((m,), dtype=torch.float32, device=x.device)
-    C.quantize_rows(ptr(x2), ptr(inv_smooth), ptr(xq), ptr(xs), m, k, x2.stride(0) if m > 1 else k,
-                    code, numerics.KIND_CODES[kind], stream)
-    if kind == "fp8" and outer_vec_supported(C, x):
-        y = torch.empty((m, n_y), dtype=x.dtype, device=x.device)
+        return torch.empty(out_shape, dtype=out_dtype, device=xq.device)
+    code, stream = DTYPE_CODES[out_dtype], stream_handle(xq)
+    if kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype):
+        y = torch.empty((m, n_y), dtype=out_dtype, device=xq.device)
         C.gemm_fp8(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), ptr(y), m, n_y, k, k, n_y,
                    code, stream)
-        return epilogue_cuda(C, y, x, act, glu, gate, residual).view(out_shape)
+        return epilogue_cuda(C, y, xq, act, glu, gate, residual).view(out_shape)
     acc_i32 = kind == "int8"
-    acc = torch.empty((m, n_y), dtype=torch.int32 if acc_i32 else torch.float32, device=x.device)
+    acc = torch.empty((m, n_y), dtype=torch.int32 if acc_i32 else torch.float32, device=xq.device)
     if acc_i32:
         C.gemm_int8(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
     else:
         C.gemm_fp8_unscaled(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
-    rows_per_batch, gstride, res = epilogue_args(x, m, n_out, gate, residual)
-    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    rows_per_batch, gstride, res = epilogue_args(xq, m, n_out, gate, residual)
+    out = torch.empty((m, n_out), dtype=out_dtype, device=xq.device)
     C.scaled_epilogue(ptr(acc), _ACC_I32 if acc_i32 else _ACC_F32, ptr(xs), ptr(wscale), ptr(bias),
                       ptr(gate), ptr(res), ptr(out), m, n_out, _ACT_CODES[act], glu, rows_per_batch,
                       gstride, code, stream)
@@ -140,3 +156,62 @@ def _cuda_unsupported(x, qweight, wscale, bias, glu, gate, residual, kind, inv_s
     if x.dim() == 0:
         return "0-d input"
     return epilogue_unsupported(x, qweight.shape[0] // 2 if glu else qweight.shape[0], bias, gate, residual)
+
+
+# ---- lyra::qlinear_q: the same on an activation quantised by its producer -------------------
+
+
+def qlinear_q_reference(xq: Tensor, xscale: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor],
+                        act: str, glu: bool, gate: Optional[Tensor], residual: Optional[Tensor], kind: str,
+                        out_dtype: torch.dtype) -> Tensor:
+    y = numerics.quantized_linear_reference(xq, xscale, qweight, wscale, bias, out_dtype)
+    return epilogue_reference(y, act, glu, gate, residual)
+
+
+@torch.library.custom_op("lyra::qlinear_q", mutates_args=())
+def qlinear_q(xq: Tensor, xscale: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor], act: str,
+              glu: bool, gate: Optional[Tensor], residual: Optional[Tensor], kind: str,
+              out_dtype: torch.dtype) -> Tensor:
+    """lyra::qlinear whose x arrives quantised (xq, xscale) from lyra::quantize / adaln_quant:
+    several linears reading one activation share one quantisation (or none, when the norm
+    producing it quantises)."""
+    _check(xq, qweight, wscale, act, glu, kind)
+    return qlinear_q_reference(xq, xscale, qweight, wscale, bias, act, glu, gate, residual, kind, out_dtype)
+
+
+@qlinear_q.register_fake
+def _(xq, xscale, qweight, wscale, bias, act, glu, gate, residual, kind, out_dtype):
+    _check(xq, qweight, wscale, act, glu, kind)
+    n = qweight.shape[0] // 2 if glu else qweight.shape[0]
+    dtype = out_dtype
+    for t in (gate, residual):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return xq.new_empty((*xq.shape[:-1], n), dtype=dtype)
+
+
+@qlinear_q.register_kernel("cuda")
+def _(xq, xscale, qweight, wscale, bias, act, glu, gate, residual, kind, out_dtype):
+    _check(xq, qweight, wscale, act, glu, kind)
+    C = csrc()
+    reason = "csrc not built" if C is None else _q_unsupported(xq, xscale, qweight, wscale, bias, glu, gate,
+                                                                 residual, kind, out_dtype)
+    if reason:
+        record_fallback("qlinear_q", reason)
+        return qlinear_q_reference(xq, xscale, qweight, wscale, bias, act, glu, gate, residual, kind, out_dtype)
+    return qgemm_cuda(C, xq, xscale, out_dtype, qweight, wscale, bias, act, glu, gate, residual, kind)
+
+
+def _q_unsupported(xq, xscale, qweight, wscale, bias, glu, gate, residual, kind, out_dtype) -> Optional[str]:
+    if out_dtype not in (torch.float16, torch.bfloat16):
+        return f"output dtype {out_dtype} (the quantised path is for fp16/bf16 models)"
+    if xq.dim() == 0 or not (xq.is_contiguous() and xscale.is_contiguous()):
+        return "quantised activation is 0-d or not contiguous"
+    for name, t in (("xq", xq), ("xscale", xscale), ("qweight", qweight), ("wscale", wscale)):
+        if not t.is_cuda or t.device != xq.device or not t.is_contiguous():
+            return f"{name} must be a contiguous tensor on {xq.device}"
+    reason = shape_unsupported(qweight.shape[0], qweight.shape[1], kind)
+    if reason:
+        return reason
+    like = torch.empty(xq.shape, dtype=out_dtype, device="meta")  # shape/dtype stand-in for x
+    return epilogue_unsupported(like, qweight.shape[0] // 2 if glu else qweight.shape[0], bias, gate, residual)

@@ -14,13 +14,14 @@ import traceback
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers the lyra:: ops)
-from . import adaln, attention, canonicalize, group_norm, layout, linear, rope
+from . import adaln, attention, canonicalize, group_norm, layout, linear, rope, split_cat
 from .report import GraphReport, count_anchors
 
 log = logging.getLogger("lyradynamo")
 
 PASSES = {
     "layout": layout.run,
+    "split_cat": split_cat.run,
     "linear": linear.run,
     "attention": attention.run,
     "group_norm": group_norm.run,
@@ -37,7 +38,8 @@ def run_passes(gm: fx.GraphModule, names, fake_mode) -> tuple[fx.GraphModule, Gr
     # group_norm and adaln first: their patterns start at a norm and must see the mul/add
     # epilogues before the linear pass could claim a neighbouring add as a residual; rope
     # folds the q/k RMSNorms adaln produced.
-    order = [n for n in ("layout", "group_norm", "adaln", "rope", "attention", "linear") if n in names]
+    order = [n for n in ("layout", "group_norm", "adaln", "rope", "attention", "linear", "split_cat")
+             if n in names]
     for name in order:
         try:
             PASSES[name](gm.graph, fake_mode, report)

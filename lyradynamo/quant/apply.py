@@ -10,6 +10,7 @@ high-precision copy of a weight used only by quantised linears leaves the GPU.
 """
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -21,6 +22,10 @@ from . import calibration, weights
 
 _LINEAR = torch.ops.lyra.linear.default
 _QLINEAR = torch.ops.lyra.qlinear.default
+_QLINEAR_Q = torch.ops.lyra.qlinear_q.default
+_ADALN = torch.ops.lyra.adaln.default
+_ADALN_QUANT = torch.ops.lyra.adaln_quant.default
+_QUANTIZE = torch.ops.lyra.quantize.default
 
 
 def module_path(node: fx.Node) -> str:
@@ -81,6 +86,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
         node.args = (x, qw, ws, bias, act, glu, gate, residual, kind, inv)
         node.meta["lyra"] = node.meta.get("lyra", "linear").replace("linear", f"qlinear[{kind}]", 1)
         quantized.append(path)
+    activation = _share_activation_quant(gm, kind) if quantized else {}
     if config.quant_master == "host":
         for param, entry in entries.items():
             w_node = next(n for n, t in real.items() if t is param)
@@ -89,8 +95,56 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     gm.graph.lint()
     gm.recompile()
     report.quant = {"kind": kind, "quantized": quantized, "kept": kept,
-                    "master": config.quant_master}
+                    "master": config.quant_master, "activation_quant": activation}
     return list(entries.values())
+
+
+def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:
+    """Quantise each activation once for all the quantised linears reading it, inside the
+    lyra::adaln that produces it when nothing else reads it (lyra::adaln_quant)."""
+    from ..passes import matcher as m
+
+    readers: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is _QLINEAR and node.args[9] is None:
+            readers.setdefault(node.args[0], []).append(node)
+    counts = {"fused_into_norm": 0, "shared": 0}
+    for x, users in readers.items():
+        xv = m.val(x)
+        mode = getattr(xv, "fake_mode", None)
+        if not isinstance(xv, torch.Tensor) or not xv.is_floating_point():
+            continue
+        fuse = (x.op == "call_function" and x.target is _ADALN and set(x.users) == set(users))
+        if not fuse and len(users) < 2:
+            continue  # one reader: qlinear quantises on its own, same cost
+        with gm.graph.inserting_after(x):
+            if fuse:
+                xin, w, b, mul, add, norm, eps = x.args
+                pair_args = (xin, w, b, mul, add, norm, eps, kind)
+                pair = gm.graph.call_function(_ADALN_QUANT, pair_args)
+            else:
+                pair_args = (x, kind, None)
+                pair = gm.graph.call_function(_QUANTIZE, pair_args)
+        pair.meta["example_value"] = m.fake_run(pair.target, pair_args, mode)
+        with gm.graph.inserting_after(pair):
+            q = gm.graph.call_function(operator.getitem, (pair, 0))
+            sc = gm.graph.call_function(operator.getitem, (pair, 1))
+        if pair.meta["example_value"] is not None:
+            q.meta["example_value"], sc.meta["example_value"] = pair.meta["example_value"]
+        for u in users:
+            _, qw, ws, bias, act, glu, gate, residual, k, _ = u.args
+            with gm.graph.inserting_before(u):
+                args = (q, sc, qw, ws, bias, act, glu, gate, residual, k, xv.dtype)
+                new = gm.graph.call_function(_QLINEAR_Q, args)
+            new.meta.update({key: u.meta[key] for key in ("example_value", "stack_trace", "nn_module_stack")
+                             if key in u.meta})
+            new.meta["lyra"] = u.meta.get("lyra", "qlinear")
+            u.replace_all_uses_with(new)
+            gm.graph.erase_node(u)
+        if fuse:
+            gm.graph.erase_node(x)
+        counts["fused_into_norm" if fuse else "shared"] += 1
+    return counts
 
 
 def _reason(param, path: str, kind: str):

@@ -49,6 +49,29 @@ def test_linear(dtype, act, glu, gate, res, shape):
 
 
 @pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("act,gate,res,bias", [("gelu_tanh", False, False, True), ("gelu_tanh", False, False, False),
+                                               ("none", False, True, True), ("none", True, True, True),
+                                               ("none", True, False, True), ("none", True, True, False)])
+@pytest.mark.parametrize("shape", [(1, 77, 64), (1, 4096 + 5, 3072), (3, 7, 64)])
+def test_linear_cublaslt_epilogues(dtype, act, gate, res, bias, shape, monkeypatch):
+    """The cuBLASLt-fused epilogues (GELU-tanh; one gate row as alpha vector + residual as C);
+    (3, 7, 64) has per-sample gates: the separate epilogue kernel runs instead."""
+    torch.manual_seed(hash((act, gate, res, shape)) % 1000)
+    x = torch.randn(*shape, device="cuda")
+    n = 3072 if shape[-1] == 3072 else 96
+    w = torch.randn(n, shape[-1], device="cuda") / shape[-1] ** 0.5
+    b = torch.randn(n, device="cuda") if bias else None
+    g = torch.randn(shape[0], 1, n, device="cuda") if gate else None
+    r = torch.randn(*shape[:-1], n, device="cuda") if res else None
+    calls = []
+    C = _common.csrc()
+    real = C.gemm_ex
+    monkeypatch.setattr(C, "gemm_ex", lambda *a: (calls.append(a), real(*a))[1], raising=True)
+    check(lambda *a: lyra.linear(*a), linear.linear_reference, (x, w, b, act, False, g, r), dtype)
+    assert bool(calls) == (shape[0] == 1 or not gate), "fused path taken exactly when one gate row"
+
+
+@pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("cl", [False, True])
 @pytest.mark.parametrize("shape,groups", [((2, 320, 32, 32), 32), ((1, 24, 7, 5), 3), ((2, 640, 16, 24), 32)])
 def test_group_norm(dtype, cl, shape, groups):

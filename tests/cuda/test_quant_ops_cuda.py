@@ -1,0 +1,75 @@
+"""lyra::quantize / adaln_quant / qlinear_q on CUDA: csrc kernels (no fallback) against the
+reference: quantised bytes exact where the math is the same (quantize), the dequantised
+product within fp32 rounding (qlinear_q)."""
+import pytest
+import torch
+
+import lyradynamo  # noqa: F401
+from lyradynamo.ops import _common
+from lyradynamo.quant import numerics
+
+pytestmark = pytest.mark.cuda
+lyra = torch.ops.lyra
+DT = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def no_fallback():
+    _common.reset_fallback_counts()
+    yield
+    assert _common.fallback_counts() == {}, _common.fallback_counts()
+
+
+def _bytes(q):
+    return q.view(torch.int8)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("shape", [(1, 77, 3072), (2, 4096 + 3, 64), (3, 5, 1000)])
+def test_quantize_exact(dtype, kind, shape):
+    x = (torch.randn(*shape, device="cuda") * 3).to(dtype)
+    q, s = lyra.quantize(x, kind, None)
+    rq, rs = numerics.quantize_rows(x, kind)
+    assert q.shape == x.shape and s.shape == x.shape[:-1]
+    assert torch.equal(_bytes(q), _bytes(rq))
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_adaln_quant_matches_adaln_then_quantize(dtype, kind, norm):
+    x = (torch.randn(2, 4096, 3072, device="cuda") * 2 + 0.3).to(dtype)
+    w = (1 + 0.1 * torch.randn(3072, device="cuda")).to(dtype) if norm == "rms" else None
+    mul = (1 + 0.1 * torch.randn(2, 1, 3072, device="cuda")).to(dtype)
+    add = torch.randn(2, 1, 3072, device="cuda").to(dtype)
+    q, s = lyra.adaln_quant(x, w, None, mul, add, norm, 1e-6, kind)
+    # the kernel quantises exactly what lyra::adaln's kernel computes, rounded to the dtype
+    y = lyra.adaln(x, w, None, mul, add, norm, 1e-6)
+    rq, rs = numerics.quantize_rows(y, kind)
+    assert torch.equal(_bytes(q), _bytes(rq))
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("act,gate,res", [("none", False, False), ("gelu_tanh", False, False),
+                                          ("none", True, True)])
+def test_qlinear_q_against_reference(dtype, kind, act, gate, res):
+    m_rows, k, n = 333, 3072, 1024
+    x = torch.randn(1, m_rows, k, device="cuda").to(dtype)
+    w = torch.randn(n, k, device="cuda") / k ** 0.5
+    wq, ws = numerics.quantize_rows(w, kind)
+    b = torch.randn(n, device="cuda").to(dtype)
+    g = torch.randn(1, 1, n, device="cuda").to(dtype) if gate else None
+    r = torch.randn(1, m_rows, n, device="cuda").to(dtype) if res else None
+    q, s = lyra.quantize(x, kind, None)
+    out = lyra.qlinear_q(q, s, wq, ws, b, act, False, g, r, kind, dtype)
+    from lyradynamo.ops.qlinear import qlinear_q_reference
+
+    f32 = [t.float() if t is not None else None for t in (b, g, r)]
+    expect = qlinear_q_reference(q, s, wq, ws, f32[0], act, False, f32[1], f32[2], kind, torch.float32)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    rel = float((out.double() - expect.double()).norm() / expect.double().norm())
+    assert rel < 1e-2, rel
