@@ -40,7 +40,10 @@ def prepare_parameter(t, source_name: str) -> None:
     global _converted
     if not is_conv_weight(t, source_name) or not wants_channels_last(t):
         return
-    if t.is_contiguous(memory_format=torch.channels_last) or t.shape[1] == 1 and t.shape[2] * t.shape[3] == 1:
+    if t.is_contiguous(memory_format=torch.channels_last) or t.shape[1] == 1 or t.shape[2] * t.shape[3] == 1:
+        # Spatial kernels only: they carry the layout (a 1x1 convolution follows its input's).
+        # Depthwise kernels (shape[1] == 1) stay: cuDNN's NHWC depthwise choice guards on the
+        # batch size with an equality (Sana's GLUMBConv recompiled per batch on the H100).
         return
     with torch.no_grad():
         t.data = t.data.contiguous(memory_format=torch.channels_last)

@@ -436,8 +436,10 @@ def _refresh(module: torch.nn.Module, st: _State, param_names: Iterable[str]) ->
     params = dict(module.named_parameters())
     n = 0
     for pname in dict.fromkeys(param_names):
-        # a quantised weight's values live in its master copy (maybe on the host): patch that one
-        param = master_weight(params[pname])
+        # a quantised weight's values live in its master copy (maybe on the host): patch that
+        # one; the delta is computed on the live Parameter's device (the GPU) and copied over
+        live = params[pname]
+        param = master_weight(live)
         mod_name, _, kind = pname.rpartition(".")
         touching = [(a, a.layers[mod_name]) for a in st.adapters.values() if mod_name in a.layers
                     and (kind == "weight" or a.layers[mod_name].bias is not None)]
@@ -451,10 +453,10 @@ def _refresh(module: torch.nn.Module, st: _State, param_names: Iterable[str]) ->
             if not active:
                 param.copy_(orig)  # exact original bits
             else:
-                new = orig.to(device=param.device, dtype=torch.float32, non_blocking=True, copy=True)
+                new = orig.to(device=live.device, dtype=torch.float32, non_blocking=True, copy=True)
                 for scale, layer in active:
                     if kind == "weight":
-                        new.add_(layer.delta(param), alpha=scale)
+                        new.add_(layer.delta(live), alpha=scale)
                     else:
                         new.add_(layer.bias.float() * layer.scaling, alpha=scale)
                 param.copy_(new)  # bumps param._version: derived (quantised) copies are re-made

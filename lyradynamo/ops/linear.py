@@ -7,6 +7,7 @@ CPU the rewritten graph is bit-identical to eager.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -17,6 +18,7 @@ from ._common import (DTYPE_CODES, csrc, ptr, record_fallback, row_vector_stride
                       stream_handle, unsupported_reason)
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu")
+log = logging.getLogger("lyradynamo")
 _ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
 
@@ -114,41 +116,36 @@ def _(x, weight, bias, act, glu, gate, residual):
     return epilogue_cuda(C, y, x, act, glu, gate, residual).view(out_shape)
 
 
-_EX_FAILED: dict[tuple, str] = {}  # (device, dtype, kind) -> why cuBLASLt refused that epilogue
+_EX_FAILED: dict[tuple, str] = {}  # (device, dtype, epi, residual?) -> why cuBLASLt refused it
 
 
 def _gemm_epilogue_fused(C, x, x2, weight, bias, act, glu, gate, residual, m, n, k, lda, ldb):
-    """The whole linear in one cuBLASLt call when its epilogue can do the rest:
-    gelu_tanh (+ bias), or residual + gate * (x W^T + b) with one gate row for all rows
-    (alpha vector = gate, bias = gate * b, residual through C). None: not this case."""
-    if glu or getattr(C, "gemm_ex", None) is None:
+    """The whole linear in one cuBLASLt call when its epilogue can do the rest: gelu_tanh
+    (+ bias), or + residual (through C). None: not this case, or cuBLASLt has no algorithm for
+    it here (then the GEMM + csrc epilogue kernel run instead, and the log says so once).
+    A gate is not fused: cuBLASLt 13 on the H100 answers NOT_SUPPORTED for an alpha vector
+    with a bias epilogue (measured), so gated linears keep the csrc epilogue kernel."""
+    if glu or gate is not None or getattr(C, "gemm_ex", None) is None:
         return None
-    epi, alpha, res = 0, None, None
-    if act == "gelu_tanh" and gate is None and residual is None:
-        epi = 1
-    elif act == "none" and (gate is not None or residual is not None):
-        if gate is not None:
-            if gate.numel() != n:  # per-sample gates (batch > 1): the epilogue kernel does them
-                return None
-            alpha = gate.reshape(n).float()
-            if bias is not None:
-                bias = (alpha * bias.float()).to(x.dtype)
-        if residual is not None:
-            res = residual.reshape(m, n)
-            if not res.is_contiguous():
-                res = res.contiguous()
+    if act == "gelu_tanh" and residual is None:
+        epi, res = 1, None
+    elif act == "none" and residual is not None:
+        epi, res = 0, residual.reshape(m, n)
+        if not res.is_contiguous():
+            res = res.contiguous()
     else:
         return None
-    key = (x.device.index, x.dtype, epi, alpha is not None, res is not None)
+    key = (x.device.index, x.dtype, epi, res is not None)
     if key in _EX_FAILED:
         return None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     try:
-        C.gemm_ex(ptr(x2), ptr(weight), ptr(bias), ptr(res), ptr(alpha), ptr(y), m, n, k, lda, ldb, n,
+        C.gemm_ex(ptr(x2), ptr(weight), ptr(bias), ptr(res), 0, ptr(y), m, n, k, lda, ldb, n,
                   DTYPE_CODES[x.dtype], epi, stream_handle(x))
-    except RuntimeError as exc:  # cuBLASLt has no algorithm for this epilogue here: two kernels
+    except RuntimeError as exc:
         _EX_FAILED[key] = str(exc)[:200]
-        record_fallback("linear", f"cuBLASLt epilogue {key[2:]} unavailable, separate epilogue kernel: {exc}")
+        log.warning("lyradynamo: cuBLASLt epilogue %s unavailable (%s); lyra::linear uses its GEMM + "
+                    "epilogue kernels there", key[2:], exc)
         return None
     return y
 

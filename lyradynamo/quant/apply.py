@@ -36,9 +36,21 @@ def module_path(node: fx.Node) -> str:
     if not isinstance(name, str):
         return node.name
     keys = [k for k in re.findall(r"\['([^']*)'\]", name) if k not in ("_modules", "_parameters", "_buffers")]
-    if keys and keys[0] == "self":
-        keys = keys[1:]
-    return ".".join(keys) or node.name
+    # keys[0] is the frame's local holding the root module ("self", or any other name)
+    return ".".join(keys[1:]) or node.name
+
+
+def _only_quantised_readers(gm: fx.GraphModule, real: dict, kind: str) -> set:
+    """Weight placeholders every reader of which is a lyra::linear that will be quantised: their
+    high-precision GPU copy is not needed after quantisation."""
+    out = set()
+    for w_node, param in real.items():
+        if not w_node.users or _reason(param, module_path(w_node), kind):
+            continue
+        if all(u.op == "call_function" and u.target is _LINEAR and u.args[1] is w_node
+               and w_node not in (u.args[0], *u.args[2:]) for u in w_node.users):
+            out.add(w_node)
+    return out
 
 
 def _excluded(path: str):
@@ -54,6 +66,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
     quantized, kept, entries, buffers = [], {}, {}, {}
+    offload = config.quant_master == "host" and _only_quantised_readers(gm, real, kind)
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is _LINEAR):
             continue
@@ -68,6 +81,8 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
         if entry is None:
             entry = weights.quantize_weight(path, param, kind, calibration.smooth_of(param) if kind == "int8" else None)
             entries[param] = entry
+            if w_node in offload:  # at once: the GPU never holds all bf16 and fp8 copies together
+                weights.offload_master(entry)
             idx = len(buffers) // 3
             for tag, t in (("qw", entry.qweight), ("ws", entry.wscale), ("is", entry.inv_smooth)):
                 attr = f"_lyra_{tag}{idx}"
@@ -87,11 +102,6 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
         node.meta["lyra"] = node.meta.get("lyra", "linear").replace("linear", f"qlinear[{kind}]", 1)
         quantized.append(path)
     activation = _share_activation_quant(gm, kind) if quantized else {}
-    if config.quant_master == "host":
-        for param, entry in entries.items():
-            w_node = next(n for n, t in real.items() if t is param)
-            if not w_node.users:  # only quantised linears read it: its GPU copy can go
-                weights.offload_master(entry)
     gm.graph.lint()
     gm.recompile()
     report.quant = {"kind": kind, "quantized": quantized, "kept": kept,

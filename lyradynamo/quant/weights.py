@@ -71,7 +71,8 @@ class QuantWeight:
 
     def derive(self) -> None:
         """(Re)compute qweight / wscale from master, in place."""
-        w = self.master.to(self.qweight.device, non_blocking=True)
+        # blocking: the host master may be patched again right after this returns
+        w = self.master.to(self.qweight.device)
         if self.smooth is not None:
             w = w.float() * self.smooth.to(w.device)[None, :]
         q, s = numerics.quantize_rows(w, self.kind)
