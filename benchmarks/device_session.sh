@@ -18,6 +18,8 @@
 #   BENCH_EXTRA     more bench.py arguments, e.g. "--runs 5 --warmup 2"
 #   PROFILE_MODELS  comma list: top CUDA kernels of one call (profile_model.py) -> profile.log
 #   PROFILE_MODES   modes to profile (default lyra); PROFILE_SIZE WxH
+#   SWAP_MODELS     comma list for benchmarks/bench_swap.py (LoRA / ControlNet swaps) -> swap.jsonl
+#   TEST_ARGS       pytest arguments for the CUDA tests (default "-x")
 #   SESSION_BUDGET_S  seconds from the start after which nothing new is started and running
 #                   benchmarks are interrupted (rows kept)  (default 540: a run call has 600)
 set -u
@@ -89,7 +91,7 @@ fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t=$(date +%s)
   timeout -k 10 $(( $(left) > 60 ? $(left) - 30 : 30 )) \
-    python3 -m pytest -m cuda tests/cuda -q -x --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log"
+    python3 -m pytest -m cuda tests/cuda -q ${TEST_ARGS:--x} --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log"
   rc=${PIPESTATUS[0]}
   S_TESTS="rc $rc in $(( $(date +%s) - t ))s: $(python3 - "$OUT/cuda_tests.xml" <<'EOF'
 import sys, xml.etree.ElementTree as ET
@@ -131,6 +133,17 @@ if [ -n "${PROFILE_MODELS:-}" ]; then
       --modes "${PROFILE_MODES:-lyra}" ${PROFILE_SIZE:+--size $PROFILE_SIZE} 2>&1 \
       | grep -v Warning | tee -a "$OUT/profile.log" | tail -60
   done
+fi
+
+# SWAP_MODELS=sd15,sdxl: LoRA / ControlNet swap timings (bench_swap.py) -> swap.jsonl
+if [ -n "${SWAP_MODELS:-}" ]; then
+  st=$(( $(left) - 30 )); [ "$st" -gt "${SWAP_TIMEOUT:-150}" ] && st=${SWAP_TIMEOUT:-150}
+  if [ "$st" -gt 30 ]; then
+    timeout -s INT -k 10 "$st" python3 benchmarks/bench_swap.py --models "$SWAP_MODELS" \
+      --out "$OUT/swap.jsonl" ${SWAP_EXTRA:-} 2>&1 | grep -v Warning | tail -40
+  else
+    echo "== swap bench: skipped, no time left"
+  fi
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
