@@ -62,10 +62,7 @@ def reset_stats() -> None:
 
 
 def _device_of(example_inputs) -> str:
-    for t in example_inputs:
-        if isinstance(t, torch.Tensor):
-            return t.device.type
-    return "cpu"
+    return runtime.input_device(example_inputs).type
 
 
 def _freeze_parameters(example_inputs: list) -> None:
@@ -151,8 +148,8 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
     quant_entries = _quantize(gm, example_inputs, report)
     reason = _recompile_reason()
     if reason:
-        log.warning("lyradynamo: recompiling: %s (a model that branches on a size in its own Python "
-                    "code compiles once per value of that size)", reason)
+        log.warning("lyradynamo: recompiling: %s (a model that branches on a size or a float argument "
+                    "in its own Python code compiles once per branch taken)", reason)
     device = _device_of(example_inputs)
     with _lock:
         record = CompiledGraph(

@@ -45,8 +45,17 @@ def _static_input_indices(gm: fx.GraphModule, example_inputs: list) -> set[int]:
     return static
 
 
+def input_device(example_inputs: list) -> torch.device:
+    """The graph's device: that of its first tensor input that is not a host scalar (float
+    arguments arrive as CPU 0-d tensors, see shape_policy)."""
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor) and not (t.device.type == "cpu" and t.dim() == 0):
+            return t.device
+    return torch.device("cpu")
+
+
 def make_runner(gm: fx.GraphModule, example_inputs: list, record) -> Callable:  # noqa: ANN001
-    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    device = input_device(example_inputs)
     if device.type == "cuda" and config.cuda_graphs:
         return CudaGraphRunner(gm, _static_input_indices(gm, example_inputs), device, record)
     return gm.forward
@@ -77,7 +86,11 @@ class CudaGraphRunner:
     def _signature(self, args) -> tuple:
         sig = []
         for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
+            if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() == 0 and i not in self.static_idx:
+                # a float argument of the forward (shape_policy): the graph .item()s it on the
+                # host, so the capture bakes its value in: one capture per value
+                sig.append((i, a.item()))
+            elif isinstance(a, torch.Tensor):
                 sig.append((i, tuple(a.shape), a.stride(), a.dtype, a.device))
             elif isinstance(a, (int, float, bool)):
                 sig.append((i, a))

@@ -16,6 +16,17 @@ drops them: only guards recorded inside operator implementations (never the mode
 Python), and only non-equalities (`Ne`, `<`, `>=`, ...); equalities can change shapes, so
 they stay.
 
+Floats. `specialize_float=True` keeps the floats of the model's code and modules (eps,
+dropout p, output_scale_factor, an attention scale computed from head_dim) Python constants,
+which the passes match on. It would also bake in a float *argument* of the compiled forward
+(ControlNet's `conditioning_scale`, a `timestep` passed as a Python float, a scale inside
+`cross_attention_kwargs`): every new value would recompile. `_install_input_floats` makes
+exactly those floats (read from the frame's arguments, directly or through dict / list /
+tuple items, never through an attribute) graph inputs the way `specialize_float=False` would:
+Dynamo passes a float64 0-d tensor and the graph `.item()`s it into a SymFloat. Python
+control flow on such a float (`if scale == 0:`) still guards on it, so a value on the other
+side of the branch recompiles once, and the result stays correct.
+
 torch.compile wraps a named backend in `_TorchCompileWrapper`, which drops the
 `backend_ctx_ctor` hook Dynamo offers backends for exactly this purpose; `install()` lets it
 through for backends that define one (ours).
@@ -23,6 +34,7 @@ through for backends that define one (ours).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Iterator
 
@@ -38,7 +50,8 @@ log = logging.getLogger("lyradynamo")
 _DYNAMO_POLICY = dict(
     assume_static_by_default=False,  # trace dynamic from the first call
     automatic_dynamic_shapes=True,
-    specialize_float=True,  # eps / dropout p stay Python constants (matchable)
+    specialize_float=True,  # eps / dropout p stay Python constants (matchable); but see
+    # _install_input_floats: floats among the frame's arguments become graph inputs
 )
 _FX_POLICY = dict(
     # Duck sizing stays on, but `_batch_only_duck` limits it to dim 0: the batch dims of
@@ -111,6 +124,7 @@ def install() -> None:
     get_compiler_fn.__wrapped__ = original  # type: ignore[attr-defined]
     _eval_frame.get_compiler_fn = get_compiler_fn
     _install_batch_only_duck()
+    _install_input_floats()
     _installed = True
 
 
@@ -143,6 +157,110 @@ def _install_batch_only_duck() -> None:
 
     _automatic_dynamic.__wrapped__ = original  # type: ignore[attr-defined]
     builder._automatic_dynamic = _automatic_dynamic
+
+
+def _install_input_floats() -> None:
+    """Under the policy, a float from the frame's arguments becomes a graph input (SymFloat).
+
+    VariableBuilder.wrap_literal turns a Python float into a constant (guarded by value) when
+    `specialize_float` is on, else into a SymFloat graph input. For float arguments we run it
+    as with `specialize_float=False` and without the lazy-constant wrapper (whose type checks
+    read the global flag, which says "constant"); every other float keeps torch's path.
+    """
+    from torch._dynamo.variables import builder
+
+    cls = getattr(builder, "VariableBuilder", None)
+    original = getattr(cls, "wrap_literal", None)
+    if original is None or not hasattr(cls, "wrap_symfloat") or not _input_source_types():
+        log.warning("lyradynamo: torch._dynamo's VariableBuilder.wrap_literal/wrap_symfloat or its "
+                    "source types not found; float arguments stay specialised (a new value recompiles)")
+        return
+
+    def wrap_literal(self, value):  # noqa: ANN001, ANN202 - torch's signature
+        if not (_active and type(value) is float and _is_input_source(getattr(self, "source", None))):
+            return original(self, value)
+        lazy = getattr(self, "allow_lazy_constant", False)
+        with torch._dynamo.config.patch(specialize_float=False):
+            if lazy:
+                self.allow_lazy_constant = False
+            try:
+                return original(self, value)
+            finally:
+                if lazy:
+                    self.allow_lazy_constant = lazy
+
+    wrap_literal.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.wrap_literal = wrap_literal
+    # The type -> wrap_* table is built once and cached (with the method it found then): an
+    # earlier torch.compile in this process would have cached torch's wrap_literal.
+    for table in ("_type_dispatch_impl", "_type_dispatch"):
+        clear = getattr(getattr(cls, table, None), "cache_clear", None)
+        if clear is not None:
+            clear()
+    _install_eager_input_floats(builder)
+
+
+def _install_eager_input_floats(builder) -> None:  # noqa: ANN001
+    """Build float arguments at once instead of as LazyConstantVariable.
+
+    Dynamo wraps primitives lazily (LazyConstantVariable, torch >= 2.11) and answers type
+    questions about them (`scale == 0` dispatch, isinstance) from the global
+    `specialize_float` without building them: with our policy it would assume a constant, then
+    get a SymFloat and fail. Building float arguments eagerly (through wrap_literal above)
+    avoids the question; the cost is a TYPE_MATCH guard. Without this class there is nothing
+    lazy to bypass.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._dynamo.variables import lazy
+    except ImportError:
+        return
+    lcv = getattr(lazy, "LazyConstantVariable", None)
+    original = getattr(lcv, "create", None)
+    if original is None:
+        return
+
+    def create(value, source, **options):  # noqa: ANN001, ANN003, ANN202 - torch's signature
+        if _active and not options and type(value) is float and _is_input_source(source):
+            try:
+                tx = InstructionTranslator.current_tx()
+            except Exception:  # noqa: BLE001 - no frame being traced: stay lazy
+                tx = None
+            if tx is not None:
+                return builder.VariableBuilder(tx, source, allow_lazy_constant=False)(value)
+        return original(value, source, **options)
+
+    create.__wrapped__ = original  # type: ignore[attr-defined]
+    lcv.create = staticmethod(create)
+
+
+@functools.lru_cache(maxsize=None)
+def _input_source_types():  # noqa: ANN202
+    """(LocalSource, the item sources) of torch._dynamo.source, or None if they moved."""
+    try:
+        from torch._dynamo import source as src
+    except ImportError:
+        return None
+    local = getattr(src, "LocalSource", None)
+    items = tuple(getattr(src, n) for n in ("GetItemSource", "DictGetItemSource", "DictSubclassGetItemSource")
+                  if isinstance(getattr(src, n, None), type))
+    if local is None or not items:
+        return None
+    return local, items
+
+
+def _is_input_source(source) -> bool:  # noqa: ANN001
+    """True for L['x'], L['kwargs']['scale'], L['args'][1], L['cfg']['a'][0]: a value read from an
+    argument of the compiled frame through items only. Attributes (self.eps, module config),
+    function defaults, closures and globals are not inputs: they stay specialised."""
+    types_ = _input_source_types()
+    if types_ is None or source is None:
+        return False
+    local, items = types_
+    while isinstance(source, items):
+        source = getattr(source, "base", None)
+    return (isinstance(source, local) and bool(getattr(source, "is_input", False))
+            and not getattr(source, "is_derefed_cell_contents", False))
 
 
 def _prepare_input(t, source) -> None:  # noqa: ANN001

@@ -8,30 +8,18 @@ import torch
 import lyradynamo
 from lyradynamo import zoo
 from lyradynamo.controlnet import ControlNetMismatch, swap_controlnet
-from helpers import rel_err
+from helpers import flat_outputs, one_thread, rel_err
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _flat(out):
-    """All residuals of a ControlNet output (SD: down tuple + mid; FLUX: block + single-block tuples)."""
-    ts = []
-    for part in out:
-        if part is None:
-            continue
-        ts.extend(part if isinstance(part, (tuple, list)) else [part])
-    return torch.cat([t.flatten() for t in ts])
+    with one_thread():
+        yield
 
 
 def _run(model, kw):
     with torch.no_grad():
-        return _flat(model(**kw, return_dict=False))
+        return flat_outputs(model(**kw, return_dict=False))
 
 
 def _params(m):

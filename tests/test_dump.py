@@ -24,17 +24,17 @@ def test_dump_dir_writes_before_after_summary_and_picture(tmp_path):
     assert "#b7f0b1" in html and "lyra::group_norm" in html  # rewritten nodes stand out
 
 
-def test_env_var_sets_dump_dir(tmp_path, monkeypatch):
-    import importlib
+def test_env_var_sets_dump_dir(tmp_path):
+    """In a fresh process: reloading lyradynamo.config in this one would leave modules holding
+    the old config object while later tests patch the new one."""
+    import os
+    import subprocess
+    import sys
 
-    monkeypatch.setenv("LYRA_DUMP_DIR", str(tmp_path))
-    cfg = importlib.reload(importlib.import_module("lyradynamo.config"))
-    try:
-        assert cfg.dump_dir == str(tmp_path)
-    finally:
-        monkeypatch.delenv("LYRA_DUMP_DIR")
-        importlib.reload(cfg)
-        lyradynamo.config = cfg
+    env = {**os.environ, "LYRA_DUMP_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", "import lyradynamo; print(lyradynamo.config.dump_dir)"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == str(tmp_path)
 
 
 def test_cli_prints_summary(capsys):
