@@ -55,6 +55,7 @@ def test_quantized_model_quality_layers_and_one_compile(name, kind, min_db):
     for out, ref in zip(outs, refs):
         db = numerics.sqnr_db(ref, out)
         assert min_db <= db < 120, db  # quantised: close, but not the unquantised result
+    assert not lyradynamo.compiled_graphs()[0].summary["errors"]
     q = lyradynamo.compiled_graphs()[0].summary["quant"]
     assert q["kind"] == kind and q["quantized"]
     assert set(q["quantized"]) | set(q["kept"]) == _linears(model)
@@ -63,6 +64,19 @@ def test_quantized_model_quality_layers_and_one_compile(name, kind, min_db):
     assert hist.get("lyra::qlinear", 0) + hist.get("lyra::qlinear_q", 0) == len(q["quantized"])
     if name == "flux":  # the adaLN norms feeding q/k/v (and the single blocks' MLP) quantise
         assert q["activation_quant"]["fused_into_norm"] >= 1 and hist.get("lyra::adaln_quant", 0) >= 1
+
+
+def test_gpu_master_option_quantises_and_keeps_parameters():
+    """quant_master="gpu": the same rewrite, Parameters untouched (the H100 run caught this
+    path failing: quantisation raised and the graph silently stayed unquantised)."""
+    model = zoo.build_denoiser("flux")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        _compile(model, "fp8", quant_master="gpu")(**zoo.denoiser_inputs("flux", model))
+    s = lyradynamo.compiled_graphs()[0].summary
+    assert not s["errors"], s["errors"]
+    assert s["quant"]["quantized"] and s["quant"]["master"] == "gpu"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_exclude_pattern_keeps_layers_in_high_precision():

@@ -66,7 +66,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
     quantized, kept, entries, buffers = [], {}, {}, {}
-    offload = config.quant_master == "host" and _only_quantised_readers(gm, real, kind)
+    offload = _only_quantised_readers(gm, real, kind) if config.quant_master == "host" else set()
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is _LINEAR):
             continue

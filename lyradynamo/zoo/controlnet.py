@@ -67,7 +67,8 @@ def _fill_zero_params(model: torch.nn.Module, seed: int) -> None:
         for _name, p in model.named_parameters():
             if p.dim() >= 2 and not p.any():
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / fan_in ** 0.5))
+                # device="cpu" explicitly: builders may run under a torch.device("cuda") context
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") * (0.5 / fan_in ** 0.5))
 
 
 def controlnet_inputs(name: str, controlnet: torch.nn.Module, *, batch: int = 1, height: int | None = None,
