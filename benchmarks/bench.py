@@ -50,6 +50,7 @@ import torch  # noqa: E402
 import lyradynamo  # noqa: E402  (registers backend="lyra")
 import denoise  # noqa: E402
 from lyradynamo import zoo  # noqa: E402
+from lyradynamo.quant import numerics  # noqa: E402
 
 ALL_MODES = ("eager", "inductor", "inductor-cg", "lyra", "lyra-fp8", "lyra-int8", "torchao-fp8")
 QUANT_MODES = {"lyra-fp8": "fp8", "lyra-int8": "int8"}
@@ -317,8 +318,7 @@ def sqnr_db(out: torch.Tensor, ref: torch.Tensor):
     a, b = out.double().cpu(), ref.double().cpu()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return None
-    noise = ((a - b) ** 2).sum().item()
-    return PSNR_IDENTICAL if noise == 0 else min(PSNR_IDENTICAL, 10 * math.log10((b ** 2).sum().item() / noise))
+    return min(PSNR_IDENTICAL, numerics.sqnr_db(b, a))
 
 
 def psnr(img: torch.Tensor, ref: torch.Tensor):

@@ -18,8 +18,6 @@ from . import config
 
 log = logging.getLogger("lyradynamo")
 
-_converted = 0
-
 
 def wants_channels_last(t: torch.Tensor) -> bool:
     mode = config.channels_last
@@ -37,19 +35,14 @@ def is_conv_weight(t, source_name: str) -> bool:
 
 def prepare_parameter(t, source_name: str) -> None:
     """Convert a convolution weight to channels_last in place (same Parameter, new strides)."""
-    global _converted
     if not is_conv_weight(t, source_name) or not wants_channels_last(t):
         return
     if t.is_contiguous(memory_format=torch.channels_last) or t.shape[1] == 1 or t.shape[2] * t.shape[3] == 1:
-        # Spatial kernels only: they carry the layout (a 1x1 convolution follows its input's).
-        # Depthwise kernels (shape[1] == 1) stay: cuDNN's NHWC depthwise choice guards on the
-        # batch size with an equality (Sana's GLUMBConv recompiled per batch on the H100).
+        # Spatial, non-depthwise kernels only: they carry the layout (a 1x1 convolution
+        # follows its input's). Depthwise and 1x1 kernels were excluded while chasing tiny
+        # Sana's per-batch recompile on the H100; that recompile stayed, so they are not its
+        # cause (open, see benchmarks/NOTES.md).
         return
     with torch.no_grad():
         t.data = t.data.contiguous(memory_format=torch.channels_last)
-    _converted += 1
     log.debug("lyradynamo: %s -> channels_last", source_name)
-
-
-def converted_count() -> int:
-    return _converted

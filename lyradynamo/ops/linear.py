@@ -130,9 +130,7 @@ def _gemm_epilogue_fused(C, x, x2, weight, bias, act, glu, gate, residual, m, n,
     if act == "gelu_tanh" and residual is None:
         epi, res = 1, None
     elif act == "none" and residual is not None:
-        epi, res = 0, residual.reshape(m, n)
-        if not res.is_contiguous():
-            res = res.contiguous()
+        epi, res = 0, _rows(residual, m, n)
     else:
         return None
     key = (x.device.index, x.dtype, epi, res is not None)
@@ -156,12 +154,13 @@ def epilogue_args(x: Tensor, m: int, n_out: int, gate: Optional[Tensor], residua
     if gate is not None:
         gstride = row_vector_stride(gate, x.shape[0], n_out, x.dim())
         rows_per_batch = max(m // max(x.shape[0], 1), 1) if x.dim() > 1 else 1
-    res = None
-    if residual is not None:
-        res = residual.reshape(m, n_out)
-        if not res.is_contiguous():
-            res = res.contiguous()
-    return rows_per_batch, gstride or 0, res
+    return rows_per_batch, gstride or 0, None if residual is None else _rows(residual, m, n_out)
+
+
+def _rows(t: Tensor, m: int, n: int) -> Tensor:
+    """t as a contiguous (m, n) matrix (the kernels' residual layout)."""
+    t = t.reshape(m, n)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def epilogue_cuda(C, y: Tensor, x: Tensor, act: str, glu: bool, gate: Optional[Tensor],

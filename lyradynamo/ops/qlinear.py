@@ -85,6 +85,12 @@ def _(x, qweight, wscale, bias, act, glu, gate, residual, kind, inv_smooth):
     return qgemm_cuda(C, xq, xs, x.dtype, qweight, wscale, bias, act, glu, gate, residual, kind)
 
 
+def empty_quantized(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """Uninitialised (q, scale) for x per row: q of x's shape, scale float32 x.shape[:-1]."""
+    return (x.new_empty(x.shape, dtype=numerics.QDTYPE[kind]),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
 def quantize_cuda(C, x: Tensor, kind: str, inv_smooth: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(q, scale) of x per row with csrc quantize_rows: q x's shape, scale x.shape[:-1]."""
     k = x.shape[-1]
@@ -92,8 +98,7 @@ def quantize_cuda(C, x: Tensor, kind: str, inv_smooth: Optional[Tensor]) -> tupl
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
         x2 = x2.contiguous()
     m = x2.shape[0]
-    xq = torch.empty(x.shape, dtype=numerics.QDTYPE[kind], device=x.device)
-    xs = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    xq, xs = empty_quantized(x, kind)
     if m:
         C.quantize_rows(ptr(x2), ptr(inv_smooth), ptr(xq), ptr(xs), m, k, x2.stride(0) if m > 1 else k,
                         DTYPE_CODES[x.dtype], numerics.KIND_CODES[kind], stream_handle(x))
@@ -147,15 +152,25 @@ def _cuda_unsupported(x, qweight, wscale, bias, glu, gate, residual, kind, inv_s
         return reason
     if x.dtype == torch.float32:
         return "float32 activations (the quantised path is for fp16/bf16 models)"
-    for name, t in (("qweight", qweight), ("wscale", wscale), ("inv_smooth", inv_smooth)):
-        if t is not None and (not t.is_cuda or t.device != x.device or not t.is_contiguous()):
-            return f"{name} must be a contiguous tensor on {x.device}"
-    reason = shape_unsupported(qweight.shape[0], qweight.shape[1], kind)
+    reason = _operands_unsupported(x.device, kind, qweight=qweight, wscale=wscale, inv_smooth=inv_smooth)
     if reason:
         return reason
     if x.dim() == 0:
         return "0-d input"
-    return epilogue_unsupported(x, qweight.shape[0] // 2 if glu else qweight.shape[0], bias, gate, residual)
+    return _epilogue_unsupported(x, qweight, glu, bias, gate, residual)
+
+
+def _operands_unsupported(device, kind, **tensors) -> Optional[str]:
+    """The GEMM operands (qweight among them): contiguous CUDA tensors on `device` (None =
+    absent), and a weight shape the quantised GEMM takes."""
+    for name, t in tensors.items():
+        if t is not None and (not t.is_cuda or t.device != device or not t.is_contiguous()):
+            return f"{name} must be a contiguous tensor on {device}"
+    return shape_unsupported(tensors["qweight"].shape[0], tensors["qweight"].shape[1], kind)
+
+
+def _epilogue_unsupported(like, qweight, glu, bias, gate, residual) -> Optional[str]:
+    return epilogue_unsupported(like, qweight.shape[0] // 2 if glu else qweight.shape[0], bias, gate, residual)
 
 
 # ---- lyra::qlinear_q: the same on an activation quantised by its producer -------------------
@@ -207,11 +222,8 @@ def _q_unsupported(xq, xscale, qweight, wscale, bias, glu, gate, residual, kind,
         return f"output dtype {out_dtype} (the quantised path is for fp16/bf16 models)"
     if xq.dim() == 0 or not (xq.is_contiguous() and xscale.is_contiguous()):
         return "quantised activation is 0-d or not contiguous"
-    for name, t in (("xq", xq), ("xscale", xscale), ("qweight", qweight), ("wscale", wscale)):
-        if not t.is_cuda or t.device != xq.device or not t.is_contiguous():
-            return f"{name} must be a contiguous tensor on {xq.device}"
-    reason = shape_unsupported(qweight.shape[0], qweight.shape[1], kind)
+    reason = _operands_unsupported(xq.device, kind, xq=xq, xscale=xscale, qweight=qweight, wscale=wscale)
     if reason:
         return reason
     like = torch.empty(xq.shape, dtype=out_dtype, device="meta")  # shape/dtype stand-in for x
-    return epilogue_unsupported(like, qweight.shape[0] // 2 if glu else qweight.shape[0], bias, gate, residual)
+    return _epilogue_unsupported(like, qweight, glu, bias, gate, residual)

@@ -18,12 +18,7 @@ from ..quant import numerics
 from ._common import DTYPE_CODES, csrc, ptr, record_fallback, row_vector_stride, stream_handle, unsupported_reason
 from .adaln import _cuda_unsupported as _adaln_unsupported
 from .adaln import adaln_reference
-from .qlinear import quantize_cuda
-
-
-def _fake_pair(x: Tensor, kind: str):
-    return (x.new_empty(x.shape, dtype=numerics.QDTYPE[kind]),
-            x.new_empty(x.shape[:-1], dtype=torch.float32))
+from .qlinear import empty_quantized, quantize_cuda
 
 
 @torch.library.custom_op("lyra::quantize", mutates_args=())
@@ -34,7 +29,7 @@ def quantize(x: Tensor, kind: str, inv_smooth: Optional[Tensor]) -> tuple[Tensor
 @quantize.register_fake
 def _(x, kind, inv_smooth):
     numerics.check_kind(kind)
-    return _fake_pair(x, kind)
+    return empty_quantized(x, kind)
 
 
 @quantize.register_kernel("cuda")
@@ -61,7 +56,7 @@ def adaln_quant(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mul
 @adaln_quant.register_fake
 def _(x, weight, bias, mul, add, norm, eps, kind):
     numerics.check_kind(kind)
-    return _fake_pair(x, kind)
+    return empty_quantized(x, kind)
 
 
 @adaln_quant.register_kernel("cuda")
@@ -76,7 +71,7 @@ def _(x, weight, bias, mul, add, norm, eps, kind):
     xc = x.contiguous()
     rows = xc.numel() // d if d else 0
     b0 = x.shape[0] if x.dim() > 1 else 1
-    q, s = _fake_pair(xc, kind)
+    q, s = empty_quantized(xc, kind)
     if rows:
         C.norm_modulate_quant(ptr(xc), ptr(weight), ptr(bias), ptr(mul), ptr(add), 0, ptr(q), ptr(s), rows, d,
                               max(rows // max(b0, 1), 1),

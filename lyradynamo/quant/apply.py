@@ -40,12 +40,28 @@ def module_path(node: fx.Node) -> str:
     return ".".join(keys[1:]) or node.name
 
 
-def _only_quantised_readers(gm: fx.GraphModule, real: dict, kind: str) -> set:
+def _decider(real: dict, kind: str):
+    """w_node -> (its Parameter or None, module path, why it stays in high precision or None),
+    worked out once per weight."""
+    decisions: dict = {}
+
+    def decide(w_node):
+        if w_node not in decisions:
+            is_node = isinstance(w_node, fx.Node)
+            param = real.get(w_node) if is_node else None
+            path = module_path(w_node) if is_node else str(w_node)
+            decisions[w_node] = (param, path, _reason(param, path, kind))
+        return decisions[w_node]
+
+    return decide
+
+
+def _only_quantised_readers(real: dict, decide) -> set:
     """Weight placeholders every reader of which is a lyra::linear that will be quantised: their
     high-precision GPU copy is not needed after quantisation."""
     out = set()
-    for w_node, param in real.items():
-        if not w_node.users or _reason(param, module_path(w_node), kind):
+    for w_node in real:
+        if not w_node.users or decide(w_node)[2]:
             continue
         if all(u.op == "call_function" and u.target is _LINEAR and u.args[1] is w_node
                and w_node not in (u.args[0], *u.args[2:]) for u in w_node.users):
@@ -65,15 +81,14 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     kind = config.quant
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
-    quantized, kept, entries, buffers = [], {}, {}, {}
-    offload = _only_quantised_readers(gm, real, kind) if config.quant_master == "host" else set()
+    quantized, kept, entries, attrs = [], {}, {}, {}
+    decide = _decider(real, kind)
+    offload = _only_quantised_readers(real, decide) if config.quant_master == "host" else set()
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is _LINEAR):
             continue
         w_node = node.args[1]
-        param = real.get(w_node) if isinstance(w_node, fx.Node) else None
-        path = module_path(w_node) if isinstance(w_node, fx.Node) else str(w_node)
-        reason = _reason(param, path, kind)
+        param, path, reason = decide(w_node)
         if reason:
             kept[path] = reason
             continue
@@ -83,16 +98,14 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
             entries[param] = entry
             if w_node in offload:  # at once: the GPU never holds all bf16 and fp8 copies together
                 weights.offload_master(entry)
-            idx = len(buffers) // 3
+            idx = len(entries) - 1
+            attrs[param] = []
             for tag, t in (("qw", entry.qweight), ("ws", entry.wscale), ("is", entry.inv_smooth)):
-                attr = f"_lyra_{tag}{idx}"
                 if t is not None:
-                    gm.register_buffer(attr, t, persistent=False)
-                buffers[(param, tag)] = attr if t is not None else None
+                    gm.register_buffer(f"_lyra_{tag}{idx}", t, persistent=False)
+                attrs[param].append(f"_lyra_{tag}{idx}" if t is not None else None)
         with gm.graph.inserting_before(node):
-            qw = gm.graph.get_attr(buffers[(param, "qw")])
-            ws = gm.graph.get_attr(buffers[(param, "ws")])
-            inv = gm.graph.get_attr(buffers[(param, "is")]) if buffers[(param, "is")] else None
+            qw, ws, inv = (gm.graph.get_attr(a) if a else None for a in attrs[param])
         for n, t in ((qw, entry.qweight), (ws, entry.wscale), (inv, entry.inv_smooth)):
             if n is not None:
                 n.meta["example_value"] = _fake_like(node, t)
