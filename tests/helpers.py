@@ -32,3 +32,63 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+# ---- quantised models and LoRA switching (tests/test_quant.py, tests/cuda/test_quant_cuda.py) ----
+
+FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "proj_mlp", "proj_out",
+                     "ff.net.2", "norm1.linear"]
+
+
+def flux_lora(template, seed, r=4, alpha=4) -> dict:
+    """A random peft LoRA for the tiny FLUX transformer, as a diffusers state dict ('transformer.'
+    keys). `template` (on the CPU) is only read for shapes: peft wraps a deep copy."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=FLUX_LORA_TARGETS)
+    wrapped = inject_adapter_in_model(cfg, copy.deepcopy(template), adapter_name="tmp")
+    sd = get_peft_model_state_dict(wrapped, adapter_name="tmp")
+    return {f"transformer.{k}": v.detach().clone() for k, v in sd.items()}
+
+
+def quantised_weights(model) -> dict:
+    """name -> the bytes of the quantised copy of each of model's quantised weights."""
+    from lyradynamo.quant import weights
+
+    return {n: weights.entry_of(p).qweight.view(torch.uint8).clone()
+            for n, p in model.named_parameters() if weights.entry_of(p) is not None}
+
+
+def lora_round_trip(compiled, model, inputs: dict, lora_a: dict, lora_b: dict) -> dict:
+    """Base, then (under fail_on_recompile) LoRA A, unload, B at 0.8, A again with B set to 0
+    (A -> B -> A), unload all. Returns each state's first output ("out0", "out_a",
+    "out_unloaded", "out_b", "out_a2", "out_end") and the quantised weights of `model` (the
+    module `compiled` wraps) at "q0", "q_a", "q_a2"."""
+    from lyradynamo import lora
+
+    def qweights():
+        return quantised_weights(model)
+
+    r = {}
+    with torch.no_grad():
+        r["out0"] = compiled(**inputs)[0].clone()
+        r["q0"] = qweights()
+        with torch.compiler.set_stance("fail_on_recompile"):
+            lora.load_lora(compiled, dict(lora_a), name="A")
+            r["out_a"] = compiled(**inputs)[0].clone()
+            r["q_a"] = qweights()
+            lora.unload_lora(compiled, "A")
+            r["out_unloaded"] = compiled(**inputs)[0].clone()
+            lora.load_lora(compiled, dict(lora_b), scale=0.8, name="B")
+            r["out_b"] = compiled(**inputs)[0].clone()
+            lora.load_lora(compiled, dict(lora_a), name="A")
+            lora.set_loras(compiled, {"A": 1.0, "B": 0.0})  # A -> B -> A
+            r["out_a2"] = compiled(**inputs)[0].clone()
+            r["q_a2"] = qweights()
+            lora.unload_lora(compiled)
+            r["out_end"] = compiled(**inputs)[0].clone()
+    return r

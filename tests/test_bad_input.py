@@ -8,7 +8,7 @@ import torch
 
 import lyradynamo
 from lyradynamo.ops import _common
-from helpers import ROOT, rel_err
+from helpers import rel_err
 
 
 class Block(torch.nn.Module):
@@ -59,7 +59,6 @@ def test_a_failing_pass_is_reported_and_the_model_still_runs(monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setitem(passes.PASSES, "attention", broken)
-    m = torch.nn.MultiheadAttention(8, 2, batch_first=True)
     q = torch.randn(2, 3, 8)
     lin = torch.nn.Linear(8, 8)
     f = lambda t: lin(torch.nn.functional.scaled_dot_product_attention(t, t, t))  # noqa: E731

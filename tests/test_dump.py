@@ -27,7 +27,6 @@ def test_dump_dir_writes_before_after_summary_and_picture(tmp_path):
 def test_env_var_sets_dump_dir(tmp_path):
     """In a fresh process: reloading lyradynamo.config in this one would leave modules holding
     the old config object while later tests patch the new one."""
-    import os
     import subprocess
     import sys
 

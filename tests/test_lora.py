@@ -141,6 +141,19 @@ def unet_out(model, inputs):
         return model(**inputs)[0]
 
 
+def compiled_pipeline(name, attr, batch):
+    """A tiny pipeline whose denoiser `attr` is replaced by its lyra-compiled self. Returns (pipe,
+    {attr: eager deep copy}, original parameters, denoiser inputs, compiled, its first output)."""
+    pipe = zoo.build_pipeline(name)
+    denoiser = getattr(pipe, attr)
+    base = {attr: copy.deepcopy(denoiser)}
+    orig = params(denoiser)
+    inputs = zoo.denoiser_inputs(name, denoiser, batch=batch)
+    compiled = torch.compile(denoiser, backend="lyra")
+    setattr(pipe, attr, compiled)
+    return pipe, base, orig, inputs, compiled, unet_out(compiled, inputs)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     n = torch.get_num_threads()
@@ -160,13 +173,7 @@ def test_compiled_unet_load_switch_mix_unload_match_diffusers(tmp_path):
     path_a = make_diffusers_lora("sd15", tmp_path / "a", seed=1, r=4, alpha=8)  # alpha/r = 2 via metadata
     path_b = make_diffusers_lora("sd15", tmp_path / "b", seed=2, r=2, alpha=2, bias=True,
                                  unet_targets=BIASED_TARGETS)  # LoRA biases, 3x3 conv
-    pipe = zoo.build_pipeline("sd15")
-    base = {"unet": copy.deepcopy(pipe.unet)}
-    orig = params(pipe.unet)
-    inputs = zoo.denoiser_inputs("sd15", pipe.unet, batch=2)
-    compiled = torch.compile(pipe.unet, backend="lyra")
-    pipe.unet = compiled
-    out0 = unet_out(compiled, inputs)
+    pipe, base, orig, inputs, compiled, out0 = compiled_pipeline("sd15", "unet", batch=2)
 
     def check(loras, label):
         got = unet_out(compiled, inputs)
@@ -305,13 +312,7 @@ def test_flux_transformer_lora_compiled(tmp_path):
     """FLUX: a peft LoRA on attention, single-block MLP and adaLN linears, on the compiled transformer."""
     path_a = make_diffusers_lora("flux", tmp_path / "a", seed=6)
     path_b = make_diffusers_lora("flux", tmp_path / "b", seed=7, r=2, alpha=1)
-    pipe = zoo.build_pipeline("flux")
-    base = {"transformer": copy.deepcopy(pipe.transformer)}
-    orig = params(pipe.transformer)
-    inputs = zoo.denoiser_inputs("flux", pipe.transformer, batch=1)
-    compiled = torch.compile(pipe.transformer, backend="lyra")
-    pipe.transformer = compiled
-    out0 = unet_out(compiled, inputs)
+    pipe, base, orig, inputs, compiled, out0 = compiled_pipeline("flux", "transformer", batch=1)
     with torch.compiler.set_stance("fail_on_recompile"):
         lora.load_lora(pipe, path_a, name="A")
         lora.load_lora(pipe, path_b, scale=0.5, name="B")

@@ -64,23 +64,23 @@ def test_plain_dynamic_true_recompiles_where_lyra_does_not():
     assert len(calls) > 1
 
 
-def test_dit_gated_residual_and_adaln_are_fused():
-    model = zoo.build_denoiser("flux")
-    compiled = torch.compile(model, backend="lyra")
+def _matched(name):
+    """What the passes matched when the tiny `name` denoiser compiled (one call)."""
+    model = zoo.build_denoiser(name)
     with torch.no_grad():
-        compiled(**zoo.denoiser_inputs("flux", model))
-    matched = lyradynamo.compiled_graphs()[0].summary["matched"]
+        torch.compile(model, backend="lyra")(**zoo.denoiser_inputs(name, model))
+    return lyradynamo.compiled_graphs()[0].summary["matched"]
+
+
+def test_dit_gated_residual_and_adaln_are_fused():
+    matched = _matched("flux")
     assert any("gate+residual" in k for k in matched["linear"])
     assert any("+scale+shift" in k for k in matched["adaln"])
     assert any("gelu_tanh" in k for k in matched["linear"])
 
 
 def test_unet_fusions():
-    model = zoo.build_denoiser("sd15")
-    compiled = torch.compile(model, backend="lyra")
-    with torch.no_grad():
-        compiled(**zoo.denoiser_inputs("sd15", model))
-    matched = lyradynamo.compiled_graphs()[0].summary["matched"]
+    matched = _matched("sd15")
     assert matched["group_norm"].get("group_norm+silu", 0) > 0
     assert any("glu_gelu" in k for k in matched["linear"])  # GEGLU
     assert matched["attention"].get("attention(blhd)", 0) > 0  # head transposes removed

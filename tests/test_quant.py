@@ -2,12 +2,11 @@
 per-layer decisions in the dump, quality, weight refresh after in-place patches, SmoothQuant."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lyradynamo
 from lyradynamo import zoo
 from lyradynamo.quant import calibration, numerics
-from helpers import rel_err
+from helpers import flux_lora, lora_round_trip, quantised_weights, rel_err
 
 lyra = torch.ops.lyra
 g = torch.Generator().manual_seed(7)
@@ -19,10 +18,8 @@ def rnd(*shape):
 
 @pytest.fixture(autouse=True)
 def _restore_config():
-    snap = lyradynamo.config.snapshot()
-    yield
-    for k, v in snap.items():
-        setattr(lyradynamo.config, k, v)
+    with lyradynamo.config.patch(**lyradynamo.config.snapshot()):  # undone when the test ends
+        yield
 
 
 def _compile(model, kind, **cfg):
@@ -156,62 +153,23 @@ def test_bad_quant_options_are_named():
 
 # ---- LoRA switching on a quantised model ----------------------------------------------------
 
-FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "proj_mlp", "proj_out",
-                     "ff.net.2", "norm1.linear"]
-
-
-def _flux_lora(template, seed, r=4, alpha=4):
-    """A random peft LoRA for the tiny FLUX transformer, as a diffusers state dict ('transformer.' keys).
-    `template` is only read for shapes (peft wraps a deep copy)."""
-    import copy
-
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=FLUX_LORA_TARGETS)
-    wrapped = inject_adapter_in_model(cfg, copy.deepcopy(template), adapter_name="tmp")
-    sd = get_peft_model_state_dict(wrapped, adapter_name="tmp")
-    return {f"transformer.{k}": v.detach().clone() for k, v in sd.items()}
-
 
 def test_lora_switch_a_b_a_is_bit_identical_in_fp8():
     """fp8: LoRA A, then A -> B -> A (unload / load / set_loras) on the compiled tiny FLUX: every switch
     re-quantises the touched weights (refresh path), nothing recompiles, and A after the round trip
     gives exactly A's output and quantised weights; unloading everything gives the base output back."""
     pytest.importorskip("peft")
-    from lyradynamo import lora
-    from lyradynamo.quant import weights
-
     model = zoo.build_denoiser("flux")
-    lora_a, lora_b = _flux_lora(model, seed=11), _flux_lora(model, seed=12, r=2, alpha=1)
+    lora_a, lora_b = flux_lora(model, seed=11), flux_lora(model, seed=12, r=2, alpha=1)
     inputs = zoo.denoiser_inputs("flux", model, batch=2)
     compiled = _compile(model, "fp8")
-    q_of = lambda: {n: weights.entry_of(p).qweight.view(torch.uint8).clone()  # noqa: E731
-                    for n, p in model.named_parameters() if weights.entry_of(p) is not None}
-    with torch.no_grad():
-        out0 = compiled(**inputs)[0].clone()
-        q0 = q_of()
-        assert q0, "no quantised weight entries"
-        with torch.compiler.set_stance("fail_on_recompile"):
-            lora.load_lora(compiled, dict(lora_a), name="A")
-            out_a = compiled(**inputs)[0].clone()
-            q_a = q_of()
-            lora.unload_lora(compiled, "A")
-            out_unloaded = compiled(**inputs)[0].clone()
-            lora.load_lora(compiled, dict(lora_b), scale=0.8, name="B")
-            out_b = compiled(**inputs)[0].clone()
-            lora.load_lora(compiled, dict(lora_a), name="A")
-            lora.set_loras(compiled, {"A": 1.0, "B": 0.0})  # A -> B -> A
-            out_a2 = compiled(**inputs)[0].clone()
-            q_a2 = q_of()
-            lora.unload_lora(compiled)
-            out_end = compiled(**inputs)[0].clone()
+    r = lora_round_trip(compiled, model, inputs, lora_a, lora_b)
+    assert r["q0"], "no quantised weight entries"
     assert lyradynamo.compile_count() == 1
-    assert rel_err(out_a, out0) > 1e-3 and rel_err(out_b, out_a) > 1e-3  # the LoRAs did something
-    changed = [n for n in q0 if not torch.equal(q0[n], q_a[n])]
+    assert rel_err(r["out_a"], r["out0"]) > 1e-3 and rel_err(r["out_b"], r["out_a"]) > 1e-3  # the LoRAs did something
+    changed = [n for n in r["q0"] if not torch.equal(r["q0"][n], r["q_a"][n])]
     assert any(".to_q." in n for n in changed) and any("norm1.linear" in n for n in changed), changed
-    assert torch.equal(out_a2, out_a)
-    assert all(torch.equal(q_a2[n], q_a[n]) for n in q_a)
-    assert torch.equal(out_unloaded, out0) and torch.equal(out_end, out0)
-    assert all(torch.equal(q_of()[n], q0[n]) for n in q0)
+    assert torch.equal(r["out_a2"], r["out_a"])
+    assert all(torch.equal(r["q_a2"][n], r["q_a"][n]) for n in r["q_a"])
+    assert torch.equal(r["out_unloaded"], r["out0"]) and torch.equal(r["out_end"], r["out0"])
+    assert all(torch.equal(quantised_weights(model)[n], r["q0"][n]) for n in r["q0"])

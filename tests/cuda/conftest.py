@@ -42,6 +42,45 @@ def _skip_reason() -> str | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def C():
+    """The lyradynamo._C module (the raw kernels)."""
+    from lyradynamo import _C
+
+    return _C
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 matmul references without TF32."""
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture
+def seed_from_test_id(request):
+    """A torch seed derived from the test's id: fresh inputs per test, reproducible runs."""
+    import zlib
+
+    import torch
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def no_fallback():
+    """The test fails if any lyra:: op ran its PyTorch reference instead of csrc."""
+    from lyradynamo.ops import _common
+
+    _common.reset_fallback_counts()
+    yield
+    assert _common.fallback_counts() == {}, _common.fallback_counts()
+
+
 def pytest_collection_modifyitems(config, items):
     mine = [it for it in items if str(it.path).startswith(_HERE + os.sep)]
     if not mine:

@@ -11,64 +11,26 @@ before each call so that unwritten elements are caught.
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-pytestmark = pytest.mark.cuda
+from helpers import rel_err  # noqa: E402
+from kernel_helpers import ACTS, CODE, DEV, IDS, epilogue_ref, ptr, randn, stream  # noqa: E402,F401
+
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("seed_from_test_id")]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-DEV = "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-@pytest.fixture(scope="module")
-def C():
-    from lyradynamo import _C
-
-    return _C
-
-
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
-
-
-def ptr(t) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def d64(t):
     return None if t is None else t.double()
 
 
-def randn(*shape, dtype, scale=1.0, shift=0.0):
-    return (torch.randn(*shape, device=DEV, dtype=torch.float32) * scale + shift).to(dtype)
-
-
 def poison(*shape, dtype):
     return torch.full(shape, float("nan"), device=DEV, dtype=dtype)
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def check(out, ref, eager, dtype, what=""):
@@ -240,40 +202,14 @@ def test_gemm_strided(C, no_tf32, dtype):
 # linear_epilogue
 # ----------------------------------------------------------------------------
 
-ACTS = {0: "none", 1: "gelu", 2: "gelu_tanh", 3: "silu"}
-
-
-def _act(v, act):
-    if act == 1:
-        return F.gelu(v)
-    if act == 2:
-        return F.gelu(v, approximate="tanh")
-    if act == 3:
-        return F.silu(v)
-    return v
-
-
-def _epilogue(y, gate, res, act, glu, n_out, rpb):
-    if glu:
-        h = y[:, :n_out] * _act(y[:, n_out:], act)
-    else:
-        h = _act(y, act)
-    if gate is not None:
-        g = gate.repeat_interleave(rpb, dim=0)[: h.shape[0]] if gate.shape[0] > 1 else gate
-        h = h * g
-    if res is not None:
-        h = res + h
-    return h
-
-
 def _run_epilogue(C, M, n_out, act, glu, use_gate, use_res, dtype, batches=2, out_alias=None):
     rpb = -(-M // batches)
     ny = 2 * n_out if glu else n_out
     y = randn(M, ny, dtype=dtype, scale=2.0)
     gate = randn(batches, n_out, dtype=dtype) if use_gate else None
     res = randn(M, n_out, dtype=dtype) if use_res else None
-    ref = _epilogue(d64(y), d64(gate), d64(res), act, glu, n_out, rpb)
-    eager = _epilogue(y, gate, res, act, glu, n_out, rpb)
+    ref = epilogue_ref(d64(y), d64(gate), d64(res), act, glu, n_out, rpb)
+    eager = epilogue_ref(y, gate, res, act, glu, n_out, rpb)
     if out_alias == "y":
         out = y
     elif out_alias == "residual":

@@ -17,7 +17,6 @@ Outputs are poisoned first (q bytes 0x7F = fp8 NaN / int8 127, scales and output
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 
@@ -25,49 +24,15 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from helpers import rel_err  # noqa: E402
+from kernel_helpers import ACTS, CODE, DEV, IDS, epilogue_ref, ptr, randn, stream  # noqa: E402,F401
 
 from lyradynamo.quant import numerics as qn  # noqa: E402
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("seed_from_test_id")]
 
-DEV = "cuda"
-CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 KINDS = ["fp8", "int8"]
 LP = [torch.float16, torch.bfloat16]
 ACC_F32, ACC_I32 = 0, 3
-
-
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-@pytest.fixture(scope="module")
-def C():
-    from lyradynamo import _C
-
-    return _C
-
-
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
-
-
-def ptr(t) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def randn(*shape, dtype, scale=1.0, shift=0.0):
-    return (torch.randn(*shape, device=DEV, dtype=torch.float32) * scale + shift).to(dtype)
 
 
 def rows_varied(M, K, dtype):
@@ -418,31 +383,6 @@ def test_gemm_quant_bad_arguments(C):
 # scaled_epilogue (act / glu / gate / residual) and linear_epilogue_quant
 # ----------------------------------------------------------------------------
 
-ACTS = {0: "none", 1: "gelu", 2: "gelu_tanh", 3: "silu"}
-
-
-def _act(v, act):
-    if act == 1:
-        return F.gelu(v)
-    if act == 2:
-        return F.gelu(v, approximate="tanh")
-    if act == 3:
-        return F.silu(v)
-    return v
-
-
-def _chain(y, gate, res, act, glu, n_out, rpb):
-    """The linear_epilogue chain on y (M, N_y) in y's dtype (eager) or float64 (reference)."""
-    if glu:
-        h = y[:, :n_out] * _act(y[:, n_out:], act)
-    else:
-        h = _act(y, act)
-    if gate is not None:
-        h = h * gate.repeat_interleave(rpb, dim=0)[: h.shape[0]]
-    if res is not None:
-        h = res + h
-    return h
-
 
 class EpiCase:
     """Random inputs of one epilogue call: acc (M, N_y) of acc_dtype + optional parts."""
@@ -485,11 +425,11 @@ class EpiCase:
         y = self.y_fp32().double()
         g = None if self.gate is None else self.gate.double()
         r = None if self.res is None else self.res.double()
-        return _chain(y, g, r, self.act, self.glu, self.n_out, self.rpb)
+        return epilogue_ref(y, g, r, self.act, self.glu, self.n_out, self.rpb)
 
     def eager(self):
         y = self.y_fp32().to(self.out_dtype)
-        return _chain(y, self.gate, self.res, self.act, self.glu, self.n_out, self.rpb)
+        return epilogue_ref(y, self.gate, self.res, self.act, self.glu, self.n_out, self.rpb)
 
     def run_out(self, C):
         """The high-precision entry point: scaled_epilogue or linear_epilogue."""
@@ -533,7 +473,7 @@ def _check_rule(out, case, what):
 @pytest.mark.parametrize("acc_dtype", ["int32", "fp32"])
 @pytest.mark.parametrize("glu", [False, True], ids=["plain", "glu"])
 @pytest.mark.parametrize("act", list(ACTS), ids=ACTS.get)
-def test_scaled_epilogue_chain(C, act, glu, acc_dtype, out_dtype):
+def test_scaled_epilogueepilogue_ref(C, act, glu, acc_dtype, out_dtype):
     case = EpiCase(37, 72, act, glu, True, True, True, acc_dtype, out_dtype)
     _check_rule(case.run_out(C), case, f"scaled_epilogue act={ACTS[act]} glu={glu}")
 

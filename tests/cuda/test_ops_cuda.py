@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import lyradynamo  # noqa: F401
 from lyradynamo.ops import _common, adaln, attention, group_norm, linear, rope
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]  # no PyTorch-reference fallback
 lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
 
@@ -25,13 +25,6 @@ def check(fn_lyra, fn_ref, args, dtype):
     out = fn_lyra(*low)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert err(out, ref) <= 2 * e_eager + 1e-6, (err(out, ref), e_eager)
-
-
-@pytest.fixture(autouse=True)
-def no_fallback():
-    _common.reset_fallback_counts()
-    yield
-    assert _common.fallback_counts() == {}, _common.fallback_counts()
 
 
 @pytest.mark.parametrize("dtype", DT)

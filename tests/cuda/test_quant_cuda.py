@@ -13,7 +13,6 @@ copies of the quantised weights, in-place patches (master_weight, LoRA) and CUDA
 - patches: master_weight(p).add_ re-quantises (bit-equal to a fresh compile); LoRA A -> B -> A is
   bit-identical; patching the placeholder Parameter itself is refused with a clear error.
 """
-import copy
 import zlib
 
 import pytest
@@ -26,11 +25,12 @@ from lyradynamo.ops import linear as lin
 from lyradynamo.ops import qlinear as ql
 from lyradynamo.quant import numerics, weights
 
+from helpers import flux_lora, lora_round_trip  # noqa: E402
+from kernel_helpers import CODE, IDS  # noqa: E402
+
 pytestmark = pytest.mark.cuda
 lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
-IDS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-CODE = {torch.float16: 1, torch.bfloat16: 2}
 # Every op the quantised path may emit (apply.py may hand a linear a pre-quantised activation).
 QUANT_OPS = ("qlinear", "qlinear_q", "quantize", "adaln_quant")
 MODEL_DTYPE = {"flux": torch.bfloat16, "sdxl": torch.float16}
@@ -56,13 +56,6 @@ def _fresh_state():
     for k, v in snap.items():
         setattr(lyradynamo.config, k, v)
     torch._dynamo.reset()
-
-
-@pytest.fixture(scope="module")
-def C():
-    from lyradynamo import _C
-
-    return _C
 
 
 def spy(monkeypatch, C, name):
@@ -379,23 +372,6 @@ def test_master_patch_requantized_without_recompile():
     assert quant_fallbacks() == {}, quant_fallbacks()
 
 
-FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "proj_mlp", "proj_out",
-                     "ff.net.2", "norm1.linear"]
-
-
-def _flux_lora(template, seed, r=4, alpha=4):
-    """A random peft LoRA for the tiny FLUX transformer as a diffusers state dict ('transformer.'
-    keys); `template` (a CPU copy of the model) is only read for shapes."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=FLUX_LORA_TARGETS)
-    wrapped = inject_adapter_in_model(cfg, copy.deepcopy(template), adapter_name="tmp")
-    sd = get_peft_model_state_dict(wrapped, adapter_name="tmp")
-    return {f"transformer.{k}": v.detach().clone() for k, v in sd.items()}
-
-
 @pytest.mark.parametrize("master", ["host", "gpu"])
 def test_lora_switch_a_b_a_bit_identical_fp8(master):
     """fp8 on CUDA: LoRA A, then A -> B -> A (unload / load / set_loras), all under fail_on_recompile:
@@ -404,37 +380,19 @@ def test_lora_switch_a_b_a_bit_identical_fp8(master):
     (through master_weight); the Parameters stay NaN placeholders."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")  # lyradynamo.lora reads through diffusers.FluxPipeline
-    from lyradynamo import lora
-
     template = zoo.build_denoiser("flux")
-    lora_a, lora_b = _flux_lora(template, seed=11), _flux_lora(template, seed=12, r=2, alpha=1)
+    lora_a, lora_b = flux_lora(template, seed=11), flux_lora(template, seed=12, r=2, alpha=1)
     model = _model("flux")
     inp = zoo.denoiser_inputs("flux", model, batch=2)
     compiled = _compile(model, "fp8", quant_master=master)
-
-    def qweights():
-        return {n: weights.entry_of(p).qweight.view(torch.uint8).clone()
-                for n, p in model.named_parameters() if weights.entry_of(p) is not None}
-
     with torch.no_grad():
-        out0 = compiled(**inp)[0].clone()
-        masters0 = {n: weights.master_weight(p).detach().cpu().clone() for n, p in model.named_parameters()}
-        q0 = qweights()
-        assert q0
-        with torch.compiler.set_stance("fail_on_recompile"):
-            lora.load_lora(compiled, dict(lora_a), name="A")
-            out_a = compiled(**inp)[0].clone()
-            q_a = qweights()
-            lora.unload_lora(compiled, "A")
-            out_unloaded = compiled(**inp)[0].clone()
-            lora.load_lora(compiled, dict(lora_b), scale=0.8, name="B")
-            out_b = compiled(**inp)[0].clone()
-            lora.load_lora(compiled, dict(lora_a), name="A")
-            lora.set_loras(compiled, {"A": 1.0, "B": 0.0})  # A -> B -> A
-            out_a2 = compiled(**inp)[0].clone()
-            q_a2 = qweights()
-            lora.unload_lora(compiled)
-            out_end = compiled(**inp)[0].clone()
+        compiled(**inp)  # compile first: the masters exist after it
+    masters0 = {n: weights.master_weight(p).detach().cpu().clone() for n, p in model.named_parameters()}
+    r = lora_round_trip(compiled, model, inp, lora_a, lora_b)
+    out0, q0, out_a, q_a, out_b, out_a2, q_a2 = (r[k] for k in ("out0", "q0", "out_a", "q_a", "out_b",
+                                                                "out_a2", "q_a2"))
+    out_unloaded, out_end = r["out_unloaded"], r["out_end"]
+    assert q0
     assert lyradynamo.compile_count() == 1
     assert err(out_a, out0) > 1e-3 and err(out_b, out_a) > 1e-3  # the LoRAs changed the output
     changed = [n for n in q0 if not torch.equal(q0[n], q_a[n])]

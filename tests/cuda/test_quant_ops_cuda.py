@@ -5,19 +5,11 @@ import pytest
 import torch
 
 import lyradynamo  # noqa: F401
-from lyradynamo.ops import _common
 from lyradynamo.quant import numerics
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]  # no PyTorch-reference fallback
 lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def no_fallback():
-    _common.reset_fallback_counts()
-    yield
-    assert _common.fallback_counts() == {}, _common.fallback_counts()
 
 
 def _bytes(q):

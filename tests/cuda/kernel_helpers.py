@@ -1,0 +1,37 @@
+"""Shared by the raw-kernel GPU tests (test_csrc_*.py): device, dtype codes, pointers, inputs.
+Their fixtures (C, no_tf32, seed_from_test_id, no_fallback) live in conftest.py."""
+import torch
+
+from lyradynamo.ops._common import DTYPE_CODES as CODE  # noqa: F401  (dtype -> csrc code)
+from lyradynamo.ops._common import ptr  # noqa: F401  (0 for None, else data_ptr)
+
+DEV = "cuda"
+IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def randn(*shape, dtype, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, device=DEV, dtype=torch.float32) * scale + shift).to(dtype)
+
+
+ACTS = {0: "none", 1: "gelu", 2: "gelu_tanh", 3: "silu"}  # csrc act codes
+
+
+def epilogue_ref(y, gate, res, act, glu, n_out, rpb):
+    """The csrc epilogue chain on y (M, N_y) with torch ops, in y's dtype (eager) or float64
+    (reference): act / GLU, gate rows repeated per batch of `rpb` rows (or one row for all),
+    residual."""
+    from lyradynamo.ops.linear import activate
+
+    if glu:
+        h = y[:, :n_out] * activate(y[:, n_out:], ACTS[act])
+    else:
+        h = activate(y, ACTS[act])
+    if gate is not None:
+        h = h * (gate.repeat_interleave(rpb, dim=0)[: h.shape[0]] if gate.shape[0] > 1 else gate)
+    if res is not None:
+        h = res + h
+    return h
