@@ -17,7 +17,7 @@
 #   BENCH_SCENARIO  steady|sweep|cold                                (default steady)
 #   BENCH_EXTRA     more bench.py arguments, e.g. "--runs 5 --warmup 2"
 #   PROFILE_MODELS  comma list: top CUDA kernels of one call (profile_model.py) -> profile.log
-#   PROFILE_MODES   modes to profile (default lyra); PROFILE_SIZE WxH
+#   PROFILE_MODES   modes to profile (default lyra); PROFILE_SIZE WxH; PROFILE_EXTRA e.g. "--ops 30"
 #   SWAP_MODELS     comma list for benchmarks/bench_swap.py (LoRA / ControlNet swaps) -> swap.jsonl
 #   TEST_ARGS       pytest arguments for the CUDA tests (default "-x")
 #   SESSION_BUDGET_S  seconds from the start after which nothing new is started and running
@@ -130,7 +130,7 @@ if [ -n "${PROFILE_MODELS:-}" ]; then
     pt=$(( $(left) - 30 )); [ "$pt" -gt 240 ] && pt=240
     [ "$pt" -lt 30 ] && { echo "== profile $m: skipped, no time left"; continue; }
     timeout -s INT -k 10 "$pt" python3 benchmarks/profile_model.py --model "$m" \
-      --modes "${PROFILE_MODES:-lyra}" ${PROFILE_SIZE:+--size $PROFILE_SIZE} 2>&1 \
+      --modes "${PROFILE_MODES:-lyra}" ${PROFILE_SIZE:+--size $PROFILE_SIZE} ${PROFILE_EXTRA:-} 2>&1 \
       | grep -v Warning | tee -a "$OUT/profile.log" | tail -60
   done
 fi

@@ -37,6 +37,15 @@ def kernel_table(prof, top: int):
                    for k, v in rows]
 
 
+def op_table(prof, top: int) -> str:
+    """aten ops (not lyra:: ones) grouped by name and input shapes, by CUDA time."""
+    avg = prof.key_averages(group_by_input_shape=True)
+    rows = [e for e in avg if e.key.startswith("aten::") and getattr(e, "device_time_total", 0) > 0]
+    rows.sort(key=lambda e: -e.device_time_total)
+    return "\n".join(f"{e.device_time_total / 1e3:8.3f} ms {e.count:5d}  {e.key:28} {str(e.input_shapes)[:150]}"
+                     for e in rows[:top])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -45,6 +54,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
+    p.add_argument("--ops", type=int, default=0, help="also list the top N aten ops (with shapes)")
     args = p.parse_args(argv)
     dtype = zoo.default_dtype(args.model, "cuda")
     model = zoo.build_denoiser(args.model, tiny=False, dtype=dtype, device="cuda")
@@ -60,8 +70,10 @@ def main(argv=None):
         torch._dynamo.reset()
         if mode == "eager":
             fn = model
-        elif mode == "lyra":
+        elif mode.startswith("lyra"):
+            # lyra, lyra-fp8, lyra-int8
             lyradynamo.config.cuda_graphs = False
+            lyradynamo.config.quant = mode.split("-")[1] if "-" in mode else "none"
             fn = torch.compile(model, backend="lyra")
         else:
             fn = torch.compile(model, mode=None if mode == "inductor" else mode)
@@ -75,7 +87,10 @@ def main(argv=None):
             end.record()
             torch.cuda.synchronize()
             wall = start.elapsed_time(end)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            acts = [torch.profiler.ProfilerActivity.CUDA]
+            if args.ops:
+                acts.append(torch.profiler.ProfilerActivity.CPU)
+            with torch.profiler.profile(activities=acts, record_shapes=args.ops > 0) as prof:
                 fn(**inputs)
                 torch.cuda.synchronize()
         total, rows = kernel_table(prof, args.top)
@@ -85,9 +100,16 @@ def main(argv=None):
         print(f"\n== {args.model} {w}x{h} batch {batch} {mode}: call {wall:.2f} ms, kernels {total / 1e3:.2f} ms")
         for r in rows:
             print(f"{r['ms']:8.3f} ms {r['pct']:5.1f}% {r['calls']:5d}  {r['kernel']}")
+        if args.ops:
+            print(f"-- top {args.ops} aten ops by CUDA time, with input shapes")
+            print(op_table(prof, args.ops))
         if result["modes"][mode]["fallbacks"]:
             print("fallbacks:", result["modes"][mode]["fallbacks"])
         lyradynamo.config.cuda_graphs = True
+        lyradynamo.config.quant = "none"
+        if mode.startswith("lyra-"):
+            from lyradynamo import quant
+            quant.restore(model)
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")
