@@ -17,7 +17,10 @@ namespace py = pybind11;
 namespace lyra {
 void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N, int64_t C,
                 int64_t HW, int64_t groups, double eps, bool silu, bool channels_last, int dtype,
-                uintptr_t stream);
+                uintptr_t stream, uintptr_t pre_bias, int64_t pre_bias_bstride);
+void bias_residual(uintptr_t y, uintptr_t bias, uintptr_t residual, uintptr_t out, int64_t N,
+                   int64_t C, int64_t HW, bool channels_last, double scale, int dtype,
+                   uintptr_t stream);
 void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul, uintptr_t add,
                    uintptr_t y, int64_t rows, int64_t D, int64_t rows_per_batch,
                    int64_t mul_bstride, int64_t add_bstride, double eps, bool rms, int dtype,
@@ -47,6 +50,9 @@ void norm_modulate_quant(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_
 void gemm_fp8(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
               uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldo,
               int out_dtype, uintptr_t stream);
+void gemm_fp8_ex(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
+                 uintptr_t residual, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda,
+                 int64_t ldo, int out_dtype, bool fast_accum, uintptr_t stream);
 void gemm_fp8_unscaled(uintptr_t a, uintptr_t b, uintptr_t out_f32, int64_t M, int64_t N,
                        int64_t K, int64_t lda, uintptr_t stream);
 void gemm_int8(uintptr_t a, uintptr_t b, uintptr_t out_i32, int64_t M, int64_t N, int64_t K,
@@ -80,12 +86,25 @@ PYBIND11_MODULE(_C, m) {
 
   using release = py::call_guard<py::gil_scoped_release>;
 
+  // pre_bias comes after stream (keyword arguments with defaults) so that the
+  // positional form without it keeps working.
   m.def("group_norm", &lyra::group_norm, release(),
         "GroupNorm (+SiLU) over (C/groups x HW) per (sample, group); x, y are (N, C, HW) or, "
-        "with channels_last, (N, HW, C). weight/bias (C,) may be 0.",
+        "with channels_last, (N, HW, C). weight/bias (C,) may be 0. pre_bias (0 = none): "
+        "normalise x + pre_bias[n * pre_bias_bstride + c] (fp32, statistics included); "
+        "pre_bias_bstride 0 = one (C,) row for every sample.",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("C"),
         py::arg("HW"), py::arg("groups"), py::arg("eps"), py::arg("silu"),
-        py::arg("channels_last"), py::arg("dtype"), py::arg("stream"));
+        py::arg("channels_last"), py::arg("dtype"), py::arg("stream"), py::arg("pre_bias") = 0,
+        py::arg("pre_bias_bstride") = 0);
+
+  m.def("bias_residual", &lyra::bias_residual, release(),
+        "out = (y + bias[c] + residual) * scale, fp32 math, one rounding; y, residual, out "
+        "(N, C, HW) or, with channels_last, (N, HW, C), all in that same layout; bias (C,) "
+        "and residual may be 0; out may equal y or residual.",
+        py::arg("y"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("N"),
+        py::arg("C"), py::arg("HW"), py::arg("channels_last"), py::arg("scale"),
+        py::arg("dtype"), py::arg("stream"));
 
   m.def("norm_modulate", &lyra::norm_modulate, release(),
         "LayerNorm (or RMSNorm if rms) over rows of length D, optional affine, then "
@@ -150,6 +169,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("a"), py::arg("b"), py::arg("a_scale"), py::arg("b_scale"), py::arg("bias"),
         py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("lda"), py::arg("ldo"),
         py::arg("out_dtype"), py::arg("stream"));
+
+  m.def("gemm_fp8_ex", &lyra::gemm_fp8_ex, release(),
+        "gemm_fp8 with fp16/bf16 out + residual (M, N; row stride ldo, 0 = none) added through "
+        "cuBLASLt's C (beta = 1), and optionally fast fp8 accumulation. A gated residual "
+        "r + g * (x W^T + b) is b_scale * g, bias * g, residual r.",
+        py::arg("a"), py::arg("b"), py::arg("a_scale"), py::arg("b_scale"), py::arg("bias"),
+        py::arg("residual"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("lda"),
+        py::arg("ldo"), py::arg("out_dtype"), py::arg("fast_accum"), py::arg("stream"));
 
   m.def("gemm_fp8_unscaled", &lyra::gemm_fp8_unscaled, release(),
         "out_f32(M, N) = a @ b^T (fp8 e4m3 in, float32 out, no scales): the fallback where "

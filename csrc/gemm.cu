@@ -30,6 +30,10 @@
 //                      scale is a_scale); out fp16 / bf16 / fp32, bias in out dtype
 //                      (fp16 / bf16 outputs only: cuBLASLt wants a bf16 bias for
 //                      fp32 outputs). fp32 accumulation (no fast accumulation).
+//   gemm_fp8_ex:       gemm_fp8 (fp16 / bf16 out) + residual (M, N; row stride ldo)
+//                      added through C with beta = 1, and optionally Hopper's fast
+//                      fp8 accumulation. A gated residual r + g * (x W^T + b) is
+//                      b_scale' = b_scale * g, bias' = g * b, residual = r.
 //   gemm_fp8_unscaled: out_f32(M, N) = a @ b^T in fp32 (no scales): the fallback
 //                      where OUTER_VEC is not available; scaled_epilogue
 //                      (epilogue.cu) then applies scales and bias.
@@ -86,14 +90,19 @@ enum Variant : int {
   kVarInt8 = 3,         // gemm_int8: int8 in, int32 out
   // gemm_ex: kVarEx | epi (bit 0: GELU) | 2 (alpha vector) | 4 (residual through C)
   kVarEx = 16,
+  // gemm_fp8_ex: kVarFp8Ex | 1 (fast accumulation) | 4 (residual through C); else as gemm_fp8
+  kVarFp8Ex = 32,
 };
+
+bool is_float_ex(int v) { return v >= kVarEx && v < kVarFp8Ex; }
+bool is_fp8_scaled(int v) { return v == kVarFp8Scaled || v >= kVarFp8Ex; }
 
 const char* variant_name(int variant) {
   switch (variant) {
     case kVarFp8Scaled: return "gemm_fp8";
     case kVarFp8Unscaled: return "gemm_fp8_unscaled";
     case kVarInt8: return "gemm_int8";
-    default: return variant >= kVarEx ? "gemm_ex" : "gemm";
+    default: return variant >= kVarFp8Ex ? "gemm_fp8_ex" : variant >= kVarEx ? "gemm_ex" : "gemm";
   }
 }
 
@@ -148,8 +157,8 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
   // Input (A, B) and output (C, D) types, compute and alpha/beta types.
   cudaDataType_t t_in = lt_type(dtype), t_out = lt_type(dtype), t_scale = CUDA_R_32F;
   cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  if (is_fp8_scaled(variant)) t_in = CUDA_R_8F_E4M3;
   switch (variant) {
-    case kVarFp8Scaled: t_in = CUDA_R_8F_E4M3; break;
     case kVarFp8Unscaled: t_in = CUDA_R_8F_E4M3; t_out = CUDA_R_32F; break;
     case kVarInt8:
       t_in = CUDA_R_8I; t_out = CUDA_R_32I; t_scale = CUDA_R_32I; compute = CUBLAS_COMPUTE_32I;
@@ -161,15 +170,19 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
     const cublasOperation_t opT = CUBLAS_OP_T, opN = CUBLAS_OP_N;
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof(opT)));
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &opN, sizeof(opN)));
-    const bool gelu = variant >= kVarEx && (variant & 1);
+    const bool gelu = is_float_ex(variant) && (variant & 1);
     const cublasLtEpilogue_t epi = gelu ? (has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU)
                                         : (has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
-    if (variant >= kVarEx && (variant & 2)) {
+    if (is_float_ex(variant) && (variant & 2)) {
       const int32_t pm = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST;
       LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &pm, sizeof(pm)));
     }
-    if (variant == kVarFp8Scaled) {
+    if (variant >= kVarFp8Ex && (variant & 1)) {
+      const int8_t fast = 1;  // Hopper: no periodic promotion of the fp8 partial sums
+      LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
+    }
+    if (is_fp8_scaled(variant)) {
       // Per-row scale vectors: Lt's A (our b) gets N values, Lt's B (our a) M.
       const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
       LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)));
@@ -276,7 +289,7 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
     const void* bp = reinterpret_cast<const void*>(g.bias);
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)));
   }
-  if (variant == kVarFp8Scaled) {
+  if (is_fp8_scaled(variant)) {
     // Row-major trick: Lt's A is our b (N rows of op(A)), Lt's B is our a.
     const void* lt_a_scale = reinterpret_cast<const void*>(g.b_scale);
     const void* lt_b_scale = reinterpret_cast<const void*>(g.a_scale);
@@ -469,6 +482,26 @@ void gemm_fp8(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, ui
   check_fp8(fn, a, b, out, K, lda, ldo, dtype_size(out_dtype));
   run_gemm(fn, kVarFp8Scaled, GemmArgs{a, b, bias, out, a_scale, b_scale}, M, N, K, lda, ldo,
            out_dtype, as_stream(stream));
+}
+
+void gemm_fp8_ex(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
+                 uintptr_t residual, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda,
+                 int64_t ldo, int out_dtype, bool fast_accum, uintptr_t stream) {
+  const char* fn = "gemm_fp8_ex";
+  check_sizes(fn, a, b, out, "out", M, N, K, lda, ldo);
+  LYRA_CHECK_ARG(out_dtype == kFloat16 || out_dtype == kBFloat16, fn,
+                 "out_dtype must be 1 (float16) or 2 (bfloat16), got " + std::to_string(out_dtype));
+  LYRA_CHECK_ARG(a_scale != 0 && b_scale != 0, fn,
+                 "a_scale and b_scale must be non-null device pointers (float32)");
+  LYRA_CHECK_ARG(aligned_to(a_scale, 4) && aligned_to(b_scale, 4), fn,
+                 "a_scale and b_scale must be 4-byte aligned (float32)");
+  LYRA_CHECK_ARG(residual != out || residual == 0, fn, "residual must not alias out");
+  LYRA_CHECK_ARG(residual == 0 || aligned_to(residual, 16), fn, "residual must be 16-byte aligned");
+  check_fp8(fn, a, b, out, K, lda, ldo, dtype_size(out_dtype));
+  GemmArgs g{a, b, bias, out, a_scale, b_scale};
+  g.residual = residual;
+  const int variant = kVarFp8Ex | (fast_accum ? 1 : 0) | (residual ? 4 : 0);
+  run_gemm(fn, variant, g, M, N, K, lda, ldo, out_dtype, as_stream(stream));
 }
 
 void gemm_fp8_unscaled(uintptr_t a, uintptr_t b, uintptr_t out_f32, int64_t M, int64_t N,

@@ -2,6 +2,9 @@
 //
 // y = (x - mean_g) * rstd_g * weight[c] + bias[c], then SiLU when requested,
 // statistics per (sample, group) over (C/groups channels x HW positions).
+// With a pre-bias pb (C per sample, or one row for all samples), x is read as
+// x + pb[n, c] in fp32 (statistics included): a convolution's bias and a
+// time-embedding add folded into the norm instead of two passes over x.
 //
 // Scheme: one kernel, read-stats-then-apply. A (sample, group) is split over a
 // thread-block *cluster* of K blocks (K in {1,2,4,8}); each block computes
@@ -31,9 +34,11 @@ constexpr int kGNMaxCluster = 8;
 // Vectors in flight per thread (loads issued before any is used): 3 x 16 B
 // for 8-wide vectors, else 4 or 8 so a thread has >= 8 elements in flight.
 // With __launch_bounds__(256, 4) (<= 64 registers, 4 blocks per SM) these
-// are the largest counts that compile without spills.
-template <int V>
-__host__ __device__ constexpr int unroll() { return V >= 8 ? 3 : (V >= 4 ? 4 : 8); }
+// are the largest counts that compile without spills (sm_90a, nvcc 13.0),
+// except with a pre-bias (PB): there 2-wide vectors keep 4 in flight (8
+// spill), and bf16 8-wide spills 2 bytes (kept: 2 in flight would cost more).
+template <int V, bool PB>
+__host__ __device__ constexpr int unroll() { return V >= 8 ? 3 : (V >= 4 || PB ? 4 : 8); }
 
 // SiLU with the hardware exp2 / reciprocal (MUFU): ~1e-6 relative error,
 // far below fp16/bf16 rounding and the 1e-5 fp32 budget, at a third of the
@@ -51,16 +56,34 @@ struct GNParams {
   int cluster;            // K, blocks per (sample, group)
   int nhwc;
   int silu;
+  int64_t pb_bstride;     // pre-bias elements between samples (0: one row for all)
   float eps;
 };
 
-template <typename T, int V>
+// v += pre-bias of the vector at (row r, column-vector cv) of group g's view:
+// V consecutive channels (NHWC) or one channel for the whole vector (NCHW).
+template <int V, typename T>
+__device__ __forceinline__ void add_pre_bias(float (&v)[V], const T* __restrict__ pb, int nhwc,
+                                             int c0, int r, int cv) {
+  if (nhwc) {
+    float t[V];
+    load_vec<V>(pb + c0 + cv * V, t);
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] += t[e];
+  } else {
+    const float t = to_float(pb[c0 + r]);
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] += t;
+  }
+}
+
+template <typename T, int V, bool PB>
 __global__ void __launch_bounds__(kGNThreads, 4)
-group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, T* y,
-                  GNParams p) {
+group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b,
+                  const T* __restrict__ pre_bias, T* y, GNParams p) {
   // x and y are not __restrict__: in-place (y == x) is allowed, since every
   // element is read before it is written, by the same thread.
-  constexpr int kU = unroll<V>();
+  constexpr int kU = unroll<V, PB>();
   __shared__ float s_warp[3][kGNThreads / 32];
   __shared__ float s_part[3];   // this block's (n, mean, m2): read by cluster peers
   __shared__ float s_stats[2];  // (mean, rstd) of the whole group
@@ -76,6 +99,9 @@ group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, 
                                : static_cast<int64_t>(g) * p.cpg * p.row_stride);
   const T* xg = x + base;
   T* yg = y + base;
+  const int c0 = g * p.cpg;
+  // This sample's pre-bias row (unused unless PB).
+  [[maybe_unused]] const T* pb = PB ? pre_bias + static_cast<int64_t>(n) * p.pb_bstride : nullptr;
 
   // This block's slice [v0, v1) of the group's R*wv vectors.
   const int64_t nv = static_cast<int64_t>(p.rows) * p.wv;
@@ -100,6 +126,9 @@ group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, 
     int r = r_start, cv = c_start;
     for (int i = i_start; i < v1; i += kU * bs) {
       Pack<T, V> raw[kU];
+      // Positions for the pre-bias: walked again from this step's start (two
+      // registers, not 2 x kU: the PB kernels spill otherwise).
+      [[maybe_unused]] int pr = r, pc = cv;
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         if (i + u * bs < v1) raw[u] = load_raw<V>(xg + r * p.row_stride + cv * V);
@@ -110,6 +139,10 @@ group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, 
         if (i + u * bs < v1) {
           float v[V];
           unpack(raw[u], v);
+          if constexpr (PB) {
+            add_pre_bias<V>(v, pb, p.nhwc, c0, pr, pc);
+            advance(pr, pc);
+          }
           wf.add_batch<V>(v);
         }
       }
@@ -155,7 +188,6 @@ group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, 
   const float mean = s_stats[0], rstd = s_stats[1];
 
   // ---- pass 2: normalise + affine (+ SiLU) --------------------------------
-  const int c0 = g * p.cpg;
   int r = r_start, cv = c_start;
   for (int i = i_start; i < v1; i += kU * bs) {
     Pack<T, V> raw[kU];
@@ -172,6 +204,7 @@ group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, 
       if (i + u * bs >= v1) break;
       float v[V], sc[V], sh[V];
       unpack(raw[u], v);
+      if constexpr (PB) add_pre_bias<V>(v, pb, p.nhwc, c0, rr[u], cc[u]);
       if (p.nhwc) {  // channel = column: V consecutive channels
         const int c = c0 + cc[u] * V;
         if (w) { load_vec<V>(w + c, sc); } else {
@@ -221,7 +254,7 @@ cudaLaunchConfig_t cluster_config(unsigned grid, int K, cudaStream_t stream,
 // How many clusters of K = 2, 4, 8 blocks of this kernel can be resident at
 // once (index log2 K); queried once per instantiation (first call, before
 // any graph capture in practice; the queries enqueue nothing anyway).
-template <typename T, int V>
+template <typename T, int V, bool PB>
 const int* cluster_capacity() {
   static const std::array<int, 4> caps = [] {
     std::array<int, 4> c{0, 0, 0, 0};
@@ -229,7 +262,7 @@ const int* cluster_capacity() {
       cudaLaunchAttribute attr;
       cudaLaunchConfig_t cfg = cluster_config(1u << i, 1 << i, nullptr, &attr);
       int n = 0;
-      if (cudaOccupancyMaxActiveClusters(&n, group_norm_kernel<T, V>, &cfg) != cudaSuccess) {
+      if (cudaOccupancyMaxActiveClusters(&n, group_norm_kernel<T, V, PB>, &cfg) != cudaSuccess) {
         (void)cudaGetLastError();  // not fatal: just no clusters of this size
         n = 0;
       }
@@ -240,8 +273,8 @@ const int* cluster_capacity() {
   return caps.data();
 }
 
-template <typename T, int V>
-void launch_gn(const T* x, const T* w, const T* b, T* y, GNParams p, int64_t ng,
+template <typename T, int V, bool PB>
+void launch_gn(const T* x, const T* w, const T* b, const T* pb, T* y, GNParams p, int64_t ng,
                const DeviceInfo& dev, cudaStream_t stream) {
   // Cluster size K: the largest of 8, 4, 2 whose ng clusters are all resident
   // in one wave (a partial second wave would cost a whole extra pass), with at
@@ -249,7 +282,7 @@ void launch_gn(const T* x, const T* w, const T* b, T* y, GNParams p, int64_t ng,
   const int64_t group_elems = static_cast<int64_t>(p.rows) * p.wv;
   int K = 1;
   if (dev.cc_major >= 9) {
-    const int* caps = cluster_capacity<T, V>();
+    const int* caps = cluster_capacity<T, V, PB>();
     for (int i = 3; i >= 1; --i) {
       if (ng <= caps[i] && group_elems / (1 << i) >= 2048) { K = 1 << i; break; }
     }
@@ -260,32 +293,33 @@ void launch_gn(const T* x, const T* w, const T* b, T* y, GNParams p, int64_t ng,
   if (K > 1) {
     cudaLaunchAttribute attr;
     cudaLaunchConfig_t cfg = cluster_config(grid, K, stream, &attr);
-    LYRA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, group_norm_kernel<T, V>, x, w, b, y, p),
+    LYRA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, group_norm_kernel<T, V, PB>, x, w, b, pb, y, p),
                     "group_norm");
   } else {
-    group_norm_kernel<T, V><<<grid, kGNThreads, 0, stream>>>(x, w, b, y, p);
+    group_norm_kernel<T, V, PB><<<grid, kGNThreads, 0, stream>>>(x, w, b, pb, y, p);
   }
   LYRA_CHECK_LAUNCH("group_norm");
 }
 
 // Picks the instantiation for the runtime vector width v (a power of two that
 // is <= 16 bytes); `if constexpr` keeps 8-wide fp32 from being instantiated.
-template <typename T>
-void dispatch_gn(int v, const T* x, const T* w, const T* b, T* y, GNParams p, int64_t ng,
-                 const DeviceInfo& dev, cudaStream_t s) {
+template <typename T, bool PB>
+void dispatch_gn(int v, const T* x, const T* w, const T* b, const T* pb, T* y, GNParams p,
+                 int64_t ng, const DeviceInfo& dev, cudaStream_t s) {
   if constexpr (vec16<T>() >= 8) {
-    if (v == 8) return launch_gn<T, 8>(x, w, b, y, p, ng, dev, s);
+    if (v == 8) return launch_gn<T, 8, PB>(x, w, b, pb, y, p, ng, dev, s);
   }
-  if (v == 4) return launch_gn<T, 4>(x, w, b, y, p, ng, dev, s);
-  if (v == 2) return launch_gn<T, 2>(x, w, b, y, p, ng, dev, s);
-  launch_gn<T, 1>(x, w, b, y, p, ng, dev, s);
+  if (v == 4) return launch_gn<T, 4, PB>(x, w, b, pb, y, p, ng, dev, s);
+  if (v == 2) return launch_gn<T, 2, PB>(x, w, b, pb, y, p, ng, dev, s);
+  launch_gn<T, 1, PB>(x, w, b, pb, y, p, ng, dev, s);
 }
 
 }  // namespace
 
 void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N,
                 int64_t C, int64_t HW, int64_t groups, double eps, bool silu,
-                bool channels_last, int dtype, uintptr_t stream) {
+                bool channels_last, int dtype, uintptr_t stream, uintptr_t pre_bias,
+                int64_t pre_bias_bstride) {
   const char* fn = "group_norm";
   LYRA_CHECK_ARG(x != 0, fn, "x must be a non-null device pointer");
   LYRA_CHECK_ARG(y != 0, fn, "y must be a non-null device pointer");
@@ -298,6 +332,9 @@ void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int6
   LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
   LYRA_CHECK_ARG(N * groups <= (1ll << 31) / kGNMaxCluster, fn, "N*groups too large");
   LYRA_CHECK_ARG(C * HW < (1ll << 31), fn, "C*HW must be < 2^31 elements per sample");
+  LYRA_CHECK_ARG(pre_bias_bstride == 0 || (pre_bias != 0 && pre_bias_bstride >= C), fn,
+                 "pre_bias_bstride must be 0 (one row for all samples) or >= C with a pre_bias, "
+                 "got " + std::to_string(pre_bias_bstride));
 
   GNParams p;
   p.cpg = static_cast<int>(C / groups);
@@ -309,6 +346,7 @@ void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int6
   p.wv = W;
   p.row_stride = channels_last ? C : HW;
   p.silu = silu ? 1 : 0;
+  p.pb_bstride = pre_bias_bstride;
   p.eps = static_cast<float>(eps);
 
   const DeviceInfo dev = current_device_info(fn);
@@ -322,16 +360,27 @@ void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int6
       const size_t bytes = es * v;
       bool ok = W % v == 0 && p.row_stride % v == 0 && aligned_to(x, bytes) &&
                 aligned_to(y, bytes);
-      if (channels_last) ok = ok && aligned_to(weight, bytes) && aligned_to(bias, bytes);
+      if (channels_last) {
+        ok = ok && aligned_to(weight, bytes) && aligned_to(bias, bytes) &&
+             aligned_to(pre_bias, bytes) && pre_bias_bstride % v == 0;
+      }
       if (ok) return v;
     }
     return 1;
   };
 
   LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
-    dispatch_gn<scalar_t>(pick_v(vec16<scalar_t>()), as_ptr<const scalar_t>(x),
-                          as_ptr<const scalar_t>(weight), as_ptr<const scalar_t>(bias),
-                          as_ptr<scalar_t>(y), p, ng, dev, as_stream(stream));
+    const int v = pick_v(vec16<scalar_t>());
+    const auto* xp = as_ptr<const scalar_t>(x);
+    const auto* wp = as_ptr<const scalar_t>(weight);
+    const auto* bp = as_ptr<const scalar_t>(bias);
+    const auto* pbp = as_ptr<const scalar_t>(pre_bias);
+    auto* yp = as_ptr<scalar_t>(y);
+    if (pre_bias) {
+      dispatch_gn<scalar_t, true>(v, xp, wp, bp, pbp, yp, p, ng, dev, as_stream(stream));
+    } else {
+      dispatch_gn<scalar_t, false>(v, xp, wp, bp, pbp, yp, p, ng, dev, as_stream(stream));
+    }
   });
 }
 

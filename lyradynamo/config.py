@@ -18,7 +18,7 @@ import sys
 import types
 from typing import Any, Iterator
 
-ALL_PASSES = ("layout", "group_norm", "adaln", "rope", "attention", "linear", "split_cat")
+ALL_PASSES = ("layout", "group_norm", "conv_bias", "adaln", "rope", "attention", "linear", "split_cat")
 
 
 class LyraConfigError(ValueError):
@@ -60,6 +60,12 @@ _OPTIONS: dict[str, _Option] = {
         "CPU memory: the GPU holds only fp8/int8; the Parameter becomes a NaN placeholder, "
         "lyradynamo.quant.restore(model) brings it back) or gpu (kept as is).",
         choices=("host", "gpu"),
+    ),
+    "quant_fast_accum": _Option(
+        True,
+        "fp8 on Hopper: cuBLASLt's fast accumulation (partial sums not periodically promoted "
+        "to full fp32; what torchao's float8 inference uses). False: exact fp32 accumulation.",
+        kind=bool,
     ),
     "cuda_graphs": _Option(
         True, "On CUDA, replay each compiled graph as a CUDA graph (one capture per input shape).",

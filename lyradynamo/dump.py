@@ -106,6 +106,9 @@ def format_summary(s: dict) -> str:
                      f"kept in high precision: {len(q['kept'])}")
         for name, why in list(q["kept"].items())[:20]:
             lines.append(f"  kept {name}: {why}")
+        sliced = [name for name in q["quantized"] if name.endswith("]")]  # column slices (split_cat)
+        for name in sliced[:20]:
+            lines.append(f"  quantized column slice {name}")
     for op, path in s["kernel_paths"].items():
         lines.append(f"kernel lyra::{op}: {path}")
     for e in s["errors"]:

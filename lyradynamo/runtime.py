@@ -82,22 +82,33 @@ class CudaGraphRunner:
         self.captures: dict[tuple, _Capture] = {}
         self.uncapturable: dict[tuple, str] = {}  # signature -> why capture failed
         self.captures_made = 0
+        # Per-call work is on the critical path of every step (a scheduler that syncs, as
+        # SD's PNDM does, leaves the GPU idle meanwhile): index lists are computed once, and
+        # the signature looks at the non-static inputs only (parameters: ~700 in a UNet).
+        self._varying: list[int] | None = None
+        self._static: list[int] = sorted(static_idx)
 
     def _signature(self, args) -> tuple:
+        if self._varying is None:
+            self._varying = [i for i in range(len(args)) if i not in self.static_idx]
         sig = []
-        for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() == 0 and i not in self.static_idx:
-                # a float argument of the forward (shape_policy): the graph .item()s it on the
-                # host, so the capture bakes its value in: one capture per value
-                sig.append((i, a.item()))
-            elif isinstance(a, torch.Tensor):
-                sig.append((i, tuple(a.shape), a.stride(), a.dtype, a.device))
+        for i in self._varying:
+            a = args[i]
+            if isinstance(a, torch.Tensor):
+                if a.dim() == 0 and a.device.type == "cpu":
+                    # a float argument of the forward (shape_policy): the graph .item()s it on
+                    # the host, so the capture bakes its value in: one capture per value
+                    sig.append((i, a.item()))
+                else:
+                    sig.append((i, a.shape, a.stride(), a.dtype, a.device))
             elif isinstance(a, (int, float, bool)):
                 sig.append((i, a))
         return tuple(sig)
 
     def _param_ptrs(self, args) -> tuple:
-        return tuple(args[i].data_ptr() for i in sorted(self.static_idx) if isinstance(args[i], torch.Tensor))
+        """Addresses of the static inputs (parameters, buffers): their shapes are guarded by
+        Dynamo, an address change means a replaced tensor (recapture)."""
+        return tuple([args[i].data_ptr() for i in self._static])
 
     def __call__(self, *args):
         if not config.cuda_graphs or torch.cuda.is_current_stream_capturing():

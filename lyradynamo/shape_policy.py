@@ -125,6 +125,7 @@ def install() -> None:
     _eval_frame.get_compiler_fn = get_compiler_fn
     _install_batch_only_duck()
     _install_input_floats()
+    _install_repeat_interleave_hint()
     _installed = True
 
 
@@ -157,6 +158,36 @@ def _install_batch_only_duck() -> None:
 
     _automatic_dynamic.__wrapped__ = original  # type: ignore[attr-defined]
     builder._automatic_dynamic = _automatic_dynamic
+
+
+def _install_repeat_interleave_hint() -> None:
+    """Under the policy, `t.repeat_interleave(int, dim, output_size=...)` is traced without
+    `output_size`.
+
+    With an int `repeats` the output size is `t.size(dim) * repeats` by construction, so the
+    argument is only a hint; but torch (2.11) checks it with `guard_int`, which pins the
+    symbols in it to their current values: diffusers' `prepare_attention_mask` passes
+    `output_size=batch * heads`, and the batch size became static (one compile per batch
+    size for every model with an attention mask, e.g. Sana). A tensor `repeats` keeps the
+    argument: there it sizes a data-dependent output.
+    """
+    try:
+        from torch._dynamo.variables.tensor import TensorVariable
+    except ImportError:
+        return
+    original = getattr(TensorVariable, "call_method", None)
+    if original is None:
+        return
+
+    def call_method(self, tx, name, args, kwargs):  # noqa: ANN001, ANN202 - torch's signature
+        if _active and name == "repeat_interleave" and "output_size" in kwargs:
+            repeats = args[0] if args else kwargs.get("repeats")
+            if repeats is not None and not isinstance(repeats, TensorVariable):
+                kwargs = {k: v for k, v in kwargs.items() if k != "output_size"}
+        return original(self, tx, name, args, kwargs)
+
+    call_method.__wrapped__ = original  # type: ignore[attr-defined]
+    TensorVariable.call_method = call_method
 
 
 def _install_input_floats() -> None:

@@ -56,11 +56,17 @@ def flux_lora(template, seed, r=4, alpha=4) -> dict:
 
 
 def quantised_weights(model) -> dict:
-    """name -> the bytes of the quantised copy of each of model's quantised weights."""
+    """name -> the bytes of the quantised copy of each of model's quantised weights (a column
+    slice, from split_cat, as 'name[:, 0:32]')."""
     from lyradynamo.quant import weights
 
-    return {n: weights.entry_of(p).qweight.view(torch.uint8).clone()
-            for n, p in model.named_parameters() if weights.entry_of(p) is not None}
+    return {weights.sliced_name(n, e.cols): e.qweight.view(torch.uint8).clone()
+            for n, p in model.named_parameters() for e in weights.entries_of(p)}
+
+
+def reported_weights(names) -> set:
+    """The Parameter names of quant report entries: a column slice 'a.weight[:, 0:32]' -> 'a.weight'."""
+    return {n.split("[", 1)[0] for n in names}
 
 
 def lora_round_trip(compiled, model, inputs: dict, lora_a: dict, lora_b: dict) -> dict:

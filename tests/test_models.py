@@ -84,3 +84,30 @@ def test_unet_fusions():
     assert matched["group_norm"].get("group_norm+silu", 0) > 0
     assert any("glu_gelu" in k for k in matched["linear"])  # GEGLU
     assert matched["attention"].get("attention(blhd)", 0) > 0  # head transposes removed
+
+
+def test_repeat_interleave_output_size_does_not_pin_the_batch(monkeypatch):
+    """diffusers' prepare_attention_mask: `mask.repeat_interleave(heads, dim=0,
+    output_size=mask.shape[0] * heads)`; torch 2.11 checks output_size with guard_int, which
+    made the batch static (tiny Sana recompiled per batch size on the H100). The shape
+    policy traces it without the hint."""
+    from lyradynamo import backend
+
+    seen = []
+    run_passes = backend.run_passes
+
+    def spy(gm, *args, **kwargs):
+        seen.extend(n.kwargs for n in gm.graph.nodes if n.target == "repeat_interleave")
+        return run_passes(gm, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "run_passes", spy)
+
+    def f(mask, x):
+        return x + mask.repeat_interleave(3, dim=0, output_size=mask.shape[0] * 3)[:, None]
+
+    compiled = torch.compile(f, backend="lyra")
+    for b in (2, 1, 5):
+        mask, x = torch.randn(b, 7), torch.randn(3 * b, 1, 7)
+        torch.testing.assert_close(compiled(mask, x), f(mask, x))
+    assert lyradynamo.compile_count() == 1
+    assert seen and all("output_size" not in kw for kw in seen)

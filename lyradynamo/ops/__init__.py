@@ -4,13 +4,14 @@ Each op has: a schema (torch.library.custom_op), a fake implementation for symbo
 shapes that adds no guards, a PyTorch reference (the CPU kernel and the test oracle), and
 a CUDA implementation that calls csrc (`lyradynamo._C`).
 """
-from . import adaln, attention, group_norm, linear, qlinear, quantize, rope  # noqa: F401  (registration)
+from . import adaln, attention, bias_residual, group_norm, linear, qlinear, quantize, rope  # noqa: F401  (registration)
 from ._common import csrc_status, fallback_counts, reset_fallback_counts  # noqa: F401
 
 OPS = {
     "linear": linear.linear,
     "attention": attention.attention,
     "group_norm": group_norm.group_norm,
+    "bias_residual": bias_residual.bias_residual,
     "adaln": adaln.adaln,
     "qk_norm_rope": rope.qk_norm_rope,
     "qlinear": qlinear.qlinear,

@@ -1,5 +1,10 @@
 """lyra::group_norm: GroupNorm (+ SiLU) on NCHW or channels_last activations.
 
+With `pre_bias` ((C,) or (N, C)) it normalises x + pre_bias (broadcast over the spatial dims;
+statistics included): a convolution's bias and a time-embedding add folded into the norm
+(passes/conv_bias.py), so the activation is not read and written once per add. x + pre_bias
+is formed in fp32 and not rounded to x's dtype: one rounding, of the result.
+
 The output keeps the input's memory format, decided on the real tensor at run time, so a
 UNet kept in channels_last never pays a layout copy between its convolutions and norms (and
 a layout rewritten after tracing cannot make the op copy). `channels_last` records the
@@ -14,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import DTYPE_CODES, csrc, ptr, record_fallback, stream_handle, unsupported_reason
+from ._common import (DTYPE_CODES, csrc, ptr, record_fallback, row_vector_stride, stream_handle,
+                      unsupported_reason)
 
 ACTS = ("none", "silu")
 
@@ -34,63 +40,104 @@ def _output_format(x: Tensor, channels_last: bool):
     return _format(channels_last, x.dim())
 
 
+def _pre_bias_view(pre_bias: Tensor, x: Tensor) -> Tensor:
+    """(C,) or (N or 1, C) -> (N or 1, C, 1, ...): broadcast over x's spatial dims."""
+    rows = pre_bias.shape[0] if pre_bias.dim() == 2 else 1
+    return pre_bias.reshape(rows, x.shape[1], *([1] * (x.dim() - 2)))
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.float()
+
+
 def group_norm_reference(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                         eps: float, act: str, channels_last: bool) -> Tensor:
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    if act == "silu":
-        y = F.silu(y)
+                         eps: float, act: str, channels_last: bool,
+                         pre_bias: Optional[Tensor] = None) -> Tensor:
+    if pre_bias is None:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+        if act == "silu":
+            y = F.silu(y)
+    else:  # fp32 throughout, one rounding at the end (what the kernel does)
+        y = F.group_norm(x.float() + _pre_bias_view(pre_bias.float(), x), num_groups, _f32(weight),
+                         _f32(bias), eps)
+        if act == "silu":
+            y = F.silu(y)
+        y = y.to(x.dtype)
     return y.contiguous(memory_format=_output_format(x, channels_last))
 
 
-def _check(x: Tensor, num_groups: int, act: str) -> None:
+def _check(x: Tensor, num_groups: int, act: str, pre_bias: Optional[Tensor] = None) -> None:
     if act not in ACTS:
         raise ValueError(f"lyra::group_norm: act={act!r} is not one of {ACTS}")
     if x.dim() < 2:
         raise ValueError(f"lyra::group_norm: x must be (N, C, ...), got shape {tuple(x.shape)}")
     if num_groups <= 0:
         raise ValueError(f"lyra::group_norm: num_groups must be positive, got {num_groups}")
+    if pre_bias is not None and pre_bias.dim() not in (1, 2):
+        raise ValueError(f"lyra::group_norm: pre_bias must be (C,) or (N, C), got shape {tuple(pre_bias.shape)}")
+
+
+def _check_pre_bias_sizes(x: Tensor, pre_bias: Optional[Tensor]) -> None:
+    """Sizes of a real pre_bias (not in the fake: comparing symbolic sizes would add guards)."""
+    if pre_bias is None:
+        return
+    n, c = x.shape[0], x.shape[1]
+    ok = pre_bias.shape[-1] == c and (pre_bias.dim() == 1 or pre_bias.shape[0] in (1, n))
+    if not ok:
+        raise ValueError(f"lyra::group_norm: pre_bias must be (C,) or (N or 1, C) = ({c},) or ({n}, {c}), "
+                         f"got shape {tuple(pre_bias.shape)}")
 
 
 @torch.library.custom_op("lyra::group_norm", mutates_args=())
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-               eps: float, act: str, channels_last: bool) -> Tensor:
-    _check(x, num_groups, act)
-    return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last)
+               eps: float, act: str, channels_last: bool, pre_bias: Optional[Tensor] = None) -> Tensor:
+    _check(x, num_groups, act, pre_bias)
+    _check_pre_bias_sizes(x, pre_bias)
+    return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last, pre_bias)
 
 
 @group_norm.register_fake
-def _(x, num_groups, weight, bias, eps, act, channels_last):
-    _check(x, num_groups, act)
+def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
+    _check(x, num_groups, act, pre_bias)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device,
                        memory_format=_output_format(x, channels_last))
 
 
 @group_norm.register_kernel("cuda")
-def _(x, num_groups, weight, bias, eps, act, channels_last):
-    _check(x, num_groups, act)
+def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
+    _check(x, num_groups, act, pre_bias)
+    _check_pre_bias_sizes(x, pre_bias)
     C = csrc()
-    reason = "csrc not built" if C is None else _cuda_unsupported(x, num_groups, weight, bias)
+    reason = "csrc not built" if C is None else _cuda_unsupported(x, num_groups, weight, bias, pre_bias)
     if reason:
         record_fallback("group_norm", reason)
-        return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last)
+        return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last, pre_bias)
     n, c = x.shape[0], x.shape[1]
     hw = x.numel() // max(n * c, 1)
     fmt = _output_format(x, channels_last)
     x = x.contiguous(memory_format=fmt)  # no-op unless x had neither layout
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     if x.numel():
+        # pre_bias row b of sample n at pre_bias[n * stride]: stride 0 when one row serves all
+        pb_stride = 0 if pre_bias is None else row_vector_stride(pre_bias, n, c, 2)
         C.group_norm(ptr(x), ptr(weight), ptr(bias), ptr(y), n, c, hw, num_groups, float(eps),
-                     act == "silu", fmt is torch.channels_last, DTYPE_CODES[x.dtype], stream_handle(x))
+                     act == "silu", fmt is torch.channels_last, DTYPE_CODES[x.dtype], stream_handle(x),
+                     pre_bias=ptr(pre_bias), pre_bias_bstride=pb_stride)
     return y
 
 
-def _cuda_unsupported(x, num_groups, weight, bias) -> Optional[str]:
-    reason = unsupported_reason(x=x, weight=weight, bias=bias)
+def _cuda_unsupported(x, num_groups, weight, bias, pre_bias=None) -> Optional[str]:
+    reason = unsupported_reason(x=x, weight=weight, bias=bias, pre_bias=pre_bias)
     if reason:
         return reason
     if x.shape[1] % num_groups:
         return f"channels {x.shape[1]} not divisible by num_groups {num_groups}"
+    for name, t in (("weight", weight), ("bias", bias), ("pre_bias", pre_bias)):
+        if t is not None and t.dtype != x.dtype:
+            return f"{name} must have x's dtype {x.dtype}, got {t.dtype}"
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
-            return f"{name} must be contiguous with x's dtype {x.dtype}"
+        if t is not None and not t.is_contiguous():
+            return f"{name} must be contiguous"
+    if pre_bias is not None and row_vector_stride(pre_bias, x.shape[0], x.shape[1], 2) is None:
+        return "pre_bias rows must have unit stride along C"
     return None

@@ -13,6 +13,7 @@ outer-vector scales): an int32/fp32 GEMM and one scaled epilogue kernel doing al
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ from ._common import DTYPE_CODES, csrc, ptr, record_fallback, stream_handle, uns
 from .linear import (_ACT_CODES, ACTIVATIONS, _out_dtype, epilogue_args, epilogue_cuda,
                      epilogue_reference, epilogue_unsupported)
 
+log = logging.getLogger("lyradynamo")
 _ACC_F32, _ACC_I32 = 0, 3
 _outer_vec_ok: dict[tuple, bool] = {}
 
@@ -117,9 +119,12 @@ def qgemm_cuda(C, xq: Tensor, xs: Tensor, out_dtype: torch.dtype, qweight: Tenso
         return torch.empty(out_shape, dtype=out_dtype, device=xq.device)
     code, stream = DTYPE_CODES[out_dtype], stream_handle(xq)
     if kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype):
+        if act == "none" and not glu and (gate is not None or residual is not None):
+            fused = _fp8_gated_residual(C, xq, xs, out_dtype, qweight, wscale, bias, gate, residual, m, n_y, k)
+            if fused is not None:
+                return fused.view(out_shape)
         y = torch.empty((m, n_y), dtype=out_dtype, device=xq.device)
-        C.gemm_fp8(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), ptr(y), m, n_y, k, k, n_y,
-                   code, stream)
+        _gemm_fp8(C, xq, xs, qweight, wscale, bias, None, y, m, n_y, k, code, stream)
         return epilogue_cuda(C, y, xq, act, glu, gate, residual).view(out_shape)
     acc_i32 = kind == "int8"
     acc = torch.empty((m, n_y), dtype=torch.int32 if acc_i32 else torch.float32, device=xq.device)
@@ -133,6 +138,64 @@ def qgemm_cuda(C, xq: Tensor, xs: Tensor, out_dtype: torch.dtype, qweight: Tenso
                       ptr(gate), ptr(res), ptr(out), m, n_out, _ACT_CODES[act], glu, rows_per_batch,
                       gstride, code, stream)
     return out.view(out_shape)
+
+
+def _gemm_fp8(C, xq, xs, qweight, wscale, bias, residual, out, m, n, k, code, stream) -> None:
+    """cuBLASLt fp8 GEMM with outer-vector scales (+ bias, + residual through C); Hopper's fast
+    fp8 accumulation when config.quant_fast_accum (gemm_fp8_ex; plain gemm_fp8 in an older build)."""
+    from .. import config
+
+    if getattr(C, "gemm_fp8_ex", None) is not None:
+        C.gemm_fp8_ex(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), ptr(residual), ptr(out),
+                      m, n, k, k, n, code, bool(config.quant_fast_accum), stream)
+    elif residual is None:
+        C.gemm_fp8(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), ptr(out), m, n, k, k, n, code, stream)
+    else:
+        raise RuntimeError("this lyradynamo._C has no gemm_fp8_ex (rebuild the CUDA library)")
+
+
+_FP8_FUSED_FAILED: dict[tuple, str] = {}  # (device, dtype) -> why cuBLASLt refused C + beta
+_MAX_GATE_SAMPLES = 16  # more samples with their own gate: one epilogue pass beats that many GEMMs
+
+
+def _fp8_gated_residual(C, xq, xs, out_dtype, qweight, wscale, bias, gate, residual, m, n, k):
+    """residual + gate * (xq @ qweight^T * xs * wscale + bias) inside the fp8 GEMM's epilogue.
+
+    The gate is a per-sample row vector, so it folds into the per-column weight scale and the
+    bias: wscale * gate[b], bias * gate[b], one GEMM per sample (a DiT runs batch 1 or 2), and
+    the residual comes in through cuBLASLt's C with beta = 1. This replaces a separate pass
+    over the output (read y and the residual, write the sum) per gated linear. None when
+    cuBLASLt refuses it here (then the GEMM + csrc epilogue kernel run, logged once).
+    """
+    key = (xq.device.index, out_dtype)
+    if key in _FP8_FUSED_FAILED:
+        return None
+    rows, gstride, res = epilogue_args(xq, m, n, gate, residual)
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    code, stream = DTYPE_CODES[out_dtype], stream_handle(xq)
+    xq2, xs2 = xq.reshape(m, k), xs.reshape(m)
+    try:
+        if gate is None:
+            _gemm_fp8(C, xq2, xs2, qweight, wscale, bias, res, out, m, n, k, code, stream)
+            return out
+        rows = m if gstride == 0 else rows  # one gate for every sample: one GEMM
+        samples = m // rows
+        if samples > _MAX_GATE_SAMPLES:
+            return None
+        g = gate.as_strided((samples, n), (gstride, 1)).float()
+        ws = wscale * g  # (samples, n) float32
+        bs = None if bias is None else (bias.float() * g).to(out_dtype)
+        for b in range(samples):
+            r = slice(b * rows, (b + 1) * rows)
+            xs_b = xs2[r] if xs2[r].data_ptr() % 16 == 0 else xs2[r].clone()  # scale vectors: 16-byte aligned
+            _gemm_fp8(C, xq2[r], xs_b, qweight, ws[b], None if bs is None else bs[b],
+                      None if res is None else res[r], out[r], rows, n, k, code, stream)
+    except RuntimeError as exc:
+        _FP8_FUSED_FAILED[key] = str(exc)[:200]
+        log.warning("lyradynamo: fp8 GEMM with gate/residual in its epilogue unavailable (%s); the csrc "
+                    "epilogue kernel runs after the GEMM instead", exc)
+        return None
+    return out
 
 
 def shape_unsupported(n: int, k: int, kind: str) -> Optional[str]:

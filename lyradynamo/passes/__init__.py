@@ -14,7 +14,7 @@ import traceback
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers the lyra:: ops)
-from . import adaln, attention, canonicalize, group_norm, layout, linear, rope, split_cat
+from . import adaln, attention, canonicalize, conv_bias, group_norm, layout, linear, rope, split_cat
 from .report import GraphReport, count_anchors
 
 log = logging.getLogger("lyradynamo")
@@ -25,6 +25,7 @@ PASSES = {
     "linear": linear.run,
     "attention": attention.run,
     "group_norm": group_norm.run,
+    "conv_bias": conv_bias.run,
     "adaln": adaln.run,
     "rope": rope.run,
 }
@@ -37,8 +38,10 @@ def run_passes(gm: fx.GraphModule, names, fake_mode) -> tuple[fx.GraphModule, Gr
         canonicalize.run(gm.graph, fake_mode, report)
     # group_norm and adaln first: their patterns start at a norm and must see the mul/add
     # epilogues before the linear pass could claim a neighbouring add as a residual; rope
-    # folds the q/k RMSNorms adaln produced.
-    order = [n for n in ("layout", "group_norm", "adaln", "rope", "attention", "linear", "split_cat")
+    # folds the q/k RMSNorms adaln produced. conv_bias folds convolution biases into the
+    # lyra::group_norm ops group_norm made.
+    order = [n for n in ("layout", "group_norm", "conv_bias", "adaln", "rope", "attention", "linear",
+                         "split_cat")
              if n in names]
     for name in order:
         try:

@@ -6,8 +6,20 @@
     y = t        + gate * (b @ W[:, Ka:]^T + bias)
 Same sum, without writing and re-reading the concatenated activation (M x (Ka + Kb)); on
 CUDA each part is one cuBLASLt call whose epilogue adds the previous one (the weight slices
-are views: no copy). Only for act "none" (the split needs linearity), part widths that keep
-16-byte alignment, and unquantised graphs (a quantised weight is not sliced).
+are views: no copy). Only for act "none" (the split needs linearity) and part widths that
+keep 16-byte alignment.
+
+With config.quant on, quant/apply.py turns each part's linear into a quantised one over its
+weight slice narrow(W, 1, offset, width): each slice gets its own quantised copy with its
+own per-output-channel scales over its K columns (quant/weights.py). The activation is then
+quantised per part: each token row of `a` and of `b` gets its own scale, where the unsplit
+linear had one scale over the row of the concat (and likewise for the weight rows). Each
+scale is at most the concat's, so the grid is finer: the result differs from the unsplit
+quantised linear in its rounding, not in its accuracy (tests/test_quant_split_cat.py
+compares both against eager). A part too narrow for the quantised GEMM (K % 16) stays in
+high precision on its own, named in the report; a linear that the quantised GEMM takes
+whole is not split into parts it would not take (that would trade a quantised GEMM for the
+concat's memory traffic).
 """
 from __future__ import annotations
 
@@ -15,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from .. import config
+from ..ops.qlinear import shape_unsupported
 from . import matcher as m
 from .report import GraphReport
 
@@ -36,15 +49,22 @@ def _parts(x: fx.Node):
     return parts, widths
 
 
+def _loses_quantisation(w: fx.Node, widths: list) -> bool:
+    """With config.quant on: W (N, K) fits the quantised GEMM but one of its slices would not."""
+    wv = m.val(w)
+    if config.quant == "none" or not isinstance(wv, torch.Tensor) or wv.dim() != 2:
+        return False
+    (n, k), kind = wv.shape, config.quant
+    return not shape_unsupported(n, k, kind) and any(shape_unsupported(n, kp, kind) for kp in widths)
+
+
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
-    if config.quant != "none":
-        return
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target is _LINEAR):
             continue
         x, w, bias, act, glu, gate, residual = node.args
         split = _parts(x) if act == "none" and not glu else None
-        if split is None:
+        if split is None or _loses_quantisation(w, split[1]):
             continue
         parts, widths = split
         acc, offset = residual, 0

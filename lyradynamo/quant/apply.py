@@ -7,11 +7,18 @@ Layers stay in high precision by name (config.quant_exclude, regexes on the modu
 as "transformer_blocks.0.attn.to_q.weight") or because their shape does not fit the quantised
 GEMM; the report lists every layer with its decision. With config.quant_master = "host" the
 high-precision copy of a weight used only by quantised linears leaves the GPU.
+
+A weight may also arrive as column slices, `narrow(W, 1, offset, width)` (passes/split_cat.py:
+one linear per part of a concatenated input). Each slice is quantised on its own (its own
+scales over its K columns, its own contiguous buffer) and decided on its own (shape), under
+the Parameter's module path (exclusion) reported as 'path[:, offset:offset+width]'; the
+Parameter leaves the GPU only when every slice of it is quantised.
 """
 from __future__ import annotations
 
 import operator
 import re
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -40,33 +47,60 @@ def module_path(node: fx.Node) -> str:
     return ".".join(keys[1:]) or node.name
 
 
+def _column_slice(w_node):
+    """(source, (offset, width)) for w_node = narrow(source, 1, offset, width) with int
+    offset and width, else (w_node, None)."""
+    if (isinstance(w_node, fx.Node) and w_node.op == "call_function" and w_node.target is torch.narrow
+            and len(w_node.args) == 4 and not w_node.kwargs and w_node.args[1] == 1
+            and all(type(a) is int for a in w_node.args[2:])):
+        return w_node.args[0], tuple(w_node.args[2:])
+    return w_node, None
+
+
+class _Decision(NamedTuple):
+    param: Optional[torch.Tensor]  # the model Parameter, or None (a weight computed in the graph)
+    source: object  # the graph input W (or whatever the weight is when it is not one)
+    cols: Optional[tuple[int, int]]  # (offset, width) when the linear reads a column slice of W
+    path: str  # W's module path: the exclusion patterns match it
+    reason: Optional[str]  # why it stays in high precision, None = quantise
+
+    @property
+    def name(self) -> str:  # in the report
+        return weights.sliced_name(self.path, self.cols)
+
+
 def _decider(real: dict, kind: str):
-    """w_node -> (its Parameter or None, module path, why it stays in high precision or None),
-    worked out once per weight."""
+    """w_node (a weight, or a column slice of one) -> its _Decision, worked out once."""
     decisions: dict = {}
 
-    def decide(w_node):
+    def decide(w_node) -> _Decision:
         if w_node not in decisions:
-            is_node = isinstance(w_node, fx.Node)
-            param = real.get(w_node) if is_node else None
-            path = module_path(w_node) if is_node else str(w_node)
-            decisions[w_node] = (param, path, _reason(param, path, kind))
+            src, cols = _column_slice(w_node)
+            is_node = isinstance(src, fx.Node)
+            param = real.get(src) if is_node else None
+            path = module_path(src) if is_node else str(src)
+            decisions[w_node] = _Decision(param, src, cols, path, _reason(param, path, cols, kind))
         return decisions[w_node]
 
     return decide
 
 
+def _quantised_reader(u: fx.Node, w_node: fx.Node, decide) -> bool:
+    """u reads w_node only as the weight of a lyra::linear that will be quantised."""
+    return (u.op == "call_function" and u.target is _LINEAR and u.args[1] is w_node
+            and w_node not in (u.args[0], *u.args[2:]) and not decide(w_node).reason)
+
+
 def _only_quantised_readers(real: dict, decide) -> set:
-    """Weight placeholders every reader of which is a lyra::linear that will be quantised: their
-    high-precision GPU copy is not needed after quantisation."""
-    out = set()
-    for w_node in real:
-        if not w_node.users or decide(w_node)[2]:
-            continue
-        if all(u.op == "call_function" and u.target is _LINEAR and u.args[1] is w_node
-               and w_node not in (u.args[0], *u.args[2:]) for u in w_node.users):
-            out.add(w_node)
-    return out
+    """Weight placeholders every reader of which is a lyra::linear that will be quantised, or a
+    column slice all readers of which are: their high-precision GPU copy is not needed after
+    quantisation."""
+    def done_with(u, w_node):
+        if _column_slice(u)[0] is w_node:
+            return bool(u.users) and all(_quantised_reader(r, u, decide) for r in u.users)
+        return _quantised_reader(u, w_node, decide)
+
+    return {w for w in real if w.users and all(done_with(u, w) for u in w.users)}
 
 
 def _excluded(path: str):
@@ -87,25 +121,26 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is _LINEAR):
             continue
-        w_node = node.args[1]
-        param, path, reason = decide(w_node)
-        if reason:
-            kept[path] = reason
+        d = decide(node.args[1])
+        if d.reason:
+            kept[d.name] = d.reason
             continue
-        entry = entries.get(param)
+        key = (d.source, d.cols)
+        entry = entries.get(key)
         if entry is None:
-            entry = weights.quantize_weight(path, param, kind, calibration.smooth_of(param) if kind == "int8" else None)
-            entries[param] = entry
-            if w_node in offload:  # at once: the GPU never holds all bf16 and fp8 copies together
-                weights.offload_master(entry)
+            smooth = calibration.smooth_of(d.param) if kind == "int8" else None
+            entry = weights.quantize_weight(d.path, d.param, kind, smooth, d.cols)
+            entries[key] = entry
+            if d.source in offload:  # at once: the GPU never holds all bf16 and fp8 copies together
+                weights.offload_master(d.param)
             idx = len(entries) - 1
-            attrs[param] = []
+            attrs[key] = []
             for tag, t in (("qw", entry.qweight), ("ws", entry.wscale), ("is", entry.inv_smooth)):
                 if t is not None:
                     gm.register_buffer(f"_lyra_{tag}{idx}", t, persistent=False)
-                attrs[param].append(f"_lyra_{tag}{idx}" if t is not None else None)
+                attrs[key].append(f"_lyra_{tag}{idx}" if t is not None else None)
         with gm.graph.inserting_before(node):
-            qw, ws, inv = (gm.graph.get_attr(a) if a else None for a in attrs[param])
+            qw, ws, inv = (gm.graph.get_attr(a) if a else None for a in attrs[key])
         for n, t in ((qw, entry.qweight), (ws, entry.wscale), (inv, entry.inv_smooth)):
             if n is not None:
                 n.meta["example_value"] = _fake_like(node, t)
@@ -113,7 +148,10 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
         node.target = _QLINEAR
         node.args = (x, qw, ws, bias, act, glu, gate, residual, kind, inv)
         node.meta["lyra"] = node.meta.get("lyra", "linear").replace("linear", f"qlinear[{kind}]", 1)
-        quantized.append(path)
+        quantized.append(d.name)
+    for n in list(gm.graph.nodes):  # slices now read through their quantised copies: dead
+        if not n.users and _column_slice(n)[1] is not None:
+            gm.graph.erase_node(n)
     activation = _share_activation_quant(gm, kind) if quantized else {}
     gm.graph.lint()
     gm.recompile()
@@ -170,7 +208,7 @@ def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:
     return counts
 
 
-def _reason(param, path: str, kind: str):
+def _reason(param, path: str, cols, kind: str):
     if not isinstance(param, torch.nn.Parameter) or param.dim() != 2:
         return "weight is not a model Parameter (computed in the graph)"
     if param.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -178,7 +216,7 @@ def _reason(param, path: str, kind: str):
     pattern = _excluded(path)
     if pattern:
         return f"kept in high precision by config.quant_exclude pattern {pattern!r}"
-    return shape_unsupported(param.shape[0], param.shape[1], kind)
+    return shape_unsupported(param.shape[0], param.shape[1] if cols is None else cols[1], kind)
 
 
 def _fake_like(node: fx.Node, t: torch.Tensor):

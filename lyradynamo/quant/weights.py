@@ -5,8 +5,14 @@ For each weight a quantised lyra::qlinear reads, one `QuantWeight` holds:
            a host copy (= "host", the default on CUDA: the GPU keeps only the fp8/int8 copy;
            the Parameter's storage becomes a NaN placeholder so that running the original
            module eagerly fails loudly instead of silently using stale values);
+  cols     None, or (offset, width): the copy covers master[:, offset:offset + width] only;
   qweight  (N, K) fp8 e4m3 / int8 and wscale (N,) float32 on the GPU (buffers of the graph);
   version  master._version when qweight was derived.
+Column slices come from passes/split_cat.py (a linear over a concat becomes one linear per
+part, each reading a narrow of the weight): each slice gets its own contiguous qweight (the
+GEMM needs one) and its own per-output-channel scales over its K columns. All copies of one
+Parameter share one master: a patch of it (a view's _version is its base's) re-derives every
+slice, and the master moves to the host or back for all of them at once.
 `refresh()` (run before every call of a quantised graph) re-derives the copies of exactly the
 weights whose master changed in place since (LoRA loads and unloads, ControlNet weight
 copies), writing into the same buffers, so CUDA graphs stay valid. Patch a quantised weight
@@ -52,7 +58,7 @@ class TensorKeyed:
 
 
 _lock = threading.Lock()
-_by_param = TensorKeyed()
+_by_param = TensorKeyed()  # Parameter -> {cols: QuantWeight}, all sharing one master
 _placeholders: dict[tuple, Tensor] = {}  # (device, dtype) -> NaN storage shared by placeholders
 
 
@@ -66,13 +72,15 @@ class QuantWeight:
     wscale: Tensor
     smooth: Optional[Tensor]  # SmoothQuant s (K,) folded into the weight (x is multiplied by 1/s)
     inv_smooth: Optional[Tensor]
+    cols: Optional[tuple[int, int]] = None  # (offset, width) of the columns this copy covers
     version: int = -1
     param_version: int = -1
 
     def derive(self) -> None:
-        """(Re)compute qweight / wscale from master, in place."""
+        """(Re)compute qweight / wscale from master (its columns `cols`), in place."""
+        w = self.master if self.cols is None else self.master.narrow(1, *self.cols)
         # blocking: the host master may be patched again right after this returns
-        w = self.master.to(self.qweight.device)
+        w = w.to(self.qweight.device)
         if self.smooth is not None:
             w = w.float() * self.smooth.to(w.device)[None, :]
         q, s = numerics.quantize_rows(w, self.kind)
@@ -89,21 +97,36 @@ class QuantWeight:
         return self.master is not self.param and self.param._version != self.param_version
 
 
-def quantize_weight(name: str, param: Tensor, kind: str, smooth: Optional[Tensor]) -> QuantWeight:
-    """The QuantWeight of `param` for `kind`, created on first use and shared by all graphs."""
+def sliced_name(name: str, cols: Optional[tuple[int, int]]) -> str:
+    """'proj_out.weight[:, 0:3072]' for columns (0, 3072) of 'proj_out.weight'."""
+    return name if cols is None else f"{name}[:, {cols[0]}:{cols[0] + cols[1]}]"
+
+
+def quantize_weight(name: str, param: Tensor, kind: str, smooth: Optional[Tensor],
+                    cols: Optional[tuple[int, int]] = None) -> QuantWeight:
+    """The QuantWeight of `param` (of its columns `cols`) for `kind`, created on first use and
+    shared by all graphs. `name` is the Parameter's; `smooth` covers all its columns."""
+    n, k = param.shape
+    if cols == (0, k):
+        cols = None
+    if smooth is not None and cols is not None:
+        smooth = smooth.narrow(0, *cols)
     with _lock:
-        entry = _by_param.get(param)
+        group = _by_param.get(param)
+        if group is None:
+            group = _by_param[param] = {}
+        entry = group.get(cols)
         if entry is not None and entry.kind == kind and _same(entry.smooth, smooth):
             return entry
-        master = entry.master if entry is not None else param
-        n, k = param.shape
-        qweight = torch.empty((n, k), dtype=numerics.QDTYPE[kind], device=param.device)
+        master = next(iter(group.values())).master if group else param
+        width = k if cols is None else cols[1]
+        qweight = torch.empty((n, width), dtype=numerics.QDTYPE[kind], device=param.device)
         wscale = torch.empty((n,), dtype=torch.float32, device=param.device)
         inv = None if smooth is None else (1.0 / smooth.float()).to(param.device)
-        entry = QuantWeight(name, kind, param, master, qweight, wscale,
-                            None if smooth is None else smooth.float().cpu(), inv)
+        entry = QuantWeight(sliced_name(name, cols), kind, param, master, qweight, wscale,
+                            None if smooth is None else smooth.float().cpu(), inv, cols)
         entry.derive()
-        _by_param[param] = entry
+        group[cols] = entry
         return entry
 
 
@@ -113,18 +136,30 @@ def _same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
     return a.shape == b.shape and torch.equal(a.cpu().float(), b.cpu().float())
 
 
-def offload_master(entry: QuantWeight) -> None:
+def _offloadable(param: Tensor) -> bool:
+    """Whether moving the master to the host frees anything (on the CPU it would not)."""
+    return param.is_cuda
+
+
+def offload_master(param: Tensor) -> None:
     """Move the high-precision weight to the host; the Parameter keeps shape, strides, dtype and
-    device (Dynamo's guards) but points into a shared NaN placeholder."""
-    param = entry.param
-    if entry.master is not param or not param.is_cuda:
+    device (Dynamo's guards) but points into a shared NaN placeholder. Every quantised copy of
+    the Parameter (whole or column slices) follows the host copy from then on."""
+    group = _by_param.get(param) or {}
+    if not group or next(iter(group.values())).master is not param or not _offloadable(param):
         return
     with torch.no_grad():
-        host = torch.empty(param.shape, dtype=param.dtype, pin_memory=True)
+        host = torch.empty(param.shape, dtype=param.dtype, pin_memory=param.is_cuda)
         host.copy_(param.detach())
-        entry.master = host
-        entry.version = host._version
         param.data = _placeholder(param)
+        _set_master(group.values(), host, param)
+
+
+def _set_master(entries, master: Tensor, param: Tensor) -> None:
+    """Point entries at `master` (holding the values they were derived from: no re-derive)."""
+    for entry in entries:
+        entry.master = master
+        entry.version = master._version
         entry.param_version = param._version
 
 
@@ -157,12 +192,18 @@ def refresh(entries) -> int:
 
 def master_weight(param: Tensor) -> Tensor:
     """The tensor holding `param`'s high-precision values: patch this one in place."""
-    entry = _by_param.get(param)
-    return param if entry is None else entry.master
+    group = _by_param.get(param)
+    return next(iter(group.values())).master if group else param
 
 
-def entry_of(param: Tensor) -> Optional[QuantWeight]:
-    return _by_param.get(param)
+def entry_of(param: Tensor, cols: Optional[tuple[int, int]] = None) -> Optional[QuantWeight]:
+    """The quantised copy of `param` (of its columns `cols`), if there is one."""
+    return (_by_param.get(param) or {}).get(cols)
+
+
+def entries_of(param: Tensor) -> list[QuantWeight]:
+    """All quantised copies of `param`: the whole weight and / or column slices."""
+    return list((_by_param.get(param) or {}).values())
 
 
 def restore(model: torch.nn.Module) -> int:
@@ -171,12 +212,10 @@ def restore(model: torch.nn.Module) -> int:
     count = 0
     with torch.no_grad():
         for p in model.parameters():
-            entry = _by_param.get(p)
-            if entry is None or entry.master is p:
+            master = master_weight(p)
+            if master is p:
                 continue
-            p.data = entry.master.to(p.device)
-            entry.master = p
-            entry.version = p._version
-            entry.param_version = p._version
+            p.data = master.to(p.device)
+            _set_master(entries_of(p), p, p)
             count += 1
     return count

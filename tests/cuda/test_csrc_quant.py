@@ -627,3 +627,22 @@ def test_cuda_graph_capture_quant(C):
     torch.cuda.synchronize()
     for i, (t, e) in enumerate(zip(outs, expected)):
         assert torch.equal(t, e), f"output {i} differs after graph replay"
+
+
+@pytest.mark.parametrize("fast_accum", [False, True], ids=["exact_acc", "fast_acc"])
+@pytest.mark.parametrize("has_res", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("shape", FP8_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_fp8_ex_residual_and_fast_accum(C, no_tf32, shape, has_res, fast_accum):
+    out_dtype = torch.bfloat16
+    _outer_vec_or_skip(C, out_dtype)
+    M, N, K = shape
+    xq, xs, wq, ws = _operands(M, N, K, "fp8", torch.bfloat16)
+    bias = randn(N, dtype=out_dtype)
+    res = randn(M, N, dtype=out_dtype) if has_res else None
+    out = torch.full((M, N), float("nan"), device=DEV, dtype=out_dtype)
+    C.gemm_fp8_ex(ptr(xq), ptr(wq), ptr(xs), ptr(ws), ptr(bias), ptr(res), ptr(out), M, N, K, K, N,
+                  CODE[out_dtype], fast_accum, stream())
+    ref, wrong = _ref_and_wrong(xq, xs, wq, ws, bias, out_dtype)
+    if has_res:
+        ref, wrong = ref + res.float(), wrong + res.float()
+    _check_scaled(out, ref, wrong, f"gemm_fp8_ex {shape} res={has_res} fast={fast_accum}")

@@ -65,3 +65,32 @@ def test_qlinear_q_against_reference(dtype, kind, act, gate, res):
     assert out.dtype == dtype and torch.isfinite(out).all()
     rel = float((out.double() - expect.double()).norm() / expect.double().norm())
     assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("fast_accum", [False, True], ids=["exact_acc", "fast_acc"])
+@pytest.mark.parametrize("gate_rows,res", [(2, True), (1, True), (2, False), (0, True)],
+                         ids=["per_sample_gate+res", "shared_gate+res", "gate_only", "res_only"])
+def test_fp8_gate_and_residual_in_the_gemm_epilogue(dtype, fast_accum, gate_rows, res):
+    """fp8: residual + gate * (x W^T + b) runs as the cuBLASLt GEMM's epilogue (gate folded into
+    the per-column scale and the bias, one GEMM per sample; residual through C)."""
+    from lyradynamo.ops import qlinear as ql
+
+    b_, l_, k, n = 2, 259, 3072, 1040
+    x = torch.randn(b_, l_, k, device="cuda").to(dtype)
+    wq, ws = numerics.quantize_rows(torch.randn(n, k, device="cuda") / k ** 0.5, "fp8")
+    b = torch.randn(n, device="cuda").to(dtype)
+    g = (torch.randn(gate_rows, 1, n, device="cuda") * 2).to(dtype) if gate_rows else None
+    r = torch.randn(b_, l_, n, device="cuda").to(dtype) if res else None
+    q, s = lyra.quantize(x, "fp8", None)
+    with lyradynamo.config.patch(quant_fast_accum=fast_accum):
+        out = lyra.qlinear_q(q, s, wq, ws, b, "none", False, g, r, "fp8", dtype)
+    assert not ql._FP8_FUSED_FAILED, ql._FP8_FUSED_FAILED
+    f32 = [t.float() if t is not None else None for t in (b, g, r)]
+    expect = ql.qlinear_q_reference(q, s, wq, ws, f32[0], "none", False, f32[1], f32[2], "fp8", torch.float32)
+    rel = float((out.double() - expect.double()).norm() / expect.double().norm())
+    assert out.dtype == dtype and rel < 1e-2, rel
+    if gate_rows == 2:  # the samples' gates swapped: must be far off (the test discriminates)
+        wrong = ql.qlinear_q_reference(q, s, wq, ws, f32[0], "none", False, f32[1].flip(0), f32[2], "fp8",
+                                       torch.float32)
+        assert float((wrong - expect).norm() / expect.norm()) > 20 * rel
