@@ -126,15 +126,17 @@ def _force_path(monkeypatch, C, path, dtype):
         pytest.skip(f"cuBLASLt has no FP8 OUTER_VEC scales for {dtype} on this GPU")
     if path == "f32_acc":
         monkeypatch.setitem(ql._outer_vec_ok, (dev, dtype), False)
-    names = ("quantize_rows", "gemm_fp8", "gemm_fp8_unscaled", "gemm_int8", "scaled_epilogue")
+    names = ("quantize_rows", "gemm_fp8", "gemm_fp8_ex", "gemm_fp8_unscaled", "gemm_int8", "scaled_epilogue")
     return {n: spy(monkeypatch, C, n) for n in names}
 
 
 def _check_path(calls, path):
     assert len(calls["quantize_rows"]) == 1
-    expect = {"outer_vec": ("gemm_fp8",), "f32_acc": ("gemm_fp8_unscaled", "scaled_epilogue"),
+    # outer_vec: gemm_fp8_ex (gemm_fp8 + residual through C + fast accumulation); one call, as no
+    # case here has an un-activated gated output (that one runs a GEMM per sample)
+    expect = {"outer_vec": ("gemm_fp8_ex",), "f32_acc": ("gemm_fp8_unscaled", "scaled_epilogue"),
               "i32_acc": ("gemm_int8", "scaled_epilogue")}[path]
-    for name in ("gemm_fp8", "gemm_fp8_unscaled", "gemm_int8"):
+    for name in ("gemm_fp8", "gemm_fp8_ex", "gemm_fp8_unscaled", "gemm_int8"):
         assert len(calls[name]) == (1 if name in expect else 0), (path, name, len(calls[name]))
     if path != "outer_vec":
         assert len(calls["scaled_epilogue"]) == 1
