@@ -19,6 +19,12 @@ delta_i = (B_i @ A_i) * alpha_i / r_i computed in fp32 on the parameter's device
 restores every bit, and the weights for a set of active LoRAs do not depend on the history
 (A -> B -> A is bit-identical to A).
 
+Backups outlive an unload: a weight that no LoRA touches any more gets its original bits back
+and its (pinned) backup is kept as a spare, valid while the parameter stays the same object at
+the same address with the same `_version` (any in-place write by someone else invalidates
+it). A swap (unload A, load B) then copies no weight back to the host and pins no new memory.
+`release_backups(model_or_pipe)` frees the spares.
+
 Formats: whatever diffusers reads (diffusers/peft keys, kohya `lora_unet_*`/`lora_te*_`, FLUX
 kohya/xlabs/... formats) goes through the `lora_state_dict` classmethod of the pipeline class that
 matches the model, then the same per-component normalisation and `LoraConfig` (rank/alpha
@@ -110,6 +116,9 @@ class _State:
 
     adapters: dict[str, _Adapter] = dataclasses.field(default_factory=dict)
     backup: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # param name -> CPU copy
+    # param name -> (backup, identity of the restored parameter): backups of weights no loaded
+    # LoRA touches (restored on unload), reused by the next load while the identity still holds
+    spare: dict[str, tuple] = dataclasses.field(default_factory=dict)
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyDictionary()
@@ -446,12 +455,13 @@ def _refresh(module: torch.nn.Module, st: _State, param_names: Iterable[str]) ->
         if pname not in st.backup:
             if not touching:
                 continue
-            st.backup[pname] = _backup(param)
+            spare = st.spare.pop(pname, None)
+            st.backup[pname] = spare[0] if spare is not None and spare[1] == _identity(param) else _backup(param)
         orig = st.backup[pname]
         active = [(a.scale, layer) for a, layer in touching if a.scale != 0.0]
         with torch.no_grad():
             if not active:
-                param.copy_(orig)  # exact original bits
+                param.copy_(orig, non_blocking=True)  # exact original bits (orig is pinned on CUDA)
             else:
                 new = orig.to(device=live.device, dtype=torch.float32, non_blocking=True, copy=True)
                 for scale, layer in active:
@@ -461,9 +471,15 @@ def _refresh(module: torch.nn.Module, st: _State, param_names: Iterable[str]) ->
                         new.add_(layer.bias.float() * layer.scaling, alpha=scale)
                 param.copy_(new)  # bumps param._version: derived (quantised) copies are re-made
         if not touching:
-            del st.backup[pname]
+            st.spare[pname] = (st.backup.pop(pname), _identity(param))
         n += 1
     return n
+
+
+def _identity(param: torch.Tensor) -> tuple:
+    """What must not change for a spare backup to stay valid: the object, its storage address
+    and its version counter (bumped by every in-place write, ours included: taken after ours)."""
+    return id(param), param.data_ptr(), param._version
 
 
 def _backup(param: torch.Tensor) -> torch.Tensor:
@@ -634,6 +650,19 @@ def set_loras(model_or_pipe, scales: dict[str, float]) -> None:
             changed[id(module)] = names
     _apply(comps_states, changed)
     _sync(comps_states)
+
+
+def release_backups(model_or_pipe) -> int:
+    """Free the host copies kept for weights that no loaded LoRA touches (see the module
+    docstring); returns how many. The next load of a LoRA takes fresh backups."""
+    comps, _ = _components(model_or_pipe)
+    n = 0
+    for _prefix, module in comps:
+        st = _STATES.get(module)
+        if st is not None:
+            n += len(st.spare)
+            st.spare.clear()
+    return n
 
 
 def list_loras(model_or_pipe) -> dict[str, float]:

@@ -68,12 +68,8 @@ def test_unet_one_compilation_matches_eager(name, channels_last, graphs):
         with torch.no_grad():
             for i, (b, h, w) in enumerate([(2, 64, 64), (1, 96, 64), (3, 64, 80)]):
                 inputs = zoo.denoiser_inputs(name, model, batch=b, height=h, width=w, seed=i)
-                if i == 1:
-                    torch.compiler.set_stance("fail_on_recompile")
-                try:
+                with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
                     out = compiled(**inputs)[0]
-                finally:
-                    torch.compiler.set_stance("default")
                 assert rel_err(out, model(**inputs)[0]) < 1e-5, (b, h, w)
     assert lyradynamo.compile_count() == 1
     (rec,) = lyradynamo.compiled_graphs()

@@ -427,3 +427,42 @@ def test_bad_names(loaded_pipe):
     with pytest.raises(ValueError, match=r"no LoRA named \['nope'\]"):
         lora.set_loras(pipe, {"good": 1.0, "nope": 1.0})
     _unchanged(pipe, snap)
+
+
+def test_swap_reuses_backups_and_detects_foreign_writes(tmp_path, monkeypatch):
+    """unload -> load (a swap) reuses the backups kept at unload (no new host copies), the result
+    is what a fresh load gives, and a weight written by someone else after the unload gets a
+    fresh backup (its new value is what a later unload restores, not the stale spare)."""
+    pa = make_diffusers_lora("sd15", tmp_path / "a", seed=3)
+    pb = make_diffusers_lora("sd15", tmp_path / "b", seed=4)
+    unet = zoo.build_pipeline("sd15").unet
+    fresh = copy.deepcopy(unet)
+    lora.load_lora(fresh, pb, name="b")
+    want_b = params(fresh)
+
+    taken = []
+    backup = lora._backup
+    monkeypatch.setattr(lora, "_backup", lambda p: taken.append(p) or backup(p))
+    orig = params(unet)
+    lora.load_lora(unet, pa, name="a")
+    first = len(taken)
+    assert first > 0
+    lora.unload_lora(unet, "a")
+    assert_same_params(unet, orig)
+    lora.load_lora(unet, pb, name="b")  # the swap: every backup is a spare from the unload
+    assert len(taken) == first
+    assert_same_params(unet, want_b)
+    lora.unload_lora(unet, "b")
+    assert_same_params(unet, orig)
+
+    # someone else writes a LoRA-touched weight in place: its spare is stale
+    name = next(k for k in lora._STATES[unet].spare)
+    with torch.no_grad():
+        dict(unet.named_parameters())[name].add_(1.0)
+    edited = params(unet)
+    lora.load_lora(unet, pa, name="a")
+    assert len(taken) == first + 1  # exactly the edited weight was backed up again
+    lora.unload_lora(unet, "a")
+    assert_same_params(unet, edited)
+    assert lora.release_backups(unet) == first
+    assert not lora._STATES[unet].spare

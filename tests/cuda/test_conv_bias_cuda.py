@@ -230,12 +230,8 @@ def test_tiny_unet_conv_bias_on_cuda(name):
         for i, (b, h, w) in enumerate([(2, 64, 64), (1, 64, 96), (3, 96, 64)]):
             inp = zoo.denoiser_inputs(name, model, batch=b, height=h, width=w, seed=i)
             inp32 = zoo.denoiser_inputs(name, ref32, batch=b, height=h, width=w, seed=i)
-            if i == 1:
-                torch.compiler.set_stance("fail_on_recompile")
-            try:
+            with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
                 out = compiled(**inp)[0]
-            finally:
-                torch.compiler.set_stance("default")
             exact = ref32(**inp32)[0]
             e_lyra, e_eager = err(out, exact), err(model(**inp)[0], exact)
             assert e_lyra <= 2 * e_eager + 1e-3, (name, b, h, w, e_lyra, e_eager)
