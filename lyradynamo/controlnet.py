@@ -6,6 +6,8 @@
     swap_controlnet(cn, controlnet_depth)                 # a module of the same architecture
     swap_controlnet(cn, "depth/diffusion_pytorch_model.safetensors")   # or a file / folder / state dict
     swap_controlnet(pipe.controlnet.nets[1], other)       # one element of a MultiControlNetModel
+    swap_controlnet(pipe.unet, controlnet_xs_adapter)     # ControlNet-XS: the adapter's weights go
+                                                          # into the UNetControlNetXSModel's ctrl parts
 
 Why copying works: the lyra backend lifts parameters to graph inputs, so the compiled graph
 (and its CUDA graphs, which keep the same addresses) reads whatever the same Parameter objects
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import torch
@@ -56,6 +59,8 @@ def swap_controlnet(compiled_or_model, new_controlnet) -> None:
         if len(news) != len(target.nets):
             raise ControlNetMismatch(f"the MultiControlNetModel holds {len(target.nets)} ControlNets, got {len(news)}")
         plans = [_plan(_unwrap(t), n) for t, n in zip(target.nets, news)]  # all checked before any copy
+    elif type(target).__name__ == "UNetControlNetXSModel" and _is_xs_adapter(new_controlnet):
+        plans = [_xs_plan(target, new_controlnet)]
     else:
         plans = [_plan(target, new_controlnet)]
     n = 0
@@ -96,10 +101,78 @@ def _plan(target: torch.nn.Module, new) -> list[tuple[torch.Tensor, torch.Tensor
     return [(t, src[k]) for k, t in dst.items()]
 
 
-def _source_tensors(target, new) -> tuple[dict[str, torch.Tensor], str]:
+# ControlNet-XS: diffusers merges a ControlNetXSAdapter into the base UNet
+# (UNetControlNetXSModel.from_unet); these are the names its parameters get there.
+_XS_NAMES = [
+    (r"^conv_in\.", "ctrl_conv_in."),
+    (r"^time_embedding\.", "ctrl_time_embedding."),
+    (r"^(controlnet_cond_embedding|control_to_base_for_conv_in)\.", r"\1."),
+    (r"^down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.", r"down_blocks.\1.ctrl_\2."),
+    (r"^down_blocks\.(\d+)\.(base_to_ctrl|ctrl_to_base)\.", r"down_blocks.\1.\2."),
+    (r"^mid_block\.midblock\.", "mid_block.ctrl_midblock."),
+    (r"^mid_block\.(base_to_ctrl|ctrl_to_base)\.", r"mid_block.\1."),
+    (r"^up_connections\.(\d+)\.ctrl_to_base\.", r"up_blocks.\1.ctrl_to_base."),
+]
+
+
+def _is_xs_adapter(new) -> bool:
+    """A ControlNetXSAdapter, or a state dict / file / folder holding one (its own key names)."""
+    if isinstance(new, torch.nn.Module):
+        return type(_unwrap(new)).__name__ == "ControlNetXSAdapter"
+    if isinstance(new, dict):
+        return any(k.startswith("up_connections.") for k in new)
+    if isinstance(new, (str, os.PathLike)):
+        path = os.fspath(new)
+        cfg = os.path.join(path, "config.json")
+        if os.path.isdir(path) and os.path.isfile(cfg):
+            import json
+
+            with open(cfg) as f:
+                return json.load(f).get("_class_name") == "ControlNetXSAdapter"
+        if os.path.isfile(path) and path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return any(k.startswith("up_connections.") for k in f.keys())
+    return False
+
+
+def _xs_plan(target: torch.nn.Module, new) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(destination, source) pairs that put a ControlNet-XS adapter's weights where
+    UNetControlNetXSModel.from_unet would: the base UNet's weights stay untouched."""
     if isinstance(new, torch.nn.Module):
         new = _unwrap(new)
-        if type(new) is not type(target):
+        src = dict(new.named_parameters())
+        src.update({k: b for k, b in new.named_buffers() if b.is_floating_point()})
+        what = "the new ControlNetXSAdapter"
+    else:
+        src, what = _source_tensors(target, new, check_type=False)
+    dst = dict(target.named_parameters())
+    mapped, unmapped, bad = {}, [], []
+    for k, t in src.items():
+        for pattern, repl in _XS_NAMES:
+            name, hit = re.subn(pattern, repl, k)
+            if hit:
+                break
+        else:
+            unmapped.append(k)
+            continue
+        if name not in dst or tuple(dst[name].shape) != tuple(t.shape):
+            bad.append(f"{k} -> {name}: " + (f"{tuple(dst[name].shape)} here, {tuple(t.shape)} in the new one"
+                                              if name in dst else "no such parameter here"))
+        mapped[name] = t
+    if unmapped or bad or not mapped:
+        raise ControlNetMismatch(
+            f"{what} does not fit the compiled UNetControlNetXSModel ({len(unmapped)} tensors with no place, "
+            f"e.g. {unmapped[:5]}; {len(bad)} mismatches, e.g. {bad[:3]}). Weights can only be swapped "
+            f"between ControlNet-XS adapters of the same architecture. Nothing was changed.")
+    return [(dst[name], t) for name, t in mapped.items()]
+
+
+def _source_tensors(target, new, check_type: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    if isinstance(new, torch.nn.Module):
+        new = _unwrap(new)
+        if check_type and type(new) is not type(target):
             raise ControlNetMismatch(
                 f"cannot swap a {type(new).__name__} into a compiled {type(target).__name__}: "
                 "compile the other one separately (torch.compile(other, backend=\"lyra\")). Nothing was changed.")

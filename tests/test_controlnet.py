@@ -115,3 +115,58 @@ def test_multi_controlnet_pipeline_compiled_matches_eager_and_swaps():
     assert lyradynamo.compile_count() == 2
     with pytest.raises(ControlNetMismatch, match="holds 2 ControlNets, got 1"):
         swap_controlnet(pipe.controlnet, [third])
+
+
+def _xs_parts(seeds, size_ratio=0.5):
+    """The tiny SD1.5 UNet (2 resnets per block, as ControlNet-XS requires) and one
+    ControlNetXSAdapter per seed, every adapter weight random (none zero-initialised)."""
+    import diffusers
+    from lyradynamo.zoo import pipelines
+
+    torch.manual_seed(0)
+    cfg = dict(pipelines.denoiser_config("sd15", True), layers_per_block=2)
+    unet = diffusers.UNet2DConditionModel.from_config(cfg).eval()
+    adapters = []
+    for s in seeds:
+        torch.manual_seed(s)
+        ad = diffusers.ControlNetXSAdapter.from_unet(unet, size_ratio=size_ratio, num_attention_heads=1,
+                                                     conditioning_embedding_out_channels=(8, 8, 16, 16))
+        for p in ad.parameters():
+            p.data.normal_(0, 0.05)
+        adapters.append(ad.eval())
+    return unet, adapters
+
+
+def test_controlnet_xs_adapter_swaps_into_the_compiled_unet(tmp_path):
+    import diffusers
+
+    unet, (ad_a, ad_b) = _xs_parts((1, 2))
+    xs = diffusers.UNetControlNetXSModel.from_unet
+    model = xs(unet, ad_a).eval()
+    kw = dict(zoo.denoiser_inputs("sd15", unet, batch=2, height=64, width=64),
+              controlnet_cond=torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)))
+    ref_a, ref_b = xs(unet, ad_a).eval(), xs(unet, ad_b).eval()
+    eager_a, eager_b = _run(ref_a, kw), _run(ref_b, kw)
+    assert rel_err(eager_b, eager_a) > 0.05  # the two adapters differ
+    pb = dict(ref_b.named_parameters())
+    base = {k: v.detach().clone() for k, v in ref_a.named_parameters() if torch.equal(v, pb[k])}  # the UNet's
+    assert len(base) > len(dict(ad_a.named_parameters()))
+    compiled = torch.compile(model, backend="lyra")
+    assert rel_err(_run(compiled, kw), eager_a) < 1e-5
+    ad_b.save_pretrained(str(tmp_path / "b"))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        swap_controlnet(compiled, ad_b)  # the adapter module
+        assert rel_err(_run(compiled, kw), eager_b) < 1e-5
+        swap_controlnet(compiled, ad_a.state_dict())  # its state dict
+        assert rel_err(_run(compiled, kw), eager_a) < 1e-5
+        swap_controlnet(compiled, str(tmp_path / "b"))  # a diffusers folder
+        assert rel_err(_run(compiled, kw), eager_b) < 1e-5
+    assert lyradynamo.compile_count() == 1
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[k], v) for k, v in base.items())  # the base UNet's weights untouched
+
+    _, (other,) = _xs_parts((3,), size_ratio=0.25)  # another adapter architecture
+    before = _params(model)
+    with pytest.raises(ControlNetMismatch, match="same architecture"):
+        swap_controlnet(compiled, other)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
