@@ -98,3 +98,11 @@ def lora_round_trip(compiled, model, inputs: dict, lora_a: dict, lora_b: dict) -
             lora.unload_lora(compiled)
             r["out_end"] = compiled(**inputs)[0].clone()
     return r
+
+
+QUANTISED_LINEAR_OPS = ("lyra::qlinear", "lyra::qlinear_q", "lyra::qlinear_q_qout")
+
+
+def quantised_linear_ops(hist: dict) -> int:
+    """How many quantised linears a graph's op histogram holds (all three op forms)."""
+    return sum(hist.get(op, 0) for op in QUANTISED_LINEAR_OPS)

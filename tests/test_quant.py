@@ -6,7 +6,7 @@ import torch
 import lyradynamo
 from lyradynamo import zoo
 from lyradynamo.quant import calibration, numerics
-from helpers import flux_lora, lora_round_trip, quantised_weights, rel_err, reported_weights
+from helpers import flux_lora, lora_round_trip, quantised_linear_ops, quantised_weights, rel_err, reported_weights
 
 lyra = torch.ops.lyra
 g = torch.Generator().manual_seed(7)
@@ -58,7 +58,7 @@ def test_quantized_model_quality_layers_and_one_compile(name, kind, min_db):
     assert reported_weights(q["quantized"]) | reported_weights(q["kept"]) == _linears(model)
     assert all("config.quant_exclude" in why or "not a multiple" in why for why in q["kept"].values()), q["kept"]
     hist = lyradynamo.compiled_graphs()[0].summary["op_histogram"]
-    assert hist.get("lyra::qlinear", 0) + hist.get("lyra::qlinear_q", 0) == len(q["quantized"])
+    assert quantised_linear_ops(hist) == len(q["quantized"])
     if name == "flux":  # the adaLN norms feeding q/k/v (and the single blocks' MLP) quantise
         assert q["activation_quant"]["fused_into_norm"] >= 1 and hist.get("lyra::adaln_quant", 0) >= 1
 
@@ -173,3 +173,30 @@ def test_lora_switch_a_b_a_is_bit_identical_in_fp8():
     assert all(torch.equal(r["q_a2"][n], r["q_a"][n]) for n in r["q_a"])
     assert torch.equal(r["out_unloaded"], r["out0"]) and torch.equal(r["out_end"], r["out0"])
     assert all(torch.equal(quantised_weights(model)[n], r["q0"][n]) for n in r["q0"])
+
+
+@pytest.mark.parametrize("name", ["flux", "sdxl"])
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_activated_outputs_leave_quantised_from_their_producer(name, kind, monkeypatch):
+    """GELU / GEGLU linears read only by quantised linears hand them a quantised output
+    (lyra::qlinear_q_qout): the same numbers as quantising it in the reader (bit-identical on
+    the CPU, where both run the reference math), one pass fewer on CUDA."""
+    from lyradynamo.quant import apply as quant_apply
+
+    model = zoo.build_denoiser(name)
+    inputs = zoo.denoiser_inputs(name, model, batch=2)
+
+    def run():
+        torch._dynamo.reset()
+        lyradynamo.reset_stats()
+        with lyradynamo.config.patch(quant=kind, quant_master="gpu"), torch.no_grad():
+            out = torch.compile(model, backend="lyra")(**inputs, return_dict=False)[0]
+        return out, lyradynamo.compiled_graphs()[0]
+
+    fused, rec = run()
+    n = rec.report.quant["activation_quant"]["fused_into_producer"]
+    assert n > 0 and rec.summary["op_histogram"].get("lyra::qlinear_q_qout") == n
+    monkeypatch.setattr(quant_apply, "_quantise_activated_outputs", lambda gm, kind: 0)
+    plain, rec = run()
+    assert "lyra::qlinear_q_qout" not in rec.summary["op_histogram"]
+    assert torch.equal(fused, plain)

@@ -290,3 +290,71 @@ def _q_unsupported(xq, xscale, qweight, wscale, bias, glu, gate, residual, kind,
         return reason
     like = torch.empty(xq.shape, dtype=out_dtype, device="meta")  # shape/dtype stand-in for x
     return _epilogue_unsupported(like, qweight, glu, bias, gate, residual)
+
+
+# ---- lyra::qlinear_q_qout: a quantised linear whose output is quantised for its readers --------
+
+
+def qlinear_q_qout_reference(xq: Tensor, xscale: Tensor, qweight: Tensor, wscale: Tensor,
+                             bias: Optional[Tensor], act: str, glu: bool, kind: str,
+                             out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    y = qlinear_q_reference(xq, xscale, qweight, wscale, bias, act, glu, None, None, kind, out_dtype)
+    return numerics.quantize_rows(y, kind)
+
+
+@torch.library.custom_op("lyra::qlinear_q_qout", mutates_args=())
+def qlinear_q_qout(xq: Tensor, xscale: Tensor, qweight: Tensor, wscale: Tensor, bias: Optional[Tensor],
+                   act: str, glu: bool, kind: str, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """lyra::qlinear_q whose activated output (act / GLU, rounded to out_dtype) is handed to
+    quantised linears only: it leaves quantised per row (q, scale), the quantisation done by
+    the epilogue kernel that applies the activation (no separate pass over the output)."""
+    _check(xq, qweight, wscale, act, glu, kind)
+    return qlinear_q_qout_reference(xq, xscale, qweight, wscale, bias, act, glu, kind, out_dtype)
+
+
+@qlinear_q_qout.register_fake
+def _(xq, xscale, qweight, wscale, bias, act, glu, kind, out_dtype):
+    _check(xq, qweight, wscale, act, glu, kind)
+    n = qweight.shape[0] // 2 if glu else qweight.shape[0]
+    return (xq.new_empty((*xq.shape[:-1], n), dtype=numerics.QDTYPE[kind]),
+            xq.new_empty(xq.shape[:-1], dtype=torch.float32))
+
+
+@qlinear_q_qout.register_kernel("cuda")
+def _(xq, xscale, qweight, wscale, bias, act, glu, kind, out_dtype):
+    _check(xq, qweight, wscale, act, glu, kind)
+    C = csrc()
+    reason = "csrc not built" if C is None else _q_unsupported(xq, xscale, qweight, wscale, bias, glu, None,
+                                                                 None, kind, out_dtype)
+    if reason is None and getattr(C, "linear_epilogue_quant", None) is None:
+        reason = "this lyradynamo._C has no linear_epilogue_quant"
+    if reason:
+        record_fallback("qlinear_q_qout", reason)
+        return qlinear_q_qout_reference(xq, xscale, qweight, wscale, bias, act, glu, kind, out_dtype)
+    k, n_y = xq.shape[-1], qweight.shape[0]
+    n_out = n_y // 2 if glu else n_y
+    m = xq.numel() // max(k, 1)
+    q = xq.new_empty((*xq.shape[:-1], n_out), dtype=numerics.QDTYPE[kind])
+    scale = xq.new_empty(xq.shape[:-1], dtype=torch.float32)
+    if m == 0:
+        return q, scale
+    code, stream = DTYPE_CODES[out_dtype], stream_handle(xq)
+    xs = xscale.reshape(m)
+    if kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype):
+        # GEMM with both scales and the bias in cuBLASLt's epilogue -> y (out_dtype); one more
+        # pass applies act / GLU and quantises (was: act in place, then a quantise pass)
+        y = torch.empty((m, n_y), dtype=out_dtype, device=xq.device)
+        _gemm_fp8(C, xq, xs, qweight, wscale, bias, None, y, m, n_y, k, code, stream)
+        acc, acc_code, a_s, b_s, b = y, code, None, None, None
+    else:
+        # int32 / fp32 accumulators: scales, bias, act and the quantisation in one pass
+        acc_i32 = kind == "int8"
+        acc = torch.empty((m, n_y), dtype=torch.int32 if acc_i32 else torch.float32, device=xq.device)
+        if acc_i32:
+            C.gemm_int8(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
+        else:
+            C.gemm_fp8_unscaled(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
+        acc_code, a_s, b_s, b = _ACC_I32 if acc_i32 else _ACC_F32, xs, wscale, bias
+    C.linear_epilogue_quant(ptr(acc), acc_code, ptr(a_s), ptr(b_s), ptr(b), 0, 0, 0, ptr(q), ptr(scale), m, n_out,
+                            _ACT_CODES[act], glu, max(m, 1), 0, code, numerics.KIND_CODES[kind], stream)
+    return q, scale

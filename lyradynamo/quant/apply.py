@@ -33,6 +33,7 @@ _QLINEAR_Q = torch.ops.lyra.qlinear_q.default
 _ADALN = torch.ops.lyra.adaln.default
 _ADALN_QUANT = torch.ops.lyra.adaln_quant.default
 _QUANTIZE = torch.ops.lyra.quantize.default
+_QLINEAR_Q_QOUT = torch.ops.lyra.qlinear_q_qout.default
 
 
 def module_path(node: fx.Node) -> str:
@@ -153,6 +154,8 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
         if not n.users and _column_slice(n)[1] is not None:
             gm.graph.erase_node(n)
     activation = _share_activation_quant(gm, kind) if quantized else {}
+    if quantized:
+        activation["fused_into_producer"] = _quantise_activated_outputs(gm, kind)
     gm.graph.lint()
     gm.recompile()
     report.quant = {"kind": kind, "quantized": quantized, "kept": kept,
@@ -206,6 +209,64 @@ def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:
             gm.graph.erase_node(x)
         counts["fused_into_norm" if fuse else "shared"] += 1
     return counts
+
+
+def _pair(gm: fx.GraphModule, target, args, mode, before: fx.Node):
+    """node = target(*args) returning (q, scale), inserted before `before`; returns (node, q, scale)."""
+    from ..passes import matcher as m
+
+    with gm.graph.inserting_before(before):
+        pair = gm.graph.call_function(target, args)
+    pair.meta["example_value"] = m.fake_run(target, args, mode)
+    with gm.graph.inserting_after(pair):
+        q = gm.graph.call_function(operator.getitem, (pair, 0))
+        sc = gm.graph.call_function(operator.getitem, (pair, 1))
+    if pair.meta["example_value"] is not None:
+        q.meta["example_value"], sc.meta["example_value"] = pair.meta["example_value"]
+    return pair, q, sc
+
+
+def _quantise_activated_outputs(gm: fx.GraphModule, kind: str) -> int:
+    """A quantised linear with an activation (act or GLU; no gate / residual) whose output only
+    quantised linears read (through x, unsmoothed) hands them its output quantised: its epilogue
+    kernel applies the activation and quantises (lyra::qlinear_q_qout), the readers become
+    lyra::qlinear_q. FLUX: ff.net.0 (GELU) -> ff.net.2, the single blocks' proj_mlp -> proj_out."""
+    from ..passes import matcher as m
+
+    n_fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (_QLINEAR, _QLINEAR_Q):
+            continue
+        q_in = node.target is _QLINEAR_Q
+        bias, act, glu, gate, residual = node.args[4:9] if q_in else node.args[3:8]
+        nv = m.val(node)
+        readers = list(node.users)
+        if (act == "none" and not glu) or gate is not None or residual is not None or not readers \
+                or not isinstance(nv, torch.Tensor):
+            continue
+        if not all(u.op == "call_function" and u.target is _QLINEAR and u.args[0] is node
+                   and node not in u.args[1:] and u.args[9] is None and u.args[8] == kind for u in readers):
+            continue
+        mode = getattr(nv, "fake_mode", None)
+        if q_in:
+            xq, xs, qw, ws = node.args[:4]
+        else:
+            x, qw, ws, _, _, _, _, _, _, inv = node.args
+            _, xq, xs = _pair(gm, _QUANTIZE, (x, kind, inv), mode, before=node)
+        _, q, sc = _pair(gm, _QLINEAR_Q_QOUT, (xq, xs, qw, ws, bias, act, glu, kind, nv.dtype), mode, before=node)
+        for u in readers:
+            _, uqw, uws, ubias, uact, uglu, ugate, ures, _, _ = u.args
+            with gm.graph.inserting_before(u):
+                new = gm.graph.call_function(
+                    _QLINEAR_Q, (q, sc, uqw, uws, ubias, uact, uglu, ugate, ures, kind, nv.dtype))
+            new.meta.update({key: u.meta[key] for key in ("example_value", "stack_trace", "nn_module_stack")
+                             if key in u.meta})
+            new.meta["lyra"] = u.meta.get("lyra", "qlinear")
+            u.replace_all_uses_with(new)
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(node)
+        n_fused += 1
+    return n_fused
 
 
 def _reason(param, path: str, cols, kind: str):

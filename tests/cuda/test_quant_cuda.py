@@ -25,7 +25,7 @@ from lyradynamo.ops import linear as lin
 from lyradynamo.ops import qlinear as ql
 from lyradynamo.quant import numerics, weights
 
-from helpers import flux_lora, lora_round_trip, reported_weights  # noqa: E402
+from helpers import flux_lora, lora_round_trip, quantised_linear_ops, reported_weights  # noqa: E402
 from kernel_helpers import CODE, IDS  # noqa: E402
 
 pytestmark = pytest.mark.cuda
@@ -235,7 +235,7 @@ def test_quantized_model_cuda(name, kind, min_db):
     assert reported_weights(q["quantized"]) | reported_weights(q["kept"]) == _linear_weights(model)
     assert all("config.quant_exclude" in why or "not a multiple" in why for why in q["kept"].values()), q["kept"]
     hist = summary["op_histogram"]
-    assert hist.get("lyra::qlinear", 0) + hist.get("lyra::qlinear_q", 0) >= len(q["quantized"]), hist
+    assert quantised_linear_ops(hist) >= len(q["quantized"]), hist
     assert quant_fallbacks() == {}, quant_fallbacks()
 
 
