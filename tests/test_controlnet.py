@@ -26,6 +26,18 @@ def _params(m):
     return {k: v.detach().clone() for k, v in m.named_parameters()}
 
 
+def _swap_three_ways(compiled, kw, new, new_out, old_state, old_out, folder):
+    """Swap `new` in as a module, `old_state` back as a state dict, then `new` again from the
+    diffusers folder it is saved to: each time the compiled output is the eager one, and
+    nothing recompiles."""
+    new.save_pretrained(folder)  # diffusion_pytorch_model.safetensors + config.json
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for source, want in ((new, new_out), (old_state, old_out), (folder, new_out)):
+            swap_controlnet(compiled, source)
+            assert rel_err(_run(compiled, kw), want) < 1e-5
+    assert lyradynamo.compile_count() == 1
+
+
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "flux"])
 def test_compiled_controlnet_matches_eager_and_swaps_without_recompile(name, tmp_path):
     a, b = zoo.build_controlnet(name, seed=0), zoo.build_controlnet(name, seed=1)
@@ -35,15 +47,7 @@ def test_compiled_controlnet_matches_eager_and_swaps_without_recompile(name, tmp
     orig_a = copy.deepcopy(a)
     compiled = torch.compile(a, backend="lyra")
     assert rel_err(_run(compiled, kw), eager_a) < 1e-5
-    b.save_pretrained(str(tmp_path / "b"))  # diffusion_pytorch_model.safetensors
-    with torch.compiler.set_stance("fail_on_recompile"):
-        swap_controlnet(compiled, b)
-        assert rel_err(_run(compiled, kw), eager_b) < 1e-5
-        swap_controlnet(compiled, orig_a.state_dict())  # a state dict
-        assert rel_err(_run(compiled, kw), eager_a) < 1e-5
-        swap_controlnet(compiled, str(tmp_path / "b"))  # a diffusers folder
-        assert rel_err(_run(compiled, kw), eager_b) < 1e-5
-    assert lyradynamo.compile_count() == 1
+    _swap_three_ways(compiled, kw, b, eager_b, orig_a.state_dict(), eager_a, str(tmp_path / "b"))
     for k, v in b.named_parameters():  # the weights are b's, bit for bit
         assert torch.equal(dict(a.named_parameters())[k], v), k
 
@@ -153,15 +157,7 @@ def test_controlnet_xs_adapter_swaps_into_the_compiled_unet(tmp_path):
     assert len(base) > len(dict(ad_a.named_parameters()))
     compiled = torch.compile(model, backend="lyra")
     assert rel_err(_run(compiled, kw), eager_a) < 1e-5
-    ad_b.save_pretrained(str(tmp_path / "b"))
-    with torch.compiler.set_stance("fail_on_recompile"):
-        swap_controlnet(compiled, ad_b)  # the adapter module
-        assert rel_err(_run(compiled, kw), eager_b) < 1e-5
-        swap_controlnet(compiled, ad_a.state_dict())  # its state dict
-        assert rel_err(_run(compiled, kw), eager_a) < 1e-5
-        swap_controlnet(compiled, str(tmp_path / "b"))  # a diffusers folder
-        assert rel_err(_run(compiled, kw), eager_b) < 1e-5
-    assert lyradynamo.compile_count() == 1
+    _swap_three_ways(compiled, kw, ad_b, eager_b, ad_a.state_dict(), eager_a, str(tmp_path / "b"))
     now = dict(model.named_parameters())
     assert all(torch.equal(now[k], v) for k, v in base.items())  # the base UNet's weights untouched
 

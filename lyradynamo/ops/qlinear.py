@@ -126,18 +126,25 @@ def qgemm_cuda(C, xq: Tensor, xs: Tensor, out_dtype: torch.dtype, qweight: Tenso
         y = torch.empty((m, n_y), dtype=out_dtype, device=xq.device)
         _gemm_fp8(C, xq, xs, qweight, wscale, bias, None, y, m, n_y, k, code, stream)
         return epilogue_cuda(C, y, xq, act, glu, gate, residual).view(out_shape)
-    acc_i32 = kind == "int8"
-    acc = torch.empty((m, n_y), dtype=torch.int32 if acc_i32 else torch.float32, device=xq.device)
-    if acc_i32:
-        C.gemm_int8(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
-    else:
-        C.gemm_fp8_unscaled(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
+    acc, acc_code = _unscaled_accumulators(C, xq, qweight, m, n_y, k, kind, stream)
     rows_per_batch, gstride, res = epilogue_args(xq, m, n_out, gate, residual)
     out = torch.empty((m, n_out), dtype=out_dtype, device=xq.device)
-    C.scaled_epilogue(ptr(acc), _ACC_I32 if acc_i32 else _ACC_F32, ptr(xs), ptr(wscale), ptr(bias),
+    C.scaled_epilogue(ptr(acc), acc_code, ptr(xs), ptr(wscale), ptr(bias),
                       ptr(gate), ptr(res), ptr(out), m, n_out, _ACT_CODES[act], glu, rows_per_batch,
                       gstride, code, stream)
     return out.view(out_shape)
+
+
+def _unscaled_accumulators(C, xq, qweight, m, n, k, kind, stream) -> tuple[Tensor, int]:
+    """(xq @ qweight^T as exact int32 sums (int8) or fp32 (fp8 without OUTER_VEC), its acc code):
+    the scales, bias and epilogue are applied by the csrc epilogue kernel that follows."""
+    if kind == "int8":
+        acc = torch.empty((m, n), dtype=torch.int32, device=xq.device)
+        C.gemm_int8(ptr(xq), ptr(qweight), ptr(acc), m, n, k, k, stream)
+        return acc, _ACC_I32
+    acc = torch.empty((m, n), dtype=torch.float32, device=xq.device)
+    C.gemm_fp8_unscaled(ptr(xq), ptr(qweight), ptr(acc), m, n, k, k, stream)
+    return acc, _ACC_F32
 
 
 def _gemm_fp8(C, xq, xs, qweight, wscale, bias, residual, out, m, n, k, code, stream) -> None:
@@ -348,13 +355,8 @@ def _(xq, xscale, qweight, wscale, bias, act, glu, kind, out_dtype):
         acc, acc_code, a_s, b_s, b = y, code, None, None, None
     else:
         # int32 / fp32 accumulators: scales, bias, act and the quantisation in one pass
-        acc_i32 = kind == "int8"
-        acc = torch.empty((m, n_y), dtype=torch.int32 if acc_i32 else torch.float32, device=xq.device)
-        if acc_i32:
-            C.gemm_int8(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
-        else:
-            C.gemm_fp8_unscaled(ptr(xq), ptr(qweight), ptr(acc), m, n_y, k, k, stream)
-        acc_code, a_s, b_s, b = _ACC_I32 if acc_i32 else _ACC_F32, xs, wscale, bias
+        acc, acc_code = _unscaled_accumulators(C, xq, qweight, m, n_y, k, kind, stream)
+        a_s, b_s, b = xs, wscale, bias
     C.linear_epilogue_quant(ptr(acc), acc_code, ptr(a_s), ptr(b_s), ptr(b), 0, 0, 0, ptr(q), ptr(scale), m, n_out,
                             _ACT_CODES[act], glu, max(m, 1), 0, code, numerics.KIND_CODES[kind], stream)
     return q, scale
