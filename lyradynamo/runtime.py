@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -136,6 +137,7 @@ class CudaGraphRunner:
         return _clone_out(cap.outputs)
 
     def _capture(self, args) -> _Capture:
+        t0 = time.perf_counter()
         cap = _Capture()
         cap.param_ptrs = self._param_ptrs(args)
         static_args = list(args)
@@ -156,6 +158,8 @@ class CudaGraphRunner:
             cap.outputs = self.gm(*static_args)
         cap.graph = graph
         self.captures_made += 1
+        summary = self.record.summary
+        summary["capture_s"] = summary.get("capture_s", 0.0) + time.perf_counter() - t0
         log.info("lyradynamo: captured CUDA graph %d for graph %d", self.captures_made, self.record.index)
         return cap
 

@@ -60,6 +60,8 @@ def test_quick_rows(quick_rows):
         assert r["scenario"] == "steady"
         assert r["gpu"] == "cpu" and r["peak_mem_gb"] is None
         assert r["seconds"] > 0 and r["first_call_s"] > 0
+        if r["mode"].startswith("lyra"):  # the first call's breakdown (CPU: no CUDA-graph capture)
+            assert 0 < r["backend_s"] < r["first_call_s"] and r["capture_s"] == 0.0
         assert isinstance(r["rel_err"], float) and math.isfinite(r["rel_err"])
         datetime.datetime.fromisoformat(r["date"])
         if r["mode"] == "eager":
