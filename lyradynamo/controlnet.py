@@ -140,13 +140,7 @@ def _is_xs_adapter(new) -> bool:
 def _xs_plan(target: torch.nn.Module, new) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(destination, source) pairs that put a ControlNet-XS adapter's weights where
     UNetControlNetXSModel.from_unet would: the base UNet's weights stay untouched."""
-    if isinstance(new, torch.nn.Module):
-        new = _unwrap(new)
-        src = dict(new.named_parameters())
-        src.update({k: b for k, b in new.named_buffers() if b.is_floating_point()})
-        what = "the new ControlNetXSAdapter"
-    else:
-        src, what = _source_tensors(target, new, check_type=False)
+    src, what = _source_tensors(target, new, check_type=False)
     dst = dict(target.named_parameters())
     mapped, unmapped, bad = {}, [], []
     for k, t in src.items():

@@ -181,41 +181,24 @@ def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:
         fuse = (x.op == "call_function" and x.target is _ADALN and set(x.users) == set(users))
         if not fuse and len(users) < 2:
             continue  # one reader: qlinear quantises on its own, same cost
-        with gm.graph.inserting_after(x):
-            if fuse:
-                xin, w, b, mul, add, norm, eps = x.args
-                pair_args = (xin, w, b, mul, add, norm, eps, kind)
-                pair = gm.graph.call_function(_ADALN_QUANT, pair_args)
-            else:
-                pair_args = (x, kind, None)
-                pair = gm.graph.call_function(_QUANTIZE, pair_args)
-        pair.meta["example_value"] = m.fake_run(pair.target, pair_args, mode)
-        with gm.graph.inserting_after(pair):
-            q = gm.graph.call_function(operator.getitem, (pair, 0))
-            sc = gm.graph.call_function(operator.getitem, (pair, 1))
-        if pair.meta["example_value"] is not None:
-            q.meta["example_value"], sc.meta["example_value"] = pair.meta["example_value"]
-        for u in users:
-            _, qw, ws, bias, act, glu, gate, residual, k, _ = u.args
-            with gm.graph.inserting_before(u):
-                args = (q, sc, qw, ws, bias, act, glu, gate, residual, k, xv.dtype)
-                new = gm.graph.call_function(_QLINEAR_Q, args)
-            new.meta.update({key: u.meta[key] for key in ("example_value", "stack_trace", "nn_module_stack")
-                             if key in u.meta})
-            new.meta["lyra"] = u.meta.get("lyra", "qlinear")
-            u.replace_all_uses_with(new)
-            gm.graph.erase_node(u)
+        if fuse:
+            xin, w, b, mul, add, norm, eps = x.args
+            q, sc = _pair(gm, _ADALN_QUANT, (xin, w, b, mul, add, norm, eps, kind), mode, gm.graph.inserting_after(x))
+        else:
+            q, sc = _pair(gm, _QUANTIZE, (x, kind, None), mode, gm.graph.inserting_after(x))
+        _read_quantised(gm, users, q, sc, xv.dtype)
         if fuse:
             gm.graph.erase_node(x)
         counts["fused_into_norm" if fuse else "shared"] += 1
     return counts
 
 
-def _pair(gm: fx.GraphModule, target, args, mode, before: fx.Node):
-    """node = target(*args) returning (q, scale), inserted before `before`; returns (node, q, scale)."""
+def _pair(gm: fx.GraphModule, target, args, mode, where):
+    """target(*args), an op returning (q, scale), inserted at `where` (a graph inserting_*
+    context); returns the (q, scale) getitem nodes, fake values filled in."""
     from ..passes import matcher as m
 
-    with gm.graph.inserting_before(before):
+    with where:
         pair = gm.graph.call_function(target, args)
     pair.meta["example_value"] = m.fake_run(target, args, mode)
     with gm.graph.inserting_after(pair):
@@ -223,7 +206,21 @@ def _pair(gm: fx.GraphModule, target, args, mode, before: fx.Node):
         sc = gm.graph.call_function(operator.getitem, (pair, 1))
     if pair.meta["example_value"] is not None:
         q.meta["example_value"], sc.meta["example_value"] = pair.meta["example_value"]
-    return pair, q, sc
+    return q, sc
+
+
+def _read_quantised(gm: fx.GraphModule, readers, q: fx.Node, sc: fx.Node, out_dtype: torch.dtype) -> None:
+    """Each lyra::qlinear in `readers` becomes a lyra::qlinear_q reading (q, sc) instead of
+    quantising its x itself."""
+    for u in readers:
+        _, qw, ws, bias, act, glu, gate, residual, k, _ = u.args
+        with gm.graph.inserting_before(u):
+            new = gm.graph.call_function(_QLINEAR_Q, (q, sc, qw, ws, bias, act, glu, gate, residual, k, out_dtype))
+        new.meta.update({key: u.meta[key] for key in ("example_value", "stack_trace", "nn_module_stack")
+                         if key in u.meta})
+        new.meta["lyra"] = u.meta.get("lyra", "qlinear")
+        u.replace_all_uses_with(new)
+        gm.graph.erase_node(u)
 
 
 def _quantise_activated_outputs(gm: fx.GraphModule, kind: str) -> int:
@@ -252,18 +249,10 @@ def _quantise_activated_outputs(gm: fx.GraphModule, kind: str) -> int:
             xq, xs, qw, ws = node.args[:4]
         else:
             x, qw, ws, _, _, _, _, _, _, inv = node.args
-            _, xq, xs = _pair(gm, _QUANTIZE, (x, kind, inv), mode, before=node)
-        _, q, sc = _pair(gm, _QLINEAR_Q_QOUT, (xq, xs, qw, ws, bias, act, glu, kind, nv.dtype), mode, before=node)
-        for u in readers:
-            _, uqw, uws, ubias, uact, uglu, ugate, ures, _, _ = u.args
-            with gm.graph.inserting_before(u):
-                new = gm.graph.call_function(
-                    _QLINEAR_Q, (q, sc, uqw, uws, ubias, uact, uglu, ugate, ures, kind, nv.dtype))
-            new.meta.update({key: u.meta[key] for key in ("example_value", "stack_trace", "nn_module_stack")
-                             if key in u.meta})
-            new.meta["lyra"] = u.meta.get("lyra", "qlinear")
-            u.replace_all_uses_with(new)
-            gm.graph.erase_node(u)
+            xq, xs = _pair(gm, _QUANTIZE, (x, kind, inv), mode, gm.graph.inserting_before(node))
+        q, sc = _pair(gm, _QLINEAR_Q_QOUT, (xq, xs, qw, ws, bias, act, glu, kind, nv.dtype), mode,
+                      gm.graph.inserting_before(node))
+        _read_quantised(gm, readers, q, sc, nv.dtype)
         gm.graph.erase_node(node)
         n_fused += 1
     return n_fused
