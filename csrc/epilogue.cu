@@ -184,12 +184,7 @@ linear_epilogue_quant_kernel(EpiChain<TA, TO, V> chain, const float* __restrict_
     chain(p, row, i * V, v);
 #pragma unroll
     for (int e = 0; e < V; ++e) v[e] = round_to<TO>(v[e]);
-    if (inv_smooth) {
-      float t[V];
-      load_f32<V>(inv_smooth + static_cast<int64_t>(i) * V, t);
-#pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = __fmul_rn(v[e], t[e]);
-    }
+    smooth<V>(inv_smooth ? inv_smooth + static_cast<int64_t>(i) * V : nullptr, v);
   };
   quantize_row<V, R>(prod, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr, warp_in_row, wpr,
                      valid, q + (valid ? row : 0) * p.n_out, scale + (valid ? row : 0), kind);
@@ -363,11 +358,7 @@ void linear_epilogue_quant(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uint
                            int64_t N_out, int act, bool glu, int64_t rows_per_batch,
                            int64_t gate_bstride, int out_dtype, int kind, uintptr_t stream) {
   const char* fn = "linear_epilogue_quant";
-  LYRA_CHECK_ARG(q != 0, fn, "q must be a non-null device pointer");
-  LYRA_CHECK_ARG(scale != 0, fn, "scale must be a non-null device pointer");
-  LYRA_CHECK_ARG(aligned_to(scale, 4), fn, "scale must be 4-byte aligned (float32)");
-  LYRA_CHECK_ARG(inv_smooth == 0 || aligned_to(inv_smooth, 4), fn,
-                 "inv_smooth must be 4-byte aligned (float32)");
+  check_quant_out(fn, q, scale, inv_smooth);
   check_quant_kind(kind, fn);
   LYRA_CHECK_ARG(acc_dtype >= 0 && acc_dtype <= 3, fn,
                  "acc_dtype must be 0 (float32), 1 (float16), 2 (bfloat16) or 3 (int32), got " +

@@ -165,12 +165,7 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
       finish(k, d, o);
 #pragma unroll
       for (int e = 0; e < V; ++e) o[e] = round_to<T>(o[e]);
-      if (qo.inv_smooth) {
-        float t[V];
-        load_f32<V>(qo.inv_smooth + d, t);
-#pragma unroll
-        for (int e = 0; e < V; ++e) o[e] = __fmul_rn(o[e], t[e]);
-      }
+      smooth<V>(qo.inv_smooth ? qo.inv_smooth + d : nullptr, o);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         v[k][e] = o[e];
@@ -286,11 +281,7 @@ void norm_modulate_quant(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_
                          int64_t add_bstride, double eps, bool rms, int kind, int dtype,
                          uintptr_t stream) {
   const char* fn = "norm_modulate_quant";
-  LYRA_CHECK_ARG(q != 0, fn, "q must be a non-null device pointer");
-  LYRA_CHECK_ARG(scale != 0, fn, "scale must be a non-null device pointer");
-  LYRA_CHECK_ARG(aligned_to(scale, 4), fn, "scale must be 4-byte aligned (float32)");
-  LYRA_CHECK_ARG(inv_smooth == 0 || aligned_to(inv_smooth, 4), fn,
-                 "inv_smooth must be 4-byte aligned (float32)");
+  check_quant_out(fn, q, scale, inv_smooth);
   check_quant_kind(kind, fn);
   const NMParams p =
       nm_params(fn, x, rows, D, rows_per_batch, mul_bstride, add_bstride, eps, rms);

@@ -43,12 +43,7 @@ quantize_rows_kernel(const T* __restrict__ x, const float* __restrict__ inv_smoo
   const T* xr = x + (valid ? row : 0) * p.ld_x;
   auto prod = [&](int i, float (&v)[V]) {
     load_vec<V>(xr + static_cast<int64_t>(i) * V, v);
-    if (inv_smooth) {
-      float s[V];
-      load_f32<V>(inv_smooth + static_cast<int64_t>(i) * V, s);
-#pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = __fmul_rn(v[e], s[e]);
-    }
+    smooth<V>(inv_smooth ? inv_smooth + static_cast<int64_t>(i) * V : nullptr, v);
   };
   quantize_row<V, R>(prod, p.nvec, tpr, threadIdx.x, s_red + threadIdx.y * wpr, warp_in_row, wpr,
                      valid, q + (valid ? row : 0) * p.K, scale + (valid ? row : 0), p.kind);
@@ -74,11 +69,7 @@ void quantize_rows(uintptr_t x, uintptr_t inv_smooth, uintptr_t q, uintptr_t sca
                    int64_t K, int64_t ld_x, int dtype, int kind, uintptr_t stream) {
   const char* fn = "quantize_rows";
   LYRA_CHECK_ARG(x != 0, fn, "x must be a non-null device pointer");
-  LYRA_CHECK_ARG(q != 0, fn, "q must be a non-null device pointer");
-  LYRA_CHECK_ARG(scale != 0, fn, "scale must be a non-null device pointer");
-  LYRA_CHECK_ARG(aligned_to(scale, 4), fn, "scale must be 4-byte aligned (float32)");
-  LYRA_CHECK_ARG(inv_smooth == 0 || aligned_to(inv_smooth, 4), fn,
-                 "inv_smooth must be 4-byte aligned (float32)");
+  check_quant_out(fn, q, scale, inv_smooth);
   LYRA_CHECK_ARG(M > 0, fn, "M must be positive, got " + std::to_string(M));
   LYRA_CHECK_ARG(K > 0 && K < (1ll << 30), fn, "K must be in [1, 2^30), got " + std::to_string(K));
   LYRA_CHECK_ARG(ld_x >= K, fn,

@@ -25,6 +25,16 @@ inline void check_quant_kind(int kind, const char* fn) {
                  "kind must be 0 (fp8 e4m3) or 1 (int8), got " + std::to_string(kind));
 }
 
+// Argument checks of a kernel writing quantised rows: q (bytes) and scale
+// (float32 per row) non-null, scale and the optional inv_smooth 4-byte aligned.
+inline void check_quant_out(const char* fn, uintptr_t q, uintptr_t scale, uintptr_t inv_smooth) {
+  LYRA_CHECK_ARG(q != 0, fn, "q must be a non-null device pointer");
+  LYRA_CHECK_ARG(scale != 0, fn, "scale must be a non-null device pointer");
+  LYRA_CHECK_ARG(aligned_to(scale, 4), fn, "scale must be 4-byte aligned (float32)");
+  LYRA_CHECK_ARG(inv_smooth == 0 || aligned_to(inv_smooth, 4), fn,
+                 "inv_smooth must be 4-byte aligned (float32)");
+}
+
 // max that keeps a NaN from either side (fmaxf would drop it).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
@@ -83,6 +93,17 @@ __device__ __forceinline__ void load_f32(const float* p, float (&out)[V]) {
 #pragma unroll
     for (int e = 0; e < V; ++e) out[e] = p[e];
   }
+}
+
+// v[e] *= inv_smooth[e] (IEEE fp32 products, as the reference) when inv_smooth
+// is set; inv_smooth points at the V factors of these columns.
+template <int V>
+__device__ __forceinline__ void smooth(const float* inv_smooth, float (&v)[V]) {
+  if (!inv_smooth) return;
+  float t[V];
+  load_f32<V>(inv_smooth, t);
+#pragma unroll
+  for (int e = 0; e < V; ++e) v[e] = __fmul_rn(v[e], t[e]);
 }
 
 // Quantises V values and stores the V bytes as one access (p aligned to V).
