@@ -35,3 +35,23 @@ def epilogue_ref(y, gate, res, act, glu, n_out, rpb):
     if res is not None:
         h = res + h
     return h
+
+
+# norm_modulate(_quant) cases: (B, L, D, affine, modulate, mul broadcast over batch)
+NM_SMALL_CASES = [
+    (1, 7, 40, True, False, False),
+    (2, 5, 72, True, True, False),
+    (3, 9, 37, True, True, False),  # odd D: scalar path
+    (2, 33, 256, False, True, True),
+]
+
+
+def nm_inputs(B, L, D, affine, modulate, bcast, rms, dtype):
+    """x (B, L, D) and the optional affine weight / bias and adaLN mul / add of one case."""
+    x = randn(B, L, D, dtype=dtype, scale=1.5, shift=0.3)
+    w = randn(D, dtype=dtype, shift=1.0) if affine else None
+    b = randn(D, dtype=dtype) if (affine and not rms) else None
+    nb = 1 if bcast else B
+    mul = (1.0 + randn(nb, D, dtype=dtype, scale=0.2)).to(dtype) if modulate else None
+    add = randn(nb, D, dtype=dtype, scale=0.5) if modulate else None
+    return x, w, b, mul, add

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from helpers import rel_err  # noqa: E402
-from kernel_helpers import ACTS, CODE, DEV, IDS, epilogue_ref, ptr, randn, stream  # noqa: E402,F401
+from kernel_helpers import (ACTS, CODE, DEV, IDS, NM_SMALL_CASES, epilogue_ref, nm_inputs,  # noqa: E402,F401
+                            ptr, randn, stream)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("seed_from_test_id")]
 
@@ -101,13 +102,7 @@ def test_group_norm_no_affine_inplace(C, dtype):
 # norm_modulate
 # ----------------------------------------------------------------------------
 
-NM_CASES = [  # (B, L, D, affine, modulate, mul broadcast over batch)
-    (1, 7, 40, True, False, False),
-    (2, 5, 72, True, True, False),
-    (3, 9, 37, True, True, False),  # odd D: scalar path
-    (2, 33, 256, False, True, True),
-    (2, 4096, 3072, False, True, False),  # FLUX
-]
+NM_CASES = NM_SMALL_CASES + [(2, 4096, 3072, False, True, False)]  # + FLUX
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
@@ -116,12 +111,7 @@ NM_CASES = [  # (B, L, D, affine, modulate, mul broadcast over batch)
 def test_norm_modulate(C, case, rms, dtype):
     B, L, D, affine, modulate, bcast = case
     eps = 1e-6
-    x = randn(B, L, D, dtype=dtype, scale=1.5, shift=0.3)
-    w = randn(D, dtype=dtype, shift=1.0) if affine else None
-    b = randn(D, dtype=dtype) if (affine and not rms) else None
-    nb = 1 if bcast else B
-    mul = (1.0 + randn(nb, D, dtype=dtype, scale=0.2)).to(dtype) if modulate else None
-    add = randn(nb, D, dtype=dtype, scale=0.5) if modulate else None
+    x, w, b, mul, add = nm_inputs(B, L, D, affine, modulate, bcast, rms, dtype)
     y = poison(B, L, D, dtype=dtype)
     C.norm_modulate(ptr(x), ptr(w), ptr(b), ptr(mul), ptr(add), ptr(y), B * L, D, L,
                     0 if bcast else D, 0 if bcast else D, eps, rms, CODE[dtype], stream())

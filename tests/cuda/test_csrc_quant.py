@@ -24,7 +24,8 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from helpers import rel_err  # noqa: E402
-from kernel_helpers import ACTS, CODE, DEV, IDS, epilogue_ref, ptr, randn, stream  # noqa: E402,F401
+from kernel_helpers import (ACTS, CODE, DEV, IDS, NM_SMALL_CASES, epilogue_ref, nm_inputs,  # noqa: E402,F401
+                            ptr, randn, stream)
 
 from lyradynamo.quant import numerics as qn  # noqa: E402
 
@@ -161,23 +162,7 @@ def test_quantize_rows_strided_and_misaligned(C, dtype, kind):
 # norm_modulate_quant
 # ----------------------------------------------------------------------------
 
-NM_CASES = [  # (B, L, D, affine, modulate, mul broadcast over batch)
-    (1, 7, 40, True, False, False),
-    (2, 5, 72, True, True, False),
-    (3, 9, 37, True, True, False),  # odd D: scalar path
-    (2, 33, 256, False, True, True),
-    (2, 515, 3072, False, True, False),  # FLUX
-]
-
-
-def _nm_inputs(B, L, D, affine, modulate, bcast, rms, dtype):
-    x = randn(B, L, D, dtype=dtype, scale=1.5, shift=0.3)
-    w = randn(D, dtype=dtype, shift=1.0) if affine else None
-    b = randn(D, dtype=dtype) if (affine and not rms) else None
-    nb = 1 if bcast else B
-    mul = (1.0 + randn(nb, D, dtype=dtype, scale=0.2)).to(dtype) if modulate else None
-    add = randn(nb, D, dtype=dtype, scale=0.5) if modulate else None
-    return x, w, b, mul, add
+NM_CASES = NM_SMALL_CASES + [(2, 515, 3072, False, True, False)]  # + FLUX width
 
 
 @pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
@@ -188,7 +173,7 @@ def _nm_inputs(B, L, D, affine, modulate, bcast, rms, dtype):
 def test_norm_modulate_quant(C, case, rms, kind, dtype, smooth):
     B, L, D, affine, modulate, bcast = case
     eps = 1e-6
-    x, w, b, mul, add = _nm_inputs(B, L, D, affine, modulate, bcast, rms, dtype)
+    x, w, b, mul, add = nm_inputs(B, L, D, affine, modulate, bcast, rms, dtype)
     bstride = 0 if bcast else D
     inv = inv_smooth_vec(D) if smooth else None
     y = torch.full((B, L, D), float("nan"), device=DEV, dtype=dtype)
