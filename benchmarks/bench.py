@@ -19,6 +19,7 @@ one model instance is shared, each mode wraps it anew after torch._dynamo.reset(
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import gc
@@ -616,6 +617,10 @@ def measure(args, row, fn, hook, wl, ref, count, c_mode0, cuda, prog, label):
         # captures; the rest is Dynamo's tracing and the loop itself
         row["backend_s"] = round(sum(r.seconds for r in lyradynamo.compiled_graphs()[c0:]), 3)
         row["capture_s"] = round(_capture_seconds() - cap0, 3)
+        phases = collections.Counter()
+        for r in lyradynamo.compiled_graphs()[c0:]:
+            phases.update(r.report.phases_s)
+        row["backend_phases_s"] = {k: round(v, 3) for k, v in phases.items()}
     steps_done += 1
     row["_steps_done"] = steps_done
     prog.step(f"{label} first call {row['first_call_s']:.2f}s")

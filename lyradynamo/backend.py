@@ -139,13 +139,16 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
                     "reached without torch.compile's backend hook); new shapes may recompile")
     before_code = gm.code if config.dump_dir else None
     gm, report = run_passes(gm, config.passes, fake_mode)
+    report.phases_s["passes"] = time.perf_counter() - start
     if config.relax_size_guards and fake_mode is not None and fake_mode.shape_env is not None:
         try:
             report.relaxed_guards = shape_policy.relax_internal_guards(fake_mode.shape_env)
         except Exception as exc:  # noqa: BLE001 - relaxing is an optimisation; never fatal
             log.warning("lyradynamo: could not relax size guards (%s); batch 1 may recompile", exc)
     _freeze_parameters(example_inputs)
+    t = time.perf_counter()
     quant_entries = _quantize(gm, example_inputs, report)
+    report.phases_s["quant"] = time.perf_counter() - t
     reason = _recompile_reason()
     if reason:
         log.warning("lyradynamo: recompiling: %s (a model that branches on a size or a float argument "
@@ -161,7 +164,9 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
         _compiled.append(record)
     from . import dump  # lazy: keeps `python -m lyradynamo.dump` free of a double import
 
+    t = time.perf_counter()
     runner = runtime.make_runner(gm, example_inputs, record)
+    report.phases_s["runner"] = time.perf_counter() - t
     if quant_entries:
         runner = _with_weight_refresh(runner, quant_entries)
     record.seconds = time.perf_counter() - start

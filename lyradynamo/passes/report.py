@@ -41,6 +41,7 @@ class GraphReport:
     relaxed_guards: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)  # passes that raised (graph kept)
     quant: dict = dataclasses.field(default_factory=dict)  # quant/apply.py: layers and decisions
+    phases_s: dict = dataclasses.field(default_factory=dict)  # backend phase -> seconds (first call)
 
     def hit(self, pass_name: str, label: str) -> None:
         self.matched.setdefault(pass_name, collections.Counter())[label] += 1
@@ -70,4 +71,5 @@ class GraphReport:
             "relaxed_guards": self.relaxed_guards,
             "errors": self.errors,
             "quant": self.quant,
+            "phases_s": {k: round(v, 4) for k, v in self.phases_s.items()},
         }

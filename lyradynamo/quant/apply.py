@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import operator
 import re
+import time
 from typing import NamedTuple, Optional
 
 import torch
@@ -118,6 +119,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     real = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
     quantized, kept, entries, attrs = [], {}, {}, {}
     decide = _decider(real, kind)
+    t_quant = t_offload = 0.0  # report.phases_s: weight quantisation and host offload
     offload = _only_quantised_readers(real, decide) if config.quant_master == "host" else set()
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is _LINEAR):
@@ -130,10 +132,14 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
         entry = entries.get(key)
         if entry is None:
             smooth = calibration.smooth_of(d.param) if kind == "int8" else None
+            t = time.perf_counter()
             entry = weights.quantize_weight(d.path, d.param, kind, smooth, d.cols)
             entries[key] = entry
+            t_quant += time.perf_counter() - t
             if d.source in offload:  # at once: the GPU never holds all bf16 and fp8 copies together
+                t = time.perf_counter()
                 weights.offload_master(d.param)
+                t_offload += time.perf_counter() - t
             idx = len(entries) - 1
             attrs[key] = []
             for tag, t in (("qw", entry.qweight), ("ws", entry.wscale), ("is", entry.inv_smooth)):
@@ -158,6 +164,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
         activation["fused_into_producer"] = _quantise_activated_outputs(gm, kind)
     gm.graph.lint()
     gm.recompile()
+    report.phases_s.update(quant_weights=t_quant, quant_offload=t_offload)
     report.quant = {"kind": kind, "quantized": quantized, "kept": kept,
                     "master": config.quant_master, "activation_quant": activation}
     return list(entries.values())
