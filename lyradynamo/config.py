@@ -56,8 +56,8 @@ _OPTIONS: dict[str, _Option] = {
     ),
     "quant_master": _Option(
         "host",
-        "With quant on, where the high-precision copy of a quantised weight lives: host (pinned "
-        "CPU memory: the GPU holds only fp8/int8; the Parameter becomes a NaN placeholder, "
+        "With quant on, where the high-precision copy of a quantised weight lives: host (CPU "
+        "memory, copied through small page-locked staging buffers: the GPU holds only fp8/int8; the Parameter becomes a NaN placeholder, "
         "lyradynamo.quant.restore(model) brings it back) or gpu (kept as is).",
         choices=("host", "gpu"),
     ),

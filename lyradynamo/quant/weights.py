@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import numerics
+from . import host_copy, numerics
 
 log = logging.getLogger("lyradynamo")
 
@@ -149,8 +149,7 @@ def offload_master(param: Tensor) -> None:
     if not group or next(iter(group.values())).master is not param or not _offloadable(param):
         return
     with torch.no_grad():
-        host = torch.empty(param.shape, dtype=param.dtype, pin_memory=param.is_cuda)
-        host.copy_(param.detach())
+        host = host_copy.to_host(param)
         param.data = _placeholder(param)
         _set_master(group.values(), host, param)
 
