@@ -19,10 +19,15 @@ delta_i = (B_i @ A_i) * alpha_i / r_i computed in fp32 on the parameter's device
 restores every bit, and the weights for a set of active LoRAs do not depend on the history
 (A -> B -> A is bit-identical to A).
 
+Backups live on the GPU while `config.lora_backup` allows (default auto: until a quarter of
+the card's memory would be left), so a switch or an unload moves no weight over PCIe; the rest
+are page-locked host copies. A backup of a quantised weight whose master lives on the host stays
+on the host.
+
 Backups outlive an unload: a weight that no LoRA touches any more gets its original bits back
-and its (pinned) backup is kept as a spare, valid while the parameter stays the same object at
+and its backup is kept as a spare, valid while the parameter stays the same object at
 the same address with the same `_version` (any in-place write by someone else invalidates
-it). A swap (unload A, load B) then copies no weight back to the host and pins no new memory.
+it). A swap (unload A, load B) then takes no new backup.
 `release_backups(model_or_pipe)` frees the spares.
 
 Formats: whatever diffusers reads (diffusers/peft keys, kohya `lora_unet_*`/`lora_te*_`, FLUX
@@ -43,6 +48,7 @@ from typing import Any, Iterable
 
 import torch
 
+from . import config
 from .quant.weights import master_weight
 
 log = logging.getLogger("lyradynamo")
@@ -437,7 +443,7 @@ def _params_of(layer: _Layer) -> list[str]:
     return names
 
 
-def _refresh(module: torch.nn.Module, st: _State, param_names: Iterable[str]) -> int:
+def _refresh(module: torch.nn.Module, st: _State, param_names: Iterable[str], budget: "_GpuBudget") -> int:
     """Recompute each named parameter from its backup and the active adapters, in place.
 
     Backups are taken here the first time a parameter is touched; a parameter no loaded adapter
@@ -456,12 +462,12 @@ def _refresh(module: torch.nn.Module, st: _State, param_names: Iterable[str]) ->
             if not touching:
                 continue
             spare = st.spare.pop(pname, None)
-            st.backup[pname] = spare[0] if spare is not None and spare[1] == _identity(param) else _backup(param)
+            st.backup[pname] = spare[0] if spare is not None and spare[1] == _identity(param) else _backup(param, budget)
         orig = st.backup[pname]
         active = [(a.scale, layer) for a, layer in touching if a.scale != 0.0]
         with torch.no_grad():
             if not active:
-                param.copy_(orig, non_blocking=True)  # exact original bits (orig is pinned on CUDA)
+                param.copy_(orig, non_blocking=True)  # exact original bits (a host orig is pinned)
             else:
                 new = orig.to(device=live.device, dtype=torch.float32, non_blocking=True, copy=True)
                 for scale, layer in active:
@@ -482,7 +488,32 @@ def _identity(param: torch.Tensor) -> tuple:
     return id(param), param.data_ptr(), param._version
 
 
-def _backup(param: torch.Tensor) -> torch.Tensor:
+class _GpuBudget:
+    """Bytes of GPU backups config.lora_backup still allows, per device, for one apply."""
+
+    def __init__(self) -> None:
+        self.left: dict[torch.device, float] = {}
+
+    def take(self, param: torch.Tensor) -> bool:
+        if config.lora_backup == "host":
+            return False
+        nbytes = param.numel() * param.element_size()
+        if config.lora_backup == "gpu":
+            return True
+        dev = param.device
+        if dev not in self.left:
+            free, total = torch.cuda.mem_get_info(dev)
+            cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+            self.left[dev] = free + cached - float(config.lora_backup_reserve) * total
+        if self.left[dev] < nbytes:
+            return False
+        self.left[dev] -= nbytes
+        return True
+
+
+def _backup(param: torch.Tensor, budget: _GpuBudget) -> torch.Tensor:
+    if param.device.type == "cuda" and budget.take(param):
+        return param.detach().clone()
     t = param.detach().to("cpu", copy=True)
     if param.device.type == "cuda":
         try:
@@ -494,10 +525,11 @@ def _backup(param: torch.Tensor) -> torch.Tensor:
 
 def _apply(comps_states, changed: dict[int, set]) -> int:
     n = 0
+    budget = _GpuBudget()
     for module, st in comps_states:
         names = changed.get(id(module))
         if names:
-            n += _refresh(module, st, sorted(names))
+            n += _refresh(module, st, sorted(names), budget)
     return n
 
 
@@ -653,7 +685,7 @@ def set_loras(model_or_pipe, scales: dict[str, float]) -> None:
 
 
 def release_backups(model_or_pipe) -> int:
-    """Free the host copies kept for weights that no loaded LoRA touches (see the module
+    """Free the backups kept for weights that no loaded LoRA touches (see the module
     docstring); returns how many. The next load of a LoRA takes fresh backups."""
     comps, _ = _components(model_or_pipe)
     n = 0

@@ -442,7 +442,7 @@ def test_swap_reuses_backups_and_detects_foreign_writes(tmp_path, monkeypatch):
 
     taken = []
     backup = lora._backup
-    monkeypatch.setattr(lora, "_backup", lambda p: taken.append(p) or backup(p))
+    monkeypatch.setattr(lora, "_backup", lambda p, budget: taken.append(p) or backup(p, budget))
     orig = params(unet)
     lora.load_lora(unet, pa, name="a")
     first = len(taken)
