@@ -8,7 +8,7 @@ Each time is one swap, measured with perf_counter around the call and a device s
 sides ("until the next image can start"); the median of --runs is reported. Per model:
 
   lora-swap        (lyra) op=swap: unload_lora(previous) + load_lora(next .safetensors on local disk);
-                   op=load: the first load (takes the CPU backups of the touched weights);
+                   op=load: the first load (takes the backups of the touched weights);
                    op=set_loras: switch between two loaded LoRAs; op=unload: unload_lora
   controlnet-swap  (lyra, sd15/sdxl) swap_controlnet(compiled, folder with the other ControlNet's safetensors)
   diffusers-fuse   load_lora_weights(file) + fuse_lora() on the eager model
@@ -194,7 +194,7 @@ def run_model(args, name, rows, tmp):
         lora.load_lora(compiled, fa, name="a")
         _sync(dev)
         rows.write(name, "lora-swap", size, dtype, time.perf_counter() - t0, op="load",
-                   notes=f"first load_lora from file (takes CPU backups); {lora_note}")
+                   notes=f"first load_lora from file (takes the backups of the touched weights); {lora_note}")
         current = ["a"]
 
         def swap(i):

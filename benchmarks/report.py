@@ -7,7 +7,9 @@
 One table per (model, scenario, gpu); the most recent row per (model, mode, size, scenario, gpu)
 wins (latest "date", then the later line). Speed-ups compare seconds of rows of the same table
 and size: "vs eager" = eager / row, "vs best peer" = fastest of inductor, inductor-cg,
-torchao-fp8 / row (>1 = the row is faster).
+torchao-fp8 / row (>1 = the row is faster). Rows of benchmarks/bench_swap.py (they carry an
+"op": load / swap / set_loras / unload) get their own "swap" table per model, one row per
+(mode, op), without speed-ups (a swap time is not an image time).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import sys
 MODE_ORDER = ("eager", "inductor", "inductor-cg", "lyra", "lyra-fp8", "lyra-int8", "torchao-fp8")
 PEER_MODES = ("inductor", "inductor-cg", "torchao-fp8")
 MODEL_ORDER = ("sd15", "sdxl", "flux")
-SCENARIO_ORDER = ("steady", "sweep", "cold")
+SCENARIO_ORDER = ("steady", "sweep", "cold", "swap")
+SWAP_OP_ORDER = ("swap", "set_loras", "unload", "load")
 PSNR_IDENTICAL = 200.0
 
 
@@ -54,7 +57,7 @@ def latest(rows):
     limit ("interrupted") never hides a measured one."""
     best = {}
     for r in rows:
-        key = (r.get("model"), r.get("mode"), r.get("size"), r.get("scenario", "steady"), r.get("gpu", "?"))
+        key = (r.get("model"), r.get("mode"), r.get("op"), r.get("size"), r.get("scenario", "steady"), r.get("gpu", "?"))
         cur = best.get(key)
         rank = (not _interrupted(r), str(r.get("date") or ""), r["_order"])
         if cur is None or rank >= (not _interrupted(cur), str(cur.get("date") or ""), cur["_order"]):
@@ -66,10 +69,14 @@ def _rank(seq, v):
     return seq.index(v) if v in seq else len(seq)
 
 
+def _scenario(r):
+    return "swap" if r.get("op") else r.get("scenario", "steady")
+
+
 def group(rows):
     tables = {}
     for r in rows:
-        tables.setdefault((r.get("model"), r.get("scenario", "steady"), r.get("gpu", "?")), []).append(r)
+        tables.setdefault((r.get("model"), _scenario(r), r.get("gpu", "?")), []).append(r)
     keys = sorted(tables, key=lambda k: (_rank(MODEL_ORDER, k[0]), str(k[0]), _rank(SCENARIO_ORDER, k[1]), str(k[2])))
     return [(k, tables[k]) for k in keys]
 
@@ -125,35 +132,58 @@ def _distinct(rows, key):
     return vals
 
 
-def table_md(key, rows):
-    model, scenario, gpu = key
-    sizes = []
-    for r in rows:
-        if r.get("size") not in sizes:
-            sizes.append(r.get("size"))
-    rows = sorted(rows, key=_size_key(sizes))
-    sp = speedups(rows)
-    lines = [f"### {model} · {scenario} · {gpu}", ""]
+def _meta(rows, gpu):
     meta = []
-    for k, label in (("steps", "steps"), ("batch", "batch"), ("dtype", "dtype"), ("torch", "torch"),
-                     ("diffusers", "diffusers"), ("lyradynamo", "lyradynamo"), ("weights", "weights")):
+    for k, label in (("steps", "steps"), ("batch", "batch"), ("dtype", "dtype"), ("rank", "LoRA rank"),
+                     ("torch", "torch"), ("diffusers", "diffusers"), ("lyradynamo", "lyradynamo"),
+                     ("weights", "weights")):
         vals = _distinct(rows, k)
         if vals:
             meta.append(f"{label} {'/'.join(str(v) for v in vals)}")
     dates = sorted(str(d) for d in _distinct(rows, "date"))
     if dates:
         meta.append(f"measured {dates[0]}" + (f" … {dates[-1]}" if dates[-1] != dates[0] else ""))
-    lines += ["Card: **" + str(gpu) + "**; " + ", ".join(meta) + ".", ""]
+    return "Card: **" + str(gpu) + "**; " + ", ".join(meta) + "."
+
+
+def _note(r, width=90):
+    note = r.get("error") or r.get("notes") or ""
+    if r.get("error"):
+        note = "error: " + note
+    return note if len(note) <= width else note[: width - 3] + "..."
+
+
+def swap_table_md(key, rows):
+    model, _scenario_name, gpu = key
+    rows = sorted(rows, key=lambda r: (_rank(("lora-swap", "controlnet-swap", "diffusers-fuse", "diffusers-unload",
+                                                "diffusers-hotswap"), r.get("mode")), _rank(SWAP_OP_ORDER, r.get("op"))))
+    lines = [f"### {model} · swap · {gpu}", "", _meta(rows, gpu), "",
+             "| mode | op | size after | seconds (median) | runs | note |", "|---|---|---|--:|--:|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(c) for c in (
+            r.get("mode"), r.get("op"), r.get("size"), _f(r.get("seconds"), ".3f"),
+            "–" if r.get("runs") is None else r.get("runs"), _note(r, 140))) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def table_md(key, rows):
+    model, scenario, gpu = key
+    if scenario == "swap":
+        return swap_table_md(key, rows)
+    sizes = []
+    for r in rows:
+        if r.get("size") not in sizes:
+            sizes.append(r.get("size"))
+    rows = sorted(rows, key=_size_key(sizes))
+    sp = speedups(rows)
+    lines = [f"### {model} · {scenario} · {gpu}", "", _meta(rows, gpu), ""]
     secs = "time to first image s" if scenario == "cold" else "s/image"
     lines.append(f"| mode | size | {secs} | first call s | compiles | peak GB | rel_err | SQNR dB | PSNR dB | vs eager | vs best peer | note |")
     lines.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
     for r in rows:
         ve, vp, peer = sp.get(id(r), (None, None, None))
-        note = r.get("error") or r.get("notes") or ""
-        if r.get("error"):
-            note = "error: " + note
-        if len(note) > 90:
-            note = note[:87] + "..."
+        note = _note(r)
         vp_s = "–" if vp is None else f"{vp:.2f}x ({peer})"
         lines.append("| " + " | ".join(_cell(c) for c in (
             r.get("mode"), r.get("size"), _f(r.get("seconds"), ".3f"), _f(r.get("first_call_s"), ".1f"),
@@ -187,7 +217,7 @@ def chart(tables, path):
         import matplotlib.pyplot as plt
     except Exception as exc:  # noqa: BLE001
         return f"matplotlib not importable ({type(exc).__name__}); chart skipped"
-    tables = [(k, [r for r in rs if _ok(r)]) for k, rs in tables]
+    tables = [(k, [r for r in rs if _ok(r)]) for k, rs in tables if k[1] != "swap"]
     tables = [(k, rs) for k, rs in tables if rs]
     if not tables:
         return "no successful rows; chart skipped"

@@ -118,6 +118,27 @@ def test_report_speedups_and_latest(tmp_path):
     assert "quant mode not implemented" in md
 
 
+def test_report_swap_rows_get_their_own_table(tmp_path):
+    """bench_swap.py rows (with an "op") form a per-model swap table, one row per (mode, op), and
+    never enter the image-time tables' speed-ups."""
+    report = _load("lyra_bench_report_swap", REPORT)
+    base = dict(model="sd15", size="512x512", scenario="steady", gpu="G", date="2026-01-02T00:00:00+00:00", error=None)
+    rows = [dict(base, mode="eager", seconds=0.5, steps=20, batch=1),
+            dict(base, mode="lora-swap", op="swap", seconds=0.05, runs=5),
+            dict(base, mode="lora-swap", op="unload", seconds=0.007, runs=5),
+            dict(base, mode="diffusers-fuse", op="load", seconds=0.3, runs=5)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md_path = tmp_path / "R.md"
+    assert report.main([str(path), "--out", str(md_path)]) == 0
+    md = md_path.read_text()
+    swap = md[md.index("### sd15 · swap · G"):]
+    steady = md[md.index("### sd15 · steady · G"):md.index("### sd15 · swap · G")]
+    assert "| lora-swap | swap | 512x512 | 0.050 | 5 |" in swap and "| lora-swap | unload | 512x512 | 0.007 | 5 |" in swap
+    assert "| diffusers-fuse | load |" in swap
+    assert "lora-swap" not in steady and "| eager |" in steady
+
+
 def test_cli_helpers():
     bench = _load("lyra_bench_cli", BENCH)
     assert bench.parse_size("1280x768") == (1280, 768)
