@@ -80,6 +80,29 @@ def test_other_architecture_is_refused_and_nothing_changes():
         assert torch.equal(dict(a.named_parameters())[k], v), k
 
 
+def test_other_architecture_compiles_once_and_each_keeps_its_graph():
+    """A ControlNet of another architecture (a 1-channel conditioning embedding) is compiled on its
+    own: exactly one more compilation; afterwards both run and swap within their architecture
+    without recompiling, and each still matches eager."""
+    a, a2 = zoo.build_controlnet("sd15", seed=0), zoo.build_controlnet("sd15", seed=2)
+    g, g2 = (zoo.build_controlnet("sd15", seed=s, conditioning_channels=1) for s in (1, 3))
+    kw = zoo.controlnet_inputs("sd15", a, batch=2)
+    kw_g = dict(kw, controlnet_cond=kw["controlnet_cond"][:, :1])
+    eager = {n: _run(m, k) for n, m, k in (("a", a, kw), ("a2", a2, kw), ("g", g, kw_g), ("g2", g2, kw_g))}
+    ca = torch.compile(a, backend="lyra")
+    assert rel_err(_run(ca, kw), eager["a"]) < 1e-5
+    assert lyradynamo.compile_count() == 1
+    cg = torch.compile(g, backend="lyra")
+    assert rel_err(_run(cg, kw_g), eager["g"]) < 1e-5
+    assert lyradynamo.compile_count() == 2  # the other architecture: one compilation
+    with torch.compiler.set_stance("fail_on_recompile"):
+        swap_controlnet(ca, a2)
+        swap_controlnet(cg, g2)
+        assert rel_err(_run(ca, kw), eager["a2"]) < 1e-5
+        assert rel_err(_run(cg, kw_g), eager["g2"]) < 1e-5
+    assert lyradynamo.compile_count() == 2
+
+
 def test_multi_controlnet_pipeline_compiled_matches_eager_and_swaps():
     """StableDiffusionControlNetPipeline with a MultiControlNetModel of two lyra-compiled ControlNets:
     the image equals eager; swapping one element (in the multi model) needs no recompilation."""
