@@ -466,3 +466,24 @@ def test_swap_reuses_backups_and_detects_foreign_writes(tmp_path, monkeypatch):
     assert_same_params(unet, edited)
     assert lora.release_backups(unet) == first
     assert not lora._STATES[unet].spare
+
+
+def test_gpu_backup_budget_auto_gpu_host(monkeypatch, caplog):
+    """config.lora_backup: auto keeps GPU backups until lora_backup_reserve of the card would be
+    left, then says once that the rest go to the host; gpu / host force one place."""
+    import types
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (50 * 2**20, 100 * 2**20))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 10 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 0)
+    w = types.SimpleNamespace(numel=lambda: 5 * 2**20, element_size=lambda: 2, device=dev)  # 10 MiB
+    with lyradynamo.config.patch(lora_backup="auto", lora_backup_reserve=0.25), caplog.at_level("INFO", "lyradynamo"):
+        budget = lora._GpuBudget()  # 50 free + 10 cached - 25 reserved = 35 MiB: three 10 MiB backups fit
+        assert [budget.take(w) for _ in range(5)] == [True, True, True, False, False]
+    assert sum("further backups go to host memory" in r.message for r in caplog.records) == 1
+    for where, want in (("gpu", True), ("host", False)):
+        with lyradynamo.config.patch(lora_backup=where):
+            assert all(lora._GpuBudget().take(w) is want for _ in range(8))
+    with pytest.raises(Exception, match="lora_backup"):
+        lyradynamo.config.lora_backup = "disk"
