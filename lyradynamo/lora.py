@@ -493,25 +493,23 @@ class _GpuBudget:
 
     def __init__(self) -> None:
         self.left: dict[torch.device, float] = {}
-        self.refused: dict[torch.device, int] = {}  # backups sent to the host (logged once per apply)
+        self.logged: set[torch.device] = set()  # devices whose overflow to the host was logged
 
     def take(self, param: torch.Tensor) -> bool:
-        if config.lora_backup == "host":
-            return False
+        if config.lora_backup != "auto":
+            return config.lora_backup == "gpu"
         nbytes = param.numel() * param.element_size()
-        if config.lora_backup == "gpu":
-            return True
         dev = param.device
         if dev not in self.left:
             free, total = torch.cuda.mem_get_info(dev)
             cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
             self.left[dev] = free + cached - float(config.lora_backup_reserve) * total
         if self.left[dev] < nbytes:
-            if not self.refused.get(dev):
+            if dev not in self.logged:
+                self.logged.add(dev)
                 log.info("lyradynamo.lora: GPU backups would leave less than lora_backup_reserve=%g of %s "
                          "free; further backups go to host memory (each switch then copies those weights "
                          "host->device)", float(config.lora_backup_reserve), dev)
-            self.refused[dev] = self.refused.get(dev, 0) + 1
             return False
         self.left[dev] -= nbytes
         return True

@@ -138,6 +138,19 @@ def _check_ip_attention_matched(s):
     assert rec.summary["op_histogram"].get("lyra::attention", 0) == cov["sdpa"]["before"]
 
 
+def _check_scales(s, compiled, scales, full=None):
+    """Each (where, scale): lyra's set_scale on the pipeline or the compiled model gives eager
+    diffusers' output after its set_ip_adapter_scale; with `full` (the output at the loaded scale),
+    every scale but 1.0 also changes the output."""
+    for where, scale in scales:
+        ip_adapter.set_scale(s.pipe if where == "pipe" else compiled, scale)
+        s.ref.set_ip_adapter_scale(scale)
+        got, want = _out(compiled, s.inputs()), _out(s.model(s.ref), s.inputs())
+        assert rel_err(got, want) < TOL, (scale, rel_err(got, want))
+        if full is not None:
+            assert rel_err(got, full) > 1e-3 or scale == 1.0  # the scale mattered
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_set_scale_on_compiled_model_matches_diffusers_without_recompile(name):
     s = build(name)
@@ -146,12 +159,7 @@ def test_set_scale_on_compiled_model_matches_diffusers_without_recompile(name):
     assert rel_err(full, _out(s.model(s.ref), s.inputs())) < TOL
     _check_ip_attention_matched(s)
     with torch.compiler.set_stance("fail_on_recompile"):
-        for where, scale in SCALES[name]:
-            ip_adapter.set_scale(s.pipe if where == "pipe" else compiled, scale)
-            s.ref.set_ip_adapter_scale(scale)
-            got, want = _out(compiled, s.inputs()), _out(s.model(s.ref), s.inputs())
-            assert rel_err(got, want) < TOL, (scale, rel_err(got, want))
-            assert rel_err(got, full) > 1e-3 or scale == 1.0  # the scale mattered
+        _check_scales(s, compiled, SCALES[name], full)
         ip_adapter.restore(s.pipe)
         assert torch.equal(_out(compiled, s.inputs()), full)
     assert lyradynamo.compile_count() == 1
@@ -176,11 +184,7 @@ def test_two_ip_adapters_per_adapter_scales(name):
     assert rel_err(_out(compiled, s.inputs()), _out(s.model(s.ref), s.inputs())) < TOL
     _check_ip_attention_matched(s)
     with torch.compiler.set_stance("fail_on_recompile"):
-        for where, scale in SCALES_TWO[name]:
-            ip_adapter.set_scale(s.pipe if where == "pipe" else compiled, scale)
-            s.ref.set_ip_adapter_scale(scale)
-            got, want = _out(compiled, s.inputs()), _out(s.model(s.ref), s.inputs())
-            assert rel_err(got, want) < TOL, (scale, rel_err(got, want))
+        _check_scales(s, compiled, SCALES_TWO[name])
     assert lyradynamo.compile_count() == 1
 
 

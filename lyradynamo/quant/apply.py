@@ -119,7 +119,9 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     real = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
     quantized, kept, entries, attrs = [], {}, {}, {}
     decide = _decider(real, kind)
-    t_quant = t_offload = 0.0  # report.phases_s: weight quantisation and host offload
+    # report.phases_s: wall seconds of weight quantisation and host offload (no device sync of its
+    # own: a quantisation kernel still running is counted in the offload, whose copy waits for it)
+    t_quant = t_offload = 0.0
     offload = _only_quantised_readers(real, decide) if config.quant_master == "host" else set()
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is _LINEAR):
@@ -132,14 +134,14 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
         entry = entries.get(key)
         if entry is None:
             smooth = calibration.smooth_of(d.param) if kind == "int8" else None
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             entry = weights.quantize_weight(d.path, d.param, kind, smooth, d.cols)
             entries[key] = entry
-            t_quant += time.perf_counter() - t
+            t_quant += time.perf_counter() - t0
             if d.source in offload:  # at once: the GPU never holds all bf16 and fp8 copies together
-                t = time.perf_counter()
+                t0 = time.perf_counter()
                 weights.offload_master(d.param)
-                t_offload += time.perf_counter() - t
+                t_offload += time.perf_counter() - t0
             idx = len(entries) - 1
             attrs[key] = []
             for tag, t in (("qw", entry.qweight), ("ws", entry.wscale), ("is", entry.inv_smooth)):

@@ -18,14 +18,6 @@ def first(o):
     return o[0] if isinstance(o, (tuple, list)) else o.sample
 
 
-@pytest.fixture(autouse=True)
-def fresh():
-    torch._dynamo.reset()
-    lyradynamo.reset_stats()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "flux", "sd3", "pixart", "sana", "auraflow"])
 def test_tiny_model_cuda_graphs_across_shapes(name):
     dtype = torch.float16 if name in ("sd15", "sdxl") else torch.bfloat16
