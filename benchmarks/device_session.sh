@@ -16,6 +16,7 @@
 #   BENCH_STEPS     --steps                                          (default 20)
 #   BENCH_SCENARIO  steady|sweep|cold                                (default steady)
 #   BENCH_EXTRA     more bench.py arguments, e.g. "--runs 5 --warmup 2"
+#   KERNEL_BENCH_ARGS  kernels_bench.py arguments, e.g. "--dtype bf16 --quant --fusion"
 #   PROFILE_MODELS  comma list: top CUDA kernels of one call (profile_model.py) -> profile.log
 #   PROFILE_MODES   modes to profile (default lyra); PROFILE_SIZE WxH; PROFILE_EXTRA e.g. "--ops 30"
 #   SWAP_MODELS     comma list for benchmarks/bench_swap.py (LoRA / ControlNet swaps) -> swap.jsonl
@@ -113,7 +114,7 @@ if [ "${KERNEL_BENCH:-0}" = 1 ]; then
     t=$(date +%s)
     kt=${KERNEL_BENCH_TIMEOUT:-150}; [ "$kt" -gt "$(left)" ] && kt=$(left)
     if [ "$kt" -gt 10 ]; then
-      timeout -s INT -k 10 "$kt" python3 benchmarks/kernels_bench.py --out "$OUT/kernels.json"
+      timeout -s INT -k 10 "$kt" python3 benchmarks/kernels_bench.py --out "$OUT/kernels.json" ${KERNEL_BENCH_ARGS:-}
       S_KERNELS="rc $? in $(( $(date +%s) - t ))s"
     else
       S_KERNELS="skipped (no time left)"

@@ -171,9 +171,9 @@ def cases(dt):
 def quant_cases(dt):
     """W8A8 rows at FLUX shapes (M = 4608 tokens): yields like cases().
 
-    gemm_fp8: ours is cuBLASLt with OUTER_VEC row scales (or, where the library reports it
-    unavailable, the fp32-accumulator GEMM + scaled_epilogue), torch is torch._scaled_mm
-    row-wise; the dense GEMM of the same shape (ours vs F.linear) gives the fp16/bf16 baseline;
+    gemm_fp8: ours is cuBLASLt with OUTER_VEC row scales and fast accumulation (or, where the
+    library reports it unavailable, the fp32-accumulator GEMM + scaled_epilogue), torch is
+    torch._scaled_mm row-wise with fast accumulation (a CUTLASS sm90 kernel inside torch); the dense GEMM of the same shape (ours vs F.linear) gives the fp16/bf16 baseline;
     gemm_int8 + scaled_epilogue vs torch._int_mm + eager scaling; quantize_rows vs the eager
     quantisation of lyradynamo.quant.numerics.
     """
@@ -199,8 +199,9 @@ def quant_cases(dt):
 
         if outer:
             def ours(xq=xq, wq=wq, xs=xs, ws=ws, out=out, M=M, N=N, K=K):
-                _C.gemm_fp8(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0,
-                            out.data_ptr(), M, N, K, K, N, code, s())
+                # as lyra::qlinear runs it: config.quant_fast_accum is on by default
+                _C.gemm_fp8_ex(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0, 0,
+                               out.data_ptr(), M, N, K, K, N, code, True, s())
         else:
             def ours(xq=xq, wq=wq, xs=xs, ws=ws, out=out, acc=acc, M=M, N=N, K=K):
                 _C.gemm_fp8_unscaled(xq.data_ptr(), wq.data_ptr(), acc.data_ptr(), M, N, K, K, s())
@@ -209,7 +210,7 @@ def quant_cases(dt):
 
         def scaled_mm(xq=xq, wq=wq, xs=xs, ws=ws):
             return torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :],
-                                    out_dtype=dt)
+                                    out_dtype=dt, use_fast_accum=True)
 
         try:
             scaled_mm()
@@ -243,6 +244,57 @@ def quant_cases(dt):
                lambda x=x: _eager_quant_fp8(x), M * K * (es + 1))
 
 
+# (model, M tokens, K, widths of the projections that read one activation)
+_SHARED_INPUT_PROJECTIONS = [
+    ("flux double img qkv", 4096, 3072, [3072] * 3),
+    ("flux double txt qkv", 512, 3072, [3072] * 3),
+    ("flux single qkv+mlp", 4608, 3072, [3072] * 3 + [12288]),
+    ("sdxl 1024 qkv lvl1", 8192, 640, [640] * 3),
+    ("sdxl 1024 qkv lvl2", 2048, 1280, [1280] * 3),
+    ("sd15 512 qkv lvl0", 8192, 320, [320] * 3),
+]
+
+
+def fusion_cases(dt, quant: bool):
+    """One GEMM over the concatenated weights of projections sharing an input (ours) against
+    one GEMM per projection (the "torch" column): what a fused QKV GEMM saves, per shape."""
+    from lyradynamo.quant import numerics as qn
+
+    code, es = CODE[dt], torch.empty((), dtype=dt).element_size()
+    for name, M, K, widths in _SHARED_INPUT_PROJECTIONS:
+        N = sum(widths)
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).to(dt)
+        out = torch.empty(M, N, device="cuda", dtype=dt)
+        offs = [sum(widths[:i]) for i in range(len(widths))]
+        shape = f"M{M} K{K} N{'+'.join(map(str, widths))}"
+        nbytes = (M * K + N * K + M * N) * es
+
+        def fused(x=x, w=w, out=out, M=M, N=N, K=K):
+            _C.gemm(x.data_ptr(), w.data_ptr(), 0, out.data_ptr(), M, N, K, K, N, code, s())
+
+        def split(x=x, w=w, out=out, M=M, N=N, K=K, offs=offs, widths=widths):
+            for o, n in zip(offs, widths):
+                _C.gemm(x.data_ptr(), w[o:].data_ptr(), 0, out[:, o:].data_ptr(), M, n, K, K, N, code, s())
+
+        yield (f"fused {name}", shape, fused, split, nbytes)
+        if not quant:
+            continue
+        xq, xs = qn.quantize_rows(x, "fp8")
+        wq, ws = qn.quantize_rows(w, "fp8")
+
+        def fused8(xq=xq, xs=xs, wq=wq, ws=ws, out=out, M=M, N=N, K=K):
+            _C.gemm_fp8_ex(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0, 0,
+                           out.data_ptr(), M, N, K, K, N, code, True, s())
+
+        def split8(xq=xq, xs=xs, wq=wq, ws=ws, out=out, M=M, N=N, K=K, offs=offs, widths=widths):
+            for o, n in zip(offs, widths):
+                _C.gemm_fp8_ex(xq.data_ptr(), wq[o:].data_ptr(), xs.data_ptr(), ws[o:].data_ptr(), 0, 0,
+                               out[:, o:].data_ptr(), M, n, K, K, N, code, True, s())
+
+        yield (f"fused fp8 {name}", shape, fused8, split8, nbytes)
+
+
 def _eager_quant_fp8(x):
     """Eager per-row fp8 quantisation (what torch code does without a fused kernel)."""
     xf = x.float()
@@ -261,6 +313,9 @@ def main() -> int:
     ap.add_argument("--quant", action="store_true",
                     help="also time the W8A8 kernels (fp8 / int8 GEMMs, quantize_rows) at FLUX "
                          "shapes; needs --dtype fp16 or bf16")
+    ap.add_argument("--fusion", action="store_true",
+                    help="also time one GEMM over projections sharing an input (fused QKV) against "
+                         "one GEMM per projection, at SD1.5 / SDXL / FLUX shapes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernels_bench: no CUDA GPU", file=sys.stderr)
@@ -275,6 +330,8 @@ def main() -> int:
                 print("kernels_bench: --quant needs --dtype fp16 or bf16", file=sys.stderr)
                 return 2
             all_cases = itertools.chain(all_cases, quant_cases(dt))
+        if args.fusion:
+            all_cases = itertools.chain(all_cases, fusion_cases(dt, args.quant))
         for name, shape, ours, ref, nbytes in all_cases:
             t_ours = time_us(ours, args.warmup, args.iters, args.graph_reps)
             t_ref = time_us(ref, args.warmup, args.iters, args.graph_reps)
@@ -284,11 +341,11 @@ def main() -> int:
                 "speedup": round(t_ref / t_ours, 3),
                 "ours_GBps": round(nbytes / t_ours / 1e3, 1),
             })
-    hdr = f"{'kernel':<24} {'shape':<24} {'ours us':>9} {'torch us':>9} {'speedup':>8} {'GB/s*':>8}"
+    hdr = f"{'kernel':<30} {'shape':<32} {'ours us':>9} {'torch us':>9} {'speedup':>8} {'GB/s*':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['kernel']:<24} {r['shape']:<24} {r['ours_us']:>9.2f} {r['torch_us']:>9.2f} "
+        print(f"{r['kernel']:<30} {r['shape']:<32} {r['ours_us']:>9.2f} {r['torch_us']:>9.2f} "
               f"{r['speedup']:>7.2f}x {r['ours_GBps']:>8.1f}")
     print("* GB/s: minimum bytes moved by our kernel / its median time (for gemm: operand bytes)")
     meta = {
