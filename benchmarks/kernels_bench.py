@@ -295,6 +295,22 @@ def fusion_cases(dt, quant: bool):
         yield (f"fused fp8 {name}", shape, fused8, split8, nbytes)
 
 
+def epilogue_quant_cases(dt):
+    """The act + quantise epilogue of a GELU(tanh) producer at FLUX's MLP width (ours: one
+    linear_epilogue_quant pass over the GEMM output; torch: F.gelu + the eager fp8 quantisation)."""
+    code = CODE[dt]
+    for M, N in [(4608, 12288), (4096, 12288)]:
+        y = torch.randn(M, N, device="cuda", dtype=dt)
+        q = torch.empty(M, N, device="cuda", dtype=torch.uint8)
+        sc = torch.empty(M, device="cuda", dtype=torch.float32)
+        yield ("epilogue gelu_tanh+quant fp8", f"M{M} N{N}",
+               lambda y=y, q=q, sc=sc, M=M, N=N: _C.linear_epilogue_quant(
+                   y.data_ptr(), code, 0, 0, 0, 0, 0, 0, q.data_ptr(), sc.data_ptr(), M, N, 2, False, M, 0,
+                   code, 0, s()),
+               lambda y=y: _eager_quant_fp8(F.gelu(y, approximate="tanh")),
+               M * N * (y.element_size() + 1))
+
+
 def _eager_quant_fp8(x):
     """Eager per-row fp8 quantisation (what torch code does without a fused kernel)."""
     xf = x.float()
@@ -329,7 +345,7 @@ def main() -> int:
             if dt == torch.float32:
                 print("kernels_bench: --quant needs --dtype fp16 or bf16", file=sys.stderr)
                 return 2
-            all_cases = itertools.chain(all_cases, quant_cases(dt))
+            all_cases = itertools.chain(all_cases, quant_cases(dt), epilogue_quant_cases(dt))
         if args.fusion:
             all_cases = itertools.chain(all_cases, fusion_cases(dt, args.quant))
         for name, shape, ours, ref, nbytes in all_cases:

@@ -40,11 +40,7 @@ constexpr int kGNMaxCluster = 8;
 template <int V, bool PB>
 __host__ __device__ constexpr int unroll() { return V >= 8 ? 3 : (V >= 4 || PB ? 4 : 8); }
 
-// SiLU with the hardware exp2 / reciprocal (MUFU): ~1e-6 relative error,
-// far below fp16/bf16 rounding and the 1e-5 fp32 budget, at a third of the
-// instructions of expf + IEEE division. This pass is instruction-bound, not
-// memory-bound, at SD shapes. (--use_fast_math stays off for everything else.)
-__device__ __forceinline__ float silu_fast(float t) { return __fdividef(t, 1.f + __expf(-t)); }
+// silu_fast (common.cuh): this pass is instruction-bound, not memory-bound, at SD shapes.
 
 struct GNParams {
   int64_t sample_stride;  // C*HW

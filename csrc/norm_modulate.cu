@@ -175,12 +175,13 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
     amax = group_max(amax, red, warp_in_row, wpr);
     if (!valid) return;  // past the last barrier
     const float sc = quant_row_scale(amax, qo.kind);
+    const float inv = quant_inv_scale(sc);
     if (threadIdx.x == 0) qo.scale[row] = sc;
     uint8_t* qr = qo.q + row * p.D;
 #pragma unroll
     for (int k = 0; k < kMaxVec; ++k) {
       const int i = threadIdx.x + k * tpr;
-      if (i < p.nvec) quant_store<V>(qr + i * V, v[k], sc, qo.kind);
+      if (i < p.nvec) quant_store<V>(qr + i * V, v[k], inv, qo.kind);
     }
   }
 }

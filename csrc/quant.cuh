@@ -5,8 +5,11 @@
 // Scheme (lyradynamo/quant/numerics.py is the reference, bit for bit):
 //   amax  = max_k |xs[k]|                       xs: fp32 row, already smoothed
 //   scale = max(amax / QMAX, 1e-12)             IEEE fp32 division (no fast math)
-//   q[k]  = fp8 e4m3: cvt_rn_satfinite(xs[k] / scale)       QMAX 448
-//           int8    : clamp(rint(xs[k] / scale), -127, 127) QMAX 127
+//   inv   = 1 / scale                           IEEE fp32 reciprocal, once per row
+//   q[k]  = fp8 e4m3: cvt_rn_satfinite(xs[k] * inv)         QMAX 448
+//           int8    : clamp(rint(xs[k] * inv), -127, 127)   QMAX 127
+// (a multiply per element, not a division: the IEEE division was most of the
+// instructions of these memory-bound passes)
 // NaN propagates through amax and scale like torch.amax / clamp_min do.
 #pragma once
 
@@ -67,32 +70,18 @@ __device__ __forceinline__ float quant_row_scale(float amax, int kind) {
   return s < kQuantScaleEps ? kQuantScaleEps : s;
 }
 
+// 1 / scale, correctly rounded (the reference's torch.reciprocal).
+__device__ __forceinline__ float quant_inv_scale(float scale) { return __frcp_rn(scale); }
+
 // One value -> one byte (fp8 e4m3 bits or two's-complement int8).
-__device__ __forceinline__ uint8_t quant_one(float x, float scale, int kind) {
-  const float v = __fdiv_rn(x, scale);  // IEEE division: the reference divides too
+__device__ __forceinline__ uint8_t quant_one(float x, float inv_scale, int kind) {
+  const float v = __fmul_rn(x, inv_scale);  // the reference multiplies by the same fp32 reciprocal
   if (kind == kQuantFp8) {
     return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
   }
   int i = __float2int_rn(v);  // round half to even, like torch.round
   i = i < -127 ? -127 : (i > 127 ? 127 : i);
   return static_cast<uint8_t>(static_cast<int8_t>(i));
-}
-
-// V fp32 values from p (16-byte aligned when V % 4 == 0).
-template <int V>
-__device__ __forceinline__ void load_f32(const float* p, float (&out)[V]) {
-  if constexpr (V % 4 == 0) {
-#pragma unroll
-    for (int c = 0; c < V / 4; ++c) {
-      float t[4];
-      load_vec<4>(p + 4 * c, t);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) out[4 * c + e] = t[e];
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < V; ++e) out[e] = p[e];
-  }
 }
 
 // v[e] *= inv_smooth[e] (IEEE fp32 products, as the reference) when inv_smooth
@@ -108,11 +97,11 @@ __device__ __forceinline__ void smooth(const float* inv_smooth, float (&v)[V]) {
 
 // Quantises V values and stores the V bytes as one access (p aligned to V).
 template <int V>
-__device__ __forceinline__ void quant_store(uint8_t* p, const float (&v)[V], float scale,
+__device__ __forceinline__ void quant_store(uint8_t* p, const float (&v)[V], float inv_scale,
                                             int kind) {
   Pack<uint8_t, V> pk;
 #pragma unroll
-  for (int e = 0; e < V; ++e) pk.v[e] = quant_one(v[e], scale, kind);
+  for (int e = 0; e < V; ++e) pk.v[e] = quant_one(v[e], inv_scale, kind);
   *reinterpret_cast<Pack<uint8_t, V>*>(p) = pk;
 }
 
@@ -154,16 +143,17 @@ __device__ __forceinline__ void quantize_row(Prod& prod, int nvec, int tpr, int 
   amax = group_max(amax, red, warp_in_row, wpr);
   if (!valid) return;  // past the last barrier
   const float s = quant_row_scale(amax, kind);
+  const float inv = quant_inv_scale(s);
   if (tid == 0) *scale_out = s;
 #pragma unroll
   for (int k = 0; k < R; ++k) {
     const int i = tid + k * tpr;
-    if (i < nvec) quant_store<V>(qrow + static_cast<int64_t>(i) * V, c[k], s, kind);
+    if (i < nvec) quant_store<V>(qrow + static_cast<int64_t>(i) * V, c[k], inv, kind);
   }
   for (int i = tid + R * tpr; i < nvec; i += tpr) {
     float t[V];
     prod(i, t);
-    quant_store<V>(qrow + static_cast<int64_t>(i) * V, t, s, kind);
+    quant_store<V>(qrow + static_cast<int64_t>(i) * V, t, inv, kind);
   }
 }
 

@@ -189,9 +189,12 @@ def _fp8_gated_residual(C, xq, xs, out_dtype, qweight, wscale, bias, gate, resid
         samples = m // rows
         if samples > _MAX_GATE_SAMPLES:
             return None
-        g = gate.as_strided((samples, n), (gstride, 1)).float()
+        g = gate.as_strided((samples, n), (gstride, 1))
+        # One kernel each (these run per gated linear and step): float32 wscale x the gate
+        # promotes to float32 exactly as gate.float() would; bias * gate in the model dtype
+        # computes the product in float32 and rounds it once, as (bias.float() * g).to() did.
         ws = wscale * g  # (samples, n) float32
-        bs = None if bias is None else (bias.float() * g).to(out_dtype)
+        bs = None if bias is None else (bias.to(out_dtype) * g.to(out_dtype))
         for b in range(samples):
             r = slice(b * rows, (b + 1) * rows)
             xs_b = xs2[r] if xs2[r].data_ptr() % 16 == 0 else xs2[r].clone()  # scale vectors: 16-byte aligned

@@ -3,7 +3,11 @@
   dropout(x, p, training=False)      -> x
   x / 1.0, x * 1.0                   -> x     (diffusers' rescale_output_factor = 1.0)
   x.to(dtype) / x.float() that changes neither dtype nor device -> x
-All three return x itself (or a value equal to it bit for bit), so results do not change.
+  cat([x[:, :t], x[:, t:]], dim=1)   -> x     (adjacent slices covering x along the cat dim:
+                                             FLUX's single blocks split their output into
+                                             text | image and the next block concatenates
+                                             them again, a 28 MB copy per block at 1024x1024)
+All of them return x itself (or a value equal to it bit for bit), so results do not change.
 """
 from __future__ import annotations
 
@@ -16,7 +20,53 @@ from . import matcher as m
 from .report import GraphReport
 
 
+_CAT = {torch.cat, torch.concat}
+_FULL = slice(None, None, None)
+
+
+def _slice_along(node, dim: int):
+    """node = x[:, ..., start:stop] (a unit-step slice on `dim` only) -> (x, start, stop)."""
+    if not (m.is_fn(node, {operator.getitem}) and len(node.args) == 2):
+        return None
+    x, idx = node.args
+    if not (isinstance(idx, tuple) and len(idx) == dim + 1 and isinstance(idx[dim], slice)):
+        return None
+    if any(not (isinstance(i, slice) and (i.start, i.stop, i.step) == (None, None, None)) for i in idx[:dim]):
+        return None
+    if idx[dim].step not in (None, 1):
+        return None
+    return x, idx[dim].start, idx[dim].stop
+
+
+def _cat_of_own_slices(node: fx.Node):
+    """cat([x[.., a0:a1], x[.., a1:a2], ..., x[.., ak:]], dim) with a0 in (None, 0) -> x."""
+    if not m.is_fn(node, _CAT):
+        return None
+    parts, dim = m.arg(node, 0, "tensors"), m.arg(node, 1, "dim", 0)
+    out = m.val(node)
+    if not (isinstance(parts, (list, tuple)) and len(parts) > 1 and isinstance(dim, int)
+            and isinstance(out, torch.Tensor)):
+        return None
+    dim = dim % out.dim()
+    slices = [_slice_along(p, dim) for p in parts]
+    if any(s is None for s in slices) or len({id(s[0]) for s in slices}) != 1:
+        return None
+    x = slices[0][0]
+    xv = m.val(x)
+    if not (isinstance(xv, torch.Tensor) and xv.dim() == out.dim() and xv.dtype == out.dtype):
+        return None
+    if slices[0][1] not in (None, 0) or slices[-1][2] is not None:
+        return None
+    if any(prev[2] is None or prev[2] is not nxt[1] and prev[2] != nxt[1]
+           for prev, nxt in zip(slices, slices[1:])):
+        return None
+    return x
+
+
 def _identity_source(node: fx.Node):
+    whole = _cat_of_own_slices(node)
+    if whole is not None:
+        return whole, "cat(slices of x)"
     if m.is_fn(node, m.DROPOUT):
         training = m.arg(node, 2, "training", True)
         if training is False:

@@ -7,7 +7,9 @@ with them. The scheme, for a row r of x (..., K):
     xs      = x.float() * inv_smooth                  (SmoothQuant, optional; fp32)
     amax_r  = max_k |xs[r, k]|                         (fp32, exact)
     scale_r = max(amax_r / QMAX, 1e-12)                (fp32, IEEE division)
-    v       = xs / scale_r                             (fp32, IEEE division)
+    inv_r   = 1 / scale_r                              (fp32, IEEE reciprocal, once per row)
+    v       = xs * inv_r                               (fp32 multiply: the kernels' per-element
+                                                        division was most of their instructions)
     fp8 :  q = e4m3fn(clamp(v, -448, 448))            round to nearest even, saturating
     int8:  q = clamp(round_half_even(v), -127, 127)   symmetric
 
@@ -70,7 +72,7 @@ def quantize_rows(x: Tensor, kind: str,
     check_kind(kind)
     xs = _smoothed(x, inv_smooth)
     scale = _scales_of(xs, kind)
-    v = xs / scale[..., None]
+    v = xs * torch.reciprocal(scale)[..., None]
     if kind == "fp8":
         # The clamp makes the conversion saturate (torch's float8 cast need not).
         q = v.clamp(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)

@@ -265,7 +265,8 @@ def test_host_master_placeholders_and_restore():
         assert p.shape == orig[n].shape and p.dtype == torch.bfloat16 and p.device.type == "cuda", n
         assert torch.isnan(p).all(), n
         m = weights.master_weight(p)
-        assert m.device.type == "cpu" and m.is_pinned() and m.dtype == torch.bfloat16, n
+        # pageable host memory, filled through quant.host_copy's page-locked staging buffers
+        assert m.device.type == "cpu" and m.dtype == torch.bfloat16, n
         assert torch.equal(m, orig[n]), n
     for n, p in params.items():
         if n not in offloaded:
