@@ -21,6 +21,7 @@
 #   PROFILE_MODES   modes to profile (default lyra); PROFILE_SIZE WxH; PROFILE_EXTRA e.g. "--ops 30"
 #   SWAP_MODELS     comma list for benchmarks/bench_swap.py (LoRA / ControlNet swaps) -> swap.jsonl
 #   TEST_ARGS       pytest arguments for the CUDA tests (default "-x")
+#   TEST_PATHS      test files / folders to run (default tests/cuda)
 #   SESSION_BUDGET_S  seconds from the start after which nothing new is started and running
 #                   benchmarks are interrupted (rows kept)  (default 540: a run call has 600)
 set -u
@@ -92,7 +93,7 @@ fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t=$(date +%s)
   timeout -k 10 $(( $(left) > 60 ? $(left) - 30 : 30 )) \
-    python3 -m pytest -m cuda tests/cuda -q ${TEST_ARGS:--x} --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log"
+    python3 -m pytest -m cuda ${TEST_PATHS:-tests/cuda} -q ${TEST_ARGS:--x} --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log"
   rc=${PIPESTATUS[0]}
   S_TESTS="rc $rc in $(( $(date +%s) - t ))s: $(python3 - "$OUT/cuda_tests.xml" <<'EOF'
 import sys, xml.etree.ElementTree as ET

@@ -52,7 +52,7 @@ void gemm_fp8(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, ui
               int out_dtype, uintptr_t stream);
 void gemm_fp8_ex(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
                  uintptr_t residual, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda,
-                 int64_t ldo, int out_dtype, bool fast_accum, uintptr_t stream);
+                 int64_t ldo, int out_dtype, bool fast_accum, uintptr_t stream, int epi);
 void gemm_fp8_unscaled(uintptr_t a, uintptr_t b, uintptr_t out_f32, int64_t M, int64_t N,
                        int64_t K, int64_t lda, uintptr_t stream);
 void gemm_int8(uintptr_t a, uintptr_t b, uintptr_t out_i32, int64_t M, int64_t N, int64_t K,
@@ -147,7 +147,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("quantize_rows", &lyra::quantize_rows, release(),
         "Per-row quantisation: xs = x * inv_smooth (if not 0), scale[m] = max(amax|xs[m]| / QMAX, "
-        "1e-12), q[m, k] = quant(xs / scale[m]); kind 0 fp8 e4m3 (QMAX 448, RNE, saturating), "
+        "1e-12), q[m, k] = quant(xs * (1 / scale[m])); kind 0 fp8 e4m3 (QMAX 448, RNE, saturating), "
         "1 int8 (QMAX 127, round half even). x (M, K) with row stride ld_x; q (M, K) "
         "contiguous bytes; scale (M,) and inv_smooth (K,) float32.",
         py::arg("x"), py::arg("inv_smooth"), py::arg("q"), py::arg("scale"), py::arg("M"),
@@ -173,10 +173,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemm_fp8_ex", &lyra::gemm_fp8_ex, release(),
         "gemm_fp8 with fp16/bf16 out + residual (M, N; row stride ldo, 0 = none) added through "
         "cuBLASLt's C (beta = 1), and optionally fast fp8 accumulation. A gated residual "
-        "r + g * (x W^T + b) is b_scale * g, bias * g, residual r.",
+        "r + g * (x W^T + b) is b_scale * g, bias * g, residual r. epi = 1: GELU(tanh) of the "
+        "scaled sum + bias in cuBLASLt's epilogue (no residual then); raises where cuBLASLt has "
+        "no such fp8 algorithm.",
         py::arg("a"), py::arg("b"), py::arg("a_scale"), py::arg("b_scale"), py::arg("bias"),
         py::arg("residual"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("lda"),
-        py::arg("ldo"), py::arg("out_dtype"), py::arg("fast_accum"), py::arg("stream"));
+        py::arg("ldo"), py::arg("out_dtype"), py::arg("fast_accum"), py::arg("stream"),
+        py::arg("epi") = 0);
 
   m.def("gemm_fp8_unscaled", &lyra::gemm_fp8_unscaled, release(),
         "out_f32(M, N) = a @ b^T (fp8 e4m3 in, float32 out, no scales): the fallback where "

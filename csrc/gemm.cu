@@ -31,9 +31,10 @@
 //                      (fp16 / bf16 outputs only: cuBLASLt wants a bf16 bias for
 //                      fp32 outputs). fp32 accumulation (no fast accumulation).
 //   gemm_fp8_ex:       gemm_fp8 (fp16 / bf16 out) + residual (M, N; row stride ldo)
-//                      added through C with beta = 1, and optionally Hopper's fast
-//                      fp8 accumulation. A gated residual r + g * (x W^T + b) is
-//                      b_scale' = b_scale * g, bias' = g * b, residual = r.
+//                      added through C with beta = 1, or a GELU(tanh) epilogue, and
+//                      optionally Hopper's fast fp8 accumulation. A gated residual
+//                      r + g * (x W^T + b) is b_scale' = b_scale * g, bias' = g * b,
+//                      residual = r.
 //   gemm_fp8_unscaled: out_f32(M, N) = a @ b^T in fp32 (no scales): the fallback
 //                      where OUTER_VEC is not available; scaled_epilogue
 //                      (epilogue.cu) then applies scales and bias.
@@ -90,7 +91,8 @@ enum Variant : int {
   kVarInt8 = 3,         // gemm_int8: int8 in, int32 out
   // gemm_ex: kVarEx | epi (bit 0: GELU) | 2 (alpha vector) | 4 (residual through C)
   kVarEx = 16,
-  // gemm_fp8_ex: kVarFp8Ex | 1 (fast accumulation) | 4 (residual through C); else as gemm_fp8
+  // gemm_fp8_ex: kVarFp8Ex | 1 (fast accumulation) | 2 (GELU tanh epilogue) | 4 (residual
+  // through C); else as gemm_fp8
   kVarFp8Ex = 32,
 };
 
@@ -170,7 +172,7 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
     const cublasOperation_t opT = CUBLAS_OP_T, opN = CUBLAS_OP_N;
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof(opT)));
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &opN, sizeof(opN)));
-    const bool gelu = is_float_ex(variant) && (variant & 1);
+    const bool gelu = (is_float_ex(variant) && (variant & 1)) || (variant >= kVarFp8Ex && (variant & 2));
     const cublasLtEpilogue_t epi = gelu ? (has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU)
                                         : (has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
     LYRA_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
@@ -486,8 +488,10 @@ void gemm_fp8(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, ui
 
 void gemm_fp8_ex(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
                  uintptr_t residual, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda,
-                 int64_t ldo, int out_dtype, bool fast_accum, uintptr_t stream) {
+                 int64_t ldo, int out_dtype, bool fast_accum, uintptr_t stream, int epi) {
   const char* fn = "gemm_fp8_ex";
+  LYRA_CHECK_ARG(epi == 0 || epi == 1, fn, "epi must be 0 (none) or 1 (gelu tanh), got " + std::to_string(epi));
+  LYRA_CHECK_ARG(epi == 0 || residual == 0, fn, "epi = 1 (gelu) takes no residual");
   check_sizes(fn, a, b, out, "out", M, N, K, lda, ldo);
   LYRA_CHECK_ARG(out_dtype == kFloat16 || out_dtype == kBFloat16, fn,
                  "out_dtype must be 1 (float16) or 2 (bfloat16), got " + std::to_string(out_dtype));
@@ -500,7 +504,7 @@ void gemm_fp8_ex(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale,
   check_fp8(fn, a, b, out, K, lda, ldo, dtype_size(out_dtype));
   GemmArgs g{a, b, bias, out, a_scale, b_scale};
   g.residual = residual;
-  const int variant = kVarFp8Ex | (fast_accum ? 1 : 0) | (residual ? 4 : 0);
+  const int variant = kVarFp8Ex | (fast_accum ? 1 : 0) | (epi ? 2 : 0) | (residual ? 4 : 0);
   run_gemm(fn, variant, g, M, N, K, lda, ldo, out_dtype, as_stream(stream));
 }
 

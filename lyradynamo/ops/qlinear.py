@@ -119,6 +119,10 @@ def qgemm_cuda(C, xq: Tensor, xs: Tensor, out_dtype: torch.dtype, qweight: Tenso
         return torch.empty(out_shape, dtype=out_dtype, device=xq.device)
     code, stream = DTYPE_CODES[out_dtype], stream_handle(xq)
     if kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype):
+        if act == "gelu_tanh" and not glu and gate is None and residual is None:
+            y = _fp8_gelu(C, xq, xs, qweight, wscale, bias, out_dtype, m, n_y, k)
+            if y is not None:
+                return y.view(out_shape)
         if act == "none" and not glu and (gate is not None or residual is not None):
             fused = _fp8_gated_residual(C, xq, xs, out_dtype, qweight, wscale, bias, gate, residual, m, n_y, k)
             if fused is not None:
@@ -147,12 +151,16 @@ def _unscaled_accumulators(C, xq, qweight, m, n, k, kind, stream) -> tuple[Tenso
     return acc, _ACC_F32
 
 
-def _gemm_fp8(C, xq, xs, qweight, wscale, bias, residual, out, m, n, k, code, stream) -> None:
-    """cuBLASLt fp8 GEMM with outer-vector scales (+ bias, + residual through C); Hopper's fast
-    fp8 accumulation when config.quant_fast_accum (gemm_fp8_ex; plain gemm_fp8 in an older build)."""
+def _gemm_fp8(C, xq, xs, qweight, wscale, bias, residual, out, m, n, k, code, stream, gelu=False) -> None:
+    """cuBLASLt fp8 GEMM with outer-vector scales (+ bias, + residual through C, or GELU(tanh)
+    in its epilogue); Hopper's fast fp8 accumulation when config.quant_fast_accum (gemm_fp8_ex;
+    plain gemm_fp8 in an older build)."""
     from .. import config
 
-    if getattr(C, "gemm_fp8_ex", None) is not None:
+    if gelu:
+        C.gemm_fp8_ex(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), 0, ptr(out),
+                      m, n, k, k, n, code, bool(config.quant_fast_accum), stream, 1)
+    elif getattr(C, "gemm_fp8_ex", None) is not None:
         C.gemm_fp8_ex(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), ptr(residual), ptr(out),
                       m, n, k, k, n, code, bool(config.quant_fast_accum), stream)
     elif residual is None:
@@ -162,6 +170,27 @@ def _gemm_fp8(C, xq, xs, qweight, wscale, bias, residual, out, m, n, k, code, st
 
 
 _FP8_FUSED_FAILED: dict[tuple, str] = {}  # (device, dtype) -> why cuBLASLt refused C + beta
+_FP8_GELU_FAILED: dict[tuple, str] = {}  # (device, dtype) -> why cuBLASLt refused its GELU epilogue
+
+
+def _fp8_gelu(C, xq, xs, qweight, wscale, bias, out_dtype, m, n, k) -> Optional[Tensor]:
+    """GELU(tanh)(xq @ qweight^T * xs * wscale + bias) from one fp8 GEMM with cuBLASLt's GELU
+    epilogue, (m, n) in out_dtype; None where cuBLASLt refuses it (logged once; the csrc
+    epilogue kernel then applies the GELU). The GELU reads the fp32 sum, where the reference
+    rounds it to out_dtype first: one rounding fewer, as lyra::linear's cuBLASLt GELU."""
+    key = (xq.device.index, out_dtype)
+    if key in _FP8_GELU_FAILED or getattr(C, "gemm_fp8_ex", None) is None:
+        return None
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    try:
+        _gemm_fp8(C, xq.reshape(m, k), xs.reshape(m), qweight, wscale, bias, None, y, m, n, k,
+                  DTYPE_CODES[out_dtype], stream_handle(xq), gelu=True)
+    except (RuntimeError, TypeError) as exc:  # no such algorithm / an older build without `epi`
+        _FP8_GELU_FAILED[key] = str(exc)[:200]
+        log.warning("lyradynamo: fp8 GEMM with a GELU epilogue unavailable (%s); the csrc epilogue "
+                    "kernel applies the GELU after the GEMM instead", exc)
+        return None
+    return y
 _MAX_GATE_SAMPLES = 16  # more samples with their own gate: one epilogue pass beats that many GEMMs
 
 
@@ -350,6 +379,13 @@ def _(xq, xscale, qweight, wscale, bias, act, glu, kind, out_dtype):
         return q, scale
     code, stream = DTYPE_CODES[out_dtype], stream_handle(xq)
     xs = xscale.reshape(m)
+    if kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype) and act == "gelu_tanh" and not glu:
+        # GELU in the GEMM's epilogue; the pass after it only quantises (FLUX's MLP: the GELU
+        # made the quantising epilogue kernel instruction-bound, 148 us at 4608 x 12288)
+        y = _fp8_gelu(C, xq, xscale, qweight, wscale, bias, out_dtype, m, n_y, k)
+        if y is not None:
+            C.quantize_rows(ptr(y), 0, ptr(q), ptr(scale), m, n_y, n_y, code, numerics.KIND_CODES[kind], stream)
+            return q, scale
     if kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype):
         # GEMM with both scales and the bias in cuBLASLt's epilogue -> y (out_dtype); one more
         # pass applies act / GLU and quantises (was: act in place, then a quantise pass)

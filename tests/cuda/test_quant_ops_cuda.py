@@ -68,6 +68,29 @@ def test_qlinear_q_against_reference(dtype, kind, act, gate, res):
 
 
 @pytest.mark.parametrize("dtype", DT)
+def test_fp8_gelu_runs_in_the_gemm_epilogue(dtype):
+    """On Hopper, fp8 linears with GELU(tanh) (FLUX's MLP) take cuBLASLt's GELU epilogue: no
+    separate activation pass; a refusal would be logged and recorded, and fails here."""
+    from lyradynamo.ops import qlinear as ql
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("fp8 GEMMs need sm89+; the outer-vector scales sm90")
+    m_rows, k, n = 129, 256, 512
+    x = torch.randn(m_rows, k, device="cuda").to(dtype)
+    wq, ws = numerics.quantize_rows(torch.randn(n, k, device="cuda") / k ** 0.5, "fp8")
+    b = torch.randn(n, device="cuda").to(dtype)
+    q, s = lyra.quantize(x, "fp8", None)
+    out = lyra.qlinear_q(q, s, wq, ws, b, "gelu_tanh", False, None, None, "fp8", dtype)
+    oq, osc = lyra.qlinear_q_qout(q, s, wq, ws, b, "gelu_tanh", False, "fp8", dtype)
+    assert (torch.cuda.current_device(), dtype) not in ql._FP8_GELU_FAILED, ql._FP8_GELU_FAILED
+    ref = ql.qlinear_q_reference(q, s, wq, ws, b, "gelu_tanh", False, None, None, "fp8", dtype)
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    rq, rs = numerics.quantize_rows(out, "fp8")  # qout quantises exactly the GEMM's GELU output
+    assert torch.equal(oq.view(torch.uint8), rq.view(torch.uint8))
+    torch.testing.assert_close(osc, rs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("fast_accum", [False, True], ids=["exact_acc", "fast_acc"])
 @pytest.mark.parametrize("gate_rows,res", [(2, True), (1, True), (2, False), (0, True)],
                          ids=["per_sample_gate+res", "shared_gate+res", "gate_only", "res_only"])
