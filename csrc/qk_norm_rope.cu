@@ -16,17 +16,9 @@
 // weight in the dtype (rounded again); rope then runs in fp32 on those values
 // and rounds once. For fp32 the roundings are no-ops.
 //
-// Mappings (y may equal x: every load of a head vector precedes its stores):
-// - vector path (fp16/bf16, D in {8, 16, ..., 256}, 16-byte aligned heads): a
-//   lane holds 8 consecutive elements (one 16-byte access), a head is D/8 lanes,
-//   a warp covers 32/(D/8) heads per pass and kVecHeads heads of one (b, l);
-//   the q/k norm's sum of squares is a shuffle reduction inside the head's lanes.
-//   FLUX (D = 128): 16 lanes per head, 8 heads per warp, cos/sin loaded once for
-//   them; ~4x fewer load/store instructions than the pair path.
-// - pair path (anything else): one warp per (b, l) and group of kHeadsPerWarp
-//   heads; lane handles pairs lane + 32*k, k < 4 (D <= 256).
-#include <type_traits>
-
+// Mapping: one warp per (b, l) and group of kHeadsPerWarp heads; lane handles
+// pairs lane + 32*k, k < 4 (D <= 256). y may equal x: every load of a head
+// vector precedes its stores.
 #include "common.cuh"
 
 namespace lyra {
@@ -149,112 +141,6 @@ qk_norm_rope_kernel(const T* x, const T* __restrict__ w, const float* __restrict
   }
 }
 
-constexpr int kVecElems = 8;  // elements per lane on the vector path (16 bytes)
-constexpr int kVecHeads = 8;  // heads of one (b, l) per warp on the vector path (at least)
-
-template <int LPH>
-__host__ __device__ constexpr int vec_heads_per_warp() {
-  return (32 / LPH) > kVecHeads ? (32 / LPH) : kVecHeads;
-}
-
-// LPH = D / 8 lanes per head (a power of two dividing 32).
-template <typename T, int LPH>
-__global__ void __launch_bounds__(kQKThreads)
-qk_norm_rope_vec_kernel(const T* x, const T* __restrict__ w, const float* __restrict__ cosp,
-                        const float* __restrict__ sinp, T* y, QKParams p) {
-  constexpr int kHpp = 32 / LPH;  // heads per pass
-  constexpr int kPasses = vec_heads_per_warp<LPH>() / kHpp;
-  const int64_t wid = static_cast<int64_t>(blockIdx.x) * (kQKThreads / 32) + (threadIdx.x >> 5);
-  if (wid >= p.total) return;  // uniform per warp
-  const int lane = threadIdx.x & 31;
-  const int hg = static_cast<int>(wid % p.hgroups);
-  const int64_t t = wid / p.hgroups;
-  const int l = static_cast<int>(t % p.L);
-  const int64_t b = t / p.L;
-  const int d0 = (lane % LPH) * kVecElems;
-  const int hbase = hg * kHpp * kPasses + lane / LPH;
-  const T* xl = x + b * p.sxb + l * p.sxl + d0;
-  T* yl = y + b * p.syb + l * p.syl + d0;
-
-  float v[kPasses][kVecElems];
-#pragma unroll
-  for (int j = 0; j < kPasses; ++j) {
-    const int h = hbase + j * kHpp;
-    if (h < p.H) {
-      load_vec<kVecElems>(xl + h * p.sxh, v[j]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kVecElems; ++e) v[j][e] = 0.f;
-    }
-  }
-  float wv[kVecElems], c[kVecElems], sn[kVecElems];
-#pragma unroll
-  for (int e = 0; e < kVecElems; ++e) wv[e] = c[e] = 1.f, sn[e] = 0.f;
-  if (p.has_norm && w) load_vec<kVecElems>(w + d0, wv);
-  const int pos = l - p.rope_off;
-  const bool rotate = cosp != nullptr && pos >= 0 && pos < p.rope_len;
-  if (rotate) {
-    load_f32<kVecElems>(cosp + static_cast<int64_t>(pos) * p.D + d0, c);
-    load_f32<kVecElems>(sinp + static_cast<int64_t>(pos) * p.D + d0, sn);
-  }
-  const float inv_d = 1.f / static_cast<float>(p.D);
-#pragma unroll
-  for (int j = 0; j < kPasses; ++j) {
-    const int h = hbase + j * kHpp;
-    if (p.has_norm) {  // every lane joins the shuffles, also past the last head
-      float ss = 0.f;
-#pragma unroll
-      for (int e = 0; e < kVecElems; ++e) ss += v[j][e] * v[j][e];
-#pragma unroll
-      for (int o = LPH / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      const float rstd = rsqrtf(ss * inv_d + p.eps);
-#pragma unroll
-      for (int e = 0; e < kVecElems; ++e) {
-        v[j][e] = round_to<T>(v[j][e] * rstd);
-        if (w) v[j][e] = round_to<T>(v[j][e] * wv[e]);
-      }
-    }
-    if (h >= p.H) continue;
-    float o[kVecElems];
-#pragma unroll
-    for (int e = 0; e < kVecElems; e += 2) {
-      o[e] = v[j][e];
-      o[e + 1] = v[j][e + 1];
-      if (rotate) {
-        o[e] = v[j][e] * c[e] - v[j][e + 1] * sn[e];
-        o[e + 1] = v[j][e + 1] * c[e + 1] + v[j][e] * sn[e + 1];
-      }
-    }
-    store_vec<kVecElems>(yl + h * p.syh, o);
-  }
-}
-
-// Launches the vector path when it applies (returns false otherwise).
-template <typename T>
-bool launch_qk_vec(const T* x, const T* w, const float* c, const float* sn, T* y, QKParams p,
-                   int64_t B, cudaStream_t s) {
-  if (sizeof(T) != 2 || p.D % kVecElems) return false;
-  const int lph = p.D / kVecElems;
-  auto go = [&](auto lph_tag) {
-    constexpr int LPH = decltype(lph_tag)::value;
-    const int64_t heads = vec_heads_per_warp<LPH>();
-    p.hgroups = static_cast<int>((p.H + heads - 1) / heads);
-    p.total = B * p.L * p.hgroups;
-    const int64_t blocks = (p.total + kQKThreads / 32 - 1) / (kQKThreads / 32);
-    qk_norm_rope_vec_kernel<T, LPH><<<static_cast<unsigned>(blocks), kQKThreads, 0, s>>>(x, w, c, sn, y, p);
-    return true;
-  };
-  switch (lph) {
-    case 1: return go(std::integral_constant<int, 1>{});
-    case 2: return go(std::integral_constant<int, 2>{});
-    case 4: return go(std::integral_constant<int, 4>{});
-    case 8: return go(std::integral_constant<int, 8>{});
-    case 16: return go(std::integral_constant<int, 16>{});
-    case 32: return go(std::integral_constant<int, 32>{});
-    default: return false;
-  }
-}
-
 }  // namespace
 
 void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, uintptr_t y,
@@ -294,14 +180,8 @@ void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, u
   p.has_norm = has_norm ? 1 : 0;
   p.eps = static_cast<float>(eps);
 
-  // Vector (8-element) accesses need every head-vector start 16-byte aligned;
-  // pair (2-element) accesses need it 2-element aligned.
+  // Pair (2-element) accesses need every head-vector start 2-element aligned.
   const size_t es = dtype_size(dtype);
-  const bool vec_ok = x_stride_b % kVecElems == 0 && x_stride_l % kVecElems == 0 &&
-                      x_stride_h % kVecElems == 0 && y_stride_b % kVecElems == 0 &&
-                      y_stride_l % kVecElems == 0 && y_stride_h % kVecElems == 0 &&
-                      aligned_to(x, 16) && aligned_to(y, 16) && aligned_to(weight, 16) &&
-                      aligned_to(cos, 16) && aligned_to(sin, 16);
   const bool pair_ok = x_stride_b % 2 == 0 && x_stride_l % 2 == 0 && x_stride_h % 2 == 0 &&
                        y_stride_b % 2 == 0 && y_stride_l % 2 == 0 && y_stride_h % 2 == 0 &&
                        aligned_to(x, 2 * es) && aligned_to(y, 2 * es) &&
@@ -314,9 +194,7 @@ void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, u
     auto* cp = as_ptr<const float>(cos);
     auto* sp = as_ptr<const float>(sin);
     auto* yp = as_ptr<scalar_t>(y);
-    if (vec_ok && launch_qk_vec<scalar_t>(xp, wp, cp, sp, yp, p, B, s)) {
-      // launched
-    } else if (pair_ok) {
+    if (pair_ok) {
       qk_norm_rope_kernel<scalar_t, true><<<grid, kQKThreads, 0, s>>>(xp, wp, cp, sp, yp, p);
     } else {
       qk_norm_rope_kernel<scalar_t, false><<<grid, kQKThreads, 0, s>>>(xp, wp, cp, sp, yp, p);

@@ -318,11 +318,11 @@ QK_CASES = [  # (B, L, H, D, has_norm, weight, rope, rope_off, rope_len)
     (1, 11, 4, 256, False, False, True, 0, 11),  # rope only, D max
     (2, 5, 3, 40, True, True, False, 0, 0),  # norm only
     (1, 8, 2, 2, True, True, True, -2, 4),  # D = 2, negative offset
-    # 16-bit vector path (D in 8..256, power of two): heads that do not fill a warp's group
-    (1, 19, 5, 128, True, True, True, 4, 9),  # FLUX head size, 5 of 8 heads, partial rope
-    (2, 6, 11, 32, True, True, True, 0, 6),  # 4 lanes per head, 8 heads per pass
-    (1, 5, 40, 16, True, False, True, -1, 5),  # 2 lanes per head, 16 heads per warp
-    (1, 3, 33, 8, True, True, False, 0, 0),  # 1 lane per head, norm only
+    # head counts that do not fill a warp's group of heads, at several head sizes
+    (1, 19, 5, 128, True, True, True, 4, 9),  # FLUX head size, partial rope window
+    (2, 6, 11, 32, True, True, True, 0, 6),
+    (1, 5, 40, 16, True, False, True, -1, 5),
+    (1, 3, 33, 8, True, True, False, 0, 0),  # norm only
 ]
 
 
