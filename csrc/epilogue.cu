@@ -33,7 +33,7 @@
 // rounded to out_dtype and quantised for the next W8A8 linear instead of
 // being stored (see quant.cuh):
 //   xs = round_to_out_dtype(v) * inv_smooth     (inv_smooth (N_out,) fp32 or 0)
-//   scale[m] = max(max_j |xs| / QMAX, 1e-12),  q[m, j] = quant(xs / scale[m])
+//   scale[m] = max(max_j |xs| / QMAX, 1e-12),  q[m, j] = quant(xs * (1 / scale[m]))
 // so (q, scale) == numerics.quantize_rows(<the other entry's out>) bit for bit.
 // Mapping: one row per group of tpr threads (one to sixteen warps) with the
 // row's values in registers between the amax and the quantise pass (rows

@@ -23,7 +23,7 @@
 //   yr = round_to_dtype(y)                    exactly norm_modulate's output value
 //   xs = yr * inv_smooth                      (fp32, if inv_smooth)
 //   scale[r] = max(max_d |xs| / QMAX, 1e-12)  (rows,) fp32
-//   q[r, d]  = quant(xs / scale[r])           (rows, D) contiguous, 1 byte
+//   q[r, d]  = quant(xs * (1 / scale[r]))     (rows, D) contiguous, 1 byte
 // so q == numerics.quantize_rows(norm_modulate(...)) bit for bit; y itself is
 // never written. Both entry points share the kernel below (kQuant template).
 #include "quant.cuh"

@@ -4,7 +4,7 @@
 //   x (M, K) row-major, row stride ld_x (elements), fp32 / fp16 / bf16
 //   inv_smooth (K,) fp32 or 0;  xs = fp32(x) * inv_smooth   (one fp32 multiply)
 //   scale[m] = max(max_k |xs[m, k]| / QMAX, 1e-12)          (M,) fp32
-//   q[m, k]  = quant(xs[m, k] / scale[m])                   (M, K) contiguous, 1 byte
+//   q[m, k]  = quant(xs[m, k] * (1 / scale[m]))             (M, K) contiguous, 1 byte
 // kind 0: fp8 e4m3 (QMAX 448, round to nearest even, saturating);
 // kind 1: int8 (QMAX 127, round half to even, clamp to [-127, 127]).
 // Bit-exact with lyradynamo.quant.numerics.quantize_rows (quant.cuh).
