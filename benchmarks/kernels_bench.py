@@ -309,6 +309,16 @@ def epilogue_quant_cases(dt):
                    code, 0, s()),
                lambda y=y: _eager_quant_fp8(F.gelu(y, approximate="tanh")),
                M * N * (y.element_size() + 1))
+    for M, N in [(8192, 5120), (8192, 2560)]:  # SDXL 1024 GEGLU (batch 2), levels 2 and 1 widths
+        y = torch.randn(M, 2 * N, device="cuda", dtype=dt)
+        q = torch.empty(M, N, device="cuda", dtype=torch.uint8)
+        sc = torch.empty(M, device="cuda", dtype=torch.float32)
+        yield ("epilogue geglu+quant fp8", f"M{M} N{N}",
+               lambda y=y, q=q, sc=sc, M=M, N=N: _C.linear_epilogue_quant(
+                   y.data_ptr(), code, 0, 0, 0, 0, 0, 0, q.data_ptr(), sc.data_ptr(), M, N, 1, True, M, 0,
+                   code, 0, s()),
+               lambda y=y, N=N: _eager_quant_fp8(y[:, :N] * F.gelu(y[:, N:])),
+               M * N * (3 * y.element_size() + 1))
 
 
 def _eager_quant_fp8(x):
