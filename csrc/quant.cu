@@ -92,12 +92,7 @@ void quantize_rows(uintptr_t x, uintptr_t inv_smooth, uintptr_t q, uintptr_t sca
     auto* ip = as_ptr<const float>(inv_smooth);
     auto* qp = as_ptr<uint8_t>(q);
     auto* sp = as_ptr<float>(scale);
-    // Rows of >= 1024 vectors (FLUX's 12288-wide MLP output) cache 8 vectors per thread: a
-    // block holds its row in registers between the amax and the store, so per-thread loads in
-    // flight are what hides DRAM latency there (ncu: 4 per thread reached 50% of bandwidth).
-    if (vec_ok && K / V >= 1024) {
-      launch_qr<scalar_t, V, 8>(xp, ip, qp, sp, p, s);
-    } else if (vec_ok) {
+    if (vec_ok) {
       launch_qr<scalar_t, V, 4>(xp, ip, qp, sp, p, s);
     } else {
       launch_qr<scalar_t, 1, 8>(xp, ip, qp, sp, p, s);
