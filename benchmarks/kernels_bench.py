@@ -173,7 +173,8 @@ def quant_cases(dt):
 
     gemm_fp8: ours is cuBLASLt with OUTER_VEC row scales and fast accumulation (or, where the
     library reports it unavailable, the fp32-accumulator GEMM + scaled_epilogue), torch is
-    torch._scaled_mm row-wise with fast accumulation (a CUTLASS sm90 kernel inside torch); the dense GEMM of the same shape (ours vs F.linear) gives the fp16/bf16 baseline;
+    torch._scaled_mm row-wise with fast accumulation (a CUTLASS sm90 kernel inside torch); the
+    dense GEMM of the same shape (ours vs F.linear) gives the fp16/bf16 baseline;
     gemm_int8 + scaled_epilogue vs torch._int_mm + eager scaling; quantize_rows vs the eager
     quantisation of lyradynamo.quant.numerics.
     """
@@ -296,29 +297,24 @@ def fusion_cases(dt, quant: bool):
 
 
 def epilogue_quant_cases(dt):
-    """The act + quantise epilogue of a GELU(tanh) producer at FLUX's MLP width (ours: one
-    linear_epilogue_quant pass over the GEMM output; torch: F.gelu + the eager fp8 quantisation)."""
+    """The act + quantise epilogue (ours: one linear_epilogue_quant pass over the GEMM output;
+    torch: the eager activation + the eager fp8 quantisation) at FLUX's MLP width (GELU(tanh))
+    and SDXL's GEGLU widths at 1024 (batch 2, levels 2 and 1)."""
     code = CODE[dt]
-    for M, N in [(4608, 12288), (4096, 12288)]:
-        y = torch.randn(M, N, device="cuda", dtype=dt)
+    for M, N, glu in [(4608, 12288, False), (4096, 12288, False), (8192, 5120, True), (8192, 2560, True)]:
+        y = torch.randn(M, 2 * N if glu else N, device="cuda", dtype=dt)
         q = torch.empty(M, N, device="cuda", dtype=torch.uint8)
         sc = torch.empty(M, device="cuda", dtype=torch.float32)
-        yield ("epilogue gelu_tanh+quant fp8", f"M{M} N{N}",
-               lambda y=y, q=q, sc=sc, M=M, N=N: _C.linear_epilogue_quant(
-                   y.data_ptr(), code, 0, 0, 0, 0, 0, 0, q.data_ptr(), sc.data_ptr(), M, N, 2, False, M, 0,
+        act = 1 if glu else 2  # csrc act codes: gelu (GEGLU) / gelu_tanh
+        if glu:
+            eager = (lambda y=y, N=N: _eager_quant_fp8(y[:, :N] * F.gelu(y[:, N:])))
+        else:
+            eager = (lambda y=y: _eager_quant_fp8(F.gelu(y, approximate="tanh")))
+        yield ("epilogue geglu+quant fp8" if glu else "epilogue gelu_tanh+quant fp8", f"M{M} N{N}",
+               lambda y=y, q=q, sc=sc, M=M, N=N, act=act, glu=glu: _C.linear_epilogue_quant(
+                   y.data_ptr(), code, 0, 0, 0, 0, 0, 0, q.data_ptr(), sc.data_ptr(), M, N, act, glu, M, 0,
                    code, 0, s()),
-               lambda y=y: _eager_quant_fp8(F.gelu(y, approximate="tanh")),
-               M * N * (y.element_size() + 1))
-    for M, N in [(8192, 5120), (8192, 2560)]:  # SDXL 1024 GEGLU (batch 2), levels 2 and 1 widths
-        y = torch.randn(M, 2 * N, device="cuda", dtype=dt)
-        q = torch.empty(M, N, device="cuda", dtype=torch.uint8)
-        sc = torch.empty(M, device="cuda", dtype=torch.float32)
-        yield ("epilogue geglu+quant fp8", f"M{M} N{N}",
-               lambda y=y, q=q, sc=sc, M=M, N=N: _C.linear_epilogue_quant(
-                   y.data_ptr(), code, 0, 0, 0, 0, 0, 0, q.data_ptr(), sc.data_ptr(), M, N, 1, True, M, 0,
-                   code, 0, s()),
-               lambda y=y, N=N: _eager_quant_fp8(y[:, :N] * F.gelu(y[:, N:])),
-               M * N * (3 * y.element_size() + 1))
+               eager, M * N * ((3 if glu else 1) * y.element_size() + 1))
 
 
 def _eager_quant_fp8(x):

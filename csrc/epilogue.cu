@@ -61,7 +61,6 @@ struct EpiParams {
 // v * sigmoid(v) through mul_sigmoid_fast (common.cuh): a few instructions where
 // tanhf / expf + an IEEE division took dozens; the fused quantising epilogue was
 // instruction-bound at FLUX's MLP width (4608 x 12288).
-
 __device__ __forceinline__ float activate(float v, int act) {
   switch (act) {
     case kActGelu:

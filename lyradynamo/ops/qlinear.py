@@ -191,6 +191,8 @@ def _fp8_gelu(C, xq, xs, qweight, wscale, bias, out_dtype, m, n, k) -> Optional[
                     "kernel applies the GELU after the GEMM instead", exc)
         return None
     return y
+
+
 _MAX_GATE_SAMPLES = 16  # more samples with their own gate: one epilogue pass beats that many GEMMs
 
 
@@ -373,20 +375,21 @@ def _(xq, xscale, qweight, wscale, bias, act, glu, kind, out_dtype):
     k, n_y = xq.shape[-1], qweight.shape[0]
     n_out = n_y // 2 if glu else n_y
     m = xq.numel() // max(k, 1)
+    outer_vec = kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype)
+    if m and outer_vec and act == "gelu_tanh" and not glu:
+        # GELU in the GEMM's epilogue; the pass after it only quantises (FLUX's MLP: the GELU
+        # made the quantising epilogue kernel instruction-bound, 148 us at 4608 x 12288)
+        y = _fp8_gelu(C, xq, xscale, qweight, wscale, bias, out_dtype, m, n_y, k)
+        if y is not None:
+            yq, ys = quantize_cuda(C, y, kind, None)
+            return yq.view(*xq.shape[:-1], n_out), ys.view(xq.shape[:-1])
     q = xq.new_empty((*xq.shape[:-1], n_out), dtype=numerics.QDTYPE[kind])
     scale = xq.new_empty(xq.shape[:-1], dtype=torch.float32)
     if m == 0:
         return q, scale
     code, stream = DTYPE_CODES[out_dtype], stream_handle(xq)
     xs = xscale.reshape(m)
-    if kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype) and act == "gelu_tanh" and not glu:
-        # GELU in the GEMM's epilogue; the pass after it only quantises (FLUX's MLP: the GELU
-        # made the quantising epilogue kernel instruction-bound, 148 us at 4608 x 12288)
-        y = _fp8_gelu(C, xq, xscale, qweight, wscale, bias, out_dtype, m, n_y, k)
-        if y is not None:
-            C.quantize_rows(ptr(y), 0, ptr(q), ptr(scale), m, n_y, n_y, code, numerics.KIND_CODES[kind], stream)
-            return q, scale
-    if kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype):
+    if outer_vec:
         # GEMM with both scales and the bias in cuBLASLt's epilogue -> y (out_dtype); one more
         # pass applies act / GLU and quantises (was: act in place, then a quantise pass)
         y = torch.empty((m, n_y), dtype=out_dtype, device=xq.device)
