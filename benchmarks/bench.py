@@ -110,6 +110,9 @@ def parse_args(argv=None):
     p.add_argument("--warm-cache", action="store_true",
                    help="cold scenario: keep the inductor/triton on-disk caches (default: a fresh cache dir per child)")
     p.add_argument("--report", default=None, help="regenerate this markdown file from --out at the end (report.py)")
+    p.add_argument("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a lyradynamo.config option for the lyra modes (repeatable), e.g. fp8_attention=off; "
+                        "recorded in the rows")
     p.add_argument("--progress", choices=("auto", "tqdm", "plain", "none"), default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; --quick: 1, tiny models gain nothing from more)")
@@ -398,6 +401,19 @@ def mode_unavailable(mode: str):
     return None
 
 
+LYRA_CONFIG: dict = {}  # --lyra-config options, patched into lyradynamo.config for the lyra modes
+
+
+def parse_lyra_config(items) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in lyradynamo.config.snapshot():
+            raise SystemExit(f"--lyra-config {item!r}: expected KEY=VALUE with KEY a lyradynamo.config option")
+        out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
 def make_fn(mode: str, model):
     """(callable used as the denoiser, per-call hook or None, context manager kept open while it runs)."""
     if mode == "eager":
@@ -407,9 +423,10 @@ def make_fn(mode: str, model):
     if mode == "inductor-cg":
         return torch.compile(model, mode="reduce-overhead"), torch.compiler.cudagraph_mark_step_begin, contextlib.nullcontext()
     if mode == "lyra":
-        return torch.compile(model, backend="lyra"), None, lyradynamo.config.patch(quant="none")
+        return torch.compile(model, backend="lyra"), None, lyradynamo.config.patch(**{**LYRA_CONFIG, "quant": "none"})
     if mode in QUANT_MODES:
-        return torch.compile(model, backend="lyra"), None, lyradynamo.config.patch(quant=QUANT_MODES[mode])
+        return (torch.compile(model, backend="lyra"), None,
+                lyradynamo.config.patch(**{**LYRA_CONFIG, "quant": QUANT_MODES[mode]}))
     if mode == "torchao-fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -464,6 +481,8 @@ def base_row(args, env, model_name, mode, size, dtype, scenario):
         "tiny": bool(args.quick), "weights": "checkpoint" if args.model_path else "random",
     }
     row.update(env)
+    if mode.startswith("lyra") and LYRA_CONFIG:
+        row["lyra_config"] = dict(LYRA_CONFIG)
     row["date"] = now_iso()
     row["error"] = None
     row["notes"] = None
@@ -864,6 +883,7 @@ def _sigterm(_signum, _frame):
 
 def main(argv=None) -> int:
     args = resolve(parse_args(argv))
+    LYRA_CONFIG.update(parse_lyra_config(args.lyra_config))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cold_child:

@@ -164,7 +164,7 @@ def cases(dt):
            lambda: _C.qk_norm_rope(q.data_ptr(), w.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                    yq.data_ptr(), B, L, H, D, q.stride(0), q.stride(1),
                                    q.stride(2), yq.stride(0), yq.stride(1), yq.stride(2), 1e-6,
-                                   True, 0, L, code, s()),
+                                   True, 0, L, code, 0, s()),
            qk_eager, 2 * B * L * H * D * es)
 
 

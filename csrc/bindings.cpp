@@ -7,8 +7,10 @@
 // message), std::runtime_error -> RuntimeError (CUDA / cuBLASLt failure).
 // The GIL is released while a call enqueues its work.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -37,7 +39,7 @@ void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, u
                   int64_t B, int64_t L, int64_t H, int64_t D, int64_t x_stride_b,
                   int64_t x_stride_l, int64_t x_stride_h, int64_t y_stride_b, int64_t y_stride_l,
                   int64_t y_stride_h, double eps, bool has_norm, int64_t rope_l_offset,
-                  int64_t rope_len, int dtype, uintptr_t stream);
+                  int64_t rope_len, int dtype, uintptr_t out_inv_scale, uintptr_t stream);
 
 // W8A8 quantisation (quant.cu, norm_modulate.cu, epilogue.cu, gemm.cu).
 void quantize_rows(uintptr_t x, uintptr_t inv_smooth, uintptr_t q, uintptr_t scale, int64_t M,
@@ -58,6 +60,8 @@ void gemm_fp8_unscaled(uintptr_t a, uintptr_t b, uintptr_t out_f32, int64_t M, i
 void gemm_int8(uintptr_t a, uintptr_t b, uintptr_t out_i32, int64_t M, int64_t N, int64_t K,
                int64_t lda, uintptr_t stream);
 bool gemm_fp8_supported_outer_vec(int device, int out_dtype);
+void attention_fp8_scales(const std::vector<int64_t>& parts, const std::vector<int64_t>& weights,
+                          int64_t D, uintptr_t out, int dtype, uintptr_t stream);
 void scaled_epilogue(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t b_scale,
                      uintptr_t bias, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
                      int64_t N_out, int act, bool glu, int64_t rows_per_batch,
@@ -138,12 +142,24 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("qk_norm_rope", &lyra::qk_norm_rope, release(),
         "Per-head RMSNorm over D (if has_norm) then FLUX-style rotary embedding with fp32 "
-        "cos/sin (rope_len, D) at position l - rope_l_offset; y may equal x.",
+        "cos/sin (rope_len, D) at position l - rope_l_offset; y may equal x. With "
+        "out_inv_scale (a float32 device pointer) y is fp8 e4m3: the dtype-rounded result "
+        "times *out_inv_scale, saturating.",
         py::arg("x"), py::arg("weight"), py::arg("cos"), py::arg("sin"), py::arg("y"),
         py::arg("B"), py::arg("L"), py::arg("H"), py::arg("D"), py::arg("x_stride_b"),
         py::arg("x_stride_l"), py::arg("x_stride_h"), py::arg("y_stride_b"),
         py::arg("y_stride_l"), py::arg("y_stride_h"), py::arg("eps"), py::arg("has_norm"),
-        py::arg("rope_l_offset"), py::arg("rope_len"), py::arg("dtype"), py::arg("stream"));
+        py::arg("rope_l_offset"), py::arg("rope_len"), py::arg("dtype"), py::arg("out_inv_scale"),
+        py::arg("stream"));
+
+  m.def("attention_fp8_scales", &lyra::attention_fp8_scales, release(),
+        "Per-tensor scales of FP8 attention into out (32 float32, zeroed before the call): "
+        "descale q/k/v at 0/4/8, descale_s 12, scale_s 16, scale_o 20, inv q/k/v at 24..26. "
+        "parts: 8 ints per part (tensor 0 q / 1 k / 2 v, ptr, B, L, H, stride_b, stride_l, "
+        "stride_h; (B, L, H, D) views with unit stride along D): amax over them; weights: 2 "
+        "ints per RMSNorm weight (tensor 0 / 1, ptr; D values): bound sqrt(D) * max|w|.",
+        py::arg("parts"), py::arg("weights"), py::arg("D"), py::arg("out"), py::arg("dtype"),
+        py::arg("stream"));
 
   m.def("quantize_rows", &lyra::quantize_rows, release(),
         "Per-row quantisation: xs = x * inv_smooth (if not 0), scale[m] = max(amax|xs[m]| / QMAX, "

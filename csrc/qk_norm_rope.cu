@@ -16,10 +16,18 @@
 // weight in the dtype (rounded again); rope then runs in fp32 on those values
 // and rounds once. For fp32 the roundings are no-ops.
 //
+// FP8 output (out_inv_scale != 0, FP8 attention): y is e4m3 bytes, each value
+// the dtype-rounded result above times *out_inv_scale (one per-tensor scale,
+// written on the device by attention_fp8_scales), saturating: the reference is
+// quantize_tensor(qk_norm_rope(x)) of lyradynamo/ops/attention_fp8.py.
+//
 // Mapping: one warp per (b, l) and group of kHeadsPerWarp heads; lane handles
 // pairs lane + 32*k, k < 4 (D <= 256). y may equal x: every load of a head
 // vector precedes its stores.
+#include <type_traits>
+
 #include "common.cuh"
+#include "quant.cuh"
 
 namespace lyra {
 namespace {
@@ -53,10 +61,31 @@ __device__ __forceinline__ void load_pair(const T* p, float& a, float& c) {
   }
 }
 
-template <typename T, bool kPair>
+// Stores out[2] at yv: in T, or (OutT = uint8_t) as two e4m3 bytes of the
+// T-rounded values times inv.
+template <typename T, typename OutT, bool kPair>
+__device__ __forceinline__ void store_pair(OutT* yv, const float (&o)[2], float inv) {
+  if constexpr (std::is_same_v<OutT, uint8_t>) {
+    const float r[2] = {round_to<T>(o[0]), round_to<T>(o[1])};
+    if constexpr (kPair) {
+      quant_store<2>(yv, r, inv, kQuantFp8);
+    } else {
+      yv[0] = quant_one(r[0], inv, kQuantFp8);
+      yv[1] = quant_one(r[1], inv, kQuantFp8);
+    }
+  } else if constexpr (kPair) {
+    store_vec<2>(yv, o);
+  } else {
+    yv[0] = from_float<T>(o[0]);
+    yv[1] = from_float<T>(o[1]);
+  }
+}
+
+template <typename T, typename OutT, bool kPair>
 __global__ void __launch_bounds__(kQKThreads)
 qk_norm_rope_kernel(const T* x, const T* __restrict__ w, const float* __restrict__ cosp,
-                    const float* __restrict__ sinp, T* y, QKParams p) {
+                    const float* __restrict__ sinp, OutT* y, const float* __restrict__ out_inv,
+                    QKParams p) {
   const int64_t wid = static_cast<int64_t>(blockIdx.x) * (kQKThreads / 32) + (threadIdx.x >> 5);
   if (wid >= p.total) return;  // uniform per warp
   const int lane = threadIdx.x & 31;
@@ -66,7 +95,8 @@ qk_norm_rope_kernel(const T* x, const T* __restrict__ w, const float* __restrict
   const int64_t b = t / p.L;
   const int h0 = hg * kHeadsPerWarp;
   const T* xl = x + b * p.sxb + l * p.sxl;
-  T* yl = y + b * p.syb + l * p.syl;
+  OutT* yl = y + b * p.syb + l * p.syl;
+  const float inv = out_inv ? *out_inv : 1.f;
   const int npairs = p.D >> 1;
 
   // Issue every load up front (x of all heads, weight, cos/sin): they are
@@ -121,7 +151,7 @@ qk_norm_rope_kernel(const T* x, const T* __restrict__ w, const float* __restrict
         }
       }
     }
-    T* yv = yl + (h0 + j) * p.syh;
+    OutT* yv = yl + (h0 + j) * p.syh;
 #pragma unroll
     for (int k = 0; k < kMaxPairsPerLane; ++k) {
       const int i = lane + 32 * k;
@@ -131,12 +161,7 @@ qk_norm_rope_kernel(const T* x, const T* __restrict__ w, const float* __restrict
         o[0] = ev[j][k] * c0[k] - od[j][k] * s0[k];
         o[1] = od[j][k] * c1[k] + ev[j][k] * s1[k];
       }
-      if constexpr (kPair) {
-        store_vec<2>(yv + 2 * i, o);
-      } else {
-        yv[2 * i] = from_float<T>(o[0]);
-        yv[2 * i + 1] = from_float<T>(o[1]);
-      }
+      store_pair<T, OutT, kPair>(yv + 2 * i, o, inv);
     }
   }
 }
@@ -147,7 +172,7 @@ void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, u
                   int64_t B, int64_t L, int64_t H, int64_t D, int64_t x_stride_b,
                   int64_t x_stride_l, int64_t x_stride_h, int64_t y_stride_b, int64_t y_stride_l,
                   int64_t y_stride_h, double eps, bool has_norm, int64_t rope_l_offset,
-                  int64_t rope_len, int dtype, uintptr_t stream) {
+                  int64_t rope_len, int dtype, uintptr_t out_inv_scale, uintptr_t stream) {
   const char* fn = "qk_norm_rope";
   LYRA_CHECK_ARG(x != 0, fn, "x must be a non-null device pointer");
   LYRA_CHECK_ARG(y != 0, fn, "y must be a non-null device pointer");
@@ -162,6 +187,7 @@ void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, u
   LYRA_CHECK_ARG(rope_l_offset >= -(1ll << 30) && rope_l_offset < (1ll << 30), fn,
                  "rope_l_offset out of range");
   LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
+  LYRA_CHECK_ARG(aligned_to(out_inv_scale, 4), fn, "out_inv_scale must be 4-byte aligned (float32)");
   const int64_t hgroups = (H + kHeadsPerWarp - 1) / kHeadsPerWarp;
   const int64_t total = B * L * hgroups;
   const int64_t blocks = (total + kQKThreads / 32 - 1) / (kQKThreads / 32);
@@ -182,9 +208,10 @@ void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, u
 
   // Pair (2-element) accesses need every head-vector start 2-element aligned.
   const size_t es = dtype_size(dtype);
+  const size_t out_es = out_inv_scale ? 1 : es;  // fp8 output: one byte per value
   const bool pair_ok = x_stride_b % 2 == 0 && x_stride_l % 2 == 0 && x_stride_h % 2 == 0 &&
                        y_stride_b % 2 == 0 && y_stride_l % 2 == 0 && y_stride_h % 2 == 0 &&
-                       aligned_to(x, 2 * es) && aligned_to(y, 2 * es) &&
+                       aligned_to(x, 2 * es) && aligned_to(y, 2 * out_es) &&
                        aligned_to(weight, 2 * es) && aligned_to(cos, 8) && aligned_to(sin, 8);
   cudaStream_t s = as_stream(stream);
   const unsigned grid = static_cast<unsigned>(blocks);
@@ -193,11 +220,18 @@ void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, u
     auto* wp = has_norm ? as_ptr<const scalar_t>(weight) : nullptr;
     auto* cp = as_ptr<const float>(cos);
     auto* sp = as_ptr<const float>(sin);
-    auto* yp = as_ptr<scalar_t>(y);
-    if (pair_ok) {
-      qk_norm_rope_kernel<scalar_t, true><<<grid, kQKThreads, 0, s>>>(xp, wp, cp, sp, yp, p);
+    auto launch = [&](auto* yp, const float* inv) {
+      using OutT = std::remove_pointer_t<decltype(yp)>;
+      if (pair_ok) {
+        qk_norm_rope_kernel<scalar_t, OutT, true><<<grid, kQKThreads, 0, s>>>(xp, wp, cp, sp, yp, inv, p);
+      } else {
+        qk_norm_rope_kernel<scalar_t, OutT, false><<<grid, kQKThreads, 0, s>>>(xp, wp, cp, sp, yp, inv, p);
+      }
+    };
+    if (out_inv_scale) {
+      launch(as_ptr<uint8_t>(y), as_ptr<const float>(out_inv_scale));
     } else {
-      qk_norm_rope_kernel<scalar_t, false><<<grid, kQKThreads, 0, s>>>(xp, wp, cp, sp, yp, p);
+      launch(as_ptr<scalar_t>(y), nullptr);
     }
     LYRA_CHECK_LAUNCH(fn);
   });

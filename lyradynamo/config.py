@@ -76,6 +76,15 @@ _OPTIONS: dict[str, _Option] = {
         "leave free (for activations and CUDA-graph pools).",
         kind=(float, int),
     ),
+    "fp8_attention": _Option(
+        "auto",
+        "With quant = fp8: attention in fp8 (q, k, v quantised per tensor by the kernels that "
+        "produce them, cuDNN's fp8 SDPA, its e4m3 output read as is by the quantised "
+        "out-projection). auto = where it runs (SM90+ with the cuDNN frontend, "
+        "`pip install nvidia-cudnn-frontend`; the reference math on the CPU), the dump saying why "
+        "not elsewhere; on = always (a logged reference fallback where cuDNN is missing); off.",
+        choices=("auto", "on", "off"),
+    ),
     "quant_fast_accum": _Option(
         True,
         "fp8 on Hopper: cuBLASLt's fast accumulation (partial sums not periodically promoted "

@@ -4,7 +4,7 @@ Each op has: a schema (torch.library.custom_op), a fake implementation for symbo
 shapes that adds no guards, a PyTorch reference (the CPU kernel and the test oracle), and
 a CUDA implementation that calls csrc (`lyradynamo._C`).
 """
-from . import adaln, attention, bias_residual, group_norm, linear, qlinear, quantize, rope  # noqa: F401  (registration)
+from . import adaln, attention, attention_fp8, bias_residual, group_norm, linear, qlinear, quantize, rope  # noqa: F401  (registration)
 from ._common import csrc_status, fallback_counts, reset_fallback_counts  # noqa: F401
 
 OPS = {
@@ -18,4 +18,7 @@ OPS = {
     "qlinear_q": qlinear.qlinear_q,
     "quantize": quantize.quantize,
     "adaln_quant": quantize.adaln_quant,
+    "attention_fp8_scales": attention_fp8.attention_fp8_scales,
+    "qkv_quant": attention_fp8.qkv_quant,
+    "attention_fp8": attention_fp8.attention_fp8,
 }

@@ -118,6 +118,8 @@ def qgemm_cuda(C, xq: Tensor, xs: Tensor, out_dtype: torch.dtype, qweight: Tenso
     if m == 0:
         return torch.empty(out_shape, dtype=out_dtype, device=xq.device)
     code, stream = DTYPE_CODES[out_dtype], stream_handle(xq)
+    if xs.data_ptr() % 16:  # a row slice of a scale vector (FP8 attention's output split along L)
+        xs = xs.clone()
     if kind == "fp8" and outer_vec_supported(C, xq.device, out_dtype):
         if act == "gelu_tanh" and not glu and gate is None and residual is None:
             y = _fp8_gelu(C, xq, xs, qweight, wscale, bias, out_dtype, m, n_y, k)

@@ -13,7 +13,7 @@ norm, the rope, the fp32 temporaries and the cat copy of eager become one pass.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -34,14 +34,15 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def qk_norm_rope_reference(parts: List[Tensor], weights: List[Tensor], norm: str, eps: float,
-                           cos: Tensor, sin: Tensor) -> Tensor:
+                           cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+    """The op's math; without cos / sin (lyra::qkv_quant of a v) only the norm and the cat."""
     normed = []
     for i, x in enumerate(parts):
         if norm == "rms":
             x = adaln_reference(x, weights[i] if weights else None, None, None, None, "rms", eps)
         normed.append(x)
     x = torch.cat(normed, dim=1) if len(normed) > 1 else normed[0]
-    return rope_reference(x, cos, sin)
+    return x if cos is None else rope_reference(x, cos, sin)
 
 
 def _check(parts: List[Tensor], weights: List[Tensor], norm: str) -> None:
@@ -78,17 +79,24 @@ def _(parts, weights, norm, eps, cos, sin):
 def _(parts, weights, norm, eps, cos, sin):
     _check(parts, weights, norm)
     C = csrc()
-    reason = "csrc not built" if C is None else _cuda_unsupported(parts, weights, norm, cos, sin)
+    reason = "csrc not built" if C is None else cuda_unsupported(parts, weights, norm, cos, sin)
     if reason:
         record_fallback("qk_norm_rope", reason)
         return qk_norm_rope_reference(parts, weights, norm, eps, cos, sin)
     x0 = parts[0]
     b, _, h, d = x0.shape
-    length = sum(p.shape[1] for p in parts)
-    out = torch.empty((b, length, h, d), dtype=x0.dtype, device=x0.device)
+    out = torch.empty((b, sum(p.shape[1] for p in parts), h, d), dtype=x0.dtype, device=x0.device)
+    return launch_parts(C, parts, weights, norm, eps, cos, sin, out, 0)
+
+
+def launch_parts(C, parts: List[Tensor], weights: List[Tensor], norm: str, eps: float,
+                 cos: Optional[Tensor], sin: Optional[Tensor], out: Tensor, out_inv_scale: int) -> Tensor:
+    """One csrc qk_norm_rope launch per part, each writing its slice of out (B, L, H, D); with
+    out_inv_scale (a float32 device pointer) out is e4m3 (lyra::qkv_quant)."""
     if out.numel() == 0:
         return out
-    code, stream, offset = DTYPE_CODES[x0.dtype], stream_handle(x0), 0
+    code, stream, offset = DTYPE_CODES[parts[0].dtype], stream_handle(parts[0]), 0
+    b, _, h, d = parts[0].shape
     for i, x in enumerate(parts):
         n = x.shape[1]
         if n:
@@ -97,12 +105,12 @@ def _(parts, weights, norm, eps, cos, sin):
             C.qk_norm_rope(ptr(x), ptr(weights[i]) if weights else 0, ptr(cos), ptr(sin), ptr(y),
                            b, n, h, d, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
                            y.stride(1), y.stride(2), float(eps), norm == "rms", -offset,
-                           cos.shape[0], code, stream)
+                           0 if cos is None else cos.shape[0], code, out_inv_scale, stream)
         offset += n
     return out
 
 
-def _cuda_unsupported(parts, weights, norm, cos, sin) -> str | None:
+def cuda_unsupported(parts, weights, norm, cos, sin) -> str | None:
     x0 = parts[0]
     reason = unsupported_reason(**{f"part{i}": p for i, p in enumerate(parts)}, cos=cos, sin=sin)
     if reason:
@@ -120,8 +128,10 @@ def _cuda_unsupported(parts, weights, norm, cos, sin) -> str | None:
     for i, w in enumerate(weights):
         if w.dtype != x0.dtype or tuple(w.shape) != (d,) or not w.is_contiguous():
             return f"weight {i} must be a contiguous ({d},) tensor of the parts' dtype"
+    if cos is None and sin is None:
+        return None
     length = sum(p.shape[1] for p in parts)
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype != torch.float32 or tuple(t.shape) != (length, d) or not t.is_contiguous():
+        if t is None or t.dtype != torch.float32 or tuple(t.shape) != (length, d) or not t.is_contiguous():
             return f"{name} must be a contiguous float32 ({length}, {d}) table, got {tuple(t.shape)} {t.dtype}"
     return None

@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from .. import config
 from ..ops.qlinear import shape_unsupported
+from . import attention as quant_attention
 from . import calibration, weights
 
 _LINEAR = torch.ops.lyra.linear.default
@@ -161,6 +162,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     for n in list(gm.graph.nodes):  # slices now read through their quantised copies: dead
         if not n.users and _column_slice(n)[1] is not None:
             gm.graph.erase_node(n)
+    attention = quant_attention.quantise_attention(gm) if quantized and kind == "fp8" else {"fp8": 0}
     activation = _share_activation_quant(gm, kind) if quantized else {}
     if quantized:
         activation["fused_into_producer"] = _quantise_activated_outputs(gm, kind)
@@ -168,7 +170,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     gm.recompile()
     report.phases_s.update(quant_weights=t_quant, quant_offload=t_offload)
     report.quant = {"kind": kind, "quantized": quantized, "kept": kept,
-                    "master": config.quant_master, "activation_quant": activation}
+                    "master": config.quant_master, "activation_quant": activation, "attention": attention}
     return list(entries.values())
 
 

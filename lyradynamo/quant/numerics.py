@@ -74,11 +74,16 @@ def quantize_rows(x: Tensor, kind: str,
     scale = _scales_of(xs, kind)
     v = xs * torch.reciprocal(scale)[..., None]
     if kind == "fp8":
-        # The clamp makes the conversion saturate (torch's float8 cast need not).
-        q = v.clamp(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
+        q = to_e4m3(v)
     else:
         q = torch.round(v).clamp(-QMAX["int8"], QMAX["int8"]).to(torch.int8)
     return q, scale
+
+
+def to_e4m3(v: Tensor) -> Tensor:
+    """float32 -> e4m3fn, round to nearest even, saturating at +-448 (the clamp makes the
+    conversion saturate: torch's float8 cast need not)."""
+    return v.clamp(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:

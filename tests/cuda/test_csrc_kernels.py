@@ -292,7 +292,7 @@ def _qk_call(C, x, w, cos, sin, y, eps, has_norm, off, rope_len, dtype):
     B, L, H, D = x.shape
     C.qk_norm_rope(ptr(x), ptr(w), ptr(cos), ptr(sin), ptr(y), B, L, H, D,
                    x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-                   eps, has_norm, off, rope_len, CODE[dtype], stream())
+                   eps, has_norm, off, rope_len, CODE[dtype], 0, stream())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
@@ -373,7 +373,7 @@ def test_bad_arguments(C):
     with pytest.raises((ValueError, RuntimeError), match="groups"):
         C.group_norm(p, 0, 0, p, 1, 30, 2, 4, 1e-5, False, False, 1, s)
     with pytest.raises((ValueError, RuntimeError), match="D"):
-        C.qk_norm_rope(p, 0, 0, 0, p, 1, 1, 1, 5, 0, 0, 0, 0, 0, 0, 1e-6, True, 0, 0, 1, s)
+        C.qk_norm_rope(p, 0, 0, 0, p, 1, 1, 1, 5, 0, 0, 0, 0, 0, 0, 1e-6, True, 0, 0, 1, 0, s)
     with pytest.raises((ValueError, RuntimeError), match="lda"):
         C.gemm(p, p, 0, p, 2, 2, 8, 4, 2, 1, s)
     with pytest.raises((ValueError, RuntimeError), match="rows_per_batch"):

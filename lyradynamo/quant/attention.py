@@ -1,0 +1,217 @@
+"""FP8 attention rewrite (config.quant = "fp8", config.fp8_attention): attention whose output
+only quantised linears read runs in fp8, its inputs quantised by the kernels that produce them.
+
+    q = lyra::qk_norm_rope(q_parts, q_w, 'rms', eps, cos, sin)    (or any (B, L, H, D) q)
+    k = lyra::qk_norm_rope(k_parts, k_w, 'rms', eps, cos, sin)    (or any k)
+    v = cat(v_parts, dim=1)                                        (or any v)
+    o = lyra::attention(q, k, v, None, scale, causal, 'blhd')
+    o -> flatten / reshape to (B, L, H*D) -> split / slice along L -> contiguous -> lyra::qlinear
+becomes
+    scales = lyra::attention_fp8_scales(q, k and v parts, q_w, k_w)  (RMS-normed q / k: a bound
+                                                                      from the weights, no pass)
+    q8 = lyra::qkv_quant(q_parts, q_w, 'rms', eps, cos, sin, scales, 0)   (k8, v8 likewise)
+    o8, o_scale = lyra::attention_fp8(q8, k8, v8, scales, scale, causal)
+    o8 -> the same view chain, mirrored on o_scale (B, L) -> lyra::qlinear_q(o8 view, o_scale view)
+
+so the q / k norm + RoPE kernel writes e4m3 (half the bytes), v's cat copy quantises, and the
+out-projection's separate quantise pass is gone. Anything else reading o (or a mask, a head
+dim cuDNN does not take) leaves the attention as it is, with the reason in the report.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .. import config
+from ..ops import attention_fp8 as ops
+from ..passes import matcher as m
+
+_ATTENTION = torch.ops.lyra.attention.default
+_QK_NORM_ROPE = torch.ops.lyra.qk_norm_rope.default
+_QLINEAR = torch.ops.lyra.qlinear.default
+_QLINEAR_Q = torch.ops.lyra.qlinear_q.default
+_SCALES = torch.ops.lyra.attention_fp8_scales.default
+_QKV_QUANT = torch.ops.lyra.qkv_quant.default
+_ATTENTION_FP8 = torch.ops.lyra.attention_fp8.default
+_IDENTITY = object()  # a view that keeps dims 0, 1 (B, L): the row scales stay as they are
+
+
+def quantise_attention(gm: fx.GraphModule) -> dict:
+    """Rewrite every eligible lyra::attention of gm; returns {"fp8": n, "kept": {node: why}}
+    (the dump's quant section)."""
+    done, kept = 0, {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _ATTENTION:
+            continue
+        why = _unsupported(node)
+        chain = None
+        if why is None:
+            chain = _consumers(node)
+            why = chain if isinstance(chain, str) else None
+        if why is not None:
+            kept[node.name] = why
+            continue
+        _rewrite(gm, node, chain)
+        done += 1
+    return {"fp8": done, "kept": kept}
+
+
+def _unsupported(node: fx.Node) -> Optional[str]:
+    q, k, v, mask, _scale, _causal, layout = node.args
+    if config.fp8_attention == "off":
+        return "config.fp8_attention = 'off'"
+    if layout != "blhd" or mask is not None:
+        return "only blhd attention without a mask is quantised"
+    qv = m.val(q)
+    if not isinstance(qv, torch.Tensor) or not qv.is_floating_point():
+        return "q is not a floating-point tensor"
+    d = qv.shape[-1]
+    if not isinstance(d, int) or d % 16 or d > 256:
+        return f"head dim {d} (cuDNN fp8 attention needs a multiple of 16, at most 256)"
+    if config.fp8_attention == "auto":
+        return ops.unavailable_reason(qv.device)
+    return None
+
+
+def _consumers(attn: fx.Node):
+    """(chain nodes in graph order, qlinear leaves) from attn's output to the quantised linears
+    reading it, or why not."""
+    chain, leaves, stack = [], [], [attn]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if (u.op == "call_function" and u.target is _QLINEAR and u.args[0] is n
+                    and n not in u.args[1:] and u.args[8] == "fp8" and u.args[9] is None):
+                leaves.append(u)
+            elif _row_view(u, n) is not None:
+                chain.append(u)
+                stack.append(u)
+            else:
+                return f"its output is read by {u.format_node()[:80]}"
+    if not leaves:
+        return "no quantised linear reads its output"
+    order = {n: i for i, n in enumerate(attn.graph.nodes)}
+    return sorted(set(chain), key=order.get), leaves
+
+
+def _row_view(u: fx.Node, parent: fx.Node):
+    """How a view u of parent (B, L, ...) maps to the (B, L) row scales: _IDENTITY (it keeps
+    dims 0 and 1), (op, target, extra args) building the same view of the scales, or None."""
+    if u.op not in ("call_function", "call_method") or u.args[:1] != (parent,):
+        return None
+    args = (*u.args, *u.kwargs.values()) if set(u.kwargs) <= {"dim"} else None
+    if args is None:
+        return None
+    pv, uv = m.val(parent), m.val(u)
+    if u.op == "call_function" and u.target is operator.getitem:
+        idx = u.args[1]
+        if isinstance(idx, int) and isinstance(pv, (tuple, list)):
+            return ("call_function", operator.getitem, (idx,))
+        if isinstance(idx, tuple) and len(idx) <= 2 and all(isinstance(i, slice) for i in idx):
+            return ("call_function", operator.getitem, (idx,))
+        return None
+    name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+    if name in ("split", "split_with_sizes") and len(args) == 3 and args[2] in (0, 1):
+        return ("call_method", name, tuple(args[1:]))
+    if name == "contiguous" and len(args) == 1:
+        return ("call_method", "contiguous", ())
+    if name in ("flatten", "reshape", "view") and isinstance(uv, torch.Tensor) and isinstance(pv, torch.Tensor):
+        if uv.dim() >= 2 and pv.dim() >= 2 and m.known_eq(uv.shape[0], pv.shape[0]) \
+                and m.known_eq(uv.shape[1], pv.shape[1]):
+            return _IDENTITY
+    return None
+
+
+def _insert(graph: fx.Graph, where: fx.Node, target, args: tuple, mode) -> fx.Node:
+    with graph.inserting_before(where):
+        new = graph.call_function(target, args)
+    new.meta["example_value"] = m.fake_run(target, args, mode)
+    return new
+
+
+def _getitems(graph: fx.Graph, pair: fx.Node, n: int) -> list:
+    out = []
+    with graph.inserting_after(pair):
+        for i in reversed(range(n)):
+            out.insert(0, graph.call_function(operator.getitem, (pair, i)))
+    for i, g in enumerate(out):
+        pv = pair.meta.get("example_value")
+        g.meta["example_value"] = None if pv is None else pv[i]
+    return out
+
+
+def _operand(graph: fx.Graph, node: fx.Node, which: int, mode):
+    """(amax parts, RMSNorm weights, qkv_quant args) for q / k / v = node: a single-user
+    RMSNorm'd qk_norm_rope is quantised in its place (weight bound), a single-user cat along L
+    by parts, anything else as one part."""
+    if (node.op == "call_function" and node.target is _QK_NORM_ROPE and len(node.users) == 1
+            and node.args[2] == "rms" and node.args[1] and which < 2):
+        parts, weights, norm, eps, cos, sin = node.args
+        return [], list(weights), (list(parts), list(weights), norm, eps, cos, sin)
+    if node.op == "call_function" and node.target is _QK_NORM_ROPE and len(node.users) == 1:
+        parts, weights, norm, eps, cos, sin = node.args
+        return list(parts), [], (list(parts), list(weights), norm, eps, cos, sin)
+    if (node.op == "call_function" and node.target is torch.cat and len(node.users) == 1
+            and not node.kwargs.keys() - {"dim"} and _cat_dim(node) == 1 and 1 <= len(node.args[0]) <= 2):
+        parts = list(node.args[0])
+        return parts, [], (parts, [], "none", 0.0, None, None)
+    return [node], [], ([node], [], "none", 0.0, None, None)
+
+
+def _cat_dim(node: fx.Node):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim
+
+
+def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
+    graph = gm.graph
+    chain, leaves = consumers
+    q, k, v, _mask, scale, is_causal, _layout = attn.args
+    mode = getattr(m.val(q), "fake_mode", None)
+    out_dtype = m.val(attn).dtype
+    operands = [_operand(graph, n, i, mode) for i, n in enumerate((q, k, v))]
+    scales = _insert(graph, attn, _SCALES, (operands[0][0], operands[1][0], operands[2][0],
+                                            operands[0][1], operands[1][1]), mode)
+    quantised = [_insert(graph, attn, _QKV_QUANT, (*op[2], scales, i), mode) for i, op in enumerate(operands)]
+    pair = _insert(graph, attn, _ATTENTION_FP8, (*quantised, scales, scale, is_causal), mode)
+    o8, o_scale = _getitems(graph, pair, 2)
+    row_scale = {attn: o_scale}
+    attn.replace_all_uses_with(o8)
+    row_scale[o8] = o_scale
+    for u in chain:  # graph order: parents first
+        parent = u.args[0]
+        how = _row_view(u, parent)
+        if how is _IDENTITY:
+            row_scale[u] = row_scale[parent]
+        else:
+            op, target, extra = how
+            with graph.inserting_after(u):
+                s = graph.create_node(op, target, (row_scale[parent], *extra))
+            _refake(s, mode)
+            row_scale[u] = s
+        _refake(u, mode)
+    for leaf in leaves:
+        x, qw, ws, bias, act, glu, gate, residual, kind, _inv = leaf.args
+        new = _insert(graph, leaf, _QLINEAR_Q,
+                      (x, row_scale[x], qw, ws, bias, act, glu, gate, residual, kind, out_dtype), mode)
+        new.meta.update({key: leaf.meta[key] for key in ("stack_trace", "nn_module_stack") if key in leaf.meta})
+        new.meta["lyra"] = leaf.meta.get("lyra", "qlinear") + "+fp8 attention output"
+        leaf.replace_all_uses_with(new)
+        graph.erase_node(leaf)
+    graph.erase_node(attn)
+    for n in (q, k, v):  # the high-precision producers the quantising ones replaced
+        if isinstance(n, fx.Node) and not n.users and n.op == "call_function":
+            graph.erase_node(n)
+
+
+def _refake(node: fx.Node, mode) -> None:
+    """Recompute node's fake value (its input is now e4m3)."""
+    kwargs = fx.node.map_arg(node.kwargs, m.val)
+    if node.op == "call_method":
+        node.meta["example_value"] = m.fake_run(lambda t, *a: getattr(t, node.target)(*a, **kwargs),
+                                                node.args, mode)
+    else:
+        node.meta["example_value"] = m.fake_run(lambda *a: node.target(*a, **kwargs), node.args, mode)

@@ -1,0 +1,157 @@
+"""FP8 attention (config.quant = fp8) on the CPU: the reference math of the three ops (scales,
+quantised q / k / v, attention with an e4m3 output), the graph rewrite on FLUX / SDXL, and its
+options and refusals. tests/cuda/test_attention_fp8_cuda.py checks the kernels and cuDNN."""
+import math
+
+import pytest
+import torch
+
+import lyradynamo
+from lyradynamo import zoo
+from lyradynamo.ops import attention_fp8 as fa
+from lyradynamo.ops.rope import qk_norm_rope_reference
+from lyradynamo.quant import numerics
+
+lyra = torch.ops.lyra
+g = torch.Generator().manual_seed(11)
+
+
+def rnd(*shape, scale=1.0):
+    return torch.randn(*shape, generator=g) * scale
+
+
+@pytest.fixture(autouse=True)
+def _restore_config():
+    with lyradynamo.config.patch(**lyradynamo.config.snapshot()):
+        yield
+
+
+def _rope_tables(length, d):
+    ang = rnd(length, d // 2)
+    return ang.cos().repeat_interleave(2, -1).contiguous(), ang.sin().repeat_interleave(2, -1).contiguous()
+
+
+def test_rms_weight_bound_covers_normed_rotated_values():
+    """|rope(rms_norm(x) * w)| <= sqrt(D) max|w|: the weight bound never saturates, even for a
+    head vector with all its energy in one element."""
+    d, parts = 64, [rnd(2, 5, 3, 64, scale=4), rnd(2, 7, 3, 64)]
+    parts[0][0, 0, 0] = 0
+    parts[0][0, 0, 0, 9] = 100.0  # one spike: |x_i| / rms(x) = sqrt(D)
+    ws = [(1 + 0.3 * rnd(d)).clamp(-1.9, 1.9), (1 + 0.3 * rnd(d)).clamp(-1.9, 1.9)]
+    ws[0][9] = 2.0  # the largest weight meets the spike
+    cos, sin = _rope_tables(12, d)
+    y = qk_norm_rope_reference(parts, ws, "rms", 1e-6, cos, sin)
+    s = lyra.attention_fp8_scales([], [], [parts[0]], ws, ws)
+    bound = max(w.abs().max() for w in ws) * math.sqrt(d)
+    assert y.abs().max() <= bound * (1 + 2 ** -7)
+    assert y.abs().max() >= 0.7 * bound  # and tight for it (RoPE shares it within its pair)
+    assert s[0].item() == pytest.approx(bound / 448, rel=1e-6) and s[4].item() == s[0].item()
+    assert s[8].item() == pytest.approx(parts[0].abs().max().item() / 448, rel=1e-6)
+    assert s[12].item() == pytest.approx(1 / 448) and s[16].item() == 448
+    assert torch.equal(s[24:27], torch.reciprocal(s[0:12:4])) and s[20] == s[26]
+    assert torch.equal(s[27:], torch.zeros(5))
+
+
+def test_scales_amax_over_parts_and_nan():
+    q, k, v = rnd(1, 4, 2, 32), rnd(1, 4, 2, 32, scale=3), [rnd(1, 3, 2, 32), rnd(1, 6, 2, 32, scale=7)]
+    s = lyra.attention_fp8_scales([q], [k], v, [], [])
+    for slot, t in ((0, q), (4, k), (8, torch.cat(v, 1))):
+        assert s[slot] == (t.abs().max() / 448).float()
+    v[1][0, 0, 0, 0] = float("nan")
+    assert torch.isnan(lyra.attention_fp8_scales([q], [k], v, [], [])[8])
+
+
+def test_qkv_quant_is_quantised_qk_norm_rope():
+    d = 32
+    parts, ws = [rnd(2, 3, 4, d), rnd(2, 9, 4, d, scale=2)], [1 + 0.1 * rnd(d), 1 + 0.1 * rnd(d)]
+    cos, sin = _rope_tables(12, d)
+    s = lyra.attention_fp8_scales([], [], parts, ws, ws)
+    q8 = lyra.qkv_quant(parts, ws, "rms", 1e-6, cos, sin, s, 0)
+    y = qk_norm_rope_reference(parts, ws, "rms", 1e-6, cos, sin)
+    assert q8.dtype == torch.float8_e4m3fn and q8.shape == y.shape
+    assert torch.equal(q8.view(torch.int8), numerics.to_e4m3(y.float() * s[24]).view(torch.int8))
+    v8 = lyra.qkv_quant(parts, [], "none", 0.0, None, None, s, 2)  # v: the cat, quantised
+    assert torch.equal(v8.view(torch.int8), numerics.to_e4m3(torch.cat(parts, 1) * s[26]).view(torch.int8))
+    assert numerics.sqnr_db(torch.cat(parts, 1), v8.float() * s[8]) > 25
+
+
+@pytest.mark.parametrize("lq,lk,causal", [(40, 40, False), (33, 7, False), (24, 24, True)])
+def test_attention_fp8_reference_is_close_and_scaled_by_v(lq, lk, causal):
+    q, k, v = rnd(2, lq, 3, 64), rnd(2, lk, 3, 64), rnd(2, lk, 3, 64, scale=2)
+    s = lyra.attention_fp8_scales([q], [k], [v], [], [])
+    q8, k8, v8 = (lyra.qkv_quant([t], [], "none", 0.0, None, None, s, i) for i, t in enumerate((q, k, v)))
+    o8, o_scale = lyra.attention_fp8(q8, k8, v8, s, None, causal)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    assert o8.dtype == torch.float8_e4m3fn and o8.shape == q.shape and o8.is_contiguous()
+    assert o_scale.shape == (2, lq) and torch.all(o_scale == s[8])
+    assert numerics.sqnr_db(ref, o8.float() * o_scale[..., None, None]) > 25
+
+
+def test_bad_inputs_are_named():
+    x = rnd(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="k needs either parts or RMSNorm weights"):
+        lyra.attention_fp8_scales([x], [], [x], [], [])
+    s = lyra.attention_fp8_scales([x], [x], [x], [], [])
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        lyra.attention_fp8(x, x, x, s, None, False)
+    with pytest.raises(ValueError, match="which=3"):
+        lyra.qkv_quant([x], [], "none", 0.0, None, None, s, 3)
+    with pytest.raises(ValueError, match="scales must be float32"):
+        lyra.qkv_quant([x], [], "none", 0.0, None, None, s[:8], 0)
+
+
+def _compile_run(name, model, inputs, **cfg):
+    torch._dynamo.reset()
+    lyradynamo.reset_stats()
+    with lyradynamo.config.patch(quant="fp8", quant_master="gpu", **cfg), torch.no_grad():
+        out = torch.compile(model, backend="lyra")(**inputs, return_dict=False)[0]
+    rec = lyradynamo.compiled_graphs()[0]
+    return out, rec.report.quant["attention"], rec.summary["op_histogram"]
+
+
+@pytest.mark.parametrize("name,n_attn", [("flux", 2), ("sdxl", 16)])
+def test_rewrite_quantises_attention_read_by_quantised_linears(name, n_attn):
+    model = zoo.build_denoiser(name)
+    inputs = zoo.denoiser_inputs(name, model, batch=2)
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+    out, att, hist = _compile_run(name, model, inputs)
+    assert att["fp8"] == n_attn and not att["kept"], att
+    assert hist.get("lyra::attention_fp8") == n_attn and "lyra::attention" not in hist
+    assert hist.get("lyra::qkv_quant") == 3 * n_attn
+    assert numerics.sqnr_db(ref, out) > 25
+    if name == "flux":  # the q / k norms + RoPE quantise in place: no bf16 qk_norm_rope is left
+        assert "lyra::qk_norm_rope" not in hist
+    off, att_off, hist_off = _compile_run(name, model, inputs, fp8_attention="off")
+    assert att_off["fp8"] == 0 and set(att_off["kept"].values()) == {"config.fp8_attention = 'off'"}
+    assert hist_off.get("lyra::attention") == n_attn and "lyra::attention_fp8" not in hist_off
+    assert numerics.sqnr_db(ref, off) > 25 and not torch.equal(out, off)
+
+
+def test_attention_with_other_readers_stays_and_says_why(monkeypatch):
+    """An output read by anything but a quantised linear (here: every linear kept in high
+    precision) keeps the attention as it was, with the reason."""
+    model = zoo.build_denoiser("flux")
+    inputs = zoo.denoiser_inputs("flux", model, batch=1)
+    _, att, hist = _compile_run("flux", model, inputs, quant_exclude=(r"to_out|to_add_out|proj_out",))
+    assert att["fp8"] == 0 and len(att["kept"]) == 2
+    assert all("read by" in why for why in att["kept"].values()), att
+    assert hist.get("lyra::attention") == 2
+
+
+def test_one_compilation_serves_new_shapes_with_fp8_attention():
+    model = zoo.build_denoiser("flux")
+    with lyradynamo.config.patch(quant="fp8", quant_master="gpu"), torch.no_grad():
+        torch._dynamo.reset()
+        lyradynamo.reset_stats()
+        compiled = torch.compile(model, backend="lyra")
+        compiled(**zoo.denoiser_inputs("flux", model, batch=2))
+        torch.compiler.set_stance("fail_on_recompile")
+        try:
+            for shape in (dict(batch=3), dict(batch=1, height=48, width=80)):
+                compiled(**zoo.denoiser_inputs("flux", model, **shape))
+        finally:
+            torch.compiler.set_stance("default")
+    assert lyradynamo.compile_count() == 1
+    assert lyradynamo.compiled_graphs()[0].report.quant["attention"]["fp8"] == 2
