@@ -111,8 +111,8 @@ def parse_args(argv=None):
                    help="cold scenario: keep the inductor/triton on-disk caches (default: a fresh cache dir per child)")
     p.add_argument("--report", default=None, help="regenerate this markdown file from --out at the end (report.py)")
     p.add_argument("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="a lyradynamo.config option for the lyra modes (repeatable), e.g. fp8_attention=off; "
-                        "recorded in the rows")
+                   help="a lyradynamo.config option for the lyra modes (repeatable), e.g. fp8_attention=off "
+                        "(the rows' lyra_config shows the options in force)")
     p.add_argument("--progress", choices=("auto", "tqdm", "plain", "none"), default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; --quick: 1, tiny models gain nothing from more)")
@@ -481,8 +481,6 @@ def base_row(args, env, model_name, mode, size, dtype, scenario):
         "tiny": bool(args.quick), "weights": "checkpoint" if args.model_path else "random",
     }
     row.update(env)
-    if mode.startswith("lyra") and LYRA_CONFIG:
-        row["lyra_config"] = dict(LYRA_CONFIG)
     row["date"] = now_iso()
     row["error"] = None
     row["notes"] = None

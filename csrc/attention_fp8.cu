@@ -151,7 +151,7 @@ void attention_fp8_scales(const std::vector<int64_t>& parts, const std::vector<i
   for (int i = 0; i < p.nparts; ++i) {
     const int64_t* d = parts.data() + 8 * i;
     LYRA_CHECK_ARG(d[0] >= 0 && d[0] <= 2, fn, "part tensor index must be 0 (q), 1 (k) or 2 (v)");
-    LYRA_CHECK_ARG(d[1] != 0, fn, "part pointers must be non-null");
+    LYRA_CHECK_ARG(d[1] != 0 || d[2] * d[3] * d[4] == 0, fn, "part pointers must be non-null");
     LYRA_CHECK_ARG(d[2] >= 0 && d[3] >= 0 && d[4] > 0, fn, "part sizes must be B, L >= 0, H > 0");
     p.tensor[i] = static_cast<int>(d[0]);
     p.ptr[i] = reinterpret_cast<const void*>(static_cast<uintptr_t>(d[1]));
@@ -162,7 +162,7 @@ void attention_fp8_scales(const std::vector<int64_t>& parts, const std::vector<i
     p.sh[i] = d[7];
     p.begin[i + 1] = p.begin[i] + d[2] * d[3] * d[4] * D;  // elements for now
     covered[d[0]] = true;
-    vec_ok = vec_ok && aligned_to(static_cast<uintptr_t>(d[1]), 16) &&
+    vec_ok = vec_ok && (d[2] * d[3] == 0 || aligned_to(static_cast<uintptr_t>(d[1]), 16)) &&
              (d[5] * static_cast<int64_t>(es)) % 16 == 0 && (d[6] * static_cast<int64_t>(es)) % 16 == 0 &&
              (d[7] * static_cast<int64_t>(es)) % 16 == 0;
   }

@@ -157,9 +157,9 @@ qk_norm_rope_kernel(const T* x, const T* __restrict__ w, const float* __restrict
       const int i = lane + 32 * k;
       if (i >= npairs) continue;
       float o[2] = {ev[j][k], od[j][k]};
-      if (rotate) {
-        o[0] = ev[j][k] * c0[k] - od[j][k] * s0[k];
-        o[1] = od[j][k] * c1[k] + ev[j][k] * s1[k];
+      if (rotate) {  // products rounded on their own (no FMA), as eager's x * cos + rot * sin
+        o[0] = __fsub_rn(__fmul_rn(ev[j][k], c0[k]), __fmul_rn(od[j][k], s0[k]));
+        o[1] = __fadd_rn(__fmul_rn(od[j][k], c1[k]), __fmul_rn(ev[j][k], s1[k]));
       }
       store_pair<T, OutT, kPair>(yv + 2 * i, o, inv);
     }

@@ -239,7 +239,9 @@ def _(q8, k8, v8, scales, scale, is_causal):
 @attention_fp8.register_kernel("cuda")
 def _(q8, k8, v8, scales, scale, is_causal):
     _check_attention(q8, k8, v8, scales)
-    reason = unavailable_reason(q8.device) or unsupported_reason(q8=q8, k8=k8, v8=v8, scales=scales)
+    reason = unavailable_reason(q8.device)
+    if reason is None and not all(t.device == q8.device for t in (k8, v8, scales)):
+        reason = f"q8, k8, v8 and scales must all be on {q8.device}"
     if reason is None:
         reason = _shape_unsupported(q8, k8, v8)
     if reason is None:

@@ -76,7 +76,12 @@ def test_qkv_quant_is_exact(dtype, b, lens, h, d):
         got = lyra.qkv_quant(*args)
         ref = fa.qkv_quant_reference(*args)
         assert got.dtype == torch.float8_e4m3fn and got.shape == ref.shape
-        assert torch.equal(_bytes(got), _bytes(ref))
+        if args[2] == "none":  # copy (+ RoPE) and quantise: the same fp32 operations
+            assert torch.equal(_bytes(got), _bytes(ref))
+        else:  # RMSNorm: the kernel's sum of squares runs in another order (rstd +-1 ulp)
+            diff = (got.float() - ref.float()).abs()
+            assert torch.all(diff <= ref.float().abs() * 2 ** -3 + 2 ** -9)  # one e4m3 step at most
+            assert (_bytes(got) != _bytes(ref)).float().mean() < 1e-3
 
 
 @needs_cudnn
