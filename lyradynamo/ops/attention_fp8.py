@@ -62,7 +62,8 @@ def scales_reference(q_parts: List[Tensor], k_parts: List[Tensor], v_parts: List
             wmax = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
             bounds.append(wmax * torch.full((), math.sqrt(d), dtype=torch.float32, device=device))
         else:
-            bounds.append(torch.stack([p.detach().abs().amax().float() for p in parts]).amax())
+            bounds.append(torch.stack([p.detach().abs().float().flatten().max(0, keepdim=True)[0].squeeze(0)
+                                       if p.numel() else torch.zeros((), device=device) for p in parts]).amax())
     bound = torch.stack(bounds)
     descale = (bound / torch.full_like(bound, _QMAX)).clamp_min(numerics.SCALE_EPS)
     inv = torch.reciprocal(descale)

@@ -78,10 +78,10 @@ def test_qkv_quant_is_exact(dtype, b, lens, h, d):
         assert got.dtype == torch.float8_e4m3fn and got.shape == ref.shape
         if args[2] == "none":  # copy (+ RoPE) and quantise: the same fp32 operations
             assert torch.equal(_bytes(got), _bytes(ref))
-        else:  # RMSNorm: the kernel's sum of squares runs in another order (rstd +-1 ulp)
-            diff = (got.float() - ref.float()).abs()
-            assert torch.all(diff <= ref.float().abs() * 2 ** -3 + 2 ** -9)  # one e4m3 step at most
+        else:  # RMSNorm: the kernel's sum of squares runs in another order (rstd +-1 ulp, which
+            # RoPE's difference of products can magnify in a small output): rare, small changes
             assert (_bytes(got) != _bytes(ref)).float().mean() < 1e-3
+            assert numerics.sqnr_db(ref.float(), got.float()) > 40
 
 
 @needs_cudnn
