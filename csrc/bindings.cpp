@@ -60,6 +60,10 @@ void gemm_fp8_unscaled(uintptr_t a, uintptr_t b, uintptr_t out_f32, int64_t M, i
 void gemm_int8(uintptr_t a, uintptr_t b, uintptr_t out_i32, int64_t M, int64_t N, int64_t K,
                int64_t lda, uintptr_t stream);
 bool gemm_fp8_supported_outer_vec(int device, int out_dtype);
+void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst, uintptr_t q_weight,
+               uintptr_t k_weight, uintptr_t cos, uintptr_t sin, uintptr_t inv, int64_t B, int64_t L,
+               int64_t H, int64_t D, int64_t rope_l_offset, int64_t rope_len, double eps, int dtype,
+               uintptr_t stream);
 void attention_fp8_scales(const std::vector<int64_t>& parts, const std::vector<int64_t>& weights,
                           int64_t D, uintptr_t out, int dtype, uintptr_t stream);
 void scaled_epilogue(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t b_scale,
@@ -159,6 +163,17 @@ PYBIND11_MODULE(_C, m) {
         "stride_h; (B, L, H, D) views with unit stride along D): amax over them; weights: 2 "
         "ints per RMSNorm weight (tensor 0 / 1, ptr; D values): bound sqrt(D) * max|w|.",
         py::arg("parts"), py::arg("weights"), py::arg("D"), py::arg("out"), py::arg("dtype"),
+        py::arg("stream"));
+
+  m.def("qkv_quant", &lyra::qkv_quant, release(),
+        "q, k, v (B, L, H, D) of one attention to e4m3 in one pass: q and k RMSNorm'd (weight "
+        "pointer non-zero) and rotated (cos / sin fp32 (rope_len, D), position l - rope_l_offset) "
+        "as qk_norm_rope, v copied; value * inv[t] saturating. src: (ptr, stride_b, stride_l, "
+        "stride_h) x 3; dst: q, k, v pointers + stride_b, stride_l, stride_h (bytes); 16-byte "
+        "vectors, D / vector a power of two <= 32.",
+        py::arg("src"), py::arg("dst"), py::arg("q_weight"), py::arg("k_weight"), py::arg("cos"),
+        py::arg("sin"), py::arg("inv"), py::arg("B"), py::arg("L"), py::arg("H"), py::arg("D"),
+        py::arg("rope_l_offset"), py::arg("rope_len"), py::arg("eps"), py::arg("dtype"),
         py::arg("stream"));
 
   m.def("quantize_rows", &lyra::quantize_rows, release(),

@@ -71,6 +71,9 @@ def test_qkv_quant_is_quantised_qk_norm_rope():
     assert q8.dtype == torch.float8_e4m3fn and q8.shape == y.shape
     assert torch.equal(q8.view(torch.int8), numerics.to_e4m3(y.float() * s[24]).view(torch.int8))
     v8 = lyra.qkv_quant(parts, [], "none", 0.0, None, None, s, 2)  # v: the cat, quantised
+    q3, k3, v3 = lyra.qkv_quant3(parts, parts, parts, ws, ws, "rms", 1e-6, cos, sin, s)
+    assert torch.equal(q3.view(torch.int8), q8.view(torch.int8)) and torch.equal(v3.view(torch.int8), v8.view(torch.int8))
+    assert torch.equal(k3.view(torch.int8), lyra.qkv_quant(parts, ws, "rms", 1e-6, cos, sin, s, 1).view(torch.int8))
     assert torch.equal(v8.view(torch.int8), numerics.to_e4m3(torch.cat(parts, 1) * s[26]).view(torch.int8))
     assert numerics.sqnr_db(torch.cat(parts, 1), v8.float() * s[8]) > 25
 
@@ -110,19 +113,22 @@ def _compile_run(name, model, inputs, **cfg):
     return out, rec.report.quant["attention"], rec.summary["op_histogram"]
 
 
-@pytest.mark.parametrize("name,n_attn", [("flux", 2), ("sdxl", 16)])
-def test_rewrite_quantises_attention_read_by_quantised_linears(name, n_attn):
+@pytest.mark.parametrize("name,n_attn,mode", [("flux", 2, "auto"), ("sdxl", 16, "on")])
+def test_rewrite_quantises_attention_read_by_quantised_linears(name, n_attn, mode):
     model = zoo.build_denoiser(name)
     inputs = zoo.denoiser_inputs(name, model, batch=2)
     with torch.no_grad():
         ref = model(**inputs, return_dict=False)[0]
-    out, att, hist = _compile_run(name, model, inputs)
+    out, att, hist = _compile_run(name, model, inputs, fp8_attention=mode)
     assert att["fp8"] == n_attn and not att["kept"], att
     assert hist.get("lyra::attention_fp8") == n_attn and "lyra::attention" not in hist
-    assert hist.get("lyra::qkv_quant") == 3 * n_attn
     assert numerics.sqnr_db(ref, out) > 25
-    if name == "flux":  # the q / k norms + RoPE quantise in place: no bf16 qk_norm_rope is left
-        assert "lyra::qk_norm_rope" not in hist
+    if name == "flux":  # q / k norms + RoPE and v's cat: one quantising pass, no bf16 copy left
+        assert hist.get("lyra::qkv_quant3") == n_attn and "lyra::qk_norm_rope" not in hist
+    else:  # q / k / v each scaled by its amax
+        assert hist.get("lyra::qkv_quant3") == n_attn
+        _, att_auto, _ = _compile_run(name, model, inputs)
+        assert att_auto["fp8"] == 0 and all("not RMS-normalised" in why for why in att_auto["kept"].values())
     off, att_off, hist_off = _compile_run(name, model, inputs, fp8_attention="off")
     assert att_off["fp8"] == 0 and set(att_off["kept"].values()) == {"config.fp8_attention = 'off'"}
     assert hist_off.get("lyra::attention") == n_attn and "lyra::attention_fp8" not in hist_off

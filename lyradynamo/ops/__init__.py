@@ -20,5 +20,6 @@ OPS = {
     "adaln_quant": quantize.adaln_quant,
     "attention_fp8_scales": attention_fp8.attention_fp8_scales,
     "qkv_quant": attention_fp8.qkv_quant,
+    "qkv_quant3": attention_fp8.qkv_quant3,
     "attention_fp8": attention_fp8.attention_fp8,
 }

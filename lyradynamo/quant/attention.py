@@ -9,12 +9,15 @@ only quantised linears read runs in fp8, its inputs quantised by the kernels tha
 becomes
     scales = lyra::attention_fp8_scales(q, k and v parts, q_w, k_w)  (RMS-normed q / k: a bound
                                                                       from the weights, no pass)
-    q8 = lyra::qkv_quant(q_parts, q_w, 'rms', eps, cos, sin, scales, 0)   (k8, v8 likewise)
+    q8, k8, v8 = lyra::qkv_quant3(q_parts, k_parts, v_parts, q_w, k_w, 'rms', eps, cos, sin, scales)
+                 (one pass; lyra::qkv_quant per tensor where the parts do not line up)
     o8, o_scale = lyra::attention_fp8(q8, k8, v8, scales, scale, causal)
     o8 -> the same view chain, mirrored on o_scale (B, L) -> lyra::qlinear_q(o8 view, o_scale view)
 
-so the q / k norm + RoPE kernel writes e4m3 (half the bytes), v's cat copy quantises, and the
-out-projection's separate quantise pass is gone. Anything else reading o (or a mask, a head
+so one kernel normalises, rotates and quantises q and k and copies v (its cat) to e4m3, and the
+out-projection's separate quantise pass is gone. With config.fp8_attention = "auto" only
+attention whose q and k are RMS-normalised (DiTs: FLUX, SD3) is rewritten: elsewhere (SDXL) the
+amax passes over q and k cost more than fp8 attention saves; "on" rewrites those too. Anything else reading o (or a mask, a head
 dim cuDNN does not take) leaves the attention as it is, with the reason in the report.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ _QLINEAR = torch.ops.lyra.qlinear.default
 _QLINEAR_Q = torch.ops.lyra.qlinear_q.default
 _SCALES = torch.ops.lyra.attention_fp8_scales.default
 _QKV_QUANT = torch.ops.lyra.qkv_quant.default
+_QKV_QUANT3 = torch.ops.lyra.qkv_quant3.default
 _ATTENTION_FP8 = torch.ops.lyra.attention_fp8.default
 _IDENTITY = object()  # a view that keeps dims 0, 1 (B, L): the row scales stay as they are
 
@@ -72,8 +76,19 @@ def _unsupported(node: fx.Node) -> Optional[str]:
     if not isinstance(d, int) or d % 16 or d > 256:
         return f"head dim {d} (cuDNN fp8 attention needs a multiple of 16, at most 256)"
     if config.fp8_attention == "auto":
+        if not all(_rms_normed(n) for n in (q, k)):
+            # SDXL (H100): the amax and quantise passes over q and k cost more than the fp8
+            # attention saves at head dim 64 (0.752 -> 0.872 s/image)
+            return "q / k are not RMS-normalised (their per-tensor amax would take a pass each: no gain)"
         return ops.unavailable_reason(qv.device)
     return None
+
+
+def _rms_normed(node) -> bool:
+    """node = lyra::qk_norm_rope(parts, weights, 'rms', ...) read only here: its scale is a
+    bound from the weights, no pass over the data."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is _QK_NORM_ROPE
+            and len(node.users) == 1 and node.args[2] == "rms" and bool(node.args[1]))
 
 
 def _consumers(attn: fx.Node):
@@ -147,8 +162,7 @@ def _operand(graph: fx.Graph, node: fx.Node, which: int, mode):
     """(amax parts, RMSNorm weights, qkv_quant args) for q / k / v = node: a single-user
     RMSNorm'd qk_norm_rope is quantised in its place (weight bound), a single-user cat along L
     by parts, anything else as one part."""
-    if (node.op == "call_function" and node.target is _QK_NORM_ROPE and len(node.users) == 1
-            and node.args[2] == "rms" and node.args[1] and which < 2):
+    if which < 2 and _rms_normed(node):
         parts, weights, norm, eps, cos, sin = node.args
         return [], list(weights), (list(parts), list(weights), norm, eps, cos, sin)
     if node.op == "call_function" and node.target is _QK_NORM_ROPE and len(node.users) == 1:
@@ -175,7 +189,13 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
     operands = [_operand(graph, n, i, mode) for i, n in enumerate((q, k, v))]
     scales = _insert(graph, attn, _SCALES, (operands[0][0], operands[1][0], operands[2][0],
                                             operands[0][1], operands[1][1]), mode)
-    quantised = [_insert(graph, attn, _QKV_QUANT, (*op[2], scales, i), mode) for i, op in enumerate(operands)]
+    (qp, qw, qn, qe, qc, qs), (kp, kw, kn, ke, kc, ks), (vp, vw, vn, _, vc, _) = (op[2] for op in operands)
+    if len(qp) == len(kp) == len(vp) and (qn, qe, qc, qs) == (kn, ke, kc, ks) and vn == "none" \
+            and not vw and vc is None:  # one pass over q, k and v
+        fused = _insert(graph, attn, _QKV_QUANT3, (qp, kp, vp, qw, kw, qn, qe, qc, qs, scales), mode)
+        quantised = _getitems(graph, fused, 3)
+    else:
+        quantised = [_insert(graph, attn, _QKV_QUANT, (*op[2], scales, i), mode) for i, op in enumerate(operands)]
     pair = _insert(graph, attn, _ATTENTION_FP8, (*quantised, scales, scale, is_causal), mode)
     o8, o_scale = _getitems(graph, pair, 2)
     row_scale = {attn: o_scale}

@@ -1,0 +1,148 @@
+// qkv_quant.cu: q, k and v of one attention quantised to e4m3 in one pass
+// (FP8 attention): per head, q and k get qk_norm_rope.cu's math (RMSNorm over
+// D with fp32 statistics, rounded to the dtype, times the weight, rounded;
+// RoPE in fp32 with unfused products, rounded), v is copied; each value then
+// leaves as e4m3(value * inv_t), inv_t = scales[24 + t] (attention_fp8.cu).
+//
+// One block per token (b, l) of a part, H * D / V threads (V = 16-byte vector
+// of the dtype): thread (h, c) holds elements [cV, cV + V) of head h of q, k
+// and v in turn, the D / V threads of a head reducing with warp shuffles. Its
+// cos / sin are loaded once for q and k. Every access is a 16-byte load or a
+// V-byte store: about the DRAM time of reading q, k, v and writing them at
+// one byte per value (qk_norm_rope.cu, a warp per token and four heads with
+// 4-byte accesses, was L1-bound at a quarter of that).
+#include <cuda_fp8.h>
+
+#include <vector>
+
+#include "common.cuh"
+#include "quant.cuh"
+
+namespace lyra {
+namespace {
+
+struct QKVParams {
+  const void* src[3];
+  int64_t sb[3], sl[3], sh[3];  // source strides (elements)
+  const void* w[2];             // RMSNorm weights of q, k (nullptr: no norm)
+  uint8_t* dst[3];
+  int64_t db, dl, dh;           // output strides (bytes = elements)
+  const float* cosp;
+  const float* sinp;
+  const float* inv;             // inv_q, inv_k, inv_v
+  int L, H, D;
+  int rope_off, rope_len;
+  float eps;
+};
+
+template <typename T, int V>
+__global__ void qkv_quant_kernel(QKVParams p) {
+  const int lanes = p.D / V;  // threads per head: a power of two <= 32
+  const int h = threadIdx.x / lanes;
+  const bool active = h < p.H;  // the block is whole warps: the rest only join the shuffles
+  const int c = (threadIdx.x % lanes) * V;
+  const int64_t b = blockIdx.x / p.L;
+  const int l = static_cast<int>(blockIdx.x % p.L);
+  const int pos = l - p.rope_off;
+  const bool rotate = p.cosp != nullptr && pos >= 0 && pos < p.rope_len;
+  float cs[V], sn[V];
+  if (rotate && h < p.H) {
+    load_f32<V>(p.cosp + static_cast<int64_t>(pos) * p.D + c, cs);
+    load_f32<V>(p.sinp + static_cast<int64_t>(pos) * p.D + c, sn);
+  }
+#pragma unroll
+  for (int t = 0; t < 3; ++t) {
+    const T* x = static_cast<const T*>(p.src[t]) + b * p.sb[t] + l * p.sl[t] + h * p.sh[t] + c;
+    float v[V] = {};
+    if (active) load_vec<V>(x, v);
+    if (t < 2 && p.w[t] != nullptr) {
+      float ss = 0.f;
+#pragma unroll
+      for (int e = 0; e < V; ++e) ss += v[e] * v[e];
+      for (int o = lanes >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      const float rstd = rsqrtf(ss / static_cast<float>(p.D) + p.eps);
+      float w[V] = {};
+      if (active) load_vec<V>(static_cast<const T*>(p.w[t]) + c, w);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = round_to<T>(round_to<T>(v[e] * rstd) * w[e]);
+    }
+    if (t < 2 && rotate) {
+#pragma unroll
+      for (int e = 0; e < V; e += 2) {
+        const float ev = v[e], od = v[e + 1];
+        v[e] = round_to<T>(__fsub_rn(__fmul_rn(ev, cs[e]), __fmul_rn(od, sn[e])));
+        v[e + 1] = round_to<T>(__fadd_rn(__fmul_rn(od, cs[e + 1]), __fmul_rn(ev, sn[e + 1])));
+      }
+    }
+    if (active)
+      quant_store<V>(p.dst[t] + b * p.db + static_cast<int64_t>(l) * p.dl + h * p.dh + c, v, p.inv[t],
+                   kQuantFp8);
+  }
+}
+
+}  // namespace
+
+void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst, uintptr_t q_weight,
+               uintptr_t k_weight, uintptr_t cos, uintptr_t sin, uintptr_t inv, int64_t B, int64_t L,
+               int64_t H, int64_t D, int64_t rope_l_offset, int64_t rope_len, double eps, int dtype,
+               uintptr_t stream) {
+  const char* fn = "qkv_quant";
+  LYRA_CHECK_ARG(src.size() == 12, fn, "src must hold (ptr, stride_b, stride_l, stride_h) for q, k, v");
+  LYRA_CHECK_ARG(dst.size() == 6, fn, "dst must hold q, k, v pointers and stride_b, stride_l, stride_h");
+  LYRA_CHECK_ARG(inv != 0 && aligned_to(inv, 4), fn, "inv must be a 4-byte aligned device pointer");
+  LYRA_CHECK_ARG(cos == 0 || sin != 0, fn, "sin must be non-null when cos is given");
+  LYRA_CHECK_ARG(B >= 0 && L >= 0 && B * L < (1ll << 31), fn, "B * L must be in [0, 2^31)");
+  const int64_t V = 16 / static_cast<int64_t>(dtype_size(dtype));
+  const int64_t lanes = D / V;
+  LYRA_CHECK_ARG(D % V == 0 && lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0, fn,
+                 "D / (16-byte vector) must be a power of two <= 32, got D=" + std::to_string(D));
+  LYRA_CHECK_ARG(H >= 1 && (H * lanes + 31) / 32 * 32 <= 1024, fn,
+                 "H * D / vector must be <= 1024 threads");
+  LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
+  QKVParams p{};
+  const size_t es = dtype_size(dtype);
+  for (int t = 0; t < 3; ++t) {
+    const uintptr_t s = static_cast<uintptr_t>(src[4 * t]);
+    const uintptr_t d = static_cast<uintptr_t>(dst[t]);
+    LYRA_CHECK_ARG(s != 0 && d != 0, fn, "q, k, v pointers must be non-null");
+    LYRA_CHECK_ARG(aligned_to(s, 16) && aligned_to(d, static_cast<size_t>(V)), fn,
+                   "sources must be 16-byte aligned, outputs aligned to the vector");
+    for (int j = 1; j < 4; ++j)
+      LYRA_CHECK_ARG((src[4 * t + j] * static_cast<int64_t>(es)) % 16 == 0, fn,
+                     "source strides must be multiples of 16 bytes");
+    p.src[t] = reinterpret_cast<const void*>(s);
+    p.sb[t] = src[4 * t + 1];
+    p.sl[t] = src[4 * t + 2];
+    p.sh[t] = src[4 * t + 3];
+    p.dst[t] = as_ptr<uint8_t>(d);
+  }
+  for (int j = 3; j < 6; ++j)
+    LYRA_CHECK_ARG(dst[j] % V == 0, fn, "output strides must be multiples of the vector");
+  LYRA_CHECK_ARG(aligned_to(q_weight, 16) && aligned_to(k_weight, 16) && aligned_to(cos, 16) &&
+                     aligned_to(sin, 16),
+                 fn, "weights and cos / sin must be 16-byte aligned");
+  p.db = dst[3];
+  p.dl = dst[4];
+  p.dh = dst[5];
+  p.w[0] = reinterpret_cast<const void*>(q_weight);
+  p.w[1] = reinterpret_cast<const void*>(k_weight);
+  p.cosp = as_ptr<const float>(cos);
+  p.sinp = as_ptr<const float>(sin);
+  p.inv = as_ptr<const float>(inv);
+  p.L = static_cast<int>(L);
+  p.H = static_cast<int>(H);
+  p.D = static_cast<int>(D);
+  p.rope_off = static_cast<int>(rope_l_offset);
+  p.rope_len = cos ? static_cast<int>(rope_len) : 0;
+  p.eps = static_cast<float>(eps);
+  if (B * L == 0) return;
+  const int threads = static_cast<int>((H * lanes + 31) / 32 * 32);
+  const unsigned grid = static_cast<unsigned>(B * L);
+  cudaStream_t s = as_stream(stream);
+  LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
+    qkv_quant_kernel<scalar_t, vec16<scalar_t>()><<<grid, threads, 0, s>>>(p);
+    LYRA_CHECK_LAUNCH(fn);
+  });
+}
+
+}  // namespace lyra
