@@ -168,8 +168,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("qkv_quant", &lyra::qkv_quant, release(),
         "q, k, v (B, L, H, D) of one attention to e4m3 in one pass: q and k RMSNorm'd (weight "
         "pointer non-zero) and rotated (cos / sin fp32 (rope_len, D), position l - rope_l_offset) "
-        "as qk_norm_rope, v copied; value * inv[t] saturating. src: (ptr, stride_b, stride_l, "
-        "stride_h) x 3; dst: q, k, v pointers + stride_b, stride_l, stride_h (bytes); 16-byte "
+        "as qk_norm_rope, v copied (v's pointers 0: none); value * inv[t] saturating to e4m3, or "
+        "(inv 0) the values in dtype. src: (ptr, stride_b, stride_l, "
+        "stride_h) x 3; dst: q, k, v pointers + stride_b, stride_l, stride_h (elements); 16-byte "
         "vectors, D / vector a power of two <= 32.",
         py::arg("src"), py::arg("dst"), py::arg("q_weight"), py::arg("k_weight"), py::arg("cos"),
         py::arg("sin"), py::arg("inv"), py::arg("B"), py::arg("L"), py::arg("H"), py::arg("D"),

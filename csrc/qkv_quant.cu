@@ -1,5 +1,6 @@
 // qkv_quant.cu: q, k and v of one attention quantised to e4m3 in one pass
-// (FP8 attention): per head, q and k get qk_norm_rope.cu's math (RMSNorm over
+// (FP8 attention; with inv = 0 the same pass writes the dtype, lyra::qk_norm_rope3
+// of bf16 / fp16 attention): per head, q and k get qk_norm_rope.cu's math (RMSNorm over
 // D with fp32 statistics, rounded to the dtype, times the weight, rounded;
 // RoPE in fp32 with unfused products, rounded), v is copied; each value then
 // leaves as e4m3(value * inv_t), inv_t = scales[24 + t] (attention_fp8.cu).
@@ -13,6 +14,7 @@
 // 4-byte accesses, was L1-bound at a quarter of that).
 #include <cuda_fp8.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "common.cuh"
@@ -25,17 +27,19 @@ struct QKVParams {
   const void* src[3];
   int64_t sb[3], sl[3], sh[3];  // source strides (elements)
   const void* w[2];             // RMSNorm weights of q, k (nullptr: no norm)
-  uint8_t* dst[3];
-  int64_t db, dl, dh;           // output strides (bytes = elements)
+  void* dst[3];
+  int64_t db, dl, dh;           // output strides (elements)
   const float* cosp;
   const float* sinp;
-  const float* inv;             // inv_q, inv_k, inv_v
+  const float* inv;             // inv_q, inv_k, inv_v (nullptr: outputs in T, not quantised)
   int L, H, D;
   int rope_off, rope_len;
   float eps;
 };
 
-template <typename T, int V>
+// OutT = uint8_t: e4m3 bytes (value * inv[t]); OutT = T: the values themselves
+// (lyra::qk_norm_rope3, the bf16 / fp16 form of the same pass).
+template <typename T, typename OutT, int V>
 __global__ void qkv_quant_kernel(QKVParams p) {
   const int lanes = p.D / V;  // threads per head: a power of two <= 32
   const int h = threadIdx.x / lanes;
@@ -52,6 +56,7 @@ __global__ void qkv_quant_kernel(QKVParams p) {
   }
 #pragma unroll
   for (int t = 0; t < 3; ++t) {
+    if (p.src[t] == nullptr) continue;  // uniform: no v to copy
     const T* x = static_cast<const T*>(p.src[t]) + b * p.sb[t] + l * p.sl[t] + h * p.sh[t] + c;
     float v[V] = {};
     if (active) load_vec<V>(x, v);
@@ -74,9 +79,13 @@ __global__ void qkv_quant_kernel(QKVParams p) {
         v[e + 1] = round_to<T>(__fadd_rn(__fmul_rn(od, cs[e + 1]), __fmul_rn(ev, sn[e + 1])));
       }
     }
-    if (active)
-      quant_store<V>(p.dst[t] + b * p.db + static_cast<int64_t>(l) * p.dl + h * p.dh + c, v, p.inv[t],
-                   kQuantFp8);
+    if (!active) continue;
+    OutT* y = static_cast<OutT*>(p.dst[t]) + b * p.db + static_cast<int64_t>(l) * p.dl + h * p.dh + c;
+    if constexpr (std::is_same_v<OutT, uint8_t>) {
+      quant_store<V>(y, v, p.inv[t], kQuantFp8);
+    } else {
+      store_vec<V>(y, v);
+    }
   }
 }
 
@@ -89,7 +98,7 @@ void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst,
   const char* fn = "qkv_quant";
   LYRA_CHECK_ARG(src.size() == 12, fn, "src must hold (ptr, stride_b, stride_l, stride_h) for q, k, v");
   LYRA_CHECK_ARG(dst.size() == 6, fn, "dst must hold q, k, v pointers and stride_b, stride_l, stride_h");
-  LYRA_CHECK_ARG(inv != 0 && aligned_to(inv, 4), fn, "inv must be a 4-byte aligned device pointer");
+  LYRA_CHECK_ARG(aligned_to(inv, 4), fn, "inv must be a 4-byte aligned device pointer (or 0)");
   LYRA_CHECK_ARG(cos == 0 || sin != 0, fn, "sin must be non-null when cos is given");
   LYRA_CHECK_ARG(B >= 0 && L >= 0 && B * L < (1ll << 31), fn, "B * L must be in [0, 2^31)");
   const int64_t V = 16 / static_cast<int64_t>(dtype_size(dtype));
@@ -101,11 +110,13 @@ void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst,
   LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
   QKVParams p{};
   const size_t es = dtype_size(dtype);
+  const size_t out_vec = inv ? static_cast<size_t>(V) : 16;  // bytes of one output vector
   for (int t = 0; t < 3; ++t) {
     const uintptr_t s = static_cast<uintptr_t>(src[4 * t]);
     const uintptr_t d = static_cast<uintptr_t>(dst[t]);
-    LYRA_CHECK_ARG(s != 0 && d != 0, fn, "q, k, v pointers must be non-null");
-    LYRA_CHECK_ARG(aligned_to(s, 16) && aligned_to(d, static_cast<size_t>(V)), fn,
+    LYRA_CHECK_ARG((s != 0 && d != 0) || (t == 2 && s == 0 && d == 0), fn,
+                   "q, k pointers must be non-null (v's may both be 0: no v)");
+    LYRA_CHECK_ARG(aligned_to(s, 16) && aligned_to(d, out_vec), fn,
                    "sources must be 16-byte aligned, outputs aligned to the vector");
     for (int j = 1; j < 4; ++j)
       LYRA_CHECK_ARG((src[4 * t + j] * static_cast<int64_t>(es)) % 16 == 0, fn,
@@ -114,7 +125,7 @@ void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst,
     p.sb[t] = src[4 * t + 1];
     p.sl[t] = src[4 * t + 2];
     p.sh[t] = src[4 * t + 3];
-    p.dst[t] = as_ptr<uint8_t>(d);
+    p.dst[t] = as_ptr<void>(d);
   }
   for (int j = 3; j < 6; ++j)
     LYRA_CHECK_ARG(dst[j] % V == 0, fn, "output strides must be multiples of the vector");
@@ -140,7 +151,11 @@ void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst,
   const unsigned grid = static_cast<unsigned>(B * L);
   cudaStream_t s = as_stream(stream);
   LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
-    qkv_quant_kernel<scalar_t, vec16<scalar_t>()><<<grid, threads, 0, s>>>(p);
+    if (inv) {
+      qkv_quant_kernel<scalar_t, uint8_t, vec16<scalar_t>()><<<grid, threads, 0, s>>>(p);
+    } else {
+      qkv_quant_kernel<scalar_t, scalar_t, vec16<scalar_t>()><<<grid, threads, 0, s>>>(p);
+    }
     LYRA_CHECK_LAUNCH(fn);
   });
 }

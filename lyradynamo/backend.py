@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from . import config, runtime, shape_policy
+from .passes import attention as attention_pass
 from .passes import run_passes
 from .passes.report import GraphReport
 
@@ -127,6 +128,20 @@ def _with_weight_refresh(runner: Callable, entries: list) -> Callable:
     return run
 
 
+def _late_fusions(gm: fx.GraphModule, fake_mode, report: GraphReport) -> None:
+    """Fusions across ops that quantisation rewrites too, so they run after it (a failure keeps
+    the graph as it was: each fusion is applied whole)."""
+    if not {"rope", "attention"} <= set(config.passes):
+        return
+    try:
+        attention_pass.fuse_qkv_late(gm.graph, fake_mode, report)
+        gm.graph.lint()
+        gm.recompile()
+    except Exception as exc:  # noqa: BLE001 - an optimisation; never fatal
+        log.warning("lyradynamo: late q/k/v fusion failed (%s)", exc)
+        report.errors.append({"pass": "late_fusions", "error": repr(exc), "trace": traceback.format_exc()})
+
+
 def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
     """torch.compile backend entry point (registered as "lyra")."""
     if kwargs:
@@ -148,6 +163,7 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
     _freeze_parameters(example_inputs)
     t = time.perf_counter()
     quant_entries = _quantize(gm, example_inputs, report)
+    _late_fusions(gm, fake_mode, report)
     report.phases_s["quant"] = time.perf_counter() - t
     reason = _recompile_reason()
     if reason:

@@ -161,3 +161,33 @@ def test_one_compilation_serves_new_shapes_with_fp8_attention():
             torch.compiler.set_stance("default")
     assert lyradynamo.compile_count() == 1
     assert lyradynamo.compiled_graphs()[0].report.quant["attention"]["fp8"] == 2
+
+
+def test_high_precision_attention_gets_q_k_v_from_one_pass():
+    """Without quantisation the same producers fuse: FLUX's q / k norm + RoPE and v's cat become
+    one lyra::qk_norm_rope3 per attention (v left alone where it is not a cat), same numbers."""
+    model = zoo.build_denoiser("flux")
+    inputs = zoo.denoiser_inputs("flux", model, batch=2)
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+        torch._dynamo.reset()
+        lyradynamo.reset_stats()
+        out = torch.compile(model, backend="lyra")(**inputs, return_dict=False)[0]
+    rec = lyradynamo.compiled_graphs()[0]
+    hist = rec.summary["op_histogram"]
+    assert hist.get("lyra::qk_norm_rope3") == 2 and "lyra::qk_norm_rope" not in hist
+    assert rec.report.matched["rope"]["q/k norm+rope + v cat in one pass"] == 1  # the joint block
+    assert rec.report.matched["rope"]["q/k norm+rope in one pass"] == 1  # the single block: v is a view
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_qk_norm_rope3_reference():
+    d = 32
+    q, k, v = [rnd(2, 3, 4, d), rnd(2, 5, 4, d)], [rnd(2, 3, 4, d), rnd(2, 5, 4, d)], [rnd(2, 3, 4, d), rnd(2, 5, 4, d)]
+    ws = [1 + 0.1 * rnd(d), 1 + 0.1 * rnd(d)]
+    cos, sin = _rope_tables(8, d)
+    yq, yk, yv = lyra.qk_norm_rope3(q, k, v, ws, ws, "rms", 1e-6, cos, sin)
+    assert torch.equal(yq, lyra.qk_norm_rope(q, ws, "rms", 1e-6, cos, sin))
+    assert torch.equal(yk, lyra.qk_norm_rope(k, ws, "rms", 1e-6, cos, sin))
+    assert torch.equal(yv, torch.cat(v, 1))
+    assert lyra.qk_norm_rope3(q, k, [], ws, ws, "rms", 1e-6, cos, sin)[2].numel() == 0

@@ -37,7 +37,7 @@ from torch import Tensor
 from ..quant import numerics
 from ._common import DTYPE_CODES, csrc, ptr, record_fallback, stream_handle, unsupported_reason
 from .rope import cuda_unsupported as _rope_unsupported
-from .rope import launch_parts, qk_norm_rope_reference
+from .rope import fused_unsupported, launch_fused, launch_parts, qk_norm_rope_reference
 
 log = logging.getLogger("lyradynamo")
 
@@ -241,54 +241,15 @@ def _(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin, scal
     for parts in (q_parts, k_parts, v_parts):
         b, _, h, d = parts[0].shape
         outs.append(torch.empty((b, sum(p.shape[1] for p in parts), h, d), dtype=E4M3, device=parts[0].device))
-    if _fused_unsupported(C, q_parts, k_parts, v_parts, q_weights, k_weights, norm, cos, sin) is None:
-        _launch_fused(C, q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin, scales, outs)
+    if fused_unsupported(C, q_parts, k_parts, v_parts, q_weights, k_weights, cos, sin) is None:
+        launch_fused(C, q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin,
+                     ptr(scales) + 4 * INV, outs)
     else:  # three passes of the per-tensor kernel (qk_norm_rope's)
         for i, (parts, weights, nm, c, s_) in enumerate(((q_parts, q_weights, norm, cos, sin),
                                                           (k_parts, k_weights, norm, cos, sin),
                                                           (v_parts, [], "none", None, None))):
             launch_parts(C, parts, weights, nm, eps, c, s_, outs[i], ptr(scales) + 4 * (INV + i))
     return tuple(outs)
-
-
-def _fused_unsupported(C, q_parts, k_parts, v_parts, q_weights, k_weights, norm, cos, sin) -> Optional[str]:
-    if getattr(C, "qkv_quant", None) is None:
-        return "this lyradynamo._C has no qkv_quant"
-    if not len(q_parts) == len(k_parts) == len(v_parts):
-        return "q, k, v have different numbers of parts"
-    x0 = q_parts[0]
-    es = x0.element_size()
-    vec = 16 // es
-    d, h = x0.shape[3], x0.shape[2]
-    lanes = d // vec
-    if d % vec or lanes > 32 or lanes & (lanes - 1) or (h * lanes + 31) // 32 * 32 > 1024:
-        return f"H={h}, D={d}: not a power-of-two number of 16-byte vectors per head, or too many heads"
-    for parts in zip(q_parts, k_parts, v_parts):
-        if any(p.shape != parts[0].shape or p.dtype != x0.dtype for p in parts):
-            return "q, k, v parts differ in shape or dtype"
-        for p in parts:
-            if p.data_ptr() % 16 or any((st * es) % 16 for st in p.stride()[:3]):
-                return "a part is not 16-byte aligned"
-    for t in (*q_weights, *k_weights, cos, sin):
-        if t is not None and t.data_ptr() % 16:
-            return "a weight or the cos / sin table is not 16-byte aligned"
-    return None
-
-
-def _launch_fused(C, q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin, scales, outs):
-    x0 = q_parts[0]
-    code, stream, offset = DTYPE_CODES[x0.dtype], stream_handle(x0), 0
-    rms = norm == "rms"
-    for i, parts in enumerate(zip(q_parts, k_parts, v_parts)):
-        b, n, h, d = parts[0].shape
-        if n:
-            src = [x for p in parts for x in (ptr(p), p.stride(0), p.stride(1), p.stride(2))]
-            ys = [o[:, offset:offset + n] for o in outs]
-            dst = [ptr(y) for y in ys] + [ys[0].stride(0), ys[0].stride(1), ys[0].stride(2)]
-            C.qkv_quant(src, dst, ptr(q_weights[i]) if rms else 0, ptr(k_weights[i]) if rms else 0,
-                        ptr(cos), ptr(sin), ptr(scales) + 4 * INV, b, n, h, d, -offset,
-                        0 if cos is None else cos.shape[0], float(eps), code, stream)
-        offset += n
 
 
 # ---- the attention ---------------------------------------------------------------------------

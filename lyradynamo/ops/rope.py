@@ -110,6 +110,110 @@ def launch_parts(C, parts: List[Tensor], weights: List[Tensor], norm: str, eps: 
     return out
 
 
+def fused_unsupported(C, q_parts, k_parts, v_parts, q_weights, k_weights, cos, sin) -> Optional[str]:
+    """Why csrc qkv_quant cannot take q, k (and v, possibly no parts) in one pass, or None."""
+    if getattr(C, "qkv_quant", None) is None:
+        return "this lyradynamo._C has no qkv_quant"
+    if len(q_parts) != len(k_parts) or (v_parts and len(v_parts) != len(q_parts)):
+        return "q, k, v have different numbers of parts"
+    x0 = q_parts[0]
+    es = x0.element_size()
+    vec = 16 // es
+    d, h = x0.shape[3], x0.shape[2]
+    lanes = d // vec
+    if d % vec or lanes > 32 or lanes & (lanes - 1) or (h * lanes + 31) // 32 * 32 > 1024:
+        return f"H={h}, D={d}: not a power-of-two number of 16-byte vectors per head, or too many heads"
+    for parts in zip(q_parts, k_parts, v_parts or k_parts):
+        if any(p.shape != parts[0].shape or p.dtype != x0.dtype for p in parts):
+            return "q, k, v parts differ in shape or dtype"
+        for p in parts:
+            if p.data_ptr() % 16 or any((st * es) % 16 for st in p.stride()[:3]):
+                return "a part is not 16-byte aligned"
+    for t in (*q_weights, *k_weights, cos, sin):
+        if t is not None and t.data_ptr() % 16:
+            return "a weight or the cos / sin table is not 16-byte aligned"
+    return None
+
+
+def launch_fused(C, q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin, inv: int,
+                 outs) -> None:
+    """csrc qkv_quant per part into outs (q, k[, v]): e4m3 at inv (a device pointer to inv_q,
+    inv_k, inv_v), or the dtype with inv = 0."""
+    x0 = q_parts[0]
+    code, stream, offset = DTYPE_CODES[x0.dtype], stream_handle(x0), 0
+    rms = norm == "rms"
+    for i, (q, k) in enumerate(zip(q_parts, k_parts)):
+        b, n, h, d = q.shape
+        if n:
+            parts = (q, k, v_parts[i]) if v_parts else (q, k)
+            src = [x for p in parts for x in (ptr(p), p.stride(0), p.stride(1), p.stride(2))]
+            ys = [o[:, offset:offset + n] for o in outs[:len(parts)]]
+            src += [0, 0, 0, 0] * (3 - len(parts))
+            dst = [ptr(y) for y in ys] + [0] * (3 - len(parts)) + [ys[0].stride(0), ys[0].stride(1), ys[0].stride(2)]
+            C.qkv_quant(src, dst, ptr(q_weights[i]) if rms else 0, ptr(k_weights[i]) if rms else 0,
+                        ptr(cos), ptr(sin), inv, b, n, h, d, -offset,
+                        0 if cos is None else cos.shape[0], float(eps), code, stream)
+        offset += n
+
+
+# ---- lyra::qk_norm_rope3: q and k normalised + rotated, v's cat copied, in one pass ------------
+
+
+def qk_norm_rope3_reference(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin):
+    v = (torch.cat(v_parts, dim=1) if len(v_parts) > 1 else v_parts[0].clone()) if v_parts else q_parts[0].new_empty(0)
+    return (qk_norm_rope_reference(q_parts, q_weights, norm, eps, cos, sin),
+            qk_norm_rope_reference(k_parts, k_weights, norm, eps, cos, sin), v)
+
+
+@torch.library.custom_op("lyra::qk_norm_rope3", mutates_args=())
+def qk_norm_rope3(q_parts: List[Tensor], k_parts: List[Tensor], v_parts: List[Tensor], q_weights: List[Tensor],
+                  k_weights: List[Tensor], norm: str, eps: float, cos: Tensor,
+                  sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """lyra::qk_norm_rope of q and of k (same norm, RoPE) and the cat of v's parts, one pass per
+    part (csrc qkv_quant with dtype output). No v parts: v is an empty tensor."""
+    _check(q_parts, q_weights, norm)
+    _check(k_parts, k_weights, norm)
+    return qk_norm_rope3_reference(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin)
+
+
+def _outputs3(q_parts, k_parts, v_parts):
+    outs = []
+    for parts in (q_parts, k_parts, v_parts):
+        if not parts:
+            outs.append(q_parts[0].new_empty(0))
+            continue
+        b, _, h, d = parts[0].shape
+        outs.append(parts[0].new_empty((b, sum(p.shape[1] for p in parts), h, d)))
+    return outs
+
+
+@qk_norm_rope3.register_fake
+def _(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin):
+    _check(q_parts, q_weights, norm)
+    _check(k_parts, k_weights, norm)
+    return tuple(_outputs3(q_parts, k_parts, v_parts))
+
+
+@qk_norm_rope3.register_kernel("cuda")
+def _(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin):
+    C = csrc()
+    reason = "csrc not built" if C is None else (
+        cuda_unsupported(q_parts, q_weights, norm, cos, sin) or cuda_unsupported(k_parts, k_weights, norm, cos, sin))
+    if reason:
+        record_fallback("qk_norm_rope3", reason)
+        return qk_norm_rope3_reference(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin)
+    outs = _outputs3(q_parts, k_parts, v_parts)
+    if fused_unsupported(C, q_parts, k_parts, v_parts, q_weights, k_weights, cos, sin) is None:
+        launch_fused(C, q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin, 0, outs)
+        return tuple(outs)
+    # parts that do not line up: the per-tensor kernel for q and k, torch's cat for v
+    launch_parts(C, q_parts, q_weights, norm, eps, cos, sin, outs[0], 0)
+    launch_parts(C, k_parts, k_weights, norm, eps, cos, sin, outs[1], 0)
+    if v_parts:
+        torch.cat(v_parts, dim=1, out=outs[2])
+    return tuple(outs)
+
+
 def cuda_unsupported(parts, weights, norm, cos, sin) -> str | None:
     x0 = parts[0]
     reason = unsupported_reason(**{f"part{i}": p for i, p in enumerate(parts)}, cos=cos, sin=sin)

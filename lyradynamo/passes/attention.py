@@ -9,6 +9,8 @@ such transposes, the op takes (B, H, L, D) as SDPA does (layout="bhld").
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -84,3 +86,43 @@ def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
         else:
             m.apply(graph, rw, fake_mode)
         report.hit("attention", rw.label)
+
+
+def fuse_qkv_late(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
+    """After quantisation: a high-precision lyra::attention whose q and k are lyra::qk_norm_rope
+    (same norm, eps and RoPE tables; read only there) and whose v is a cat along L of as many
+    parts (or any v, left as is) gets them from one lyra::qk_norm_rope3: one pass per part over
+    q, k and v instead of two kernels and a cat copy. (Late, so that FP8 attention, which
+    quantises these same producers, sees them first.)"""
+    qnr = torch.ops.lyra.qk_norm_rope.default
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.lyra.attention.default:
+            continue
+        q, k, v = node.args[:3]
+        if not all(isinstance(t, fx.Node) and t.target is qnr and len(t.users) == 1 for t in (q, k)):
+            continue
+        (qp, qw, qn, qe, qc, qs), (kp, kw, kn, ke, kc, ks) = q.args, k.args
+        if (qn, qe, qc, qs) != (kn, ke, kc, ks) or len(qp) != len(kp):
+            continue
+        vp = []
+        if (v.op == "call_function" and v.target is torch.cat and len(v.users) == 1
+                and (v.args[1] if len(v.args) > 1 else v.kwargs.get("dim")) == 1 and len(v.args[0]) == len(qp)):
+            vp = list(v.args[0])
+        args = (list(qp), list(kp), vp, list(qw), list(kw), qn, qe, qc, qs)
+        target = torch.ops.lyra.qk_norm_rope3.default
+        with graph.inserting_before(node):
+            fused = graph.call_function(target, args)
+        fused.meta["example_value"] = m.fake_run(target, args, fake_mode)
+        outs = []
+        with graph.inserting_after(fused):
+            for i in reversed(range(3)):
+                outs.insert(0, graph.call_function(operator.getitem, (fused, i)))
+        for i, g in enumerate(outs):
+            ev = fused.meta["example_value"]
+            g.meta["example_value"] = None if ev is None else ev[i]
+        node.args = (outs[0], outs[1], outs[2] if vp else v, *node.args[3:])
+        for old in (q, k, *([v] if vp else [])):
+            graph.erase_node(old)
+        if not vp:
+            graph.erase_node(outs[2])
+        report.hit("rope", "q/k norm+rope" + (" + v cat" if vp else "") + " in one pass")

@@ -182,3 +182,25 @@ def test_compiled_flux_runs_fp8_attention_without_fallback():
     assert att["fp8"] == 2, att
     assert torch.equal(outs[1], outs[2])
     assert numerics.sqnr_db(ref.float(), outs[2].float()) > 20
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=IDS.get)
+@pytest.mark.parametrize("b,lens,h,d,with_v", [(1, (512, 4096), 24, 128, True), (1, (4608,), 24, 128, False),
+                                               (2, (7, 33), 3, 64, True), (3, (5, 2), 6, 96, True)])
+def test_qk_norm_rope3_one_pass(dtype, b, lens, h, d, with_v):
+    """The dtype form of the fused pass against the reference (q / k within the RMSNorm
+    ordering tolerance, v exact); D=96 (12 vectors a head) takes the per-tensor kernels."""
+    from lyradynamo.ops.rope import qk_norm_rope3_reference
+
+    projections = [_fused_projection(b, n, h, d, dtype, scale=2) for n in lens]
+    q, k, v = ([p[i] for p in projections] for i in range(3))
+    ws = [(1 + 0.2 * torch.randn(d, device="cuda")).to(dtype) for _ in lens]
+    cos, sin = _tables(sum(lens), d)
+    args = (q, k, v if with_v else [], ws, ws, "rms", 1e-6, cos, sin)
+    got = lyra.qk_norm_rope3(*args)
+    ref = qk_norm_rope3_reference(*args)
+    for g, r in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(g, r, rtol=2 ** -7, atol=2 ** -7)
+        assert (g != r).float().mean() < 1e-2
+    assert torch.equal(got[2], ref[2])
