@@ -20,6 +20,8 @@
 #   PROFILE_MODELS  comma list: top CUDA kernels of one call (profile_model.py) -> profile.log
 #   PROFILE_MODES   modes to profile (default lyra); PROFILE_SIZE WxH; PROFILE_EXTRA e.g. "--ops 30"
 #   SWAP_MODELS     comma list for benchmarks/bench_swap.py (LoRA / ControlNet swaps) -> swap.jsonl
+#   CONSISTENCY_MODELS  comma list for benchmarks/consistency.py (lyra vs eager vs fp32 eager,
+#                   full size, one call) -> consistency.json
 #   TEST_ARGS       pytest arguments for the CUDA tests (default "-x")
 #   TEST_PATHS      test files / folders to run (default tests/cuda)
 #   SESSION_BUDGET_S  seconds from the start after which nothing new is started and running
@@ -135,6 +137,18 @@ if [ -n "${PROFILE_MODELS:-}" ]; then
       --modes "${PROFILE_MODES:-lyra}" ${PROFILE_SIZE:+--size $PROFILE_SIZE} ${PROFILE_EXTRA:-} 2>&1 \
       | grep -v Warning | tee -a "$OUT/profile.log" | tail -60
   done
+fi
+
+# CONSISTENCY_MODELS=sd15,sdxl,flux: per-call lyra vs eager vs fp32 eager on the full-size models
+# (benchmarks/consistency.py) -> consistency.json
+if [ -n "${CONSISTENCY_MODELS:-}" ]; then
+  ct=$(( $(left) - 30 )); [ "$ct" -gt 300 ] && ct=300
+  if [ "$ct" -gt 30 ]; then
+    timeout -s INT -k 10 "$ct" python3 benchmarks/consistency.py --models "$CONSISTENCY_MODELS" \
+      --out "$OUT/consistency.json" 2>&1 | grep -v -i warn | tail -10
+  else
+    echo "== consistency: skipped, no time left"
+  fi
 fi
 
 # SWAP_MODELS=sd15,sdxl: LoRA / ControlNet swap timings (bench_swap.py) -> swap.jsonl

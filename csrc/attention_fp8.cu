@@ -44,36 +44,53 @@ struct ScaleParams {
   int vecs_per_row;  // D / V
 };
 
+// Locates vector g (< total < 2^31: 32-bit index math) and loads its V values.
+template <typename T, int V>
+__device__ __forceinline__ int load_part_vec(const ScaleParams& p, int g, float (&v)[V]) {
+  int q = 0;
+  while (g >= p.begin[q + 1]) ++q;
+  const int local = g - static_cast<int>(p.begin[q]);
+  const int row = local / p.vecs_per_row;
+  const int c = (local - row * p.vecs_per_row) * V;
+  const int H = static_cast<int>(p.H[q]), L = static_cast<int>(p.L[q]);
+  const int t = row / H;
+  const int h = row - t * H;
+  const int b = t / L;
+  const int l = t - b * L;
+  const T* src = static_cast<const T*>(p.ptr[q]) + b * p.sb[q] + l * p.sl[q] + h * p.sh[q] + c;
+  if constexpr (V > 1) {
+    load_vec<V>(src, v);
+  } else {
+    v[0] = to_float(src[0]);
+  }
+  return p.tensor[q];
+}
+
+constexpr int kScaleUnroll = 4;  // vectors in flight per thread
+
 template <typename T, int V>
 __global__ void __launch_bounds__(kScaleThreads)
 attention_fp8_scales_kernel(ScaleParams p, float* out) {
   float m[3] = {0.f, 0.f, 0.f};
-  const int64_t total = p.begin[p.nparts];
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kScaleThreads + threadIdx.x; g < total;
-       g += static_cast<int64_t>(gridDim.x) * kScaleThreads) {
-    int q = 0;
-    while (g >= p.begin[q + 1]) ++q;
-    const int64_t local = g - p.begin[q];
-    const int64_t row = local / p.vecs_per_row;
-    const int c = static_cast<int>(local % p.vecs_per_row) * V;
-    const int64_t h = row % p.H[q];
-    const int64_t t = row / p.H[q];
-    const int64_t l = t % p.L[q];
-    const int64_t b = t / p.L[q];
-    const T* src = static_cast<const T*>(p.ptr[q]) + b * p.sb[q] + l * p.sl[q] + h * p.sh[q] + c;
-    float v[V];
-    if constexpr (V > 1) {
-      load_vec<V>(src, v);
-    } else {
-      v[0] = to_float(src[0]);
-    }
-    float a = 0.f;
+  const int total = static_cast<int>(p.begin[p.nparts]);
+  const int stride = gridDim.x * kScaleThreads;
+  for (int g0 = blockIdx.x * kScaleThreads + threadIdx.x; g0 < total; g0 += stride * kScaleUnroll) {
+    float v[kScaleUnroll][V];
+    int ti[kScaleUnroll];
 #pragma unroll
-    for (int e = 0; e < V; ++e) a = nan_max(a, fabsf(v[e]));
-    const int ti = p.tensor[q];
-    m[0] = ti == 0 ? nan_max(m[0], a) : m[0];
-    m[1] = ti == 1 ? nan_max(m[1], a) : m[1];
-    m[2] = ti == 2 ? nan_max(m[2], a) : m[2];
+    for (int u = 0; u < kScaleUnroll; ++u) {  // every load issued before any is used
+      const int g = g0 + u * stride;
+      ti[u] = g < total ? load_part_vec<T, V>(p, g, v[u]) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kScaleUnroll; ++u) {
+      float a = 0.f;
+#pragma unroll
+      for (int e = 0; e < V; ++e) a = nan_max(a, fabsf(v[u][e]));
+      m[0] = ti[u] == 0 ? nan_max(m[0], a) : m[0];
+      m[1] = ti[u] == 1 ? nan_max(m[1], a) : m[1];
+      m[2] = ti[u] == 2 ? nan_max(m[2], a) : m[2];
+    }
   }
   __shared__ float red[3][kScaleThreads / 32];
   __shared__ bool last;
@@ -179,6 +196,8 @@ void attention_fp8_scales(const std::vector<int64_t>& parts, const std::vector<i
   const int V = vec_ok ? static_cast<int>(16 / es) : 1;
   p.vecs_per_row = static_cast<int>(D / V);
   for (int i = 0; i <= p.nparts; ++i) p.begin[i] /= V;
+  LYRA_CHECK_ARG(p.begin[p.nparts] < (1ll << 31) - 2ll * 1024 * kScaleThreads * kScaleUnroll, fn,
+                 "too many elements (the kernel indexes vectors with 32-bit integers)");
   const DeviceInfo dev = current_device_info(fn);
   const int64_t want = (p.begin[p.nparts] + kScaleThreads - 1) / kScaleThreads;
   const int64_t cap = static_cast<int64_t>(dev.sm_count) * 4;

@@ -357,6 +357,8 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
         return None
     if device.type != "cuda":
         return f"device {device.type}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
     if torch.cuda.get_device_capability(device) < (9, 0):
         return "cuDNN fp8 attention needs an SM90+ GPU (Hopper, Blackwell)"
     if _load_frontend() is None:
