@@ -42,7 +42,7 @@ def test_rms_weight_bound_covers_normed_rotated_values():
     cos, sin = _rope_tables(12, d)
     y = qk_norm_rope_reference(parts, ws, "rms", 1e-6, cos, sin)
     s = lyra.attention_fp8_scales([], [], [parts[0]], ws, ws)
-    bound = max(w.abs().max() for w in ws) * math.sqrt(d)
+    bound = max(w.abs().max().item() for w in ws) * math.sqrt(d)
     assert y.abs().max() <= bound * (1 + 2 ** -7)
     assert y.abs().max() >= 0.7 * bound  # and tight for it (RoPE shares it within its pair)
     assert s[0].item() == pytest.approx(bound / 448, rel=1e-6) and s[4].item() == s[0].item()
