@@ -15,19 +15,15 @@ cuDNN's fp8 flash attention (P in e4m3 at scale 448) and writes O in e4m3 at v's
 (|O| <= amax(v): O rows are convex combinations of v rows); o_scale (B, L) is that scale per
 row, the per-token scale a lyra::qlinear_q reads.
 
-The CUDA attention needs the cuDNN frontend (`pip install nvidia-cudnn-frontend`, module
-`cudnn`) and an SM90+ GPU; `unavailable_reason` says why it cannot run, and the rewrite
+The CUDA attention (ops/cudnn_attention.py) needs the cuDNN frontend (`pip install
+nvidia-cudnn-frontend`, module `cudnn`) and an SM90+ GPU; `unavailable_reason` says why it cannot
+run, and the rewrite
 (quant/attention.py) leaves attention in high precision then. The reference (CPU, and the
 test oracle) is SDPA in float32 on the dequantised inputs, its output quantised as above.
 """
 from __future__ import annotations
 
-import ctypes
-import glob
-import logging
 import math
-import os
-import threading
 from typing import List, Optional
 
 import torch
@@ -35,11 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..quant import numerics
+from . import cudnn_attention
 from ._common import DTYPE_CODES, csrc, ptr, record_fallback, stream_handle, unsupported_reason
+from .cudnn_attention import unavailable_reason  # noqa: F401  (the rewrite and the tests ask here)
 from .rope import cuda_unsupported as _rope_unsupported
 from .rope import fused_unsupported, launch_fused, launch_parts, qk_norm_rope_reference
 
-log = logging.getLogger("lyradynamo")
 
 SCALES = 32  # float32 slots of the scales tensor
 DESCALE = {"q": 0, "k": 4, "v": 8}
@@ -295,14 +292,14 @@ def _(q8, k8, v8, scales, scale, is_causal):
 @attention_fp8.register_kernel("cuda")
 def _(q8, k8, v8, scales, scale, is_causal):
     _check_attention(q8, k8, v8, scales)
-    reason = unavailable_reason(q8.device)
+    reason = cudnn_attention.unavailable_reason(q8.device)
     if reason is None and not all(t.device == q8.device for t in (k8, v8, scales)):
         reason = f"q8, k8, v8 and scales must all be on {q8.device}"
     if reason is None:
         reason = _shape_unsupported(q8, k8, v8)
     if reason is None:
         try:
-            return _cudnn_attention(q8, k8, v8, scales, scale, is_causal)
+            return cudnn_attention.run(q8, k8, v8, scales, scale, is_causal), _row_scale(scales, q8)
         except Exception as exc:  # cuDNN declined this graph: the reference keeps the contract
             reason = f"cuDNN fp8 SDPA failed: {str(exc)[:160]}"
     record_fallback("attention_fp8", reason)
@@ -317,107 +314,3 @@ def _shape_unsupported(q8, k8, v8) -> Optional[str]:
         if t.stride(3) != 1 or t.data_ptr() % 16:
             return f"{name} must be unit-stride along D and 16-byte aligned"
     return None
-
-
-# ---- cuDNN -----------------------------------------------------------------------------------
-
-_lock = threading.Lock()
-_frontend: dict = {}  # "module" / "reason", filled once
-_graphs: dict = {}  # signature -> (graph, tensors, workspace bytes)
-_handles: dict = {}  # device index -> cudnn handle
-
-
-def _load_frontend():
-    """The cuDNN frontend module, or None with the reason in _frontend['reason']."""
-    if "module" in _frontend:
-        return _frontend["module"]
-    module, reason = None, None
-    try:
-        # The frontend resolves cuDNN's symbols from the process: load torch's libcudnn globally.
-        for lib in glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cudnn", "lib",
-                                          "libcudnn.so*")):
-            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-        import cudnn  # type: ignore[import-not-found]
-        module = cudnn
-        if module.backend_version() < 90100:
-            module, reason = None, f"cuDNN {module.backend_version()} has no fp8 attention (9.1+ needed)"
-    except ImportError as exc:
-        reason = f"cuDNN frontend not importable ({exc}); pip install nvidia-cudnn-frontend"
-    except Exception as exc:  # noqa: BLE001  (any load failure means: not available)
-        reason = f"cuDNN frontend failed to load: {str(exc)[:160]}"
-    _frontend.update(module=module, reason=reason)
-    if reason:
-        log.info("lyradynamo: fp8 attention unavailable: %s", reason)
-    return module
-
-
-def unavailable_reason(device: torch.device) -> Optional[str]:
-    """Why lyra::attention_fp8 cannot run cuDNN on `device` (None: it can; CPU: the reference)."""
-    if device.type == "cpu":
-        return None
-    if device.type != "cuda":
-        return f"device {device.type}"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if torch.cuda.get_device_capability(device) < (9, 0):
-        return "cuDNN fp8 attention needs an SM90+ GPU (Hopper, Blackwell)"
-    if _load_frontend() is None:
-        return _frontend["reason"]
-    return None
-
-
-def _handle(cudnn, device: torch.device):
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _handles:
-        with torch.cuda.device(idx):
-            _handles[idx] = cudnn.create_handle()
-    return _handles[idx]
-
-
-def _graph(cudnn, handle, q8, k8, v8, scale, is_causal):
-    b, lq, h, d = q8.shape
-    lk = k8.shape[1]
-    key = (q8.device.index, b, lq, lk, h, d, q8.stride(), k8.stride(), v8.stride(), scale, is_causal)
-    with _lock:
-        hit = _graphs.get(key)
-        if hit is not None:
-            return hit
-        e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
-        g = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
-
-        def bhld(name, t):  # cuDNN's dims are (B, H, L, D); the strides say (B, L, H, D)
-            return g.tensor(name=name, dim=[t.shape[0], t.shape[2], t.shape[1], t.shape[3]],
-                            stride=[t.stride(0), t.stride(2), t.stride(1), t.stride(3)], data_type=e4m3)
-
-        tq, tk, tv = bhld("q", q8), bhld("k", k8), bhld("v", v8)
-        scalars = [g.tensor(name=n, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
-                   for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")]
-        o, _, amax_s, amax_o = g.sdpa_fp8(
-            q=tq, k=tk, v=tv, descale_q=scalars[0], descale_k=scalars[1], descale_v=scalars[2],
-            descale_s=scalars[3], scale_s=scalars[4], scale_o=scalars[5], is_inference=True,
-            attn_scale=(1.0 / math.sqrt(d)) if scale is None else float(scale), use_causal_mask=is_causal)
-        o.set_output(True).set_dim([b, h, lq, d]).set_stride([lq * h * d, d, h * d, 1]).set_data_type(e4m3)
-        for a in (amax_s, amax_o):  # cuDNN computes them; nothing reads them
-            a.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
-        g.validate()
-        g.build_operation_graph()
-        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans()
-        hit = (g, (tq, tk, tv, *scalars, o, amax_s, amax_o), g.get_workspace_size())
-        _graphs[key] = hit
-        return hit
-
-
-def _cudnn_attention(q8, k8, v8, scales, scale, is_causal):
-    cudnn = _load_frontend()
-    handle = _handle(cudnn, q8.device)
-    g, tensors, ws_bytes = _graph(cudnn, handle, q8, k8, v8, scale, is_causal)
-    o8 = torch.empty(q8.shape, dtype=E4M3, device=q8.device)
-    amax = torch.empty(8, dtype=torch.float32, device=q8.device)
-    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=q8.device)
-    s = [scales[i:i + 1].view(1, 1, 1, 1) for i in (0, 4, 8, 12, 16, 20)]
-    values = (q8, k8, v8, *s, o8, amax[0:1].view(1, 1, 1, 1), amax[4:5].view(1, 1, 1, 1))
-    cudnn.set_stream(handle, stream_handle(q8))
-    g.execute(dict(zip(tensors, values)), ws, handle=handle)
-    return o8, _row_scale(scales, q8)
