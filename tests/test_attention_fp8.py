@@ -191,3 +191,22 @@ def test_qk_norm_rope3_reference():
     assert torch.equal(yk, lyra.qk_norm_rope(k, ws, "rms", 1e-6, cos, sin))
     assert torch.equal(yv, torch.cat(v, 1))
     assert lyra.qk_norm_rope3(q, k, [], ws, ws, "rms", 1e-6, cos, sin)[2].numel() == 0
+
+
+def test_a_rewrite_that_fails_leaves_the_graph_as_it_was(monkeypatch):
+    """Every new value is worked out before the graph changes: a failure there keeps the
+    high-precision attention (with the reason) and a model that runs."""
+    from lyradynamo.quant import attention as quant_attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fake value today")
+
+    monkeypatch.setattr(quant_attention, "_fake", broken)
+    model = zoo.build_denoiser("flux")
+    inputs = zoo.denoiser_inputs("flux", model, batch=2)
+    out, att, hist = _compile_run("flux", model, inputs)
+    assert att["fp8"] == 0 and all("the rewrite failed (no fake value today)" in why for why in att["kept"].values())
+    assert hist.get("lyra::attention") == 2 and "lyra::attention_fp8" not in hist
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+    assert numerics.sqnr_db(ref, out) > 25

@@ -58,7 +58,11 @@ def quantise_attention(gm: fx.GraphModule) -> dict:
         if why is not None:
             kept[node.name] = why
             continue
-        _rewrite(gm, node, chain)
+        try:
+            _rewrite(gm, node, chain)
+        except Exception as exc:  # noqa: BLE001 - raised while planning: the graph is unchanged
+            kept[node.name] = f"the rewrite failed ({str(exc)[:120]})"
+            continue
         done += 1
     return {"fp8": done, "kept": kept}
 
@@ -72,6 +76,8 @@ def _unsupported(node: fx.Node) -> Optional[str]:
     qv = m.val(q)
     if not isinstance(qv, torch.Tensor) or not qv.is_floating_point():
         return "q is not a floating-point tensor"
+    if getattr(qv, "fake_mode", None) is None:
+        return "no fake values to check the rewrite with"
     d = qv.shape[-1]
     if not isinstance(d, int) or d % 16 or d > 256:
         return f"head dim {d} (cuDNN fp8 attention needs a multiple of 16, at most 256)"
@@ -140,10 +146,10 @@ def _row_view(u: fx.Node, parent: fx.Node):
     return None
 
 
-def _insert(graph: fx.Graph, where: fx.Node, target, args: tuple, mode) -> fx.Node:
+def _insert(graph: fx.Graph, where: fx.Node, target, args: tuple, value) -> fx.Node:
     with graph.inserting_before(where):
         new = graph.call_function(target, args)
-    new.meta["example_value"] = m.fake_run(target, args, mode)
+    new.meta["example_value"] = value
     return new
 
 
@@ -153,8 +159,7 @@ def _getitems(graph: fx.Graph, pair: fx.Node, n: int) -> list:
         for i in reversed(range(n)):
             out.insert(0, graph.call_function(operator.getitem, (pair, i)))
     for i, g in enumerate(out):
-        pv = pair.meta.get("example_value")
-        g.meta["example_value"] = None if pv is None else pv[i]
+        g.meta["example_value"] = pair.meta["example_value"][i]
     return out
 
 
@@ -180,28 +185,75 @@ def _cat_dim(node: fx.Node):
     return dim
 
 
+def _fake(mode, fn, *args, **kwargs):
+    """fn on fake values: graph nodes stand for their example values."""
+    def value(a):
+        return m.val(a) if isinstance(a, fx.Node) else a
+
+    with mode:
+        return fn(*fx.node.map_aggregate(args, value), **fx.node.map_aggregate(kwargs, value))
+
+
+def _call(node: fx.Node, first, *rest, **kwargs):
+    """node's op (a method or a function) on `first` in place of its first argument."""
+    if node.op == "call_method":
+        return getattr(first, node.target)(*rest, **kwargs)
+    return node.target(first, *rest, **kwargs)
+
+
+def _plan(attn: fx.Node, chain, leaves, operands, fused: bool, mode) -> dict:
+    """Every new node's fake value, computed before the graph changes: a failure here leaves the
+    graph as it was (the rewrite below only inserts and rewires)."""
+    q, k, v, _mask, scale, is_causal, _layout = attn.args
+    plan = {"scales": _fake(mode, _SCALES, operands[0][0], operands[1][0], operands[2][0],
+                            operands[0][1], operands[1][1])}
+    if fused:
+        (qp, qw, qn, qe, qc, qs), (kp, kw, *_), (vp, *_) = (op[2] for op in operands)
+        plan["qkv"] = _fake(mode, _QKV_QUANT3, qp, kp, vp, qw, kw, qn, qe, qc, qs, plan["scales"])
+    else:
+        plan["qkv"] = tuple(_fake(mode, _QKV_QUANT, *op[2], plan["scales"], i) for i, op in enumerate(operands))
+    plan["pair"] = _fake(mode, _ATTENTION_FP8, *plan["qkv"], plan["scales"], scale, is_causal)
+    vals, svals = {attn: plan["pair"][0]}, {attn: plan["pair"][1]}
+    for u in chain:  # graph order: parents first
+        parent = u.args[0]
+        vals[u] = _fake(mode, lambda *a, **kw: _call(u, *a, **kw), vals[parent], *u.args[1:], **u.kwargs)
+        how = _row_view(u, parent)
+        if how is _IDENTITY:
+            svals[u] = svals[parent]
+        else:
+            op, target, extra = how
+            svals[u] = _fake(mode, lambda t, *a: getattr(t, target)(*a) if op == "call_method" else target(t, *a),
+                             svals[parent], *extra)
+    out_dtype = m.val(attn).dtype
+    plan["leaves"] = [_fake(mode, _QLINEAR_Q, vals[leaf.args[0]], svals[leaf.args[0]], *leaf.args[1:8], "fp8",
+                            out_dtype) for leaf in leaves]
+    plan.update(vals=vals, svals=svals, out_dtype=out_dtype)
+    return plan
+
+
 def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
     graph = gm.graph
     chain, leaves = consumers
     q, k, v, _mask, scale, is_causal, _layout = attn.args
     mode = getattr(m.val(q), "fake_mode", None)
-    out_dtype = m.val(attn).dtype
     operands = [_operand(graph, n, i, mode) for i, n in enumerate((q, k, v))]
-    scales = _insert(graph, attn, _SCALES, (operands[0][0], operands[1][0], operands[2][0],
-                                            operands[0][1], operands[1][1]), mode)
     (qp, qw, qn, qe, qc, qs), (kp, kw, kn, ke, kc, ks), (vp, vw, vn, _, vc, _) = (op[2] for op in operands)
-    if len(qp) == len(kp) == len(vp) and (qn, qe, qc, qs) == (kn, ke, kc, ks) and vn == "none" \
-            and not vw and vc is None:  # one pass over q, k and v
-        fused = _insert(graph, attn, _QKV_QUANT3, (qp, kp, vp, qw, kw, qn, qe, qc, qs, scales), mode)
-        quantised = _getitems(graph, fused, 3)
+    fused = (len(qp) == len(kp) == len(vp) and (qn, qe, qc, qs) == (kn, ke, kc, ks) and vn == "none"
+             and not vw and vc is None)  # one pass over q, k and v
+    plan = _plan(attn, chain, leaves, operands, fused, mode)
+    scales = _insert(graph, attn, _SCALES, (operands[0][0], operands[1][0], operands[2][0],
+                                            operands[0][1], operands[1][1]), plan["scales"])
+    if fused:
+        node = _insert(graph, attn, _QKV_QUANT3, (qp, kp, vp, qw, kw, qn, qe, qc, qs, scales), plan["qkv"])
+        quantised = _getitems(graph, node, 3)
     else:
-        quantised = [_insert(graph, attn, _QKV_QUANT, (*op[2], scales, i), mode) for i, op in enumerate(operands)]
-    pair = _insert(graph, attn, _ATTENTION_FP8, (*quantised, scales, scale, is_causal), mode)
+        quantised = [_insert(graph, attn, _QKV_QUANT, (*op[2], scales, i), plan["qkv"][i])
+                     for i, op in enumerate(operands)]
+    pair = _insert(graph, attn, _ATTENTION_FP8, (*quantised, scales, scale, is_causal), plan["pair"])
     o8, o_scale = _getitems(graph, pair, 2)
-    row_scale = {attn: o_scale}
     attn.replace_all_uses_with(o8)
-    row_scale[o8] = o_scale
-    for u in chain:  # graph order: parents first
+    row_scale = {o8: o_scale}
+    for u in chain:
         parent = u.args[0]
         how = _row_view(u, parent)
         if how is _IDENTITY:
@@ -209,14 +261,13 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
         else:
             op, target, extra = how
             with graph.inserting_after(u):
-                s = graph.create_node(op, target, (row_scale[parent], *extra))
-            _refake(s, mode)
-            row_scale[u] = s
-        _refake(u, mode)
-    for leaf in leaves:
-        x, qw, ws, bias, act, glu, gate, residual, kind, _inv = leaf.args
-        new = _insert(graph, leaf, _QLINEAR_Q,
-                      (x, row_scale[x], qw, ws, bias, act, glu, gate, residual, kind, out_dtype), mode)
+                row_scale[u] = graph.create_node(op, target, (row_scale[parent], *extra))
+            row_scale[u].meta["example_value"] = plan["svals"][u]
+        u.meta["example_value"] = plan["vals"][u]
+    for leaf, value in zip(leaves, plan["leaves"]):
+        x, qw_, ws, bias, act, glu, gate, residual, kind, _inv = leaf.args
+        new = _insert(graph, leaf, _QLINEAR_Q, (x, row_scale[x], qw_, ws, bias, act, glu, gate, residual, kind,
+                                                plan["out_dtype"]), value)
         new.meta.update({key: leaf.meta[key] for key in ("stack_trace", "nn_module_stack") if key in leaf.meta})
         new.meta["lyra"] = leaf.meta.get("lyra", "qlinear") + "+fp8 attention output"
         leaf.replace_all_uses_with(new)
@@ -225,13 +276,3 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
     for n in (q, k, v):  # the high-precision producers the quantising ones replaced
         if isinstance(n, fx.Node) and not n.users and n.op == "call_function":
             graph.erase_node(n)
-
-
-def _refake(node: fx.Node, mode) -> None:
-    """Recompute node's fake value (its input is now e4m3)."""
-    kwargs = fx.node.map_arg(node.kwargs, m.val)
-    if node.op == "call_method":
-        node.meta["example_value"] = m.fake_run(lambda t, *a: getattr(t, node.target)(*a, **kwargs),
-                                                node.args, mode)
-    else:
-        node.meta["example_value"] = m.fake_run(lambda *a: node.target(*a, **kwargs), node.args, mode)
