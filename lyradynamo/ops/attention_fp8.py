@@ -17,8 +17,7 @@ row, the per-token scale a lyra::qlinear_q reads.
 
 The CUDA attention (ops/cudnn_attention.py) needs the cuDNN frontend (`pip install
 nvidia-cudnn-frontend`, module `cudnn`) and an SM90+ GPU; `unavailable_reason` says why it cannot
-run, and the rewrite
-(quant/attention.py) leaves attention in high precision then. The reference (CPU, and the
+run, and the rewrite (quant/attention.py) leaves attention in high precision then. The reference (CPU, and the
 test oracle) is SDPA in float32 on the dequantised inputs, its output quantised as above.
 """
 from __future__ import annotations
@@ -35,7 +34,7 @@ from . import cudnn_attention
 from ._common import DTYPE_CODES, csrc, ptr, record_fallback, stream_handle, unsupported_reason
 from .cudnn_attention import unavailable_reason  # noqa: F401  (the rewrite and the tests ask here)
 from .rope import cuda_unsupported as _rope_unsupported
-from .rope import fused_unsupported, launch_fused, launch_parts, qk_norm_rope_reference
+from .rope import fused_unsupported, launch_fused, launch_parts, new_joined, qk_norm_rope_reference
 
 
 SCALES = 32  # float32 slots of the scales tensor
@@ -175,8 +174,7 @@ def qkv_quant(parts: List[Tensor], weights: List[Tensor], norm: str, eps: float,
 @qkv_quant.register_fake
 def _(parts, weights, norm, eps, cos, sin, scales, which):
     _check_qkv(parts, weights, norm, cos, sin, scales, which)
-    b, _, h, d = parts[0].shape
-    return parts[0].new_empty((b, sum(p.shape[1] for p in parts), h, d), dtype=E4M3)
+    return new_joined(parts, E4M3)
 
 
 @qkv_quant.register_kernel("cuda")
@@ -189,9 +187,8 @@ def _(parts, weights, norm, eps, cos, sin, scales, which):
     if reason:
         record_fallback("qkv_quant", reason)
         return qkv_quant_reference(parts, weights, norm, eps, cos, sin, scales, which)
-    b, _, h, d = parts[0].shape
-    out = torch.empty((b, sum(p.shape[1] for p in parts), h, d), dtype=E4M3, device=parts[0].device)
-    return launch_parts(C, parts, weights, norm, eps, cos, sin, out, ptr(scales) + 4 * (INV + which))
+    return launch_parts(C, parts, weights, norm, eps, cos, sin, new_joined(parts, E4M3),
+                        ptr(scales) + 4 * (INV + which))
 
 
 def qkv_quant3_reference(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin, scales):
@@ -214,11 +211,7 @@ def qkv_quant3(q_parts: List[Tensor], k_parts: List[Tensor], v_parts: List[Tenso
 
 @qkv_quant3.register_fake
 def _(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin, scales):
-    out = []
-    for parts in (q_parts, k_parts, v_parts):
-        b, _, h, d = parts[0].shape
-        out.append(parts[0].new_empty((b, sum(p.shape[1] for p in parts), h, d), dtype=E4M3))
-    return tuple(out)
+    return tuple(new_joined(parts, E4M3) for parts in (q_parts, k_parts, v_parts))
 
 
 @qkv_quant3.register_kernel("cuda")
@@ -234,10 +227,7 @@ def _(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin, scal
     if reason:
         record_fallback("qkv_quant3", reason)
         return qkv_quant3_reference(q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin, scales)
-    outs = []
-    for parts in (q_parts, k_parts, v_parts):
-        b, _, h, d = parts[0].shape
-        outs.append(torch.empty((b, sum(p.shape[1] for p in parts), h, d), dtype=E4M3, device=parts[0].device))
+    outs = [new_joined(parts, E4M3) for parts in (q_parts, k_parts, v_parts)]
     if fused_unsupported(C, q_parts, k_parts, v_parts, q_weights, k_weights, cos, sin) is None:
         launch_fused(C, q_parts, k_parts, v_parts, q_weights, k_weights, norm, eps, cos, sin,
                      ptr(scales) + 4 * INV, outs)

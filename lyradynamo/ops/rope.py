@@ -45,6 +45,12 @@ def qk_norm_rope_reference(parts: List[Tensor], weights: List[Tensor], norm: str
     return x if cos is None else rope_reference(x, cos, sin)
 
 
+def new_joined(parts: List[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An uninitialised (B, sum of the parts' L, H, D) tensor: the parts joined along L."""
+    b, _, h, d = parts[0].shape
+    return parts[0].new_empty((b, sum(p.shape[1] for p in parts), h, d), dtype=dtype)
+
+
 def _check(parts: List[Tensor], weights: List[Tensor], norm: str) -> None:
     if norm not in NORMS:
         raise ValueError(f"lyra::qk_norm_rope: norm={norm!r} is not one of {NORMS}")
@@ -67,12 +73,10 @@ def qk_norm_rope(parts: List[Tensor], weights: List[Tensor], norm: str, eps: flo
 @qk_norm_rope.register_fake
 def _(parts, weights, norm, eps, cos, sin):
     _check(parts, weights, norm)
-    b, _, h, d = parts[0].shape
-    length = sum(p.shape[1] for p in parts)
     dtype = parts[0].dtype
     if norm == "rms" and weights:
         dtype = torch.promote_types(dtype, weights[0].dtype)
-    return parts[0].new_empty((b, length, h, d), dtype=dtype)
+    return new_joined(parts, dtype)
 
 
 @qk_norm_rope.register_kernel("cuda")
@@ -83,10 +87,7 @@ def _(parts, weights, norm, eps, cos, sin):
     if reason:
         record_fallback("qk_norm_rope", reason)
         return qk_norm_rope_reference(parts, weights, norm, eps, cos, sin)
-    x0 = parts[0]
-    b, _, h, d = x0.shape
-    out = torch.empty((b, sum(p.shape[1] for p in parts), h, d), dtype=x0.dtype, device=x0.device)
-    return launch_parts(C, parts, weights, norm, eps, cos, sin, out, 0)
+    return launch_parts(C, parts, weights, norm, eps, cos, sin, new_joined(parts), 0)
 
 
 def launch_parts(C, parts: List[Tensor], weights: List[Tensor], norm: str, eps: float,
@@ -177,14 +178,7 @@ def qk_norm_rope3(q_parts: List[Tensor], k_parts: List[Tensor], v_parts: List[Te
 
 
 def _outputs3(q_parts, k_parts, v_parts):
-    outs = []
-    for parts in (q_parts, k_parts, v_parts):
-        if not parts:
-            outs.append(q_parts[0].new_empty(0))
-            continue
-        b, _, h, d = parts[0].shape
-        outs.append(parts[0].new_empty((b, sum(p.shape[1] for p in parts), h, d)))
-    return outs
+    return [new_joined(q_parts), new_joined(k_parts), new_joined(v_parts) if v_parts else q_parts[0].new_empty(0)]
 
 
 @qk_norm_rope3.register_fake

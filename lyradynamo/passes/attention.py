@@ -9,7 +9,6 @@ such transposes, the op takes (B, H, L, D) as SDPA does (layout="bhld").
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
@@ -104,22 +103,16 @@ def fuse_qkv_late(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
         (qp, qw, qn, qe, qc, qs), (kp, kw, kn, ke, kc, ks) = q.args, k.args
         if (qn, qe, qc, qs) != (kn, ke, kc, ks) or len(qp) != len(kp):
             continue
-        vp = []
-        if (v.op == "call_function" and v.target is torch.cat and len(v.users) == 1
-                and (v.args[1] if len(v.args) > 1 else v.kwargs.get("dim")) == 1 and len(v.args[0]) == len(qp)):
-            vp = list(v.args[0])
+        vp = m.cat_inputs(v, 1) or []
+        if len(vp) != len(qp):
+            vp = []
         args = (list(qp), list(kp), vp, list(qw), list(kw), qn, qe, qc, qs)
         target = torch.ops.lyra.qk_norm_rope3.default
+        value = m.fake_run(target, args, fake_mode)  # first: a failure leaves the graph as it was
         with graph.inserting_before(node):
             fused = graph.call_function(target, args)
-        fused.meta["example_value"] = m.fake_run(target, args, fake_mode)
-        outs = []
-        with graph.inserting_after(fused):
-            for i in reversed(range(3)):
-                outs.insert(0, graph.call_function(operator.getitem, (fused, i)))
-        for i, g in enumerate(outs):
-            ev = fused.meta["example_value"]
-            g.meta["example_value"] = None if ev is None else ev[i]
+        fused.meta["example_value"] = value
+        outs = m.getitems(graph, fused, 3)
         node.args = (outs[0], outs[1], outs[2] if vp else v, *node.args[3:])
         for old in (q, k, *([v] if vp else [])):
             graph.erase_node(old)

@@ -152,3 +152,25 @@ def fake_run(target: Callable, args: tuple, fake_mode: Any) -> Any:
         return None
     with fake_mode:
         return target(*fake_args)
+
+
+def getitems(graph: fx.Graph, node: Node, n: int) -> list:
+    """node[0] .. node[n-1] (node returns a tuple), inserted right after it, their fake values
+    taken from node's."""
+    out = []
+    with graph.inserting_after(node):
+        for i in reversed(range(n)):
+            out.insert(0, graph.call_function(operator.getitem, (node, i)))
+    value = node.meta.get("example_value")
+    for i, g in enumerate(out):
+        g.meta["example_value"] = None if value is None else value[i]
+    return out
+
+
+def cat_inputs(node: Any, dim: int) -> Optional[list]:
+    """The inputs of node = torch.cat(inputs, dim) when node is read by one user only, else None."""
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target is torch.cat
+            and len(node.users) == 1 and not node.kwargs.keys() - {"dim"}):
+        return None
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return list(node.args[0]) if d == dim else None

@@ -16,7 +16,6 @@ Parameter leaves the GPU only when every slice of it is quantised.
 """
 from __future__ import annotations
 
-import operator
 import re
 import time
 from typing import NamedTuple, Optional
@@ -209,14 +208,11 @@ def _pair(gm: fx.GraphModule, target, args, mode, where):
     context); returns the (q, scale) getitem nodes, fake values filled in."""
     from ..passes import matcher as m
 
+    value = m.fake_run(target, args, mode)  # first: a failure leaves the graph as it was
     with where:
         pair = gm.graph.call_function(target, args)
-    pair.meta["example_value"] = m.fake_run(target, args, mode)
-    with gm.graph.inserting_after(pair):
-        q = gm.graph.call_function(operator.getitem, (pair, 0))
-        sc = gm.graph.call_function(operator.getitem, (pair, 1))
-    if pair.meta["example_value"] is not None:
-        q.meta["example_value"], sc.meta["example_value"] = pair.meta["example_value"]
+    pair.meta["example_value"] = value
+    q, sc = m.getitems(gm.graph, pair, 2)
     return q, sc
 
 

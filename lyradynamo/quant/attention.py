@@ -153,17 +153,7 @@ def _insert(graph: fx.Graph, where: fx.Node, target, args: tuple, value) -> fx.N
     return new
 
 
-def _getitems(graph: fx.Graph, pair: fx.Node, n: int) -> list:
-    out = []
-    with graph.inserting_after(pair):
-        for i in reversed(range(n)):
-            out.insert(0, graph.call_function(operator.getitem, (pair, i)))
-    for i, g in enumerate(out):
-        g.meta["example_value"] = pair.meta["example_value"][i]
-    return out
-
-
-def _operand(graph: fx.Graph, node: fx.Node, which: int, mode):
+def _operand(node: fx.Node, which: int):
     """(amax parts, RMSNorm weights, qkv_quant args) for q / k / v = node: a single-user
     RMSNorm'd qk_norm_rope is quantised in its place (weight bound), a single-user cat along L
     by parts, anything else as one part."""
@@ -173,16 +163,10 @@ def _operand(graph: fx.Graph, node: fx.Node, which: int, mode):
     if node.op == "call_function" and node.target is _QK_NORM_ROPE and len(node.users) == 1:
         parts, weights, norm, eps, cos, sin = node.args
         return list(parts), [], (list(parts), list(weights), norm, eps, cos, sin)
-    if (node.op == "call_function" and node.target is torch.cat and len(node.users) == 1
-            and not node.kwargs.keys() - {"dim"} and _cat_dim(node) == 1 and 1 <= len(node.args[0]) <= 2):
-        parts = list(node.args[0])
+    parts = m.cat_inputs(node, 1)
+    if parts and len(parts) <= 2:
         return parts, [], (parts, [], "none", 0.0, None, None)
     return [node], [], ([node], [], "none", 0.0, None, None)
-
-
-def _cat_dim(node: fx.Node):
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return dim
 
 
 def _fake(mode, fn, *args, **kwargs):
@@ -236,7 +220,7 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
     chain, leaves = consumers
     q, k, v, _mask, scale, is_causal, _layout = attn.args
     mode = getattr(m.val(q), "fake_mode", None)
-    operands = [_operand(graph, n, i, mode) for i, n in enumerate((q, k, v))]
+    operands = [_operand(n, i) for i, n in enumerate((q, k, v))]
     (qp, qw, qn, qe, qc, qs), (kp, kw, kn, ke, kc, ks), (vp, vw, vn, _, vc, _) = (op[2] for op in operands)
     fused = (len(qp) == len(kp) == len(vp) and (qn, qe, qc, qs) == (kn, ke, kc, ks) and vn == "none"
              and not vw and vc is None)  # one pass over q, k and v
@@ -245,12 +229,12 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
                                             operands[0][1], operands[1][1]), plan["scales"])
     if fused:
         node = _insert(graph, attn, _QKV_QUANT3, (qp, kp, vp, qw, kw, qn, qe, qc, qs, scales), plan["qkv"])
-        quantised = _getitems(graph, node, 3)
+        quantised = m.getitems(graph, node, 3)
     else:
         quantised = [_insert(graph, attn, _QKV_QUANT, (*op[2], scales, i), plan["qkv"][i])
                      for i, op in enumerate(operands)]
     pair = _insert(graph, attn, _ATTENTION_FP8, (*quantised, scales, scale, is_causal), plan["pair"])
-    o8, o_scale = _getitems(graph, pair, 2)
+    o8, o_scale = m.getitems(graph, pair, 2)
     attn.replace_all_uses_with(o8)
     row_scale = {o8: o_scale}
     for u in chain:
