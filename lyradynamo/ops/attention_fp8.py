@@ -61,7 +61,7 @@ def scales_reference(q_parts: List[Tensor], k_parts: List[Tensor], v_parts: List
             bounds.append(torch.stack([p.detach().abs().float().flatten().max(0, keepdim=True)[0].squeeze(0)
                                        if p.numel() else torch.zeros((), device=device) for p in parts]).amax())
     bound = torch.stack(bounds)
-    descale = (bound / torch.full_like(bound, _QMAX)).clamp_min(numerics.SCALE_EPS)
+    descale = numerics.scales_of_amax(bound, "fp8")
     inv = torch.reciprocal(descale)
     out = torch.zeros(SCALES, dtype=torch.float32, device=device)
     out[0:12:4] = descale

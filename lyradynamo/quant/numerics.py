@@ -52,7 +52,11 @@ def _smoothed(x: Tensor, inv_smooth: Optional[Tensor]) -> Tensor:
 
 
 def _scales_of(xs: Tensor, kind: str) -> Tensor:
-    amax = xs.abs().amax(dim=-1)
+    return scales_of_amax(xs.abs().amax(dim=-1), kind)
+
+
+def scales_of_amax(amax: Tensor, kind: str) -> Tensor:
+    """max(amax / QMAX, 1e-12) in float32 with an IEEE division, as the kernels compute it."""
     # A tensor divisor (not a Python float): CUDA torch turns division by a CPU scalar
     # into a multiply by its reciprocal, which is not the kernels' IEEE division. full_like
     # is a fill kernel, so this stays safe under CUDA-graph capture (no host copy).
