@@ -111,7 +111,8 @@ def parse_args(argv=None):
                    help="cold scenario: keep the inductor/triton on-disk caches (default: a fresh cache dir per child)")
     p.add_argument("--report", default=None, help="regenerate this markdown file from --out at the end (report.py)")
     p.add_argument("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="a lyradynamo.config option for the lyra modes (repeatable), e.g. fp8_attention=off "
+                   help="a lyradynamo.config option for the lyra modes (repeatable), e.g. fp8_attention=off, "
+                        "passes=-shared_input (a tuple option less one name) "
                         "(the rows' lyra_config shows the options in force)")
     p.add_argument("--progress", choices=("auto", "tqdm", "plain", "none"), default="auto")
     p.add_argument("--threads", type=int, default=None,
@@ -410,7 +411,12 @@ def parse_lyra_config(items) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in lyradynamo.config.snapshot():
             raise SystemExit(f"--lyra-config {item!r}: expected KEY=VALUE with KEY a lyradynamo.config option")
-        out[key] = {"true": True, "false": False}.get(value.lower(), value)
+        current = lyradynamo.config.snapshot()[key]
+        if isinstance(current, (tuple, list)):  # passes=-shared_input: all but; a,b,c: exactly these
+            out[key] = (tuple(v for v in current if v != value[1:]) if value.startswith("-")
+                        else tuple(v for v in value.split(",") if v))
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
     return out
 
 

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from . import config, runtime, shape_policy
 from .passes import attention as attention_pass
+from .passes import shared_input as shared_input_pass
 from .passes import run_passes
 from .passes.report import GraphReport
 
@@ -142,6 +143,20 @@ def _late_fusions(gm: fx.GraphModule, fake_mode, report: GraphReport) -> None:
         report.errors.append({"pass": "late_fusions", "error": repr(exc), "trace": traceback.format_exc()})
 
 
+def _shared_input(gm: fx.GraphModule, example_inputs: list, fake_mode, report: GraphReport) -> None:
+    """Last: linears reading one input become one GEMM (passes/shared_input.py); each group is
+    rewritten whole or left as it was."""
+    if "shared_input" not in config.passes:
+        return
+    try:
+        shared_input_pass.run(gm, example_inputs, fake_mode, report)
+        gm.graph.lint()
+        gm.recompile()
+    except Exception as exc:  # noqa: BLE001 - an optimisation; never fatal
+        log.warning("lyradynamo: shared-input linear fusion failed (%s)", exc)
+        report.errors.append({"pass": "shared_input", "error": repr(exc), "trace": traceback.format_exc()})
+
+
 def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
     """torch.compile backend entry point (registered as "lyra")."""
     if kwargs:
@@ -164,6 +179,7 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
     t = time.perf_counter()
     quant_entries = _quantize(gm, example_inputs, report)
     _late_fusions(gm, fake_mode, report)
+    _shared_input(gm, example_inputs, fake_mode, report)
     report.phases_s["quant"] = time.perf_counter() - t
     reason = _recompile_reason()
     if reason:

@@ -18,7 +18,8 @@ import sys
 import types
 from typing import Any, Iterator
 
-ALL_PASSES = ("layout", "group_norm", "conv_bias", "adaln", "rope", "attention", "linear", "split_cat")
+ALL_PASSES = ("layout", "group_norm", "conv_bias", "adaln", "rope", "attention", "linear", "split_cat",
+              "shared_input")
 
 
 class LyraConfigError(ValueError):

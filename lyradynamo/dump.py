@@ -109,6 +109,13 @@ def format_summary(s: dict) -> str:
         sliced = [name for name in q["quantized"] if name.endswith("]")]  # column slices (split_cat)
         for name in sliced[:20]:
             lines.append(f"  quantized column slice {name}")
+    groups = s.get("shared_input") or []
+    if groups:
+        fused = [g for g in groups if g["fused"]]
+        lines.append(f"linears sharing an input: {len(fused)}/{len(groups)} group(s) run as one GEMM")
+        for g in groups:
+            if not g["fused"]:
+                lines.append(f"  kept apart {', '.join(g['nodes'])}: {g['reason']}")
     for op, path in s["kernel_paths"].items():
         lines.append(f"kernel lyra::{op}: {path}")
     for e in s["errors"]:

@@ -103,6 +103,10 @@ def lora_round_trip(compiled, model, inputs: dict, lora_a: dict, lora_b: dict) -
 QUANTISED_LINEAR_OPS = ("lyra::qlinear", "lyra::qlinear_q", "lyra::qlinear_q_qout")
 
 
-def quantised_linear_ops(hist: dict) -> int:
-    """How many quantised linears a graph's op histogram holds (all three op forms)."""
-    return sum(hist.get(op, 0) for op in QUANTISED_LINEAR_OPS)
+def quantised_linear_ops(summary: dict) -> int:
+    """How many quantised linears a compiled graph holds (all three op forms, and those that
+    passes/shared_input.py runs as one lyra::qlinear_q_group)."""
+    hist = summary["op_histogram"]
+    grouped = sum(len(g["nodes"]) for g in summary.get("shared_input", [])
+                  if g["fused"] and g["op"] == "lyra::qlinear_q_group")
+    return sum(hist.get(op, 0) for op in QUANTISED_LINEAR_OPS) + grouped

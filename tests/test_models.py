@@ -44,7 +44,10 @@ def test_one_compilation_matches_eager_and_full_coverage(name):
     # split_cat turns a linear over an N-part concat into N linears
     extra = sum((int(label.rsplit(" ", 1)[1]) - 1) * n
                 for label, n in rec.summary["matched"].get("split_cat", {}).items())
-    assert hist.get("lyra::linear", 0) == cov["linear"]["before"] + extra
+    # shared_input runs linears reading one input as one lyra::linear_group
+    grouped = [g for g in rec.summary["shared_input"] if g["fused"]]
+    assert hist.get("lyra::linear_group", 0) == len(grouped)
+    assert hist.get("lyra::linear", 0) + sum(len(g["nodes"]) for g in grouped) == cov["linear"]["before"] + extra
     assert hist.get("lyra::attention", 0) == cov["sdpa"]["before"]
 
 

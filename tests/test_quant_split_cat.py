@@ -83,7 +83,7 @@ def test_split_quantised_flux_report_quality_and_one_compile(kind, dtype, min_db
     assert len(q["quantized"]) == len(q_plain["quantized"]) + len(model.single_transformer_blocks)
     hist, hist_plain = s_split["op_histogram"], s_plain["op_histogram"]
     assert hist["cat"] == hist_plain["cat"] - len(model.single_transformer_blocks)  # no concat is built
-    assert quantised_linear_ops(hist) == len(q["quantized"])
+    assert quantised_linear_ops(s_split) == len(q["quantized"])
     assert "lyra::linear" not in hist or hist["lyra::linear"] == len(q["kept"])
     dumped = (tmp_path / "graph_0" / "summary.txt").read_text()
     assert f"quantized column slice {_proj_out_slices(model)['single_transformer_blocks.0.proj_out.weight'][1]}" \

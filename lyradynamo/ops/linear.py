@@ -86,7 +86,7 @@ def _out_dtype(x, gate, residual) -> torch.dtype:
 
 
 @linear.register_kernel("cuda")
-def _(x, weight, bias, act, glu, gate, residual):
+def linear_cuda(x, weight, bias, act, glu, gate, residual):
     _check_args(x, weight, act, glu)
     C = csrc()
     reason = "csrc not built" if C is None else _cuda_unsupported(x, weight, bias, glu, gate, residual)

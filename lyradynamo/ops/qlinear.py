@@ -312,7 +312,7 @@ def _(xq, xscale, qweight, wscale, bias, act, glu, gate, residual, kind, out_dty
 
 
 @qlinear_q.register_kernel("cuda")
-def _(xq, xscale, qweight, wscale, bias, act, glu, gate, residual, kind, out_dtype):
+def qlinear_q_cuda(xq, xscale, qweight, wscale, bias, act, glu, gate, residual, kind, out_dtype):
     _check(xq, qweight, wscale, act, glu, kind)
     C = csrc()
     reason = "csrc not built" if C is None else _q_unsupported(xq, xscale, qweight, wscale, bias, glu, gate,

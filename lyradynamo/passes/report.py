@@ -42,6 +42,7 @@ class GraphReport:
     errors: list = dataclasses.field(default_factory=list)  # passes that raised (graph kept)
     quant: dict = dataclasses.field(default_factory=dict)  # quant/apply.py: layers and decisions
     phases_s: dict = dataclasses.field(default_factory=dict)  # backend phase -> seconds (first call)
+    shared_input: list = dataclasses.field(default_factory=list)  # sibling linear groups: fused or why not
 
     def hit(self, pass_name: str, label: str) -> None:
         self.matched.setdefault(pass_name, collections.Counter())[label] += 1
@@ -71,5 +72,6 @@ class GraphReport:
             "relaxed_guards": self.relaxed_guards,
             "errors": self.errors,
             "quant": self.quant,
+            "shared_input": self.shared_input,
             "phases_s": {k: round(v, 4) for k, v in self.phases_s.items()},
         }

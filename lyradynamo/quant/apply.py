@@ -123,6 +123,10 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     # own: a quantisation kernel still running is counted in the offload, whose copy waits for it)
     t_quant = t_offload = 0.0
     offload = _only_quantised_readers(real, decide) if config.quant_master == "host" else set()
+    if "shared_input" in config.passes:
+        t0 = time.perf_counter()
+        _allocate_siblings_jointly(gm, decide, kind)
+        t_quant += time.perf_counter() - t0
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is _LINEAR):
             continue
@@ -171,6 +175,20 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     report.quant = {"kind": kind, "quantized": quantized, "kept": kept,
                     "master": config.quant_master, "activation_quant": activation, "attention": attention}
     return list(entries.values())
+
+
+def _allocate_siblings_jointly(gm: fx.GraphModule, decide, kind: str) -> None:
+    """Quantised copies of linears that read one input (passes/shared_input.py's groups) go into
+    one buffer, so that the shared-input pass can run them as one GEMM."""
+    from ..passes import shared_input
+
+    for nodes in shared_input.sibling_groups(gm.graph, _LINEAR):
+        ds = [decide(n.args[1]) for n in nodes]
+        if any(d.reason or d.cols is not None for d in ds):
+            continue
+        if kind == "int8" and any(calibration.smooth_of(d.param) is not None for d in ds):
+            continue  # smoothed siblings quantise x each their own way
+        weights.quantize_jointly([d.path for d in ds], [d.param for d in ds], kind)
 
 
 def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:

@@ -130,6 +130,29 @@ def quantize_weight(name: str, param: Tensor, kind: str, smooth: Optional[Tensor
         return entry
 
 
+def quantize_jointly(names: list, params: list, kind: str) -> bool:
+    """Whole-weight, unsmoothed quantised copies of `params` (same K), allocated as adjacent rows
+    of one qweight buffer and one wscale buffer, in this order, so that one GEMM can read them
+    all. False (nothing done) when any of them already has a quantised copy."""
+    if len({p.shape[1] for p in params}) != 1 or len({p.device for p in params}) != 1:
+        return False
+    with _lock:
+        if any(_by_param.get(p) for p in params):
+            return False
+        rows = sum(p.shape[0] for p in params)
+        k, device = params[0].shape[1], params[0].device
+        qall = torch.empty((rows, k), dtype=numerics.QDTYPE[kind], device=device)
+        sall = torch.empty((rows,), dtype=torch.float32, device=device)
+        off = 0
+        for name, p in zip(names, params):
+            n = p.shape[0]
+            entry = QuantWeight(name, kind, p, p, qall[off:off + n], sall[off:off + n], None, None)
+            entry.derive()
+            _by_param[p] = {None: entry}
+            off += n
+    return True
+
+
 def _same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
     if a is None or b is None:
         return a is b

@@ -235,7 +235,7 @@ def test_quantized_model_cuda(name, kind, min_db):
     assert reported_weights(q["quantized"]) | reported_weights(q["kept"]) == _linear_weights(model)
     assert all("config.quant_exclude" in why or "not a multiple" in why for why in q["kept"].values()), q["kept"]
     hist = summary["op_histogram"]
-    assert quantised_linear_ops(hist) >= len(q["quantized"]), hist
+    assert quantised_linear_ops(summary) >= len(q["quantized"]), hist
     assert quant_fallbacks() == {}, quant_fallbacks()
 
 

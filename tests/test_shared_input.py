@@ -1,0 +1,165 @@
+"""passes/shared_input.py: linears reading one input become one lyra::linear_group (or, quantised,
+one lyra::qlinear_q_group), with their Parameters joined into one buffer; outputs, in-place
+patches and recompilation behave as before."""
+import pytest
+import safetensors.torch
+import torch
+
+import lyradynamo
+from lyradynamo import config, zoo
+from lyradynamo.ops.linear_group import joined
+from lyradynamo.passes import shared_input
+
+lyra = torch.ops.lyra
+
+
+def _out(o):
+    return o[0] if isinstance(o, (tuple, list)) else o.sample
+
+
+def _run(name, model, seed=0, batch=2, hw=64):
+    inputs = zoo.denoiser_inputs(name, model, batch=batch, height=hw, width=hw, seed=seed)
+    with torch.no_grad():
+        return _out(model(**inputs))
+
+
+def test_joined_views_only_adjacent_rows_of_one_storage():
+    buf = torch.randn(10, 4)
+    a, b, c = buf[0:3], buf[3:5], buf[5:10]
+    j = joined([a, b, c])
+    assert j is not None and j.data_ptr() == buf.data_ptr() and torch.equal(j, buf)
+    assert joined([a, c]) is None  # a gap
+    assert joined([b, a]) is None  # wrong order
+    assert joined([a, torch.randn(2, 4)]) is None  # another storage
+    assert joined([buf[:, :2], buf[:, 2:]]) is None  # not contiguous
+    assert joined([buf.view(-1)[0:4], buf.view(-1)[4:8]]).shape == (8,)
+
+
+def test_sdxl_groups_fused_params_joined_and_output_unchanged():
+    model = zoo.build_denoiser("sdxl", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with config.patch(passes=tuple(p for p in config.ALL_PASSES if p != "shared_input")):
+        ref = _run("sdxl", torch.compile(model, backend="lyra"))
+    torch._dynamo.reset()
+    lyradynamo.reset_stats()
+    out = _run("sdxl", torch.compile(model, backend="lyra"))
+    assert torch.equal(out, ref)  # the reference runs one linear per weight: the same bits
+    (rec,) = lyradynamo.compiled_graphs()
+    groups = rec.summary["shared_input"]
+    assert groups and all(g["fused"] for g in groups), groups
+    assert rec.summary["op_histogram"]["lyra::linear_group"] == len(groups)
+    # every self-attention's q, k, v and every cross-attention's k, v became one group
+    attn = [m for n, m in model.named_modules() if n.endswith("attn1") or n.endswith("attn2")]
+    for a in attn:
+        names = ("to_q", "to_k", "to_v") if a.is_cross_attention is False else ("to_k", "to_v")
+        ws = [getattr(a, n).weight for n in names]
+        assert joined(ws) is not None, "weights not adjacent"
+    for k, v in model.state_dict().items():  # values unchanged
+        assert torch.equal(v, before[k]), k
+
+
+def test_in_place_patch_of_a_joined_weight_is_seen_without_recompiling():
+    model = zoo.build_denoiser("sd15", seed=0)
+    compiled = torch.compile(model, backend="lyra")
+    _run("sd15", compiled)
+    to_k = model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k
+    assert to_k.weight.untyped_storage().nbytes() > to_k.weight.numel() * 4  # joined
+    with torch.no_grad():
+        to_k.weight.mul_(1.5)  # what lyradynamo.lora / controlnet do: an in-place write
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = _run("sd15", compiled, seed=1)
+    ref = _run("sd15", model, seed=1)
+    assert (out - ref).abs().max() < 1e-4
+    assert lyradynamo.compile_count() == 1
+
+
+def test_joined_parameters_save_with_safetensors_and_load_back(tmp_path):
+    model = zoo.build_denoiser("flux", seed=0)
+    _run("flux", torch.compile(model, backend="lyra"))
+    to_q = model.transformer_blocks[0].attn.to_q.weight
+    assert to_q.untyped_storage().nbytes() > to_q.numel() * to_q.element_size()  # joined
+    path = str(tmp_path / "model.safetensors")
+    safetensors.torch.save_file(model.state_dict(), path)
+    back = safetensors.torch.load_file(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
+
+
+def test_a_replaced_parameter_keeps_the_compiled_graph_right():
+    model = zoo.build_denoiser("flux", seed=0)
+    compiled = torch.compile(model, backend="lyra")
+    _run("flux", compiled)
+    to_k = model.transformer_blocks[0].attn.to_k.weight
+    with torch.no_grad():
+        to_k.data = to_k.data.clone() * 2  # no longer adjacent to to_q / to_v
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = _run("flux", compiled, seed=3)
+    assert torch.equal(out, _run("flux", model, seed=3)) or (out - _run("flux", model, seed=3)).abs().max() < 1e-5
+
+
+def test_groups_need_one_input_one_activation_and_bias_on_all_or_none():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(32, 16)
+            self.b = torch.nn.Linear(32, 16)
+            self.c = torch.nn.Linear(32, 16, bias=False)  # no bias: not with a, b
+            self.d = torch.nn.Linear(32, 24)  # gelu: a group of its own kind (alone here)
+            self.e = torch.nn.Linear(16, 16)  # another input
+
+        def forward(self, x):
+            return self.a(x), self.b(x), self.c(x), torch.nn.functional.gelu(self.d(x)), self.e(x[..., :16])
+
+    m = Block()
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        ref = m(x)
+        out = torch.compile(m, backend="lyra")(x)
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
+    (rec,) = lyradynamo.compiled_graphs()
+    fused = [g for g in rec.summary["shared_input"] if g["fused"]]
+    assert len(fused) == 1 and len(fused[0]["nodes"]) == 2
+    assert joined([m.a.weight, m.b.weight]) is not None and joined([m.a.bias, m.b.bias]) is not None
+
+
+def test_off_by_config():
+    model = zoo.build_denoiser("sd15", seed=0)
+    with config.patch(passes=tuple(p for p in config.ALL_PASSES if p != "shared_input")):
+        _run("sd15", torch.compile(model, backend="lyra"))
+    (rec,) = lyradynamo.compiled_graphs()
+    assert "lyra::linear_group" not in rec.summary["op_histogram"]
+    w = model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    assert w.untyped_storage().nbytes() == w.numel() * w.element_size()  # untouched
+
+
+def test_quantised_siblings_share_one_buffer_and_one_gemm():
+    model = zoo.build_denoiser("sdxl", seed=0)
+    ref_model = zoo.build_denoiser("sdxl", seed=0)
+    with config.patch(quant="fp8", quant_master="gpu",
+                      passes=tuple(p for p in config.ALL_PASSES if p != "shared_input")):
+        ref = _run("sdxl", torch.compile(ref_model, backend="lyra"))
+    torch._dynamo.reset()
+    lyradynamo.reset_stats()
+    with config.patch(quant="fp8", quant_master="gpu"):
+        out = _run("sdxl", torch.compile(model, backend="lyra"))
+    (rec,) = lyradynamo.compiled_graphs()
+    hist = rec.summary["op_histogram"]
+    assert hist.get("lyra::qlinear_q_group", 0) > 0, rec.summary["shared_input"]
+    assert torch.equal(out, ref)  # the same quantised math per weight
+    from lyradynamo.quant import weights
+
+    a = model.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    es = [weights.entry_of(getattr(a, n).weight) for n in ("to_q", "to_k", "to_v")]
+    assert joined([e.qweight for e in es]) is not None and joined([e.wscale for e in es]) is not None
+
+
+def test_sibling_groups_found_in_flux_single_and_double_blocks():
+    model = zoo.build_denoiser("flux", seed=0)
+    _run("flux", torch.compile(model, backend="lyra"))
+    (rec,) = lyradynamo.compiled_graphs()
+    fused = [g for g in rec.summary["shared_input"] if g["fused"]]
+    # double blocks: image q/k/v and text q/k/v; single blocks: q/k/v (proj_mlp has GELU)
+    n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
+    assert len(fused) == 2 * n_double + n_single
+    assert shared_input.sibling_groups  # public: quant/apply.py allocates by the same groups
