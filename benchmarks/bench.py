@@ -415,6 +415,8 @@ def parse_lyra_config(items) -> dict:
         if isinstance(current, (tuple, list)):  # passes=-shared_input: all but; a,b,c: exactly these
             out[key] = (tuple(v for v in current if v != value[1:]) if value.startswith("-")
                         else tuple(v for v in value.split(",") if v))
+        elif isinstance(current, int) and not isinstance(current, bool):
+            out[key] = int(value)
         else:
             out[key] = {"true": True, "false": False}.get(value.lower(), value)
     return out

@@ -29,6 +29,8 @@ void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul,
                    uintptr_t stream);
 void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
           int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream);
+void set_gemm_autotune(int candidates);
+int gemm_autotune();
 void gemm_ex(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t residual, uintptr_t alpha_vec,
              uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldo,
              int dtype, int epi, uintptr_t stream);
@@ -122,6 +124,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mul_bstride"), py::arg("add_bstride"), py::arg("eps"), py::arg("rms"),
         py::arg("dtype"), py::arg("stream"));
 
+  m.def("set_gemm_autotune", &lyra::set_gemm_autotune, release(), py::arg("candidates"),
+        "Algorithms every new GEMM plan times on its first call outside CUDA-graph capture (the "
+        "fastest is kept); 0 or 1: the cuBLASLt heuristic's first choice. Plans made before keep "
+        "their algorithm.");
+  m.def("gemm_autotune", &lyra::gemm_autotune, release(), "The current set_gemm_autotune value.");
   m.def("gemm", &lyra::gemm, release(),
         "out(M, N) = a(M, K) @ b(N, K)^T (+ bias[N]) via cuBLASLt, fp32 accumulation; row strides "
         "lda (a) and ldo (out) in elements. First call per device allocates a 32 MiB workspace.",

@@ -20,6 +20,13 @@
 // The workspace is shared by all streams of a device: do not run two gemm
 // calls concurrently on different streams of the same device.
 // Descriptors + heuristic choice are cached per problem key (small map).
+// Autotuning (set_gemm_autotune(n), n > 1): the heuristic is asked for up to n
+// algorithms; the first call of a problem that is not being captured times each
+// of them on the call's own operands (1 warm-up + 3 timed runs, CUDA events,
+// one host sync) and keeps the fastest for the plan. A call under capture uses
+// the heuristic's first choice and leaves tuning to a later call. Calls whose
+// residual is the output (C aliases D) are not tuned: repeated runs would
+// accumulate.
 //
 // Quantised (W8A8) variants, same TN row-major trick and the same state/cache
 // (the plan key carries the variant):
@@ -58,6 +65,7 @@
 // pointers are set on the descriptor first (make_plan sets them).
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -119,6 +127,7 @@ struct Plan {
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   cublasLtMatmulAlgo_t algo;
   size_t ws_bytes = 0;
+  std::vector<cublasLtMatmulAlgo_t> untimed;  // heuristic candidates not yet timed (autotune)
   void destroy() {
     if (op) cublasLtMatmulDescDestroy(op);
     if (la) cublasLtMatrixLayoutDestroy(la);
@@ -134,6 +143,8 @@ using PlanKey =
 
 std::mutex g_mu;  // guards g_dev and g_plans (and the bias-pointer attribute)
 DeviceState g_dev[kMaxDevices];
+int g_autotune = 0;  // algorithms to time per new plan (<= 1: the heuristic's first)
+constexpr int kMaxAutotune = 16;
 std::map<PlanKey, Plan> g_plans;
 
 // Largest power of two (<= 256) dividing the address: cuBLASLt preference
@@ -205,7 +216,8 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
 
     cublasLtMatmulPreference_t pref = nullptr;
     LYRA_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    cublasLtMatmulHeuristicResult_t res;
+    cublasLtMatmulHeuristicResult_t res[kMaxAutotune];
+    const int wanted = g_autotune > 1 ? std::min(g_autotune, kMaxAutotune) : 1;
     int found = 0;
     cublasStatus_t st;
     {
@@ -219,7 +231,7 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_o, sizeof(al_o));
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_o, sizeof(al_o));
       (void)al_bias;  // bias alignment is part of the cache key only
-      st = cublasLtMatmulAlgoGetHeuristic(h, p.op, p.la, p.lb, p.lc, p.lc, pref, 1, &res, &found);
+      st = cublasLtMatmulAlgoGetHeuristic(h, p.op, p.la, p.lb, p.lc, p.lc, pref, wanted, res, &found);
       cublasLtMatmulPreferenceDestroy(pref);
     }
     if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
@@ -230,13 +242,51 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
                                " dtype=" + dtype_name(dtype) + " (status " +
                                std::to_string(static_cast<int>(st)) + ")");
     }
-    p.algo = res.algo;
+    p.algo = res[0].algo;
+    for (int i = 1; i < found; ++i) {
+      if (res[i].state == CUBLAS_STATUS_SUCCESS) p.untimed.push_back(res[i].algo);
+    }
     p.ws_bytes = ws_bytes;
   } catch (...) {
     p.destroy();
     throw;
   }
   return p;
+}
+
+// Autotuning: times plan.algo and plan.untimed on this call's operands and keeps
+// the fastest in plan.algo (the heuristic's choice on any error). One host sync.
+template <typename Launch>
+void time_candidates(Plan& plan, Launch& launch, cudaStream_t s) {
+  std::vector<cublasLtMatmulAlgo_t> cands{plan.algo};
+  cands.insert(cands.end(), plan.untimed.begin(), plan.untimed.end());
+  plan.untimed.clear();
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  if (cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess) {
+    if (e0) cudaEventDestroy(e0);
+    cudaGetLastError();
+    return;
+  }
+  float best = 0.f;
+  size_t best_i = 0;
+  bool any = false;
+  for (size_t i = 0; i < cands.size(); ++i) {
+    if (launch(&cands[i]) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; unsupported: skip
+    bool ok = cudaEventRecord(e0, s) == cudaSuccess;
+    for (int r = 0; ok && r < 3; ++r) ok = launch(&cands[i]) == CUBLAS_STATUS_SUCCESS;
+    float ms = 0.f;
+    ok = ok && cudaEventRecord(e1, s) == cudaSuccess && cudaEventSynchronize(e1) == cudaSuccess &&
+         cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess;
+    if (ok && (!any || ms < best)) {
+      best = ms;
+      best_i = i;
+      any = true;
+    }
+  }
+  cudaGetLastError();  // a refused candidate must not surface at the next launch check
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  plan.algo = cands[any ? best_i : 0];
 }
 
 // Pointers of one call; the *_scale ones are our a / b scales (fp8 scaled only).
@@ -308,9 +358,18 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
   const void* beta = variant == kVarInt8 ? static_cast<const void*>(&beta_i) : &beta_f;
   void* o = reinterpret_cast<void*>(g.out);
   const void* c = g.residual ? reinterpret_cast<const void*>(g.residual) : o;
-  LYRA_LT_CHECK(cublasLtMatmul(ds.handle, plan.op, alpha, reinterpret_cast<const void*>(g.b), plan.la,
-                               reinterpret_cast<const void*>(g.a), plan.lb, beta, c, plan.lc, o, plan.lc,
-                               &plan.algo, has_ws ? ds.workspace : nullptr, plan.ws_bytes, s));
+  auto launch = [&](const cublasLtMatmulAlgo_t* algo) {
+    return cublasLtMatmul(ds.handle, plan.op, alpha, reinterpret_cast<const void*>(g.b), plan.la,
+                          reinterpret_cast<const void*>(g.a), plan.lb, beta, c, plan.lc, o, plan.lc,
+                          algo, has_ws ? ds.workspace : nullptr, plan.ws_bytes, s);
+  };
+  if (!plan.untimed.empty() && g.residual != g.out) {
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(s, &cap) == cudaSuccess && cap == cudaStreamCaptureStatusNone) {
+      time_candidates(plan, launch, s);
+    }
+  }
+  LYRA_LT_CHECK(launch(&plan.algo));
   LYRA_CHECK_LAUNCH(fn);
 }
 
@@ -437,6 +496,17 @@ bool probe_outer_vec(int out_dtype, bool with_bias) {
 }
 
 }  // namespace
+
+void set_gemm_autotune(int candidates) {
+  LYRA_CHECK_ARG(candidates >= 0, "set_gemm_autotune", "candidates must be >= 0");
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_autotune = std::min(candidates, kMaxAutotune);
+}
+
+int gemm_autotune() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return g_autotune;
+}
 
 void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
           int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream) {

@@ -92,6 +92,13 @@ _OPTIONS: dict[str, _Option] = {
         "to full fp32; what torchao's float8 inference uses). False: exact fp32 accumulation.",
         kind=bool,
     ),
+    "gemm_autotune": _Option(
+        8,
+        "cuBLASLt algorithms timed for each new GEMM shape on its first call outside CUDA-graph "
+        "capture (the fastest is kept for the process); 0 or 1 = the heuristic's first choice, "
+        "no timing. Costs ~10 ms per new shape; a plan made before a change keeps its choice.",
+        kind=int,
+    ),
     "cuda_graphs": _Option(
         True, "On CUDA, replay each compiled graph as a CUDA graph (one capture per input shape).",
         kind=bool,

@@ -38,7 +38,16 @@ def csrc():
 
     if not config.use_csrc:
         return None
-    return _load_csrc()[0]
+    C = _load_csrc()[0]
+    if C is not None and config.gemm_autotune != _applied["gemm_autotune"]:
+        set_autotune = getattr(C, "set_gemm_autotune", None)
+        if set_autotune is not None:
+            set_autotune(max(int(config.gemm_autotune), 0))
+        _applied["gemm_autotune"] = config.gemm_autotune
+    return C
+
+
+_applied = {"gemm_autotune": None}  # config values last handed to the library
 
 
 def csrc_status() -> str:

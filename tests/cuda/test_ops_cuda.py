@@ -130,3 +130,24 @@ def test_unsupported_dtype_on_cuda_is_recorded():
     counts = _common.fallback_counts()
     assert any(op == "linear" and "float64" in why for op, why in counts)
     _common.reset_fallback_counts()
+
+
+@pytest.mark.parametrize("candidates", [0, 8])
+@pytest.mark.parametrize("dtype", DT)
+def test_gemm_autotune_keeps_results_right(candidates, dtype, seed_from_test_id):
+    """config.gemm_autotune: each new shape times several cuBLASLt algorithms on its first call
+    (the timing runs write the real output: the result must still be the right one, also with a
+    residual through C), then keeps one: later calls give the same bits."""
+    from lyradynamo import config
+
+    with config.patch(gemm_autotune=candidates):
+        for m, n, k in [(4096 + 7, 3072, 3072), (77, 1280, 2048), (1, 18432, 3072), (333, 96, 40)]:
+            x = torch.randn(m, k, device="cuda")
+            w, b = torch.randn(n, k, device="cuda") / k ** 0.5, torch.randn(n, device="cuda")
+            r = torch.randn(m, n, device="cuda")
+            check(lambda x, w, b, r: lyra.linear(x, w, b, "none", False, None, r),
+                  lambda x, w, b, r: r + F.linear(x, w, b), [x, w, b, r], dtype)
+            xl, wl, bl, rl = (t.to(dtype) for t in (x, w, b, r))
+            first = lyra.linear(xl, wl, bl, "gelu_tanh", False, None, None)
+            assert torch.equal(first, lyra.linear(xl, wl, bl, "gelu_tanh", False, None, None))
+        assert _common.csrc().gemm_autotune() == candidates
