@@ -1,7 +1,6 @@
 """passes/shared_input.py: linears reading one input become one lyra::linear_group (or, quantised,
 one lyra::qlinear_q_group), with their Parameters joined into one buffer; outputs, in-place
 patches and recompilation behave as before."""
-import pytest
 import safetensors.torch
 import torch
 
