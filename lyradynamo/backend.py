@@ -129,32 +129,27 @@ def _with_weight_refresh(runner: Callable, entries: list) -> Callable:
     return run
 
 
-def _late_fusions(gm: fx.GraphModule, fake_mode, report: GraphReport) -> None:
-    """Fusions across ops that quantisation rewrites too, so they run after it (a failure keeps
-    the graph as it was: each fusion is applied whole)."""
-    if not {"rope", "attention"} <= set(config.passes):
-        return
+def _after_quant(gm: fx.GraphModule, name: str, rewrite: Callable[[], None], report: GraphReport) -> None:
+    """Run a rewrite that must see quantisation's result; a failure is logged and reported, and
+    leaves the graph valid (each of these rewrites changes a match only once it is complete)."""
     try:
-        attention_pass.fuse_qkv_late(gm.graph, fake_mode, report)
+        rewrite()
         gm.graph.lint()
         gm.recompile()
     except Exception as exc:  # noqa: BLE001 - an optimisation; never fatal
-        log.warning("lyradynamo: late q/k/v fusion failed (%s)", exc)
-        report.errors.append({"pass": "late_fusions", "error": repr(exc), "trace": traceback.format_exc()})
+        log.warning("lyradynamo: %s failed (%s)", name, exc)
+        report.errors.append({"pass": name, "error": repr(exc), "trace": traceback.format_exc()})
 
 
-def _shared_input(gm: fx.GraphModule, example_inputs: list, fake_mode, report: GraphReport) -> None:
-    """Last: linears reading one input become one GEMM (passes/shared_input.py); each group is
-    rewritten whole or left as it was."""
-    if "shared_input" not in config.passes:
-        return
-    try:
-        shared_input_pass.run(gm, example_inputs, fake_mode, report)
-        gm.graph.lint()
-        gm.recompile()
-    except Exception as exc:  # noqa: BLE001 - an optimisation; never fatal
-        log.warning("lyradynamo: shared-input linear fusion failed (%s)", exc)
-        report.errors.append({"pass": "shared_input", "error": repr(exc), "trace": traceback.format_exc()})
+def _late_fusions(gm: fx.GraphModule, example_inputs: list, fake_mode, report: GraphReport) -> None:
+    """After quantisation, which rewrites the same ops: q/k/v norm + RoPE + cat in one pass
+    (passes/attention.fuse_qkv_late), then, last, linears reading one input as one GEMM
+    (passes/shared_input.py)."""
+    if {"rope", "attention"} <= set(config.passes):
+        _after_quant(gm, "late_fusions", lambda: attention_pass.fuse_qkv_late(gm.graph, fake_mode, report), report)
+    if "shared_input" in config.passes:
+        _after_quant(gm, "shared_input", lambda: shared_input_pass.run(gm, example_inputs, fake_mode, report),
+                     report)
 
 
 def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
@@ -178,8 +173,7 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
     _freeze_parameters(example_inputs)
     t = time.perf_counter()
     quant_entries = _quantize(gm, example_inputs, report)
-    _late_fusions(gm, fake_mode, report)
-    _shared_input(gm, example_inputs, fake_mode, report)
+    _late_fusions(gm, example_inputs, fake_mode, report)
     report.phases_s["quant"] = time.perf_counter() - t
     reason = _recompile_reason()
     if reason:

@@ -49,13 +49,24 @@ def joined(parts: List[Tensor]) -> Optional[Tensor]:
     return t0.as_strided((rows, *rest), t0.stride(), t0.storage_offset())
 
 
-def _not_joined(weights: List[Tensor], biases: List[Tensor]) -> Optional[str]:
-    """Why the group cannot run as one GEMM (None: it can)."""
-    if joined(weights) is None:
-        return "weights are not adjacent rows of one buffer (a Parameter was replaced?)"
-    if biases and joined(biases) is None:
-        return "biases are not adjacent in one buffer (a Parameter was replaced?)"
-    return None
+def _joined_operands(weights: List[Tensor], biases: List[Tensor], wscales: Optional[List[Tensor]] = None):
+    """((W, b, s), None): the weights, biases (None when there are none) and weight scales (None
+    when not given), each joined into one tensor; or (None, why not)."""
+    w = joined(weights)
+    if w is None:
+        return None, "weights are not adjacent rows of one buffer (a Parameter was replaced?)"
+    b = joined(biases) if biases else None
+    if biases and b is None:
+        return None, "biases are not adjacent in one buffer (a Parameter was replaced?)"
+    sc = joined(wscales) if wscales is not None else None
+    if wscales is not None and sc is None:
+        return None, "weight scales are not adjacent in one buffer"
+    return (w, b, sc), None
+
+
+def _each_bias(biases: List[Tensor], n: int) -> list:
+    """One bias (or None) per weight: the op takes all biases or none."""
+    return biases or [None] * n
 
 
 def _check_group(n_weights: int, biases: List) -> None:
@@ -72,8 +83,8 @@ def _width(weights: List[Tensor]):
 # ---- lyra::linear_group -------------------------------------------------------------------
 
 def linear_group_reference(x: Tensor, weights: List[Tensor], biases: List[Tensor], act: str) -> Tensor:
-    bs = biases or [None] * len(weights)
-    return torch.cat([activate(F.linear(x, w, b), act) for w, b in zip(weights, bs)], dim=-1)
+    return torch.cat([activate(F.linear(x, w, b), act) for w, b in zip(weights, _each_bias(biases, len(weights)))],
+                     dim=-1)
 
 
 @torch.library.custom_op("lyra::linear_group", mutates_args=())
@@ -95,21 +106,21 @@ def _(x, weights, biases, act):
 @linear_group.register_kernel("cuda")
 def _(x, weights, biases, act):
     _check_group(len(weights), biases)
-    reason = "csrc not built" if csrc() is None else _not_joined(weights, biases)
+    ops, reason = (None, "csrc not built") if csrc() is None else _joined_operands(weights, biases)
     if reason:
         record_fallback("linear_group", reason + "; one GEMM per weight")
-        bs = biases or [None] * len(weights)
-        return torch.cat([linear_cuda(x, w, b, act, False, None, None) for w, b in zip(weights, bs)], dim=-1)
-    return linear_cuda(x, joined(weights), joined(biases) if biases else None, act, False, None, None)
+        return torch.cat([linear_cuda(x, w, b, act, False, None, None)
+                          for w, b in zip(weights, _each_bias(biases, len(weights)))], dim=-1)
+    w, b, _ = ops
+    return linear_cuda(x, w, b, act, False, None, None)
 
 
 # ---- lyra::qlinear_q_group ----------------------------------------------------------------
 
 def qlinear_q_group_reference(xq: Tensor, xscale: Tensor, qweights: List[Tensor], wscales: List[Tensor],
                               biases: List[Tensor], act: str, kind: str, out_dtype: torch.dtype) -> Tensor:
-    bs = biases or [None] * len(qweights)
     return torch.cat([qlinear_q_reference(xq, xscale, w, s, b, act, False, None, None, kind, out_dtype)
-                      for w, s, b in zip(qweights, wscales, bs)], dim=-1)
+                      for w, s, b in zip(qweights, wscales, _each_bias(biases, len(qweights)))], dim=-1)
 
 
 def _check_q_group(qweights, wscales, biases) -> None:
@@ -135,13 +146,10 @@ def _(xq, xscale, qweights, wscales, biases, act, kind, out_dtype):
 @qlinear_q_group.register_kernel("cuda")
 def _(xq, xscale, qweights, wscales, biases, act, kind, out_dtype):
     _check_q_group(qweights, wscales, biases)
-    reason = _not_joined(qweights, biases)
-    if reason is None and joined(wscales) is None:
-        reason = "weight scales are not adjacent in one buffer"
+    ops, reason = _joined_operands(qweights, biases, wscales)
     if reason:
         record_fallback("qlinear_q_group", reason + "; one GEMM per weight")
-        bs = biases or [None] * len(qweights)
         return torch.cat([qlinear_q_cuda(xq, xscale, w, s, b, act, False, None, None, kind, out_dtype)
-                          for w, s, b in zip(qweights, wscales, bs)], dim=-1)
-    return qlinear_q_cuda(xq, xscale, joined(qweights), joined(wscales), joined(biases) if biases else None,
-                          act, False, None, None, kind, out_dtype)
+                          for w, s, b in zip(qweights, wscales, _each_bias(biases, len(qweights)))], dim=-1)
+    w, b, sc = ops
+    return qlinear_q_cuda(xq, xscale, w, sc, b, act, False, None, None, kind, out_dtype)

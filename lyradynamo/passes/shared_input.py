@@ -81,71 +81,66 @@ def _owns_storage(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.storage_offset() == 0
 
 
-def join_parameters(params: list) -> Optional[str]:
-    """Make `params` adjacent rows of one buffer, in this order (a no-op when they are);
-    None on success, else why not (nothing changed then)."""
-    if joined(params) is not None:
+def _unjoinable(ts: list) -> Optional[str]:
+    """Why the Parameters `ts` cannot become adjacent rows of one buffer (None: they are already,
+    or _join can make them so)."""
+    if any(t is None for t in ts):
+        return "a weight or bias has no example value"
+    if joined(ts) is not None:
         return None
-    p0 = params[0]
-    for p in params:
-        if not isinstance(p, torch.nn.Parameter):
+    t0 = ts[0]
+    for t in ts:
+        if not isinstance(t, torch.nn.Parameter):
             return "a weight or bias is not a model Parameter"
-        if p.dtype != p0.dtype or p.device != p0.device or tuple(p.shape[1:]) != tuple(p0.shape[1:]):
+        if t.dtype != t0.dtype or t.device != t0.device or tuple(t.shape[1:]) != tuple(t0.shape[1:]):
             return "the Parameters differ in dtype, device or row size"
-        if not p.is_contiguous() or not _owns_storage(p):
+        if not t.is_contiguous() or not _owns_storage(t):
             return "a Parameter is a view of other memory (joined in another group, or a placeholder)"
-    rows = sum(p.shape[0] for p in params)
+    return None
+
+
+def _join(params: list) -> None:
+    """Make `params` (which _unjoinable accepted) adjacent rows of one buffer, in this order."""
+    if joined(params) is not None:
+        return
     with torch.no_grad():
-        buf = torch.empty((rows, *p0.shape[1:]), dtype=p0.dtype, device=p0.device)
-        off = 0
-        for p in params:
-            buf[off:off + p.shape[0]].copy_(p)
-            off += p.shape[0]
+        buf = torch.cat([p.detach() for p in params], 0)
         off = 0
         for p in params:
             p.data = buf[off:off + p.shape[0]]
             off += p.shape[0]
-    return None
 
 
 def _group_reason(gm: fx.GraphModule, nodes: list, real: dict) -> Optional[str]:
-    """Why `nodes` cannot run as one GEMM (None: they can; Parameters are joined then)."""
-    quantised = nodes[0].target is _QLINEAR_Q
-    dtype_out = m.val(nodes[0]).dtype if isinstance(m.val(nodes[0]), torch.Tensor) else None
-    for n in nodes:
-        v = m.val(n)
-        if not isinstance(v, torch.Tensor):
-            return "output is not a traced tensor"
+    """Why `nodes` cannot run as one GEMM (None: they can; their Parameters are joined then)."""
+    values = [m.val(n) for n in nodes]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return "output is not a traced tensor"
+    for v in values:
         width = v.shape[-1]
         if not isinstance(width, int) or (width * v.element_size()) % 16:
             return f"output width {width} leaves a column slice that is not 16-byte aligned"
-        if v.dtype != dtype_out:
+        if v.dtype != values[0].dtype:
             return "outputs differ in dtype"
-    biases = [n.args[4] if quantised else n.args[2] for n in nodes]
+    quantised = nodes[0].target is _QLINEAR_Q
+    to_join = {}  # what the group reads as Parameters: joined only once all of them can be
     if quantised:
         for idx in (2, 3):
             ts = [getattr(gm, n.args[idx].target, None) for n in nodes]
             if any(not isinstance(t, torch.Tensor) for t in ts) or joined(ts) is None:
                 return "the quantised weights were not allocated jointly (made by an earlier graph)"
-        tensors = []
     else:
-        tensors = [real.get(n.args[1]) for n in nodes]
-    if biases[0] is not None:
-        bias_reason = _params_reason([real.get(b) for b in biases])
-        if bias_reason:
-            return "biases: " + bias_reason
-    return _params_reason(tensors) if tensors else None
-
-
-def _params_reason(ts: list) -> Optional[str]:
-    if any(t is None for t in ts):
-        return "a weight or bias has no example value"
-    if joined(ts) is not None:
-        return None
-    for t in ts:  # check all before joining any
-        if not isinstance(t, torch.nn.Parameter) or not t.is_contiguous() or not _owns_storage(t):
-            return "a weight or bias is not a contiguous Parameter with its own storage"
-    return join_parameters(ts)
+        to_join["weights"] = [real.get(n.args[1]) for n in nodes]
+    b_idx = 4 if quantised else 2
+    if nodes[0].args[b_idx] is not None:
+        to_join["biases"] = [real.get(n.args[b_idx]) for n in nodes]
+    for what, ts in to_join.items():
+        reason = _unjoinable(ts)
+        if reason:
+            return f"{what}: {reason}"
+    for ts in to_join.values():
+        _join(ts)
+    return None
 
 
 def run(gm: fx.GraphModule, example_inputs: list, fake_mode, report: GraphReport) -> None:
