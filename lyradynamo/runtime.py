@@ -150,16 +150,24 @@ class CudaGraphRunner:
         # Warm up on a side stream: lazy inits (cuBLAS handles, csrc workspaces) stay out of the capture.
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        t1 = time.perf_counter()
         with torch.cuda.stream(stream):
             self.gm(*static_args)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        t2 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=shared_pool(self.device), stream=stream):
             cap.outputs = self.gm(*static_args)
         cap.graph = graph
         self.captures_made += 1
+        t3 = time.perf_counter()
         summary = self.record.summary
-        summary["capture_s"] = summary.get("capture_s", 0.0) + time.perf_counter() - t0
+        summary["capture_s"] = summary.get("capture_s", 0.0) + t3 - t0
+        # where a capture's time goes: input buffers, the warm-up run (lazy per-shape setup:
+        # GEMM plans and their autotuning, cuDNN plans), the recorded run + instantiation
+        phases = summary.setdefault("capture_phases_s", {"inputs": 0.0, "warmup": 0.0, "record": 0.0})
+        for k, v in (("inputs", t1 - t0), ("warmup", t2 - t1), ("record", t3 - t2)):
+            phases[k] = round(phases[k] + v, 4)
         log.info("lyradynamo: captured CUDA graph %d for graph %d", self.captures_made, self.record.index)
         return cap
 

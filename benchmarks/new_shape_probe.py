@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""What a first call at a new input shape costs under lyra, and where it goes (GPU only).
+
+    python benchmarks/new_shape_probe.py --model sdxl --sizes 1024x1024,768x768,512x512
+        [--mode lyra] [--steady 5] [--profile-top 30] [--out f.json]
+
+Compiles the full-size model (random weights), then for each size in order: one first call
+(for the first size: trace + rewrite + capture; for later sizes: only new CUDA-graph
+captures, no compilation), then `--steady` timed calls. Per size it reports the first call,
+the steady median, their difference, the runner's capture phases (input buffers, warm-up run,
+recorded run + instantiation) and, with --profile-top, the functions that took the most time
+in the first call at each new size (cProfile, cumulative and own time): the per-shape setup
+work (GEMM plans and their autotuning, cuDNN plans, the Python runs of the graph).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import lyradynamo  # noqa: E402
+from lyradynamo import zoo  # noqa: E402
+
+QUANT = {"lyra": "none", "lyra-fp8": "fp8", "lyra-int8": "int8"}
+
+
+def _capture_phases() -> dict:
+    total: dict = {}
+    for r in lyradynamo.compiled_graphs():
+        for k, v in r.summary.get("capture_phases_s", {}).items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def _timed(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _top(prof: cProfile.Profile, key: str, n: int) -> str:
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(n)
+    return buf.getvalue()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sdxl")
+    p.add_argument("--mode", default="lyra", choices=sorted(QUANT))
+    p.add_argument("--sizes", default="1024x1024,768x768,512x512")
+    p.add_argument("--steady", type=int, default=5)
+    p.add_argument("--profile-top", type=int, default=0, help="cProfile each new-size first call")
+    p.add_argument("--lyra-config", action="append", default=[], help="name=value (int or str)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    overrides = {"quant": QUANT[args.mode]}
+    for kv in args.lyra_config:
+        k, v = kv.split("=", 1)
+        overrides[k] = int(v) if v.lstrip("-").isdigit() else v
+    dtype = zoo.default_dtype(args.model, "cuda")
+    model = zoo.build_denoiser(args.model, tiny=False, dtype=dtype, device="cuda")
+    batch = 2 if args.model in ("sd15", "sdxl") else 1
+    rows, texts = [], []
+    with torch.no_grad(), lyradynamo.config.patch(**overrides):
+        compiled = torch.compile(model, backend="lyra")
+        for i, size in enumerate(args.sizes.split(",")):
+            w, h = (int(s) for s in size.split("x"))
+            inputs = zoo.denoiser_inputs(args.model, model, batch=batch, height=h, width=w)
+            before, compiles0 = _capture_phases(), lyradynamo.compile_count()
+            prof = cProfile.Profile() if (args.profile_top and i > 0) else None
+            if prof is not None:
+                prof.enable()
+            first = _timed(lambda: compiled(**inputs))
+            if prof is not None:
+                prof.disable()
+            after = _capture_phases()
+            steady = statistics.median(_timed(lambda: compiled(**inputs)) for _ in range(args.steady))
+            row = {"model": args.model, "mode": args.mode, "size": size, "first_call_s": round(first, 4),
+                   "steady_s": round(steady, 5), "extra_s": round(first - steady, 4),
+                   "new_compiles": lyradynamo.compile_count() - compiles0,
+                   "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
+                   "profiled": prof is not None, "config": overrides, "gpu": torch.cuda.get_device_name(),
+                   "torch": torch.__version__}
+            rows.append(row)
+            print("== " + json.dumps(row), flush=True)
+            if prof is not None:
+                texts.append(f"==== {size}: first call {first:.3f} s (cProfile on)\n"
+                             + _top(prof, "cumulative", args.profile_top)
+                             + _top(prof, "tottime", args.profile_top))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+        if texts:
+            with open(os.path.splitext(args.out)[0] + "-profile.txt", "w") as f:
+                f.write("\n".join(texts))
+
+
+if __name__ == "__main__":
+    main()
