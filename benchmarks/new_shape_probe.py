@@ -64,6 +64,8 @@ def main() -> None:
     p.add_argument("--steady", type=int, default=5)
     p.add_argument("--profile-top", type=int, default=0, help="cProfile each new-size first call")
     p.add_argument("--lyra-config", action="append", default=[], help="name=value (int or str)")
+    p.add_argument("--backend", default="lyra", choices=("lyra", "eager"),
+                   help="eager: Dynamo's plain eager backend (static first trace): its tracing time alone")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     overrides = {"quant": QUANT[args.mode]}
@@ -75,7 +77,7 @@ def main() -> None:
     batch = 2 if args.model in ("sd15", "sdxl") else 1
     rows, texts = [], []
     with torch.no_grad(), lyradynamo.config.patch(**overrides):
-        compiled = torch.compile(model, backend="lyra")
+        compiled = torch.compile(model, backend=args.backend)
         for i, size in enumerate(args.sizes.split(",")):
             w, h = (int(s) for s in size.split("x"))
             inputs = zoo.denoiser_inputs(args.model, model, batch=batch, height=h, width=w)
@@ -88,7 +90,7 @@ def main() -> None:
                 prof.disable()
             after = _capture_phases()
             steady = statistics.median(_timed(lambda: compiled(**inputs)) for _ in range(args.steady))
-            row = {"model": args.model, "mode": args.mode, "size": size, "first_call_s": round(first, 4),
+            row = {"model": args.model, "mode": args.mode if args.backend == "lyra" else "dynamo-eager", "size": size, "first_call_s": round(first, 4),
                    "steady_s": round(steady, 5), "extra_s": round(first - steady, 4),
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},

@@ -20,13 +20,16 @@
 // The workspace is shared by all streams of a device: do not run two gemm
 // calls concurrently on different streams of the same device.
 // Descriptors + heuristic choice are cached per problem key (small map).
-// Autotuning (set_gemm_autotune(n), n > 1): the heuristic is asked for up to n
-// algorithms; the first call of a problem that is not being captured times each
-// of them on the call's own operands (1 warm-up + 3 timed runs, CUDA events,
-// one host sync) and keeps the fastest for the plan. A call under capture uses
-// the heuristic's first choice and leaves tuning to a later call. Calls whose
-// residual is the output (C aliases D) are not tuned: repeated runs would
-// accumulate.
+// Autotuning (set_gemm_autotune(n), n > 1): for a problem of at least
+// kAutotuneMinMacs multiply-adds the heuristic is asked for up to n algorithms;
+// the first call of the problem that is not being captured times each of them on
+// the call's own operands (1 warm-up + 3 timed runs, CUDA events, one host sync
+// for all of them) and keeps the fastest for the plan. Smaller problems take the
+// heuristic's first choice: their runs are short, so the 4 n runs and the sync
+// would cost more (on every new input shape) than a better algorithm can save.
+// A call under capture uses the heuristic's first choice and leaves tuning to a
+// later call. Calls whose residual is the output (C aliases D) are not tuned:
+// repeated runs would accumulate.
 //
 // Quantised (W8A8) variants, same TN row-major trick and the same state/cache
 // (the plan key carries the variant):
@@ -145,6 +148,10 @@ std::mutex g_mu;  // guards g_dev and g_plans (and the bias-pointer attribute)
 DeviceState g_dev[kMaxDevices];
 int g_autotune = 0;  // algorithms to time per new plan (<= 1: the heuristic's first)
 constexpr int kMaxAutotune = 16;
+// 2^33 multiply-adds: ~25 us on an H100 in 16-bit, where a few percent of the run
+// is worth 4 n extra runs once per shape (SDXL's feed-forward GEMMs at 1024 and
+// FLUX's are tuned; attention projections at SDXL sizes and GEMVs are not).
+constexpr double kAutotuneMinMacs = 8589934592.0;
 std::map<PlanKey, Plan> g_plans;
 
 // Largest power of two (<= 256) dividing the address: cuBLASLt preference
@@ -217,7 +224,8 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
     cublasLtMatmulPreference_t pref = nullptr;
     LYRA_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     cublasLtMatmulHeuristicResult_t res[kMaxAutotune];
-    const int wanted = g_autotune > 1 ? std::min(g_autotune, kMaxAutotune) : 1;
+    const bool tune = g_autotune > 1 && static_cast<double>(M) * N * K >= kAutotuneMinMacs;
+    const int wanted = tune ? std::min(g_autotune, kMaxAutotune) : 1;
     int found = 0;
     cublasStatus_t st;
     {
@@ -255,37 +263,45 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
 }
 
 // Autotuning: times plan.algo and plan.untimed on this call's operands and keeps
-// the fastest in plan.algo (the heuristic's choice on any error). One host sync.
+// the fastest in plan.algo (the heuristic's choice on any error). All candidates
+// are enqueued with their own event pair; one host sync at the end.
 template <typename Launch>
 void time_candidates(Plan& plan, Launch& launch, cudaStream_t s) {
   std::vector<cublasLtMatmulAlgo_t> cands{plan.algo};
   cands.insert(cands.end(), plan.untimed.begin(), plan.untimed.end());
   plan.untimed.clear();
-  cudaEvent_t e0 = nullptr, e1 = nullptr;
-  if (cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess) {
-    if (e0) cudaEventDestroy(e0);
-    cudaGetLastError();
-    return;
+  const size_t n = cands.size();
+  std::vector<cudaEvent_t> ev(2 * n, nullptr);
+  std::vector<char> ran(n, 0);
+  bool events_ok = true;
+  for (auto& e : ev) events_ok = events_ok && cudaEventCreate(&e) == cudaSuccess;
+  cudaEvent_t last = nullptr;
+  for (size_t i = 0; events_ok && i < n; ++i) {
+    if (launch(&cands[i]) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; unsupported: skip
+    bool ok = cudaEventRecord(ev[2 * i], s) == cudaSuccess;
+    for (int r = 0; ok && r < 3; ++r) ok = launch(&cands[i]) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cudaEventRecord(ev[2 * i + 1], s) == cudaSuccess;
+    ran[i] = ok;
+    if (ok) last = ev[2 * i + 1];
   }
   float best = 0.f;
   size_t best_i = 0;
   bool any = false;
-  for (size_t i = 0; i < cands.size(); ++i) {
-    if (launch(&cands[i]) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; unsupported: skip
-    bool ok = cudaEventRecord(e0, s) == cudaSuccess;
-    for (int r = 0; ok && r < 3; ++r) ok = launch(&cands[i]) == CUBLAS_STATUS_SUCCESS;
-    float ms = 0.f;
-    ok = ok && cudaEventRecord(e1, s) == cudaSuccess && cudaEventSynchronize(e1) == cudaSuccess &&
-         cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess;
-    if (ok && (!any || ms < best)) {
-      best = ms;
-      best_i = i;
-      any = true;
+  if (last != nullptr && cudaEventSynchronize(last) == cudaSuccess) {
+    for (size_t i = 0; i < n; ++i) {
+      float ms = 0.f;
+      if (ran[i] && cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]) == cudaSuccess &&
+          (!any || ms < best)) {
+        best = ms;
+        best_i = i;
+        any = true;
+      }
     }
   }
   cudaGetLastError();  // a refused candidate must not surface at the next launch check
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
+  for (auto& e : ev) {
+    if (e) cudaEventDestroy(e);
+  }
   plan.algo = cands[any ? best_i : 0];
 }
 

@@ -94,9 +94,10 @@ _OPTIONS: dict[str, _Option] = {
     ),
     "gemm_autotune": _Option(
         8,
-        "cuBLASLt algorithms timed for each new GEMM shape on its first call outside CUDA-graph "
-        "capture (the fastest is kept for the process); 0 or 1 = the heuristic's first choice, "
-        "no timing. Costs ~10 ms per new shape; a plan made before a change keeps its choice.",
+        "cuBLASLt algorithms timed for each new GEMM shape of at least 2^33 multiply-adds, on its "
+        "first call outside CUDA-graph capture (the fastest is kept for the process; smaller GEMMs "
+        "take the heuristic's first choice); 0 or 1 = never time. Costs 4 runs per candidate and "
+        "one host sync per tuned shape; a plan made before a change keeps its choice.",
         kind=int,
     ),
     "cuda_graphs": _Option(

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Host time of one compiled model call under CUDA graphs, and where it goes (GPU only).
+
+    python benchmarks/host_overhead.py --models sd15,sdxl [--calls 50] [--out f.json]
+
+A model whose scheduler syncs the host every step (SD's PNDM) leaves the GPU idle while the
+host prepares the next call, so this host time is on the critical path. Per call (the GPU
+drained before each one, so no call waits for the previous) it measures, on the host:
+
+  dynamo   from the call until lyra's runner starts: Dynamo's guards and the frame's
+           bytecode gathering the graph inputs (every parameter is an input);
+  runner   the runner before the replay: signature, parameter addresses, input copies
+           (plus the quantised-weight version check when quantised);
+  replay   launching the CUDA graph;
+  after    cloning the outputs, and back to the caller.
+
+Medians over --calls calls, in microseconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import lyradynamo  # noqa: E402
+from lyradynamo import runtime, zoo  # noqa: E402
+
+QUANT = {"lyra": "none", "lyra-fp8": "fp8", "lyra-int8": "int8"}
+
+
+class _Marks:
+    """perf_counter stamps set by the instrumented runner."""
+
+    def __init__(self) -> None:
+        self.enter = self.replay0 = self.replay1 = self.leave = 0.0
+
+
+def _instrument(marks: _Marks):
+    """Wrap CudaGraphRunner.__call__ and CUDAGraph.replay with time stamps; returns an undo."""
+    call, replay = runtime.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay
+
+    def timed_call(self, *args):
+        marks.enter = time.perf_counter()
+        out = call(self, *args)
+        marks.leave = time.perf_counter()
+        return out
+
+    def timed_replay(self):
+        marks.replay0 = time.perf_counter()
+        replay(self)
+        marks.replay1 = time.perf_counter()
+
+    runtime.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay = timed_call, timed_replay
+
+    def undo():
+        runtime.CudaGraphRunner.__call__, torch.cuda.CUDAGraph.replay = call, replay
+
+    return undo
+
+
+def measure(model_name: str, mode: str, calls: int) -> dict:
+    dtype = zoo.default_dtype(model_name, "cuda")
+    model = zoo.build_denoiser(model_name, tiny=False, dtype=dtype, device="cuda")
+    inputs = zoo.denoiser_inputs(model_name, model, batch=2 if model_name in ("sd15", "sdxl") else 1)
+    marks = _Marks()
+    parts = {"total": [], "dynamo": [], "runner": [], "replay": [], "after": []}
+    with torch.no_grad(), lyradynamo.config.patch(quant=QUANT[mode]):
+        compiled = torch.compile(model, backend="lyra")
+        for _ in range(3):
+            compiled(**inputs)
+        undo = _instrument(marks)
+        try:
+            for _ in range(calls):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                compiled(**inputs)
+                t1 = time.perf_counter()
+                parts["total"].append(t1 - t0)
+                parts["dynamo"].append(marks.enter - t0)
+                parts["runner"].append(marks.replay0 - marks.enter)
+                parts["replay"].append(marks.replay1 - marks.replay0)
+                parts["after"].append(t1 - marks.replay1)
+        finally:
+            undo()
+        torch.cuda.synchronize()
+    n_params = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
+    del compiled, model
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return {"model": model_name, "mode": mode, "gpu": torch.cuda.get_device_name(), "calls": calls,
+            "parameters_and_buffers": n_params,
+            **{f"{k}_us": round(statistics.median(v) * 1e6, 1) for k, v in parts.items()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="sd15")
+    p.add_argument("--mode", default="lyra", choices=sorted(QUANT))
+    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        row = measure(name, args.mode, args.calls)
+        rows.append(row)
+        print("== " + json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
