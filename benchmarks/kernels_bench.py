@@ -296,6 +296,47 @@ def fusion_cases(dt, quant: bool):
         yield (f"fused fp8 {name}", shape, fused8, split8, nbytes)
 
 
+_GATED_LINEARS = [  # FLUX 1024x1024, batch 1: the gated residual linears of its blocks
+    ("flux single proj_out", 1, 4608, 3072, 15360),
+    ("flux double img attn out", 1, 4096, 3072, 3072),
+    ("flux double img ff out", 1, 4096, 3072, 12288),
+    ("flux double txt attn out", 1, 512, 3072, 3072),
+    ("flux double txt ff out", 1, 512, 3072, 12288),
+    ("batch 2 per-sample gate", 2, 1024, 1152, 4608),
+]
+
+
+def gated_cases(dt):
+    """residual + gate * (x W^T + b): one CUTLASS GEMM with the gate and residual in its
+    epilogue (ours, csrc/gemm_gated.cu) against the cuBLASLt GEMM + bias and then the
+    epilogue kernel (the "torch" column: what lyra::linear ran before)."""
+    if not _C.gemm_gated_available():
+        print("kernels_bench: library built without CUTLASS: no gated cases", file=sys.stderr)
+        return
+    code, es = CODE[dt], torch.empty((), dtype=dt).element_size()
+    for name, B, T, N, K in _GATED_LINEARS:
+        M = B * T
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).to(dt)
+        b = torch.randn(N, device="cuda", dtype=dt)
+        g = torch.randn(B, N, device="cuda", dtype=dt)
+        r = torch.randn(M, N, device="cuda", dtype=dt)
+        out, y = torch.empty(M, N, device="cuda", dtype=dt), torch.empty(M, N, device="cuda", dtype=dt)
+        gstride = N if B > 1 else 0
+
+        def fused(x=x, w=w, b=b, g=g, r=r, out=out, T=T, B=B, N=N, K=K, gstride=gstride):
+            _C.gemm_gated(x.data_ptr(), w.data_ptr(), b.data_ptr(), g.data_ptr(), r.data_ptr(),
+                          out.data_ptr(), T if gstride else T * B, B if gstride else 1, N, K, K, K, gstride,
+                          code, s())
+
+        def split(x=x, w=w, b=b, g=g, r=r, out=out, y=y, M=M, T=T, N=N, K=K, gstride=gstride):
+            _C.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), M, N, K, K, N, code, s())
+            _C.linear_epilogue(y.data_ptr(), g.data_ptr(), r.data_ptr(), out.data_ptr(), M, N, 0, False,
+                               T if gstride else M, gstride, code, s())
+
+        yield (f"gated {name}", f"M{M} N{N} K{K}", fused, split, (M * K + N * K + 2 * M * N) * es)
+
+
 def epilogue_quant_cases(dt):
     """The act + quantise epilogue (ours: one linear_epilogue_quant pass over the GEMM output;
     torch: the eager activation + the eager fp8 quantisation) at FLUX's MLP width (GELU(tanh))
@@ -338,6 +379,9 @@ def main() -> int:
     ap.add_argument("--fusion", action="store_true",
                     help="also time one GEMM over projections sharing an input (fused QKV) against "
                          "one GEMM per projection, at SD1.5 / SDXL / FLUX shapes")
+    ap.add_argument("--gated", action="store_true",
+                    help="also time the gated residual linear (CUTLASS epilogue) against cuBLASLt + "
+                         "the epilogue kernel, at FLUX shapes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernels_bench: no CUDA GPU", file=sys.stderr)
@@ -354,6 +398,8 @@ def main() -> int:
             all_cases = itertools.chain(all_cases, quant_cases(dt), epilogue_quant_cases(dt))
         if args.fusion:
             all_cases = itertools.chain(all_cases, fusion_cases(dt, args.quant))
+        if args.gated:
+            all_cases = itertools.chain(all_cases, gated_cases(dt))
         for name, shape, ours, ref, nbytes in all_cases:
             t_ours = time_us(ours, args.warmup, args.iters, args.graph_reps)
             t_ref = time_us(ref, args.warmup, args.iters, args.graph_reps)

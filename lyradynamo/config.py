@@ -111,6 +111,14 @@ _OPTIONS: dict[str, _Option] = {
         "(the parameter keeps its identity and values; only its strides change). auto = on CUDA.",
         choices=("auto", True, False),
     ),
+    "gated_gemm": _Option(
+        "auto",
+        "The gated residual linear of DiT blocks, residual + gate * (x W^T + b), on CUDA: "
+        "cutlass = one CUTLASS sm90 GEMM with the gate and residual in its epilogue (Hopper, "
+        "a library built with the CUTLASS headers); cublaslt = cuBLASLt GEMM + bias, then the "
+        "epilogue kernel; auto = time both on each shape's first call and keep the faster.",
+        choices=("auto", "cutlass", "cublaslt"),
+    ),
     "attention_backend": _Option(
         "auto",
         "Attention kernel: auto (fastest available per shape), sdpa (torch SDPA, any backend), "

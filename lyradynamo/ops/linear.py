@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import gated_gemm
 from ._common import (DTYPE_CODES, csrc, ptr, record_fallback, row_vector_stride,
                       stream_handle, unsupported_reason)
 
@@ -108,12 +109,19 @@ def linear_cuda(x, weight, bias, act, glu, gate, residual):
     fused = _gemm_epilogue_fused(C, x, x2, weight, bias, act, glu, gate, residual, m, n_y, k, lda, ldb)
     if fused is not None:
         return fused.view(out_shape)
-    y = torch.empty((m, n_y), dtype=x.dtype, device=x.device)
-    if ldb == k:
-        C.gemm(ptr(x2), ptr(weight), ptr(bias), ptr(y), m, n_y, k, lda, n_y, code, stream)
-    else:
-        C.gemm_ex(ptr(x2), ptr(weight), ptr(bias), 0, 0, ptr(y), m, n_y, k, lda, ldb, n_y, code, 0, stream)
-    return epilogue_cuda(C, y, x, act, glu, gate, residual).view(out_shape)
+
+    def split() -> Tensor:  # the GEMM (+ bias), then the epilogue kernel
+        y = torch.empty((m, n_y), dtype=x.dtype, device=x.device)
+        if ldb == k:
+            C.gemm(ptr(x2), ptr(weight), ptr(bias), ptr(y), m, n_y, k, lda, n_y, code, stream)
+        else:
+            C.gemm_ex(ptr(x2), ptr(weight), ptr(bias), 0, 0, ptr(y), m, n_y, k, lda, ldb, n_y, code, 0, stream)
+        return epilogue_cuda(C, y, x, act, glu, gate, residual)
+
+    if (gate is not None and residual is not None and act == "none" and not glu
+            and gated_gemm.unsupported_reason(C, x2, weight, bias, gate, x, m, n_y, k, lda) is None):
+        return gated_gemm.run(C, x, x2, weight, bias, gate, residual, m, n_y, k, lda, split).view(out_shape)
+    return split().view(out_shape)
 
 
 _EX_FAILED: dict[tuple, str] = {}  # (device, dtype, epi, residual?) -> why cuBLASLt refused it
@@ -123,8 +131,9 @@ def _gemm_epilogue_fused(C, x, x2, weight, bias, act, glu, gate, residual, m, n,
     """The whole linear in one cuBLASLt call when its epilogue can do the rest: gelu_tanh
     (+ bias), or + residual (through C). None: not this case, or cuBLASLt has no algorithm for
     it here (then the GEMM + csrc epilogue kernel run instead, and the log says so once).
-    A gate is not fused: cuBLASLt 13 on the H100 answers NOT_SUPPORTED for an alpha vector
-    with a bias epilogue (measured), so gated linears keep the csrc epilogue kernel."""
+    A gate is not fused here: cuBLASLt 13 on the H100 answers NOT_SUPPORTED for an alpha vector
+    with a bias epilogue (measured); gated residual linears go to the CUTLASS kernel of
+    gated_gemm.py where it runs and measures faster, else GEMM + the csrc epilogue kernel."""
     if glu or gate is not None or getattr(C, "gemm_ex", None) is None:
         return None
     if act == "gelu_tanh" and residual is None:
