@@ -12,6 +12,7 @@ table and writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -298,6 +299,8 @@ def fusion_cases(dt, quant: bool):
 
 _GATED_LINEARS = [  # FLUX 1024x1024, batch 1: the gated residual linears of its blocks
     ("flux single proj_out", 1, 4608, 3072, 15360),
+    ("flux single proj_out attn part", 1, 4608, 3072, 3072),  # split_cat's two parts
+    ("flux single proj_out mlp part", 1, 4608, 3072, 12288),
     ("flux double img attn out", 1, 4096, 3072, 3072),
     ("flux double img ff out", 1, 4096, 3072, 12288),
     ("flux double txt attn out", 1, 512, 3072, 3072),
@@ -324,17 +327,19 @@ def gated_cases(dt):
         out, y = torch.empty(M, N, device="cuda", dtype=dt), torch.empty(M, N, device="cuda", dtype=dt)
         gstride = N if B > 1 else 0
 
-        def fused(x=x, w=w, b=b, g=g, r=r, out=out, T=T, B=B, N=N, K=K, gstride=gstride):
+        def fused(x=x, w=w, b=b, g=g, r=r, out=out, T=T, B=B, N=N, K=K, gstride=gstride, variant=0):
             _C.gemm_gated(x.data_ptr(), w.data_ptr(), b.data_ptr(), g.data_ptr(), r.data_ptr(),
                           out.data_ptr(), T if gstride else T * B, B if gstride else 1, N, K, K, K, gstride,
-                          code, s())
+                          code, variant, s())
 
         def split(x=x, w=w, b=b, g=g, r=r, out=out, y=y, M=M, T=T, N=N, K=K, gstride=gstride):
             _C.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), M, N, K, K, N, code, s())
             _C.linear_epilogue(y.data_ptr(), g.data_ptr(), r.data_ptr(), out.data_ptr(), M, N, 0, False,
                                T if gstride else M, gstride, code, s())
 
-        yield (f"gated {name}", f"M{M} N{N} K{K}", fused, split, (M * K + N * K + 2 * M * N) * es)
+        nbytes = (M * K + N * K + 2 * M * N) * es
+        yield (f"gated {name}", f"M{M} N{N} K{K}", fused, split, nbytes)
+        yield (f"gated stream-K {name}", f"M{M} N{N} K{K}", functools.partial(fused, variant=1), split, nbytes)
 
 
 def epilogue_quant_cases(dt):

@@ -36,7 +36,7 @@ void gemm_ex(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t residual, uintp
              int dtype, int epi, uintptr_t stream);
 void gemm_gated(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t gate, uintptr_t residual,
                 uintptr_t out, int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb,
-                int64_t gate_bstride, int dtype, uintptr_t stream);
+                int64_t gate_bstride, int dtype, int variant, uintptr_t stream);
 bool gemm_gated_available();
 void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
                      int64_t N_out, int act, bool glu, int64_t rows_per_batch,
@@ -153,10 +153,10 @@ PYBIND11_MODULE(_C, m) {
         "samples of M rows of a (row stride lda), w (N, K) with row stride ldb, gate rows of N "
         "at batch stride gate_bstride (0: one row for all), bias (N,) or 0, residual / out "
         "(L*M, N) contiguous; fp16 / bf16; K, N, lda, ldb, gate_bstride multiples of 8, "
-        "pointers 16-byte aligned; SM90.",
+        "pointers 16-byte aligned; SM90. variant: 0 persistent tiles, 1 stream-K.",
         py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("gate"), py::arg("residual"),
         py::arg("out"), py::arg("M"), py::arg("L"), py::arg("N"), py::arg("K"), py::arg("lda"),
-        py::arg("ldb"), py::arg("gate_bstride"), py::arg("dtype"), py::arg("stream"));
+        py::arg("ldb"), py::arg("gate_bstride"), py::arg("dtype"), py::arg("variant"), py::arg("stream"));
   m.def("gemm_gated_available", &lyra::gemm_gated_available,
         "True when the library was built with the CUTLASS headers (gemm_gated can run on SM90).");
 

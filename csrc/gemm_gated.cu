@@ -25,6 +25,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #if defined(LYRA_HAVE_CUTLASS)
 #include "cute/tensor.hpp"
@@ -46,9 +47,14 @@ namespace fusion = cutlass::epilogue::fusion;
 
 constexpr int kAlign = 8;  // elements per 16-byte access (fp16 / bf16)
 
-// One configuration per dtype: 128 x 256 x 64 tiles, a 2 x 1 cluster (the two CTAs of a
-// cluster share w's tile through TMA multicast), persistent cooperative schedule.
-template <typename T>
+// 128 x 256 x 64 tiles, a 2 x 1 cluster (the two CTAs of a cluster share w's tile through
+// TMA multicast), cooperative schedule; two tile schedulers (the `variant` argument):
+//   0 persistent: whole output tiles, as many CTAs as SMs;
+//   1 stream-K: the K loop of the last wave's tiles is shared out between CTAs and the
+//     partial sums reduced through the workspace, so a tile count just above a multiple
+//     of the SM count (FLUX at 4608 tokens: 432 tiles on 132 SMs, 3.27 waves) does not
+//     leave most SMs idle in the last wave.
+template <typename T, typename Scheduler>
 struct GatedGemm {
   using Layout = cutlass::layout::RowMajor;
   using LayoutW = cutlass::layout::ColumnMajor;  // w (N, K) row-major is B (K, N) column-major
@@ -74,25 +80,27 @@ struct GatedGemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-// Per-device workspace for the kernel's tile scheduler (allocated outside capture: the
-// runner's warm-up call comes first).
+// Per-device workspace for the tile scheduler (stream-K's partial sums and flags), allocated
+// outside capture (the runner's warm-up call comes first). A larger problem gets a larger
+// buffer; the smaller one is kept, never freed: CUDA graphs captured earlier still use it.
 constexpr int kMaxDevices = 64;
 struct Workspace {
   void* ptr = nullptr;
   size_t bytes = 0;
+  std::vector<void*> retired;
 };
 std::mutex g_mu;
 Workspace g_workspace[kMaxDevices];
 
-template <typename T>
+template <typename T, typename Scheduler>
 void run_gated(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, uintptr_t bias,
                uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M, int64_t L, int64_t N,
                int64_t K, int64_t lda, int64_t ldb, int64_t gate_bstride, cudaStream_t s) {
-  using G = GatedGemm<T>;
+  using G = GatedGemm<T, Scheduler>;
   using Gemm = typename G::Gemm;
   using StrideA = typename Gemm::GemmKernel::StrideA;
   using StrideB = typename Gemm::GemmKernel::StrideB;
@@ -132,9 +140,10 @@ void run_gated(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, 
       throw std::runtime_error(std::string(fn) + ": needs a " + std::to_string(ws) +
                                "-byte workspace; the first call of a shape must run outside CUDA-graph capture");
     }
-    if (buf.ptr) LYRA_CUDA_CHECK(cudaFree(buf.ptr), fn);
-    buf = Workspace{};
-    LYRA_CUDA_CHECK(cudaMalloc(&buf.ptr, ws), fn);
+    void* fresh = nullptr;
+    LYRA_CUDA_CHECK(cudaMalloc(&fresh, ws), fn);
+    if (buf.ptr) buf.retired.push_back(buf.ptr);
+    buf.ptr = fresh;
     buf.bytes = ws;
   }
   Gemm gemm;
@@ -151,6 +160,20 @@ void run_gated(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, 
 
 }  // namespace
 
+template <typename T>
+void run_variant(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a, uintptr_t w,
+                 uintptr_t bias, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
+                 int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t gate_bstride,
+                 cudaStream_t s) {
+  if (variant == 0) {
+    run_gated<T, cutlass::gemm::PersistentScheduler>(fn, dev, a, w, bias, gate, residual, out, M, L, N, K,
+                                                     lda, ldb, gate_bstride, s);
+  } else {
+    run_gated<T, cutlass::gemm::StreamKScheduler>(fn, dev, a, w, bias, gate, residual, out, M, L, N, K,
+                                                  lda, ldb, gate_bstride, s);
+  }
+}
+
 bool gemm_gated_available() { return true; }
 #else
 bool gemm_gated_available() { return false; }
@@ -158,8 +181,10 @@ bool gemm_gated_available() { return false; }
 
 void gemm_gated(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t gate, uintptr_t residual,
                 uintptr_t out, int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb,
-                int64_t gate_bstride, int dtype, uintptr_t stream) {
+                int64_t gate_bstride, int dtype, int variant, uintptr_t stream) {
   const char* fn = "gemm_gated";
+  LYRA_CHECK_ARG(variant == 0 || variant == 1, fn,
+                 "variant must be 0 (persistent) or 1 (stream-K), got " + std::to_string(variant));
   LYRA_CHECK_ARG(a != 0 && w != 0 && gate != 0 && residual != 0 && out != 0, fn,
                  "a, w, gate, residual and out must be non-null device pointers");
   LYRA_CHECK_ARG(M > 0 && L > 0 && N > 0 && K > 0, fn,
@@ -185,10 +210,11 @@ void gemm_gated(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t gate, uintpt
                  "needs an SM90 (Hopper) GPU, this one is SM" + std::to_string(dev.cc_major) + "x");
   cudaStream_t s = as_stream(stream);
   if (dtype == kFloat16) {
-    run_gated<cutlass::half_t>(fn, dev, a, w, bias, gate, residual, out, M, L, N, K, lda, ldb, gate_bstride, s);
+    run_variant<cutlass::half_t>(fn, variant, dev, a, w, bias, gate, residual, out, M, L, N, K, lda, ldb,
+                                 gate_bstride, s);
   } else {
-    run_gated<cutlass::bfloat16_t>(fn, dev, a, w, bias, gate, residual, out, M, L, N, K, lda, ldb, gate_bstride,
-                                   s);
+    run_variant<cutlass::bfloat16_t>(fn, variant, dev, a, w, bias, gate, residual, out, M, L, N, K, lda, ldb,
+                                     gate_bstride, s);
   }
 #else
   (void)stream;

@@ -4,9 +4,10 @@ lyra::linear's CUDA path otherwise runs it as a cuBLASLt GEMM (+ bias) and then 
 epilogue kernel for the gate and the residual (cuBLASLt has no 16-bit epilogue for a
 per-column gate with a bias). csrc/gemm_gated.cu does it in a CUTLASS sm90 GEMM's epilogue.
 
-`config.gated_gemm` picks the path: "auto" times both on the first call of each shape
-outside CUDA-graph capture (the runner's warm-up call) and keeps the faster for the process;
-"cutlass" takes the fused GEMM wherever it can run; "cublaslt" never does. A shape under
+`config.gated_gemm` picks the path: "auto" times the fused GEMM (persistent and stream-K tile
+schedulers) and cuBLASLt + epilogue on the first call of each shape outside CUDA-graph capture
+(the runner's warm-up call) and keeps the fastest for the process; "cutlass" takes the fused
+GEMM wherever it can run; "cublaslt" never does. A shape under
 capture with no decision yet takes cuBLASLt + epilogue (the warm-up always comes first).
 `choices()` lists the decisions with their timings; each is also logged once.
 """
@@ -24,7 +25,7 @@ from ._common import DTYPE_CODES, ptr, row_vector_stride, stream_handle
 log = logging.getLogger("lyradynamo")
 
 _lock = threading.Lock()
-_choice: dict[tuple, dict] = {}  # shape key -> {"path": "cutlass"|"cublaslt", "cutlass_us", "cublaslt_us"}
+_choice: dict[tuple, dict] = {}  # shape key -> {"path": name, "<name>_us": time of each path}
 
 
 def choices() -> dict[tuple, dict]:
@@ -92,21 +93,23 @@ def run(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: 
     args = (ptr(x2), ptr(weight), ptr(bias), ptr(gate), ptr(res))
     key = (x.device.index, x.dtype, m, n, k, batches, bias is not None)
 
-    def fused() -> Tensor:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        C.gemm_gated(*args, ptr(out), m // batches, batches, n, k, lda, _ldb(weight, k), gstride,
-                     DTYPE_CODES[x.dtype], stream_handle(x))
-        return out
+    def fused(variant: int) -> Callable[[], Tensor]:
+        def call() -> Tensor:
+            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+            C.gemm_gated(*args, ptr(out), m // batches, batches, n, k, lda, _ldb(weight, k), gstride,
+                         DTYPE_CODES[x.dtype], variant, stream_handle(x))
+            return out
+        return call
 
-    if mode == "cutlass":
-        return fused()
+    if mode == "cutlass":  # the persistent-tile kernel
+        return fused(0)()
     with _lock:
         decided = _choice.get(key)
     if decided is None:
         if torch.cuda.is_current_stream_capturing():
             return split()
-        decided = _decide(key, fused, split)
-    return fused() if decided["path"] == "cutlass" else split()
+        decided = _decide(key, {"cutlass": fused(0), "cutlass-streamk": fused(1), "cublaslt": split})
+    return {"cutlass": fused(0), "cutlass-streamk": fused(1)}.get(decided["path"], split)()
 
 
 def _time_us(fn: Callable[[], Tensor], runs: int = 3) -> float:
@@ -120,17 +123,18 @@ def _time_us(fn: Callable[[], Tensor], runs: int = 3) -> float:
     return start.elapsed_time(end) * 1000.0 / runs
 
 
-def _decide(key: tuple, fused: Callable[[], Tensor], split: Callable[[], Tensor]) -> dict:
-    t_split = _time_us(split)
-    try:
-        t_fused = _time_us(fused)
-    except (RuntimeError, ValueError) as exc:
-        log.warning("lyradynamo: the fused gated GEMM failed for %s (%s); cuBLASLt + epilogue there", key, exc)
-        t_fused = float("inf")
-    decided = {"path": "cutlass" if t_fused < t_split else "cublaslt",
-               "cutlass_us": round(t_fused, 1), "cublaslt_us": round(t_split, 1)}
+def _decide(key: tuple, paths: dict[str, Callable[[], Tensor]]) -> dict:
+    """Time each path on this call's operands (a warm-up + 3 runs each) and keep the fastest."""
+    times = {}
+    for name, fn in paths.items():
+        try:
+            times[name] = _time_us(fn)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("lyradynamo: gated linear %s: %s failed (%s); not used there", key[2:], name, exc)
+    best = min(times, key=times.get) if times else "cublaslt"
+    decided = {"path": best, **{f"{name}_us": round(t, 1) for name, t in times.items()}}
     with _lock:
         _choice[key] = decided
-    log.info("lyradynamo: gated linear %s: CUTLASS fused %.1f us, cuBLASLt + epilogue %.1f us -> %s",
-             key[2:], t_fused, t_split, decided["path"])
+    log.info("lyradynamo: gated linear %s: %s -> %s", key[2:],
+             ", ".join(f"{name} {t:.1f} us" for name, t in times.items()), best)
     return decided

@@ -51,7 +51,8 @@ def _check(out, args, dtype):
                                      (1, 1, 64, 64), (2, 8, 8, 8)])
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_kernel_against_reference(dtype, b, t, n, k, per_sample, bias, seed_from_test_id):
+@pytest.mark.parametrize("variant", [0, 1], ids=["persistent", "streamk"])
+def test_kernel_against_reference(dtype, b, t, n, k, per_sample, bias, variant, seed_from_test_id):
     C = _need_cutlass()
     args = _operands(b, t, n, k, per_sample, bias)
     x, w, bb, gate, r = (a.to(dtype) if a is not None else None for a in args)
@@ -59,7 +60,7 @@ def test_kernel_against_reference(dtype, b, t, n, k, per_sample, bias, seed_from
     batches = b if per_sample else 1
     C.gemm_gated(x.data_ptr(), w.data_ptr(), 0 if bb is None else bb.data_ptr(), gate.data_ptr(),
                  r.data_ptr(), out.data_ptr(), b * t // batches, batches, n, k, k, k, n if per_sample else 0,
-                 CODES[dtype], torch.cuda.current_stream().cuda_stream)
+                 CODES[dtype], variant, torch.cuda.current_stream().cuda_stream)
     _check(out, args, dtype)
 
 
@@ -76,7 +77,8 @@ def test_linear_paths_agree(dtype, mode, seed_from_test_id):
     if mode == "auto":
         key = (0 if low[0].device.index is None else low[0].device.index, dtype, 2 * 1031, 1536, 640, 2, True)
         decided = gated_gemm.choices()[key]
-        assert decided["path"] in ("cutlass", "cublaslt") and decided["cutlass_us"] > 0, decided
+        assert decided["path"] in ("cutlass", "cutlass-streamk", "cublaslt"), decided
+        assert all(decided[f"{p}_us"] > 0 for p in ("cutlass", "cutlass-streamk", "cublaslt")), decided
 
 
 def test_fused_path_is_taken(monkeypatch, seed_from_test_id):
@@ -104,11 +106,15 @@ def test_unaligned_shapes_use_the_split_path(seed_from_test_id):
     x, w, bb, gate, r = low
     with pytest.raises(ValueError, match="multiples of 8"):
         C.gemm_gated(x.data_ptr(), w.data_ptr(), bb.data_ptr(), gate.data_ptr(), r.data_ptr(),
-                     torch.empty_like(r).data_ptr(), 33, 2, 96, 36, 36, 36, 96, 1,
+                     torch.empty_like(r).data_ptr(), 33, 2, 96, 36, 36, 36, 96, 1, 0,
                      torch.cuda.current_stream().cuda_stream)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         C.gemm_gated(x.data_ptr(), w.data_ptr(), 0, gate.data_ptr(), r.data_ptr(),
-                     torch.empty_like(r).data_ptr(), 32, 2, 96, 32, 32, 32, 96, 0,
+                     torch.empty_like(r).data_ptr(), 32, 2, 96, 32, 32, 32, 96, 0, 0,
+                     torch.cuda.current_stream().cuda_stream)
+    with pytest.raises(ValueError, match="variant"):
+        C.gemm_gated(x.data_ptr(), w.data_ptr(), 0, gate.data_ptr(), r.data_ptr(),
+                     torch.empty_like(r).data_ptr(), 32, 2, 96, 32, 32, 32, 96, 1, 7,
                      torch.cuda.current_stream().cuda_stream)
 
 
