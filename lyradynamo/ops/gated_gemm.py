@@ -7,9 +7,9 @@ per-column gate with a bias). csrc/gemm_gated.cu does it in a CUTLASS sm90 GEMM'
 `config.gated_gemm` picks the path: "auto" times the fused GEMM (persistent and stream-K tile
 schedulers) and cuBLASLt + epilogue on the first call of each shape outside CUDA-graph capture
 (the runner's warm-up call) and keeps the fastest for the process; "cutlass" takes the fused
-GEMM wherever it can run; "cublaslt" never does. A shape under
-capture with no decision yet takes cuBLASLt + epilogue (the warm-up always comes first).
-`choices()` lists the decisions with their timings; each is also logged once.
+persistent-tile GEMM wherever it can run; "cublaslt" never does. A shape first seen under
+capture takes cuBLASLt + epilogue (the runner's warm-up always comes first). `choices()` lists
+the decisions with their timings (bench rows carry them); each is also logged once.
 """
 from __future__ import annotations
 
