@@ -29,6 +29,7 @@ def test_module_level_set_and_patch_block():
     ("quant", "fp4", "allowed values: 'none', 'fp8', 'int8'"),
     ("attention_backend", "xformers", "attention_backend"),
     ("cuda_graphs", "yes", "expected bool"),
+    ("gated_gemm", "triton", "allowed values: 'auto', 'cutlass', 'cublaslt'"),
     ("passes", ("linear", "conv"), "unknown pass"),
     ("no_such_option", 1, "has no option"),
 ])
