@@ -87,6 +87,8 @@ struct GatedGemm {
 // Per-device workspace for the tile scheduler (stream-K's partial sums and flags), allocated
 // outside capture (the runner's warm-up call comes first). A larger problem gets a larger
 // buffer; the smaller one is kept, never freed: CUDA graphs captured earlier still use it.
+// Like gemm.cu's cuBLASLt workspace, it is shared by all streams of a device: gemm_gated
+// calls must not run concurrently on different streams of one device.
 constexpr int kMaxDevices = 64;
 struct Workspace {
   void* ptr = nullptr;
@@ -158,8 +160,6 @@ void run_gated(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, 
   LYRA_CHECK_LAUNCH(fn);
 }
 
-}  // namespace
-
 template <typename T>
 void run_variant(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a, uintptr_t w,
                  uintptr_t bias, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
@@ -173,6 +173,8 @@ void run_variant(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a
                                                   lda, ldb, gate_bstride, s);
   }
 }
+
+}  // namespace
 
 bool gemm_gated_available() { return true; }
 #else
