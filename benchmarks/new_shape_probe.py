@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 import lyradynamo  # noqa: E402
 from lyradynamo import zoo  # noqa: E402
-
-QUANT = {"lyra": "none", "lyra-fp8": "fp8", "lyra-int8": "int8"}
+from bench import parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
+from profile_gaps import QUANT  # noqa: E402
 
 
 def _capture_phases() -> dict:
@@ -63,15 +63,13 @@ def main() -> None:
     p.add_argument("--sizes", default="1024x1024,768x768,512x512")
     p.add_argument("--steady", type=int, default=5)
     p.add_argument("--profile-top", type=int, default=0, help="cProfile each new-size first call")
-    p.add_argument("--lyra-config", action="append", default=[], help="name=value (int or str)")
+    p.add_argument("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a lyradynamo.config option (repeatable), as bench.py takes it")
     p.add_argument("--backend", default="lyra", choices=("lyra", "eager"),
                    help="eager: Dynamo's plain eager backend (static first trace): its tracing time alone")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    overrides = {"quant": QUANT[args.mode]}
-    for kv in args.lyra_config:
-        k, v = kv.split("=", 1)
-        overrides[k] = int(v) if v.lstrip("-").isdigit() else v
+    overrides = {"quant": QUANT[args.mode], **parse_lyra_config(args.lyra_config)}
     dtype = zoo.default_dtype(args.model, "cuda")
     model = zoo.build_denoiser(args.model, tiny=False, dtype=dtype, device="cuda")
     batch = 2 if args.model in ("sd15", "sdxl") else 1
@@ -90,7 +88,8 @@ def main() -> None:
                 prof.disable()
             after = _capture_phases()
             steady = statistics.median(_timed(lambda: compiled(**inputs)) for _ in range(args.steady))
-            row = {"model": args.model, "mode": args.mode if args.backend == "lyra" else "dynamo-eager", "size": size, "first_call_s": round(first, 4),
+            mode = args.mode if args.backend == "lyra" else "dynamo-eager"
+            row = {"model": args.model, "mode": mode, "size": size, "first_call_s": round(first, 4),
                    "steady_s": round(steady, 5), "extra_s": round(first - steady, 4),
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},

@@ -8,6 +8,7 @@ On CUDA the call goes to torch's SDPA backends (cuDNN / flash / efficient), chos
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -91,20 +92,16 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
         return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)
 
 
-_FLASH_ATTN: list = []  # [flash_attn_func or None], filled on the first call
-
-
+@functools.lru_cache(maxsize=None)
 def _flash_attn_func():
     """The flash_attn package's entry point, or None; looked up once per process (a failed
     import is not cached by Python: retrying it on every call searched sys.path each time,
     ~0.1 ms per attention call, on the critical path of every warm-up and capture)."""
-    if not _FLASH_ATTN:
-        try:
-            from flash_attn import flash_attn_func  # type: ignore[import-not-found]
-        except ImportError:
-            flash_attn_func = None
-        _FLASH_ATTN.append(flash_attn_func)
-    return _FLASH_ATTN[0]
+    try:
+        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return flash_attn_func
 
 
 def _flash_attn(q, k, v, scale, is_causal, layout) -> Optional[Tensor]:

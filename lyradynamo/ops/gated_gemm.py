@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -34,9 +34,10 @@ def choices() -> dict[tuple, dict]:
         return dict(_choice)
 
 
-def unsupported_reason(C, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
-                       x: Tensor, m: int, n: int, k: int, lda: int) -> Optional[str]:
-    """Why the fused kernel cannot take this call (None: it can)."""
+def _layout(C, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, x: Tensor, m: int,
+            n: int, k: int, lda: int) -> Union[str, tuple[int, int, int]]:
+    """(weight row stride, gate batch stride, samples) for the fused kernel, or why it cannot
+    take this call."""
     if not getattr(C, "gemm_gated_available", lambda: False)():
         return "the library was built without CUTLASS"
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -54,7 +55,7 @@ def unsupported_reason(C, x2: Tensor, weight: Tensor, bias: Optional[Tensor], ga
     for t in (x2, weight, bias, gate):
         if t is not None and t.data_ptr() % 16:
             return "an operand is not 16-byte aligned"
-    return None
+    return ldb, gstride, batches
 
 
 def _ldb(weight: Tensor, k: int) -> int:
@@ -78,38 +79,41 @@ def _batching(x: Tensor, gate: Tensor, m: int, n: int) -> tuple[Optional[int], i
 
 def run(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
         residual: Tensor, m: int, n: int, k: int, lda: int, split: Callable[[], Tensor]) -> Tensor:
-    """out (m, n) through the fused kernel or `split()` (cuBLASLt + epilogue), per config."""
+    """out (m, n) through the fused kernel or `split()` (cuBLASLt + epilogue): per config, and
+    `split()` wherever the kernel cannot take the call (_layout says why)."""
     from lyradynamo import config
 
     mode = config.gated_gemm
-    if mode == "cublaslt":
+    layout = _layout(C, x2, weight, bias, gate, x, m, n, k, lda) if mode != "cublaslt" else "config"
+    if isinstance(layout, str):
         return split()
-    gstride, batches = _batching(x, gate, m, n)
+    ldb, gstride, batches = layout
     res = residual.reshape(m, n)
     if not res.is_contiguous():
         res = res.contiguous()
     if res.data_ptr() % 16:
         res = res.clone()
     args = (ptr(x2), ptr(weight), ptr(bias), ptr(gate), ptr(res))
-    key = (x.device.index, x.dtype, m, n, k, batches, bias is not None)
 
     def fused(variant: int) -> Callable[[], Tensor]:
         def call() -> Tensor:
             out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-            C.gemm_gated(*args, ptr(out), m // batches, batches, n, k, lda, _ldb(weight, k), gstride,
+            C.gemm_gated(*args, ptr(out), m // batches, batches, n, k, lda, ldb, gstride,
                          DTYPE_CODES[x.dtype], variant, stream_handle(x))
             return out
         return call
 
+    paths = {"cutlass": fused(0), "cutlass-streamk": fused(1), "cublaslt": split}
     if mode == "cutlass":  # the persistent-tile kernel
-        return fused(0)()
+        return paths["cutlass"]()
+    key = (x.device.index, x.dtype, m, n, k, batches, bias is not None)
     with _lock:
         decided = _choice.get(key)
     if decided is None:
         if torch.cuda.is_current_stream_capturing():
             return split()
-        decided = _decide(key, {"cutlass": fused(0), "cutlass-streamk": fused(1), "cublaslt": split})
-    return {"cutlass": fused(0), "cutlass-streamk": fused(1)}.get(decided["path"], split)()
+        decided = _decide(key, paths)
+    return paths[decided["path"]]()
 
 
 def _time_us(fn: Callable[[], Tensor], runs: int = 3) -> float:

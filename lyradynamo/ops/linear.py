@@ -118,8 +118,7 @@ def linear_cuda(x, weight, bias, act, glu, gate, residual):
             C.gemm_ex(ptr(x2), ptr(weight), ptr(bias), 0, 0, ptr(y), m, n_y, k, lda, ldb, n_y, code, 0, stream)
         return epilogue_cuda(C, y, x, act, glu, gate, residual)
 
-    if (gate is not None and residual is not None and act == "none" and not glu
-            and gated_gemm.unsupported_reason(C, x2, weight, bias, gate, x, m, n_y, k, lda) is None):
+    if gate is not None and residual is not None and act == "none" and not glu:
         return gated_gemm.run(C, x, x2, weight, bias, gate, residual, m, n_y, k, lda, split).view(out_shape)
     return split().view(out_shape)
 
