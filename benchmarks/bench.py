@@ -646,10 +646,9 @@ def measure(args, row, fn, hook, wl, ref, count, c_mode0, cuda, prog, label):
         for r in lyradynamo.compiled_graphs()[c0:]:
             phases.update(r.report.phases_s)
         row["backend_phases_s"] = {k: round(v, 3) for k, v in phases.items()}
-        from lyradynamo.ops import gated_gemm  # which path each gated linear shape took, and why
+        from lyradynamo.ops import gated_gemm  # which path each gated / GLU linear shape took, and why
 
-        row["gated_gemm_choices"] = {"M{} N{} K{} batches {} bias {}".format(*key[2:]): v
-                                     for key, v in gated_gemm.choices().items()} or None
+        row["gated_gemm_choices"] = {gated_gemm.describe(key): v for key, v in gated_gemm.choices().items()} or None
     steps_done += 1
     row["_steps_done"] = steps_done
     prog.step(f"{label} first call {row['first_call_s']:.2f}s")

@@ -342,6 +342,42 @@ def gated_cases(dt):
         yield (f"gated stream-K {name}", f"M{M} N{N} K{K}", functools.partial(fused, variant=1), split, nbytes)
 
 
+_GLU_LINEARS = [  # GEGLU linears at batch 2 (M, N of each half, K)
+    ("sdxl 1024 level 1 geglu", 8192, 2560, 640),
+    ("sdxl 1024 level 2 geglu", 2048, 5120, 1280),
+    ("sd15 512 level 0 geglu", 8192, 1280, 320),
+    ("sd15 512 level 2 geglu", 512, 5120, 1280),
+]
+
+
+def glu_cases(dt):
+    """a * gelu(g), [a, g] = x W^T + b: cuBLASLt for a and the CUTLASS GEMM with the product in
+    its epilogue for g (ours, csrc/gemm_glu.cu) against one (M, 2N) GEMM + bias and the GEGLU
+    epilogue kernel (the "torch" column: what lyra::linear ran before)."""
+    if not _C.gemm_gated_available():
+        print("kernels_bench: library built without CUTLASS: no GLU cases", file=sys.stderr)
+        return
+    code, es = CODE[dt], torch.empty((), dtype=dt).element_size()
+    for name, M, N, K in _GLU_LINEARS:
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        w = (torch.randn(2 * N, K, device="cuda") / math.sqrt(K)).to(dt)
+        b = torch.randn(2 * N, device="cuda", dtype=dt)
+        out, y = torch.empty(M, N, device="cuda", dtype=dt), torch.empty(M, 2 * N, device="cuda", dtype=dt)
+
+        def fused(x=x, w=w, b=b, out=out, M=M, N=N, K=K, variant=0):
+            _C.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), M, N, K, K, N, code, s())
+            _C.gemm_glu(x.data_ptr(), w[N:].data_ptr(), b[N:].data_ptr(), out.data_ptr(), out.data_ptr(), M, N,
+                        K, K, K, 1, code, variant, s())
+
+        def split(x=x, w=w, b=b, out=out, y=y, M=M, N=N, K=K):
+            _C.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), M, 2 * N, K, K, 2 * N, code, s())
+            _C.linear_epilogue(y.data_ptr(), 0, 0, out.data_ptr(), M, N, 1, True, M, 0, code, s())
+
+        nbytes = (M * K + 2 * N * K + M * N) * es
+        yield (f"glu {name}", f"M{M} N{N} K{K}", fused, split, nbytes)
+        yield (f"glu stream-K {name}", f"M{M} N{N} K{K}", functools.partial(fused, variant=1), split, nbytes)
+
+
 def epilogue_quant_cases(dt):
     """The act + quantise epilogue (ours: one linear_epilogue_quant pass over the GEMM output;
     torch: the eager activation + the eager fp8 quantisation) at FLUX's MLP width (GELU(tanh))
@@ -386,7 +422,8 @@ def main() -> int:
                          "one GEMM per projection, at SD1.5 / SDXL / FLUX shapes")
     ap.add_argument("--gated", action="store_true",
                     help="also time the gated residual linear (CUTLASS epilogue) against cuBLASLt + "
-                         "the epilogue kernel, at FLUX shapes")
+                         "the epilogue kernel, at FLUX shapes, and the GEGLU linear (cuBLASLt + "
+                         "CUTLASS GLU epilogue) against one GEMM + the epilogue kernel, at SD shapes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernels_bench: no CUDA GPU", file=sys.stderr)
@@ -404,7 +441,7 @@ def main() -> int:
         if args.fusion:
             all_cases = itertools.chain(all_cases, fusion_cases(dt, args.quant))
         if args.gated:
-            all_cases = itertools.chain(all_cases, gated_cases(dt))
+            all_cases = itertools.chain(all_cases, gated_cases(dt), glu_cases(dt))
         for name, shape, ours, ref, nbytes in all_cases:
             t_ours = time_us(ours, args.warmup, args.iters, args.graph_reps)
             t_ref = time_us(ref, args.warmup, args.iters, args.graph_reps)

@@ -38,6 +38,8 @@ void gemm_gated(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t gate, uintpt
                 uintptr_t out, int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb,
                 int64_t gate_bstride, int dtype, int variant, uintptr_t stream);
 bool gemm_gated_available();
+void gemm_glu(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t src, uintptr_t out, int64_t M, int64_t N,
+              int64_t K, int64_t lda, int64_t ldb, int act, int dtype, int variant, uintptr_t stream);
 void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
                      int64_t N_out, int act, bool glu, int64_t rows_per_batch,
                      int64_t gate_bstride, int dtype, uintptr_t stream);
@@ -158,7 +160,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("M"), py::arg("L"), py::arg("N"), py::arg("K"), py::arg("lda"),
         py::arg("ldb"), py::arg("gate_bstride"), py::arg("dtype"), py::arg("variant"), py::arg("stream"));
   m.def("gemm_gated_available", &lyra::gemm_gated_available,
-        "True when the library was built with the CUTLASS headers (gemm_gated can run on SM90).");
+        "True when the library was built with the CUTLASS headers (gemm_gated and gemm_glu can run "
+        "on SM90).");
+  m.def("gemm_glu", &lyra::gemm_glu, release(),
+        "out = src * act(a @ w^T + bias), one CUTLASS sm90 GEMM (gemm_glu.cu): the gate half of a "
+        "GLU linear, src its other half. a (M, K) row stride lda, w (N, K) row stride ldb, bias "
+        "(N,) or 0, src / out (M, N) contiguous (out may be src); act 1 gelu only; fp16 / bf16; K, "
+        "N, lda, ldb multiples of 8, pointers 16-byte aligned; SM90. variant: 0 persistent tiles, "
+        "1 stream-K.",
+        py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("src"), py::arg("out"), py::arg("M"),
+        py::arg("N"), py::arg("K"), py::arg("lda"), py::arg("ldb"), py::arg("act"), py::arg("dtype"),
+        py::arg("variant"), py::arg("stream"));
 
   m.def("linear_epilogue", &lyra::linear_epilogue, release(),
         "out = residual + gate * act(y) (or y[:, :N] * act(y[:, N:]) if glu); act 0 none, "

@@ -113,10 +113,12 @@ _OPTIONS: dict[str, _Option] = {
     ),
     "gated_gemm": _Option(
         "auto",
-        "The gated residual linear of DiT blocks, residual + gate * (x W^T + b), on CUDA: "
-        "cutlass = one CUTLASS sm90 GEMM with the gate and residual in its epilogue (Hopper, "
-        "a library built with the CUTLASS headers); cublaslt = cuBLASLt GEMM + bias, then the "
-        "epilogue kernel; auto = time both on each shape's first call and keep the faster.",
+        "Linears whose epilogue cuBLASLt cannot do in 16-bit, on CUDA: the gated residual "
+        "linear of DiT blocks, residual + gate * (x W^T + b), and the GEGLU linear, a * gelu(g) "
+        "with [a, g] = x W^T + b. cutlass = CUTLASS sm90 GEMMs with that epilogue fused (Hopper, "
+        "a library built with the CUTLASS headers; GEGLU: cuBLASLt for a, CUTLASS for g); "
+        "cublaslt = one cuBLASLt GEMM + bias, then the epilogue kernel; auto = time both on "
+        "each shape's first call and keep the faster.",
         choices=("auto", "cutlass", "cublaslt"),
     ),
     "attention_backend": _Option(

@@ -29,3 +29,10 @@ def test_column_slice_row_stride():
     assert gated_gemm._ldb(w[:, 320:], 256) == 576 and gated_gemm._ldb(w, 576) == 576
     assert gated_gemm._ldb(torch.empty(1, 64), 64) == 64  # one row: its stride says nothing
 
+
+
+def test_describe_names_the_kind_and_shape():
+    """bench rows name each choices() key as text."""
+    assert gated_gemm.describe(("gated", 0, torch.float16, 4096, 3072, 3072, 1, True)) == \
+        "gated M4096 N3072 K3072 batches 1 bias True"
+    assert gated_gemm.describe(("glu", 0, torch.bfloat16, 8192, 2560, 640, False)) == "glu M8192 N2560 K640 bias False"

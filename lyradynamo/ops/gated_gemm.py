@@ -1,8 +1,13 @@
-"""The gated residual linear of DiT blocks, residual + gate * (x @ W^T + b), as one GEMM.
+"""Linears whose epilogue cuBLASLt cannot do in 16-bit, as CUTLASS sm90 GEMMs with the
+epilogue fused (csrc/gemm_gated.cu, csrc/gemm_glu.cu):
 
-lyra::linear's CUDA path otherwise runs it as a cuBLASLt GEMM (+ bias) and then the csrc
-epilogue kernel for the gate and the residual (cuBLASLt has no 16-bit epilogue for a
-per-column gate with a bias). csrc/gemm_gated.cu does it in a CUTLASS sm90 GEMM's epilogue.
+- the gated residual linear of DiT blocks, residual + gate * (x @ W^T + b): lyra::linear's
+  CUDA path otherwise runs a cuBLASLt GEMM (+ bias) and then the csrc epilogue kernel for the
+  gate and the residual;
+- the GLU linear (diffusers' GEGLU), a * gelu(g) with [a, g] = x @ W^T + b: otherwise one
+  cuBLASLt GEMM writes all 2N columns and the epilogue kernel reads them back; fused, cuBLASLt
+  computes a = x @ W[:N]^T + b[:N] and the CUTLASS GEMM computes g's half with a * gelu(g) in
+  its epilogue, so the (M, 2N) tensor and the extra pass disappear.
 
 `config.gated_gemm` picks the path: "auto" times the fused GEMM (persistent and stream-K tile
 schedulers) and cuBLASLt + epilogue on the first call of each shape outside CUDA-graph capture
@@ -29,15 +34,20 @@ _choice: dict[tuple, dict] = {}  # shape key -> {"path": name, "<name>_us": time
 
 
 def choices() -> dict[tuple, dict]:
-    """(device, dtype, M, N, K, batches, bias?) -> the path taken and the timings it was based on."""
+    """("gated", device, dtype, M, N, K, batches, bias?) or ("glu", device, dtype, M, N, K,
+    bias?) -> the path taken and the timings it was based on."""
     with _lock:
         return dict(_choice)
 
 
-def _layout(C, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, x: Tensor, m: int,
-            n: int, k: int, lda: int) -> Union[str, tuple[int, int, int]]:
-    """(weight row stride, gate batch stride, samples) for the fused kernel, or why it cannot
-    take this call."""
+def describe(key: tuple) -> str:
+    """A choices() key as text: "gated M4096 N3072 K3072 batches 1 bias True"."""
+    kind, _, _, m, n, k, *rest = key
+    return f"{kind} M{m} N{n} K{k}" + (f" batches {rest[0]}" if kind == "gated" else "") + f" bias {rest[-1]}"
+
+
+def _common_layout(C, x: Tensor, weight: Tensor, n: int, k: int, lda: int) -> Union[str, int]:
+    """The weight's row stride when the CUTLASS kernels can take x, weight, n and k, else why not."""
     if not getattr(C, "gemm_gated_available", lambda: False)():
         return "the library was built without CUTLASS"
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -49,12 +59,25 @@ def _layout(C, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
         return "weight rows are not contiguous"
     if k % 8 or n % 8 or lda % 8 or ldb % 8:
         return f"K={k}, N={n}, lda={lda} or the weight's row stride {ldb} is not a multiple of 8"
+    return ldb
+
+
+def _aligned(*tensors: Optional[Tensor]) -> bool:
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _layout(C, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, x: Tensor, m: int,
+            n: int, k: int, lda: int) -> Union[str, tuple[int, int, int]]:
+    """(weight row stride, gate batch stride, samples) for the fused kernel, or why it cannot
+    take this call."""
+    ldb = _common_layout(C, x, weight, n, k, lda)
+    if isinstance(ldb, str):
+        return ldb
     gstride, batches = _batching(x, gate, m, n)
     if gstride is None:
         return f"gate shape {tuple(gate.shape)} is not one row of width {n} per sample of >= 8 rows"
-    for t in (x2, weight, bias, gate):
-        if t is not None and t.data_ptr() % 16:
-            return "an operand is not 16-byte aligned"
+    if not _aligned(x2, weight, bias, gate):
+        return "an operand is not 16-byte aligned"
     return ldb, gstride, batches
 
 
@@ -103,15 +126,51 @@ def run(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: 
             return out
         return call
 
-    paths = {"cutlass": fused(0), "cutlass-streamk": fused(1), "cublaslt": split}
+    key = ("gated", x.device.index, x.dtype, m, n, k, batches, bias is not None)
+    return _dispatch(mode, key, {"cutlass": fused(0), "cutlass-streamk": fused(1), "cublaslt": split})
+
+
+def run_glu(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, m: int, n: int,
+            k: int, lda: int, split: Callable[[], Tensor]) -> Tensor:
+    """The GLU linear's out (m, n) = a * act(g), [a, g] = x2 @ weight^T + bias (weight (2n, k)):
+    cuBLASLt for a, then gemm_glu for g with the product in its epilogue; `split()` (one GEMM
+    + the epilogue kernel) per config or wherever the kernel cannot take the call."""
+    from lyradynamo import config
+
+    mode = config.gated_gemm
+    ldb = "config" if mode == "cublaslt" else ("act " + act if act != "gelu" else
+                                               _common_layout(C, x, weight, n, k, lda))
+    if isinstance(ldb, str) or not _aligned(x2, weight, bias):
+        return split()
+    w_a, w_g = weight[:n], weight[n:]
+    b_a, b_g = (None, None) if bias is None else (bias[:n], bias[n:])
+    code, stream = DTYPE_CODES[x.dtype], stream_handle(x)
+
+    def fused(variant: int) -> Callable[[], Tensor]:
+        def call() -> Tensor:
+            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+            if ldb == k:
+                C.gemm(ptr(x2), ptr(w_a), ptr(b_a), ptr(out), m, n, k, lda, n, code, stream)
+            else:
+                C.gemm_ex(ptr(x2), ptr(w_a), ptr(b_a), 0, 0, ptr(out), m, n, k, lda, ldb, n, code, 0, stream)
+            C.gemm_glu(ptr(x2), ptr(w_g), ptr(b_g), ptr(out), ptr(out), m, n, k, lda, ldb, 1, code, variant,
+                       stream)
+            return out
+        return call
+
+    key = ("glu", x.device.index, x.dtype, m, n, k, bias is not None)
+    return _dispatch(mode, key, {"cutlass": fused(0), "cutlass-streamk": fused(1), "cublaslt": split})
+
+
+def _dispatch(mode: str, key: tuple, paths: dict[str, Callable[[], Tensor]]) -> Tensor:
+    """Run the path config says, or (auto) the one timed fastest for this shape."""
     if mode == "cutlass":  # the persistent-tile kernel
         return paths["cutlass"]()
-    key = (x.device.index, x.dtype, m, n, k, batches, bias is not None)
     with _lock:
         decided = _choice.get(key)
     if decided is None:
         if torch.cuda.is_current_stream_capturing():
-            return split()
+            return paths["cublaslt"]()
         decided = _decide(key, paths)
     return paths[decided["path"]]()
 
@@ -134,11 +193,11 @@ def _decide(key: tuple, paths: dict[str, Callable[[], Tensor]]) -> dict:
         try:
             times[name] = _time_us(fn)
         except (RuntimeError, ValueError) as exc:
-            log.warning("lyradynamo: gated linear %s: %s failed (%s); not used there", key[2:], name, exc)
+            log.warning("lyradynamo: %s linear %s: %s failed (%s); not used there", key[0], key[3:], name, exc)
     best = min(times, key=times.get) if times else "cublaslt"
     decided = {"path": best, **{f"{name}_us": round(t, 1) for name, t in times.items()}}
     with _lock:
         _choice[key] = decided
-    log.info("lyradynamo: gated linear %s: %s -> %s", key[2:],
+    log.info("lyradynamo: %s linear %s: %s -> %s", key[0], key[3:],
              ", ".join(f"{name} {t:.1f} us" for name, t in times.items()), best)
     return decided

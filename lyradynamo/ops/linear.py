@@ -120,6 +120,8 @@ def linear_cuda(x, weight, bias, act, glu, gate, residual):
 
     if gate is not None and residual is not None and act == "none" and not glu:
         return gated_gemm.run(C, x, x2, weight, bias, gate, residual, m, n_y, k, lda, split).view(out_shape)
+    if glu and gate is None and residual is None:
+        return gated_gemm.run_glu(C, x, x2, weight, bias, act, m, n_out, k, lda, split).view(out_shape)
     return split().view(out_shape)
 
 
@@ -131,8 +133,9 @@ def _gemm_epilogue_fused(C, x, x2, weight, bias, act, glu, gate, residual, m, n,
     (+ bias), or + residual (through C). None: not this case, or cuBLASLt has no algorithm for
     it here (then the GEMM + csrc epilogue kernel run instead, and the log says so once).
     A gate is not fused here: cuBLASLt 13 on the H100 answers NOT_SUPPORTED for an alpha vector
-    with a bias epilogue (measured); gated residual linears go to the CUTLASS kernel of
-    gated_gemm.py where it runs and measures faster, else GEMM + the csrc epilogue kernel."""
+    with a bias epilogue (measured); gated residual linears and GLU linears go to the CUTLASS
+    kernels of gated_gemm.py where they run and measure faster, else GEMM + the csrc epilogue
+    kernel."""
     if glu or gate is not None or getattr(C, "gemm_ex", None) is None:
         return None
     if act == "gelu_tanh" and residual is None:

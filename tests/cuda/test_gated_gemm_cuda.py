@@ -75,7 +75,8 @@ def test_linear_paths_agree(dtype, mode, seed_from_test_id):
         out = lyra.linear(low[0], low[1], low[2], "none", False, low[3], low[4])
     _check(out, args, dtype)
     if mode == "auto":
-        key = (0 if low[0].device.index is None else low[0].device.index, dtype, 2 * 1031, 1536, 640, 2, True)
+        key = ("gated", 0 if low[0].device.index is None else low[0].device.index, dtype, 2 * 1031, 1536, 640, 2,
+               True)
         decided = gated_gemm.choices()[key]
         assert decided["path"] in ("cutlass", "cutlass-streamk", "cublaslt"), decided
         assert all(decided[f"{p}_us"] > 0 for p in ("cutlass", "cutlass-streamk", "cublaslt")), decided

@@ -1,0 +1,168 @@
+// sm90_evt_gemm.cuh: what the CUTLASS sm90 GEMMs with a fused epilogue share (gemm_gated.cu,
+// gemm_glu.cu): the kernel type for an epilogue visitor tree (EVT), the argument checks, the
+// tile-scheduler workspace and the launch.
+//
+// The GEMM: out (L * M, N) = epilogue(acc = a @ w^T, src), a (L * M, K) row-major with row
+// stride lda, batch l being rows [l M, (l + 1) M); w (N, K) row-major with row stride ldb >= K
+// (a linear's weight, or a column / row slice of one); src and out (L * M, N) contiguous. fp16 /
+// bf16 in and out, fp32 accumulation, one rounding at the end. TMA loads, wgmma, a
+// warp-specialised cooperative kernel with 128 x 256 x 64 tiles and a 2 x 1 cluster (the two
+// CTAs of a cluster share w's tile through TMA multicast). Two tile schedulers (`variant`):
+//   0 persistent: whole output tiles, as many CTAs as SMs;
+//   1 stream-K: the K loop of the last wave's tiles is shared out between CTAs and the partial
+//     sums reduced through the workspace, so a tile count just above a multiple of the SM
+//     count (FLUX at 4608 tokens: 432 tiles on 132 SMs, 3.27 waves) does not leave most SMs
+//     idle in the last wave.
+#pragma once
+
+#include "common.cuh"
+
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+
+#if defined(LYRA_HAVE_CUTLASS)
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#endif
+
+namespace lyra {
+
+// The checks every entry point makes before any CUDA call (ValueError names the rule that
+// fails): sizes, strides and pointers the kernel's TMA descriptors accept, the dtype, the variant.
+inline void check_evt_gemm_args(const char* fn, int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda,
+                                int64_t ldb, int dtype, int variant,
+                                std::initializer_list<uintptr_t> aligned_pointers) {
+  LYRA_CHECK_ARG(variant == 0 || variant == 1, fn,
+                 "variant must be 0 (persistent) or 1 (stream-K), got " + std::to_string(variant));
+  LYRA_CHECK_ARG(M > 0 && L > 0 && N > 0 && K > 0, fn,
+                 "M, L, N and K must be positive, got M=" + std::to_string(M) + " L=" + std::to_string(L) +
+                     " N=" + std::to_string(N) + " K=" + std::to_string(K));
+  LYRA_CHECK_ARG(M * L <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX, fn, "sizes must fit in 32 bits");
+  LYRA_CHECK_ARG(lda >= K && ldb >= K, fn,
+                 "lda and ldb must be >= K, got lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) +
+                     " K=" + std::to_string(K));
+  LYRA_CHECK_ARG(K % 8 == 0 && N % 8 == 0 && lda % 8 == 0 && ldb % 8 == 0, fn,
+                 "K, N, lda and ldb must be multiples of 8, got K=" + std::to_string(K) + " N=" + std::to_string(N) +
+                     " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb));
+  for (uintptr_t p : aligned_pointers) {
+    LYRA_CHECK_ARG(aligned_to(p, 16), fn, "every operand pointer must be 16-byte aligned");
+  }
+  LYRA_CHECK_ARG(dtype == kFloat16 || dtype == kBFloat16, fn,
+                 std::string("dtype must be float16 or bfloat16, got ") + dtype_name(dtype));
+}
+
+#if defined(LYRA_HAVE_CUTLASS)
+namespace sm90 {
+
+using namespace cute;
+namespace fusion = cutlass::epilogue::fusion;
+
+constexpr int kAlign = 8;  // elements per 16-byte access (fp16 / bf16)
+using TileShape = Shape<_128, _256, _64>;
+using ClusterShape = Shape<_2, _1, _1>;
+constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+
+// A per-column vector (bias, or a gate with a batch stride) of T read as float; null reads 0.
+template <typename T>
+using ColumnVector = fusion::Sm90RowBroadcast<0, TileShape, T, float, Stride<_0, _1, int64_t>, kAlign>;
+// acc + bias, in float.
+template <typename T>
+using AccPlusBias = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
+                                    fusion::Sm90AccFetch, ColumnVector<T>>;
+
+template <typename T, typename Scheduler, typename Fusion>
+struct EvtGemm {
+  using Layout = cutlass::layout::RowMajor;
+  using LayoutW = cutlass::layout::ColumnMajor;  // w (N, K) row-major is B (K, N) column-major
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, T, Layout, kAlign, T, Layout,
+      kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, Layout, kAlign, T, LayoutW, kAlign,
+      float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// The device's tile-scheduler workspace (stream-K's partial sums and flags), at least `bytes`
+// large (gemm_gated.cu). Allocated outside capture (the runner's warm-up call comes first); a
+// larger problem gets a larger buffer and the smaller one is kept, never freed: CUDA graphs
+// captured earlier still use it. Like gemm.cu's cuBLASLt workspace it is shared by all streams
+// of a device: these GEMMs must not run concurrently on different streams of one device.
+void* scheduler_workspace(const char* fn, int device, size_t bytes, cudaStream_t s);
+
+// Runs one EVT GEMM; `thread` is the epilogue tree's arguments.
+template <typename T, typename Scheduler, typename Fusion>
+void run_evt(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, uintptr_t src, uintptr_t out,
+             int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb,
+             const typename Fusion::Arguments& thread, cudaStream_t s) {
+  using Gemm = typename EvtGemm<T, Scheduler, Fusion>::Gemm;
+  using StrideA = typename Gemm::GemmKernel::StrideA;
+  using StrideB = typename Gemm::GemmKernel::StrideB;
+  using StrideC = typename Gemm::GemmKernel::StrideC;
+  using StrideD = typename Gemm::GemmKernel::StrideD;
+
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(L)},
+      {reinterpret_cast<const T*>(a), StrideA{lda, Int<1>{}, M * lda},
+       reinterpret_cast<const T*>(w), StrideB{ldb, Int<1>{}, int64_t(0)}},
+      {thread,
+       reinterpret_cast<const T*>(src), StrideC{N, Int<1>{}, M * N},
+       reinterpret_cast<T*>(out), StrideD{N, Int<1>{}, M * N}}};
+  args.hw_info.device_id = dev.device;
+  args.hw_info.sm_count = dev.sm_count;
+
+  cutlass::Status st = Gemm::can_implement(args);
+  LYRA_CHECK_ARG(st == cutlass::Status::kSuccess, fn,
+                 std::string("CUTLASS cannot run this problem: ") + cutlassGetStatusString(st) +
+                     " (M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                     " L=" + std::to_string(L) + ")");
+  void* ws = scheduler_workspace(fn, dev.device, Gemm::get_workspace_size(args), s);
+  Gemm gemm;
+  st = gemm.initialize(args, ws, s);
+  if (st != cutlass::Status::kSuccess) {
+    throw std::runtime_error(std::string(fn) + ": CUTLASS initialize failed: " + cutlassGetStatusString(st));
+  }
+  st = gemm.run(s);
+  if (st != cutlass::Status::kSuccess) {
+    throw std::runtime_error(std::string(fn) + ": CUTLASS run failed: " + cutlassGetStatusString(st));
+  }
+  LYRA_CHECK_LAUNCH(fn);
+}
+
+// The variant's tile scheduler: 0 persistent, 1 stream-K.
+template <typename T, typename Fusion>
+void run_evt_variant(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a, uintptr_t w,
+                     uintptr_t src, uintptr_t out, int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda,
+                     int64_t ldb, const typename Fusion::Arguments& thread, cudaStream_t s) {
+  if (variant == 0) {
+    run_evt<T, cutlass::gemm::PersistentScheduler, Fusion>(fn, dev, a, w, src, out, M, L, N, K, lda, ldb, thread, s);
+  } else {
+    run_evt<T, cutlass::gemm::StreamKScheduler, Fusion>(fn, dev, a, w, src, out, M, L, N, K, lda, ldb, thread, s);
+  }
+}
+
+// The device the kernels run on: SM90 only (wgmma, TMA).
+inline DeviceInfo sm90_device(const char* fn) {
+  const DeviceInfo dev = current_device_info(fn);
+  LYRA_CHECK_ARG(dev.cc_major == 9, fn, "needs an SM90 (Hopper) GPU, this one is SM" + std::to_string(dev.cc_major) + "x");
+  LYRA_CHECK_ARG(dev.device >= 0, fn, "no current CUDA device");
+  return dev;
+}
+
+}  // namespace sm90
+#endif
+
+}  // namespace lyra
