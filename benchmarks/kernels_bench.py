@@ -340,6 +340,7 @@ def gated_cases(dt):
         nbytes = (M * K + N * K + 2 * M * N) * es
         yield (f"gated {name}", f"M{M} N{N} K{K}", fused, split, nbytes)
         yield (f"gated stream-K {name}", f"M{M} N{N} K{K}", functools.partial(fused, variant=1), split, nbytes)
+        yield (f"gated ping-pong {name}", f"M{M} N{N} K{K}", functools.partial(fused, variant=2), split, nbytes)
 
 
 _GLU_LINEARS = [  # GEGLU linears at batch 2 (M, N of each half, K)
@@ -376,6 +377,7 @@ def glu_cases(dt):
         nbytes = (M * K + 2 * N * K + M * N) * es
         yield (f"glu {name}", f"M{M} N{N} K{K}", fused, split, nbytes)
         yield (f"glu stream-K {name}", f"M{M} N{N} K{K}", functools.partial(fused, variant=1), split, nbytes)
+        yield (f"glu ping-pong {name}", f"M{M} N{N} K{K}", functools.partial(fused, variant=2), split, nbytes)
 
 
 def epilogue_quant_cases(dt):

@@ -155,7 +155,7 @@ PYBIND11_MODULE(_C, m) {
         "samples of M rows of a (row stride lda), w (N, K) with row stride ldb, gate rows of N "
         "at batch stride gate_bstride (0: one row for all), bias (N,) or 0, residual / out "
         "(L*M, N) contiguous; fp16 / bf16; K, N, lda, ldb, gate_bstride multiples of 8, "
-        "pointers 16-byte aligned; SM90. variant: 0 persistent tiles, 1 stream-K.",
+        "pointers 16-byte aligned; SM90. variant: 0 persistent tiles, 1 stream-K, 2 ping-pong.",
         py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("gate"), py::arg("residual"),
         py::arg("out"), py::arg("M"), py::arg("L"), py::arg("N"), py::arg("K"), py::arg("lda"),
         py::arg("ldb"), py::arg("gate_bstride"), py::arg("dtype"), py::arg("variant"), py::arg("stream"));
@@ -167,7 +167,7 @@ PYBIND11_MODULE(_C, m) {
         "GLU linear, src its other half. a (M, K) row stride lda, w (N, K) row stride ldb, bias "
         "(N,) or 0, src / out (M, N) contiguous (out may be src); act 1 gelu only; fp16 / bf16; K, "
         "N, lda, ldb multiples of 8, pointers 16-byte aligned; SM90. variant: 0 persistent tiles, "
-        "1 stream-K.",
+        "1 stream-K, 2 ping-pong.",
         py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("src"), py::arg("out"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("lda"), py::arg("ldb"), py::arg("act"), py::arg("dtype"),
         py::arg("variant"), py::arg("stream"));

@@ -19,6 +19,7 @@
 #include "sm90_evt_gemm.cuh"
 
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace lyra {
@@ -59,21 +60,23 @@ void* scheduler_workspace(const char* fn, int device, size_t bytes, cudaStream_t
 
 namespace {
 // gate * (acc + bias) + residual, rounded once to T.
-template <typename T>
+template <typename T, typename Tile>
 using GatedResidual = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::homogeneous_multiply_add, T, float, kRound>,
-                                      ColumnVector<T>, AccPlusBias<T>, fusion::Sm90SrcFetch<T>>;
+                                      ColumnVector<T, Tile>, AccPlusBias<T, Tile>, fusion::Sm90SrcFetch<T>>;
 
 template <typename T>
 void run_gated(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a, uintptr_t w, uintptr_t bias,
                uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M, int64_t L, int64_t N, int64_t K,
                int64_t lda, int64_t ldb, int64_t gate_bstride, cudaStream_t s) {
-  using Fusion = GatedResidual<T>;
-  typename Fusion::Arguments thread{
-      {reinterpret_cast<const T*>(gate), T(0), {_0{}, _1{}, gate_bstride}},          // gate
-      {{}, {reinterpret_cast<const T*>(bias), T(0), {_0{}, _1{}, int64_t(0)}}, {}},  // acc + bias
-      {},                                                                             // residual
-      {}};
-  run_evt_variant<T, Fusion>(fn, variant, dev, a, w, residual, out, M, L, N, K, lda, ldb, thread, s);
+  auto thread = [=](auto* fusion) {
+    using Fusion = std::remove_pointer_t<decltype(fusion)>;
+    return typename Fusion::Arguments{
+        {reinterpret_cast<const T*>(gate), T(0), {_0{}, _1{}, gate_bstride}},          // gate
+        {{}, {reinterpret_cast<const T*>(bias), T(0), {_0{}, _1{}, int64_t(0)}}, {}},  // acc + bias
+        {},                                                                             // residual
+        {}};
+  };
+  run_evt_variant<T, GatedResidual>(fn, variant, dev, a, w, residual, out, M, L, N, K, lda, ldb, thread, s);
 }
 }  // namespace
 

@@ -15,6 +15,8 @@
 // pointers.
 #include "sm90_evt_gemm.cuh"
 
+#include <type_traits>
+
 #if defined(LYRA_HAVE_CUTLASS)
 #include "cutlass/epilogue/thread/activation.h"
 #endif
@@ -25,21 +27,24 @@ namespace lyra {
 namespace sm90 {
 namespace {
 // src * gelu(acc + bias): the GELU in float on the unrounded sum, one rounding at the end.
-template <typename T>
+template <typename T, typename Tile>
 using GeluGlu = fusion::Sm90EVT<
     fusion::Sm90Compute<cutlass::multiplies, T, float, kRound>, fusion::Sm90SrcFetch<T>,
-    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::epilogue::thread::GELU, float, float, kRound>, AccPlusBias<T>>>;
+    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::epilogue::thread::GELU, float, float, kRound>,
+                    AccPlusBias<T, Tile>>>;
 
 template <typename T>
 void run_glu(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a, uintptr_t w, uintptr_t bias,
              uintptr_t src, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb,
              cudaStream_t s) {
-  using Fusion = GeluGlu<T>;
-  typename Fusion::Arguments thread{
-      {},                                                                                   // src
-      {{{}, {reinterpret_cast<const T*>(bias), T(0), {_0{}, _1{}, int64_t(0)}}, {}}, {}},  // gelu(acc + bias)
-      {}};
-  run_evt_variant<T, Fusion>(fn, variant, dev, a, w, src, out, M, 1, N, K, lda, ldb, thread, s);
+  auto thread = [=](auto* fusion) {
+    using Fusion = std::remove_pointer_t<decltype(fusion)>;
+    return typename Fusion::Arguments{
+        {},                                                                                   // src
+        {{{}, {reinterpret_cast<const T*>(bias), T(0), {_0{}, _1{}, int64_t(0)}}, {}}, {}},  // gelu(acc + bias)
+        {}};
+  };
+  run_evt_variant<T, GeluGlu>(fn, variant, dev, a, w, src, out, M, 1, N, K, lda, ldb, thread, s);
 }
 }  // namespace
 }  // namespace sm90

@@ -5,14 +5,15 @@
 // The GEMM: out (L * M, N) = epilogue(acc = a @ w^T, src), a (L * M, K) row-major with row
 // stride lda, batch l being rows [l M, (l + 1) M); w (N, K) row-major with row stride ldb >= K
 // (a linear's weight, or a column / row slice of one); src and out (L * M, N) contiguous. fp16 /
-// bf16 in and out, fp32 accumulation, one rounding at the end. TMA loads, wgmma, a
-// warp-specialised cooperative kernel with 128 x 256 x 64 tiles and a 2 x 1 cluster (the two
-// CTAs of a cluster share w's tile through TMA multicast). Two tile schedulers (`variant`):
-//   0 persistent: whole output tiles, as many CTAs as SMs;
-//   1 stream-K: the K loop of the last wave's tiles is shared out between CTAs and the partial
-//     sums reduced through the workspace, so a tile count just above a multiple of the SM
-//     count (FLUX at 4608 tokens: 432 tiles on 132 SMs, 3.27 waves) does not leave most SMs
-//     idle in the last wave.
+// bf16 in and out, fp32 accumulation, one rounding at the end. TMA loads, wgmma,
+// warp-specialised persistent kernels with a 2 x 1 cluster (the two CTAs of a cluster share
+// w's tile through TMA multicast). Three variants (Cooperative / PingPong below):
+//   0 cooperative 128 x 256 tiles, whole output tiles, as many CTAs as SMs;
+//   1 the same with stream-K: the K loop of the last wave's tiles is shared out between CTAs
+//     and the partial sums reduced through the workspace, so a tile count just above a
+//     multiple of the SM count (FLUX at 4608 tokens: 432 tiles on 132 SMs, 3.27 waves) does
+//     not leave most SMs idle in the last wave;
+//   2 ping-pong 128 x 128 tiles.
 #pragma once
 
 #include "common.cuh"
@@ -39,8 +40,8 @@ namespace lyra {
 inline void check_evt_gemm_args(const char* fn, int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda,
                                 int64_t ldb, int dtype, int variant,
                                 std::initializer_list<uintptr_t> aligned_pointers) {
-  LYRA_CHECK_ARG(variant == 0 || variant == 1, fn,
-                 "variant must be 0 (persistent) or 1 (stream-K), got " + std::to_string(variant));
+  LYRA_CHECK_ARG(variant >= 0 && variant <= 2, fn,
+                 "variant must be 0 (persistent), 1 (stream-K) or 2 (ping-pong), got " + std::to_string(variant));
   LYRA_CHECK_ARG(M > 0 && L > 0 && N > 0 && K > 0, fn,
                  "M, L, N and K must be positive, got M=" + std::to_string(M) + " L=" + std::to_string(L) +
                      " N=" + std::to_string(N) + " K=" + std::to_string(K));
@@ -65,32 +66,49 @@ using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
 
 constexpr int kAlign = 8;  // elements per 16-byte access (fp16 / bf16)
-using TileShape = Shape<_128, _256, _64>;
-using ClusterShape = Shape<_2, _1, _1>;
 constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+using ClusterShape = Shape<_2, _1, _1>;
+
+// The kernel configurations (`variant`):
+//   0 cooperative 128 x 256 tiles, persistent: both consumer warp groups on one tile;
+//   1 the same tiles, stream-K (see the top of this file);
+//   2 ping-pong 128 x 128 tiles, persistent: the two consumer warp groups take turns on two
+//     tiles, so one's epilogue (loading src, storing out) overlaps the other's mainloop:
+//     for short K loops (SDXL's GEGLU at K 640-1280) the epilogue is a large part of a tile.
+struct Cooperative {
+  using Tile = Shape<_128, _256, _64>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+struct PingPong {
+  using Tile = Shape<_128, _128, _64>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+};
 
 // A per-column vector (bias, or a gate with a batch stride) of T read as float; null reads 0.
-template <typename T>
-using ColumnVector = fusion::Sm90RowBroadcast<0, TileShape, T, float, Stride<_0, _1, int64_t>, kAlign>;
+template <typename T, typename Tile>
+using ColumnVector = fusion::Sm90RowBroadcast<0, Tile, T, float, Stride<_0, _1, int64_t>, kAlign>;
 // acc + bias, in float.
-template <typename T>
+template <typename T, typename Tile>
 using AccPlusBias = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
-                                    fusion::Sm90AccFetch, ColumnVector<T>>;
+                                    fusion::Sm90AccFetch, ColumnVector<T, Tile>>;
 
-template <typename T, typename Scheduler, typename Fusion>
+template <typename T, typename Config, typename Scheduler, typename Fusion>
 struct EvtGemm {
   using Layout = cutlass::layout::RowMajor;
   using LayoutW = cutlass::layout::ColumnMajor;  // w (N, K) row-major is B (K, N) column-major
+  using Tile = typename Config::Tile;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, T, Layout, kAlign, T, Layout,
-      kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+      kAlign, typename Config::EpilogueSchedule, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, Layout, kAlign, T, LayoutW, kAlign,
-      float, TileShape, ClusterShape,
+      float, Tile, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename Config::KernelSchedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
@@ -102,12 +120,15 @@ struct EvtGemm {
 // of a device: these GEMMs must not run concurrently on different streams of one device.
 void* scheduler_workspace(const char* fn, int device, size_t bytes, cudaStream_t s);
 
-// Runs one EVT GEMM; `thread` is the epilogue tree's arguments.
-template <typename T, typename Scheduler, typename Fusion>
+// Runs one EVT GEMM; FusionOf<T, Tile> is the epilogue tree for the configuration's tile, and
+// make_thread(type tag) its arguments.
+template <typename T, typename Config, typename Scheduler, template <typename, typename> class FusionOf,
+          typename MakeThread>
 void run_evt(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, uintptr_t src, uintptr_t out,
-             int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb,
-             const typename Fusion::Arguments& thread, cudaStream_t s) {
-  using Gemm = typename EvtGemm<T, Scheduler, Fusion>::Gemm;
+             int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb, MakeThread make_thread,
+             cudaStream_t s) {
+  using Fusion = FusionOf<T, typename Config::Tile>;
+  using Gemm = typename EvtGemm<T, Config, Scheduler, Fusion>::Gemm;
   using StrideA = typename Gemm::GemmKernel::StrideA;
   using StrideB = typename Gemm::GemmKernel::StrideB;
   using StrideC = typename Gemm::GemmKernel::StrideC;
@@ -118,7 +139,7 @@ void run_evt(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, ui
       {static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(L)},
       {reinterpret_cast<const T*>(a), StrideA{lda, Int<1>{}, M * lda},
        reinterpret_cast<const T*>(w), StrideB{ldb, Int<1>{}, int64_t(0)}},
-      {thread,
+      {make_thread(static_cast<Fusion*>(nullptr)),
        reinterpret_cast<const T*>(src), StrideC{N, Int<1>{}, M * N},
        reinterpret_cast<T*>(out), StrideD{N, Int<1>{}, M * N}}};
   args.hw_info.device_id = dev.device;
@@ -142,15 +163,22 @@ void run_evt(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, ui
   LYRA_CHECK_LAUNCH(fn);
 }
 
-// The variant's tile scheduler: 0 persistent, 1 stream-K.
-template <typename T, typename Fusion>
+// The variant's configuration and tile scheduler (0, 1, 2: see Cooperative / PingPong).
+template <typename T, template <typename, typename> class FusionOf, typename MakeThread>
 void run_evt_variant(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a, uintptr_t w,
                      uintptr_t src, uintptr_t out, int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda,
-                     int64_t ldb, const typename Fusion::Arguments& thread, cudaStream_t s) {
+                     int64_t ldb, MakeThread make_thread, cudaStream_t s) {
+  using cutlass::gemm::PersistentScheduler;
+  using cutlass::gemm::StreamKScheduler;
   if (variant == 0) {
-    run_evt<T, cutlass::gemm::PersistentScheduler, Fusion>(fn, dev, a, w, src, out, M, L, N, K, lda, ldb, thread, s);
+    run_evt<T, Cooperative, PersistentScheduler, FusionOf>(fn, dev, a, w, src, out, M, L, N, K, lda, ldb,
+                                                            make_thread, s);
+  } else if (variant == 1) {
+    run_evt<T, Cooperative, StreamKScheduler, FusionOf>(fn, dev, a, w, src, out, M, L, N, K, lda, ldb,
+                                                         make_thread, s);
   } else {
-    run_evt<T, cutlass::gemm::StreamKScheduler, Fusion>(fn, dev, a, w, src, out, M, L, N, K, lda, ldb, thread, s);
+    run_evt<T, PingPong, PersistentScheduler, FusionOf>(fn, dev, a, w, src, out, M, L, N, K, lda, ldb,
+                                                         make_thread, s);
   }
 }
 

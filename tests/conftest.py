@@ -12,6 +12,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import lyradynamo  # noqa: E402
+from lyradynamo.passes import matcher  # noqa: E402
+
+# Every rewrite that reuses its root's fake value is checked against the op's own fake result.
+matcher.CHECK_SAME_VALUE = True
 
 
 def pytest_configure(config):

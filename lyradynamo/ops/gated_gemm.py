@@ -9,8 +9,8 @@ epilogue fused (csrc/gemm_gated.cu, csrc/gemm_glu.cu):
   computes a = x @ W[:N]^T + b[:N] and the CUTLASS GEMM computes g's half with a * gelu(g) in
   its epilogue, so the (M, 2N) tensor and the extra pass disappear.
 
-`config.gated_gemm` picks the path: "auto" times the fused GEMM (persistent and stream-K tile
-schedulers) and cuBLASLt + epilogue on the first call of each shape outside CUDA-graph capture
+`config.gated_gemm` picks the path: "auto" times the fused GEMM (cooperative 128 x 256 tiles,
+persistent or stream-K; ping-pong 128 x 128 tiles) and cuBLASLt + epilogue on the first call of each shape outside CUDA-graph capture
 (the runner's warm-up call) and keeps the fastest for the process; "cutlass" takes the fused
 persistent-tile GEMM wherever it can run; "cublaslt" never does. A shape first seen under
 capture takes cuBLASLt + epilogue (the runner's warm-up always comes first). `choices()` lists
@@ -127,7 +127,7 @@ def run(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: 
         return call
 
     key = ("gated", x.device.index, x.dtype, m, n, k, batches, bias is not None)
-    return _dispatch(mode, key, {"cutlass": fused(0), "cutlass-streamk": fused(1), "cublaslt": split})
+    return _dispatch(mode, key, _paths(fused, split))
 
 
 def run_glu(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, m: int, n: int,
@@ -159,7 +159,12 @@ def run_glu(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], ac
         return call
 
     key = ("glu", x.device.index, x.dtype, m, n, k, bias is not None)
-    return _dispatch(mode, key, {"cutlass": fused(0), "cutlass-streamk": fused(1), "cublaslt": split})
+    return _dispatch(mode, key, _paths(fused, split))
+
+
+def _paths(fused: Callable[[int], Callable[[], Tensor]], split: Callable[[], Tensor]) -> dict:
+    """The fused kernel's three variants (csrc/sm90_evt_gemm.cuh) and the split path, by name."""
+    return {"cutlass": fused(0), "cutlass-streamk": fused(1), "cutlass-pingpong": fused(2), "cublaslt": split}
 
 
 def _dispatch(mode: str, key: tuple, paths: dict[str, Callable[[], Tensor]]) -> Tensor:

@@ -31,7 +31,7 @@ def _format(channels_last: bool, ndim: int):
     return torch.contiguous_format
 
 
-def _output_format(x: Tensor, channels_last: bool):
+def output_format(x: Tensor, channels_last: bool):
     """x's own format when it has one (NHWC wins only when x is NHWC and not also NCHW)."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
@@ -63,7 +63,7 @@ def group_norm_reference(x: Tensor, num_groups: int, weight: Optional[Tensor], b
         if act == "silu":
             y = F.silu(y)
         y = y.to(x.dtype)
-    return y.contiguous(memory_format=_output_format(x, channels_last))
+    return y.contiguous(memory_format=output_format(x, channels_last))
 
 
 def _check(x: Tensor, num_groups: int, act: str, pre_bias: Optional[Tensor] = None) -> None:
@@ -100,7 +100,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optio
 def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
     _check(x, num_groups, act, pre_bias)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                       memory_format=_output_format(x, channels_last))
+                       memory_format=output_format(x, channels_last))
 
 
 @group_norm.register_kernel("cuda")
@@ -114,7 +114,7 @@ def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
         return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last, pre_bias)
     n, c = x.shape[0], x.shape[1]
     hw = x.numel() // max(n * c, 1)
-    fmt = _output_format(x, channels_last)
+    fmt = output_format(x, channels_last)
     x = x.contiguous(memory_format=fmt)  # no-op unless x had neither layout
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     if x.numel():

@@ -9,6 +9,7 @@ unrewritten there.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 
 import torch.fx as fx
@@ -35,7 +36,9 @@ def run_passes(gm: fx.GraphModule, names, fake_mode) -> tuple[fx.GraphModule, Gr
     """Rewrite gm in order canonicalize, then `names` (config.passes order). Returns (gm, report)."""
     report = GraphReport(anchors_before=count_anchors(gm.graph))
     if names:
+        t = time.perf_counter()
         canonicalize.run(gm.graph, fake_mode, report)
+        report.phases_s["pass:canonicalize"] = time.perf_counter() - t
     # group_norm and adaln first: their patterns start at a norm and must see the mul/add
     # epilogues before the linear pass could claim a neighbouring add as a residual; rope
     # folds the q/k RMSNorms adaln produced. conv_bias folds convolution biases into the
@@ -44,11 +47,13 @@ def run_passes(gm: fx.GraphModule, names, fake_mode) -> tuple[fx.GraphModule, Gr
                          "split_cat")
              if n in names]
     for name in order:
+        t = time.perf_counter()
         try:
             PASSES[name](gm.graph, fake_mode, report)
         except Exception as exc:  # noqa: BLE001 - a pass bug must not break the user's model
             log.warning("lyradynamo: pass %s failed (%s); its rewrites are dropped", name, exc)
             report.errors.append({"pass": name, "error": repr(exc), "trace": traceback.format_exc()})
+        report.phases_s[f"pass:{name}"] = time.perf_counter() - t
     gm.graph.lint()
     gm.recompile()
     report.finish(gm.graph)

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from ..ops._common import SUPPORTED_DTYPES
+from . import group_norm as group_norm_pass
 from . import matcher as m
 from .report import GraphReport
 
@@ -182,8 +183,17 @@ def _emit_unbiased(graph: fx.Graph, conv: fx.Node, value: Any) -> fx.Node:
 
 
 def _fake_unbiased(conv: fx.Node, fake_mode) -> Any:
+    """The convolution's value without its bias. Run, not copied from the biased one: the
+    layout torch picks for it can differ (an NCHW input after channels_last producers)."""
     args, kwargs = _unbiased(conv)
     return _fake(conv.target, args, kwargs, fake_mode)
+
+
+def _validate(target, args: tuple, fake_mode) -> None:
+    """Run the new op's fake implementation on its arguments before any change (a failure
+    leaves the graph as it was) where apply() will not: a rewrite whose value is reused."""
+    if m.CHECK_SAME_VALUE:
+        _fake(target, args, {}, fake_mode)
 
 
 def _rewrite_group_norm(graph, conv, b, adds, vecs, gn, fake_mode) -> str:
@@ -194,7 +204,7 @@ def _rewrite_group_norm(graph, conv, b, adds, vecs, gn, fake_mode) -> str:
     for f in flat_vals:
         acc = f if acc is None else _fake(operator.add, (acc, f), {}, fake_mode)
         sum_vals.append(acc)
-    _fake(_GN, (y_val, *gn.args[1:], acc), {}, fake_mode)
+    _validate(_GN, (y_val, *gn.args[1:], acc), fake_mode)
 
     y_new = _emit_unbiased(graph, conv, y_val)
     pre_bias = b
@@ -203,7 +213,8 @@ def _rewrite_group_norm(graph, conv, b, adds, vecs, gn, fake_mode) -> str:
             flat = _emit(graph, torch.flatten, (t, -3), {}, f_val, gn)  # (B, C) or (C,): a view
             pre_bias = flat if pre_bias is None else _emit(graph, operator.add, (pre_bias, flat), {}, s_val, gn)
     label = "conv" + ("+bias" if b is not None else "") + "+add" * len(adds) + "->group_norm"
-    rw = m.Rewrite(gn, _GN, (y_new, *gn.args[1:], pre_bias), [gn, *adds, conv], label)
+    rw = m.Rewrite(gn, _GN, (y_new, *gn.args[1:], pre_bias), [gn, *adds, conv], label,
+                   same_value=group_norm_pass.same_value(y_val, m.val(gn), gn.args[6]))
     m.apply(graph, rw, fake_mode)
     return label
 
@@ -217,7 +228,7 @@ def _rewrite_residual(graph, conv, b, match, fake_mode) -> str:
         b2 = _bias(r_conv)
         res_val = _fake_unbiased(r_conv, fake_mode)
         bias_val = _fake(operator.add, (b, b2), {}, fake_mode)
-    _fake(_BIAS_RESIDUAL, (y_val, bias_val, res_val, scale), {}, fake_mode)
+    _validate(_BIAS_RESIDUAL, (y_val, bias_val, res_val, scale), fake_mode)
 
     y_new = _emit_unbiased(graph, conv, y_val)
     bias, residual = b, r
@@ -228,14 +239,16 @@ def _rewrite_residual(graph, conv, b, match, fake_mode) -> str:
     label = "conv+bias+residual" + ("(conv+bias)" if r_conv is not None else "")
     label += "+scale" if scale_node is not None else ""
     matched = [n for n in (conv, add, scale_node, r_conv) if n is not None]
-    m.apply(graph, m.Rewrite(root, _BIAS_RESIDUAL, (y_new, bias, residual, scale), matched, label), fake_mode)
+    m.apply(graph, m.Rewrite(root, _BIAS_RESIDUAL, (y_new, bias, residual, scale), matched, label,
+                             same_value=m.same_meta(m.val(root), y_val)), fake_mode)
     return label
 
 
 def _rewrite_plain(graph, conv, b, fake_mode) -> str:
     y_val = _fake_unbiased(conv, fake_mode)
-    _fake(_BIAS_RESIDUAL, (y_val, b, None, 1.0), {}, fake_mode)
+    _validate(_BIAS_RESIDUAL, (y_val, b, None, 1.0), fake_mode)
     y_new = _emit_unbiased(graph, conv, y_val)
+    # root is the convolution itself, whose value y_new now holds: the new op gets its own
     m.apply(graph, m.Rewrite(conv, _BIAS_RESIDUAL, (y_new, b, None, 1.0), [conv], "conv+bias"), fake_mode)
     return "conv+bias"
 

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..ops._common import unsupported_reason
+from ..ops.group_norm import output_format
 from . import matcher as m
 from .report import GraphReport
 
@@ -41,7 +42,15 @@ def match(node: fx.Node) -> m.Rewrite | str:
         act, root, label = "silu", user, "group_norm+silu"
         matched.append(user)
     args = (x, groups, weight, bias, eps, act, _channels_last(xv))
-    return m.Rewrite(root, torch.ops.lyra.group_norm.default, args, matched, label)
+    return m.Rewrite(root, torch.ops.lyra.group_norm.default, args, matched, label,
+                     same_value=same_value(xv, m.val(root), args[-1]))
+
+
+def same_value(xv: torch.Tensor, rv, channels_last: bool) -> bool:
+    """lyra::group_norm returns x's dtype in output_format's layout: root's value stands for
+    it when root already is exactly that."""
+    return (isinstance(rv, torch.Tensor) and rv.dtype == xv.dtype
+            and rv.is_contiguous(memory_format=output_format(xv, channels_last)))
 
 
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:

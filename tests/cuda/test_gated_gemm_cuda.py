@@ -51,7 +51,7 @@ def _check(out, args, dtype):
                                      (1, 1, 64, 64), (2, 8, 8, 8)])
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("variant", [0, 1], ids=["persistent", "streamk"])
+@pytest.mark.parametrize("variant", [0, 1, 2], ids=["persistent", "streamk", "pingpong"])
 def test_kernel_against_reference(dtype, b, t, n, k, per_sample, bias, variant, seed_from_test_id):
     C = _need_cutlass()
     args = _operands(b, t, n, k, per_sample, bias)
@@ -78,8 +78,9 @@ def test_linear_paths_agree(dtype, mode, seed_from_test_id):
         key = ("gated", 0 if low[0].device.index is None else low[0].device.index, dtype, 2 * 1031, 1536, 640, 2,
                True)
         decided = gated_gemm.choices()[key]
-        assert decided["path"] in ("cutlass", "cutlass-streamk", "cublaslt"), decided
-        assert all(decided[f"{p}_us"] > 0 for p in ("cutlass", "cutlass-streamk", "cublaslt")), decided
+        assert decided["path"] in ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt"), decided
+        paths = ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt")
+        assert all(decided[f"{p}_us"] > 0 for p in paths), decided
 
 
 def test_fused_path_is_taken(monkeypatch, seed_from_test_id):

@@ -49,7 +49,7 @@ def _check(out, args, dtype, act="gelu"):
 @pytest.mark.parametrize("m,n,k", [(8192 + 5, 2560, 640), (2048, 5120, 1280), (333, 1032, 72), (1, 64, 64),
                                    (77, 8, 8)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("variant", [0, 1], ids=["persistent", "streamk"])
+@pytest.mark.parametrize("variant", [0, 1, 2], ids=["persistent", "streamk", "pingpong"])
 def test_kernel_against_reference(dtype, m, n, k, bias, variant, seed_from_test_id):
     """The kernel alone: src = the a half (computed in fp32 here and rounded), out = src * gelu(g)."""
     C = _need_cutlass()
@@ -80,8 +80,8 @@ def test_linear_paths_agree(dtype, mode, rows, seed_from_test_id):
     if mode == "auto":
         m = rows[0] * rows[1]
         decided = gated_gemm.choices()[("glu", torch.cuda.current_device(), dtype, m, 1280, 640, True)]
-        assert decided["path"] in ("cutlass", "cutlass-streamk", "cublaslt"), decided
-        assert all(decided[f"{p}_us"] > 0 for p in ("cutlass", "cutlass-streamk", "cublaslt")), decided
+        assert decided["path"] in ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt"), decided
+        assert all(decided[f"{p}_us"] > 0 for p in ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt")), decided
 
 
 def _record_calls(monkeypatch, C):
