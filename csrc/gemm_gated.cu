@@ -108,8 +108,7 @@ void gemm_gated(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t gate, uintpt
   }
 #else
   (void)stream;
-  throw std::invalid_argument(std::string(fn) + ": this build has no CUTLASS kernels (configure with "
-                              "LYRA_CUTLASS_DIR or `pip install nvidia-cutlass`)");
+  throw_no_cutlass(fn);
 #endif
 }
 

@@ -59,6 +59,12 @@ inline void check_evt_gemm_args(const char* fn, int64_t M, int64_t L, int64_t N,
                  std::string("dtype must be float16 or bfloat16, got ") + dtype_name(dtype));
 }
 
+// What an entry point of a build without the CUTLASS headers does.
+[[noreturn]] inline void throw_no_cutlass(const char* fn) {
+  throw std::invalid_argument(std::string(fn) + ": this build has no CUTLASS kernels (configure with "
+                              "LYRA_CUTLASS_DIR or `pip install nvidia-cutlass`)");
+}
+
 #if defined(LYRA_HAVE_CUTLASS)
 namespace sm90 {
 

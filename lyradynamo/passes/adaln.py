@@ -119,9 +119,8 @@ def match(node: fx.Node) -> m.Rewrite | str:
     reason = unsupported_reason(x=xv, mul=m.val(mul), add=m.val(add))
     if reason:
         return reason
-    cv = m.val(cur)
     return m.Rewrite(cur, torch.ops.lyra.adaln.default, (x, w, b, mul, add, kind, float(eps)), nodes, label,
-                     same_value=isinstance(cv, torch.Tensor) and cv.is_contiguous())
+                     same_value=m.is_contiguous(m.val(cur)))  # lyra::adaln returns a contiguous tensor
 
 
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:

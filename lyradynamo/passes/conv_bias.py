@@ -190,8 +190,10 @@ def _fake_unbiased(conv: fx.Node, fake_mode) -> Any:
 
 
 def _validate(target, args: tuple, fake_mode) -> None:
-    """Run the new op's fake implementation on its arguments before any change (a failure
-    leaves the graph as it was) where apply() will not: a rewrite whose value is reused."""
+    """Under the tests' check (matcher.CHECK_SAME_VALUE): run the new op's fake implementation
+    on the arguments before any change. Otherwise apply() runs it where the rewrite does not
+    reuse its root's value; where it does, no fake run is left (the arguments are the matched
+    nodes' own, which the op takes by construction)."""
     if m.CHECK_SAME_VALUE:
         _fake(target, args, {}, fake_mode)
 

@@ -50,7 +50,7 @@ def same_value(xv: torch.Tensor, rv, channels_last: bool) -> bool:
     """lyra::group_norm returns x's dtype in output_format's layout: root's value stands for
     it when root already is exactly that."""
     return (isinstance(rv, torch.Tensor) and rv.dtype == xv.dtype
-            and rv.is_contiguous(memory_format=output_format(xv, channels_last)))
+            and m.is_contiguous(rv, output_format(xv, channels_last)))
 
 
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:

@@ -92,12 +92,7 @@ def match(node: fx.Node) -> m.Rewrite | str:
             matched.append(user)
             parts.append("residual")
     return m.Rewrite(cur, torch.ops.lyra.linear.default, (x, w, b, act, glu, gate, residual),
-                     matched, "+".join(parts), same_value=_contiguous(m.val(cur)))
-
-
-def _contiguous(v) -> bool:
-    """lyra::linear returns a contiguous tensor: root's fake value stands for it when it is one."""
-    return isinstance(v, torch.Tensor) and v.is_contiguous()
+                     matched, "+".join(parts), same_value=m.is_contiguous(m.val(cur)))  # as lyra::linear
 
 
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:

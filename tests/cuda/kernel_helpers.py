@@ -55,3 +55,32 @@ def nm_inputs(B, L, D, affine, modulate, bcast, rms, dtype):
     mul = (1.0 + randn(nb, D, dtype=dtype, scale=0.2)).to(dtype) if modulate else None
     add = randn(nb, D, dtype=dtype, scale=0.5) if modulate else None
     return x, w, b, mul, add
+
+
+def need_cutlass():
+    """The library, or skip: the CUTLASS sm90 kernels (gemm_gated, gemm_glu) need a build with
+    the CUTLASS headers and an SM90 GPU."""
+    import pytest
+
+    from lyradynamo.ops import _common
+
+    C = _common.csrc()
+    if C is None or not getattr(C, "gemm_gated_available", lambda: False)():
+        pytest.skip("library built without CUTLASS headers")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the CUTLASS sm90 kernels need an SM90 GPU")
+    return C
+
+
+def norm_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+FUSED_PATHS = ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt")  # gated_gemm's paths
+
+
+def check_auto_decision(decided: dict) -> None:
+    """gated_gemm auto chose one of its paths after timing every one of them."""
+    assert decided["path"] in FUSED_PATHS, decided
+    assert all(decided[f"{p}_us"] > 0 for p in FUSED_PATHS), decided

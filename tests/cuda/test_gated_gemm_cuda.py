@@ -6,25 +6,13 @@ import pytest
 import torch
 
 import lyradynamo
-from lyradynamo.ops import _common, gated_gemm, linear
+from kernel_helpers import check_auto_decision, need_cutlass, norm_err
+from lyradynamo.ops import gated_gemm, linear
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]
 lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
 CODES = {torch.float16: 1, torch.bfloat16: 2}
-
-
-def _need_cutlass():
-    C = _common.csrc()
-    if not C.gemm_gated_available():
-        pytest.skip("library built without CUTLASS headers")
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("gemm_gated needs an SM90 GPU")
-    return C
-
-
-def err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _operands(b, t, n, k, per_sample, bias):
@@ -43,7 +31,7 @@ def _check(out, args, dtype):
     low = [a.to(dtype) if a is not None else None for a in args]
     eager = linear.linear_reference(*low[:2], low[2], "none", False, low[3], low[4])
     assert out.dtype == dtype and out.shape == ref.shape and torch.isfinite(out).all()
-    assert err(out, ref) <= 2 * err(eager, ref) + 1e-6, (err(out, ref), err(eager, ref))
+    assert norm_err(out, ref) <= 2 * norm_err(eager, ref) + 1e-6, (norm_err(out, ref), norm_err(eager, ref))
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -53,7 +41,7 @@ def _check(out, args, dtype):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("variant", [0, 1, 2], ids=["persistent", "streamk", "pingpong"])
 def test_kernel_against_reference(dtype, b, t, n, k, per_sample, bias, variant, seed_from_test_id):
-    C = _need_cutlass()
+    C = need_cutlass()
     args = _operands(b, t, n, k, per_sample, bias)
     x, w, bb, gate, r = (a.to(dtype) if a is not None else None for a in args)
     out = torch.empty_like(r)
@@ -68,7 +56,7 @@ def test_kernel_against_reference(dtype, b, t, n, k, per_sample, bias, variant, 
 @pytest.mark.parametrize("mode", ["cutlass", "cublaslt", "auto"])
 def test_linear_paths_agree(dtype, mode, seed_from_test_id):
     """lyra::linear's gated residual through each path; auto records its decision."""
-    _need_cutlass()
+    need_cutlass()
     args = _operands(2, 1031, 1536, 640, True, True)
     low = [a.to(dtype) for a in args]
     with lyradynamo.config.patch(gated_gemm=mode):
@@ -77,15 +65,12 @@ def test_linear_paths_agree(dtype, mode, seed_from_test_id):
     if mode == "auto":
         key = ("gated", 0 if low[0].device.index is None else low[0].device.index, dtype, 2 * 1031, 1536, 640, 2,
                True)
-        decided = gated_gemm.choices()[key]
-        assert decided["path"] in ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt"), decided
-        paths = ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt")
-        assert all(decided[f"{p}_us"] > 0 for p in paths), decided
+        check_auto_decision(gated_gemm.choices()[key])
 
 
 def test_fused_path_is_taken(monkeypatch, seed_from_test_id):
     """Under "cutlass" the fused kernel runs (no split GEMM, no epilogue kernel)."""
-    C = _need_cutlass()
+    C = need_cutlass()
     calls = []
     for name in ("gemm", "gemm_ex", "linear_epilogue"):
         real = getattr(C, name)
@@ -99,7 +84,7 @@ def test_fused_path_is_taken(monkeypatch, seed_from_test_id):
 def test_unaligned_shapes_use_the_split_path(seed_from_test_id):
     """K not a multiple of 8: lyra::linear takes cuBLASLt + epilogue, still right; the kernel
     itself refuses with an error that names the rule."""
-    C = _need_cutlass()
+    C = need_cutlass()
     args = _operands(2, 33, 96, 36, True, True)
     low = [a.to(torch.float16) for a in args]
     with lyradynamo.config.patch(gated_gemm="cutlass"):
@@ -122,7 +107,7 @@ def test_unaligned_shapes_use_the_split_path(seed_from_test_id):
 
 def test_cuda_graph_replay_sees_new_inputs(seed_from_test_id):
     """Captured after a warm-up (as the runner does), the fused GEMM replays on new data."""
-    _need_cutlass()
+    need_cutlass()
     args = [a.to(torch.bfloat16) for a in _operands(2, 300, 1024, 512, True, True)]
     with lyradynamo.config.patch(gated_gemm="cutlass"):
         fn = lambda: lyra.linear(args[0], args[1], args[2], "none", False, args[3], args[4])  # noqa: E731
@@ -138,13 +123,13 @@ def test_cuda_graph_replay_sees_new_inputs(seed_from_test_id):
         a.copy_(torch.randn_like(a))
     graph.replay()
     ref = linear.linear_reference(*[a.float() for a in args[:3]], "none", False, args[3].float(), args[4].float())
-    assert err(out, ref) < 2e-2
+    assert norm_err(out, ref) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", DT)
 def test_weight_column_slice(dtype, seed_from_test_id, monkeypatch):
     """split_cat's parts: the weight is a column slice W[:, a:b] (row stride > K), read in place."""
-    C = _need_cutlass()
+    C = need_cutlass()
     x, _, bb, gate, r = _operands(1, 777, 512, 256, False, True)
     w_full = torch.randn(512, 256 + 320, device="cuda") / 24
     w_low = w_full.to(dtype)

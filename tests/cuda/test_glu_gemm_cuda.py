@@ -7,25 +7,13 @@ import pytest
 import torch
 
 import lyradynamo
-from lyradynamo.ops import _common, gated_gemm, linear
+from kernel_helpers import check_auto_decision, need_cutlass, norm_err
+from lyradynamo.ops import gated_gemm, linear
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]
 lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
 CODES = {torch.float16: 1, torch.bfloat16: 2}
-
-
-def _need_cutlass():
-    C = _common.csrc()
-    if not getattr(C, "gemm_gated_available", lambda: False)():
-        pytest.skip("library built without CUTLASS headers")
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("gemm_glu needs an SM90 GPU")
-    return C
-
-
-def err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _operands(rows, n, k, bias):
@@ -42,7 +30,7 @@ def _check(out, args, dtype, act="gelu"):
     low = [a.to(dtype) if a is not None else None for a in args]
     eager = linear.linear_reference(low[0], low[1], low[2], act, True, None, None)
     assert out.dtype == dtype and out.shape == ref.shape and torch.isfinite(out).all()
-    assert err(out, ref) <= 2 * err(eager, ref) + 1e-6, (err(out, ref), err(eager, ref))
+    assert norm_err(out, ref) <= 2 * norm_err(eager, ref) + 1e-6, (norm_err(out, ref), norm_err(eager, ref))
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -52,7 +40,7 @@ def _check(out, args, dtype, act="gelu"):
 @pytest.mark.parametrize("variant", [0, 1, 2], ids=["persistent", "streamk", "pingpong"])
 def test_kernel_against_reference(dtype, m, n, k, bias, variant, seed_from_test_id):
     """The kernel alone: src = the a half (computed in fp32 here and rounded), out = src * gelu(g)."""
-    C = _need_cutlass()
+    C = need_cutlass()
     x, w, bb = (a.to(dtype) if a is not None else None for a in _operands((m,), n, k, bias))
     src = torch.nn.functional.linear(x.float(), w[:n].float(), None if bb is None else bb[:n].float()).to(dtype)
     out = torch.empty_like(src)
@@ -63,7 +51,7 @@ def test_kernel_against_reference(dtype, m, n, k, bias, variant, seed_from_test_
     ref = src.float() * torch.nn.functional.gelu(g)
     # one rounding of the product on top of src's: within a few units of the last place
     assert torch.isfinite(out).all()
-    assert err(out, ref) < (1e-3 if dtype == torch.float16 else 8e-3), err(out, ref)
+    assert norm_err(out, ref) < (1e-3 if dtype == torch.float16 else 8e-3), norm_err(out, ref)
 
 
 @pytest.mark.parametrize("dtype", DT)
@@ -71,7 +59,7 @@ def test_kernel_against_reference(dtype, m, n, k, bias, variant, seed_from_test_
 @pytest.mark.parametrize("rows", [(2, 1031), (3, 77)])
 def test_linear_paths_agree(dtype, mode, rows, seed_from_test_id):
     """lyra::linear's GLU through each path; auto records its decision with a time per path."""
-    _need_cutlass()
+    need_cutlass()
     args = _operands(rows, 1280, 640, True)
     low = [a.to(dtype) for a in args]
     with lyradynamo.config.patch(gated_gemm=mode):
@@ -79,9 +67,7 @@ def test_linear_paths_agree(dtype, mode, rows, seed_from_test_id):
     _check(out, args, dtype)
     if mode == "auto":
         m = rows[0] * rows[1]
-        decided = gated_gemm.choices()[("glu", torch.cuda.current_device(), dtype, m, 1280, 640, True)]
-        assert decided["path"] in ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt"), decided
-        assert all(decided[f"{p}_us"] > 0 for p in ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt")), decided
+        check_auto_decision(gated_gemm.choices()[("glu", torch.cuda.current_device(), dtype, m, 1280, 640, True)])
 
 
 def _record_calls(monkeypatch, C):
@@ -94,7 +80,7 @@ def _record_calls(monkeypatch, C):
 
 def test_fused_path_is_taken(monkeypatch, seed_from_test_id):
     """Under "cutlass": one half-width cuBLASLt GEMM and gemm_glu, no epilogue kernel."""
-    C = _need_cutlass()
+    C = need_cutlass()
     calls = _record_calls(monkeypatch, C)
     args = [a.to(torch.bfloat16) for a in _operands((2, 512), 640, 320, True)]
     with lyradynamo.config.patch(gated_gemm="cutlass"):
@@ -105,7 +91,7 @@ def test_fused_path_is_taken(monkeypatch, seed_from_test_id):
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_other_activations_use_the_split_path(act, monkeypatch, seed_from_test_id):
     """Only gelu is built into gemm_glu: SwiGLU and tanh-GEGLU keep GEMM + epilogue kernel, right."""
-    C = _need_cutlass()
+    C = need_cutlass()
     calls = _record_calls(monkeypatch, C)
     args = _operands((2, 100), 256, 128, True)
     low = [a.to(torch.float16) for a in args]
@@ -118,7 +104,7 @@ def test_other_activations_use_the_split_path(act, monkeypatch, seed_from_test_i
 def test_unaligned_shapes_use_the_split_path(seed_from_test_id):
     """K not a multiple of 8: lyra::linear takes GEMM + epilogue, still right; the kernel itself
     refuses with errors that name the rule."""
-    C = _need_cutlass()
+    C = need_cutlass()
     args = _operands((2, 33), 96, 36, True)
     low = [a.to(torch.float16) for a in args]
     with lyradynamo.config.patch(gated_gemm="cutlass"):
@@ -139,7 +125,7 @@ def test_unaligned_shapes_use_the_split_path(seed_from_test_id):
 
 def test_cuda_graph_replay_sees_new_inputs(seed_from_test_id):
     """Captured after a warm-up (as the runner does), the fused pair replays on new data."""
-    _need_cutlass()
+    need_cutlass()
     args = [a.to(torch.bfloat16) for a in _operands((2, 300), 1024, 512, True)]
     with lyradynamo.config.patch(gated_gemm="cutlass"):
         fn = lambda: lyra.linear(args[0], args[1], args[2], "gelu", True, None, None)  # noqa: E731
@@ -154,4 +140,4 @@ def test_cuda_graph_replay_sees_new_inputs(seed_from_test_id):
     args[0].copy_(torch.randn_like(args[0]))
     graph.replay()
     ref = linear.linear_reference(*[a.float() for a in args], "gelu", True, None, None)
-    assert err(out, ref) < 2e-2
+    assert norm_err(out, ref) < 2e-2
