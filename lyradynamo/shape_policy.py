@@ -126,6 +126,9 @@ def install() -> None:
     _install_batch_only_duck()
     _install_input_floats()
     _install_repeat_interleave_hint()
+    from . import fake_shortcuts
+
+    fake_shortcuts.install()
     _installed = True
 
 

@@ -12,10 +12,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import lyradynamo  # noqa: E402
+from lyradynamo import fake_shortcuts  # noqa: E402
 from lyradynamo.passes import matcher  # noqa: E402
 
 # Every rewrite that reuses its root's fake value is checked against the op's own fake result.
 matcher.CHECK_SAME_VALUE = True
+# Every linear whose fake value tracing shortcuts is also run in full and compared.
+fake_shortcuts.CHECK = True
 
 
 def pytest_configure(config):

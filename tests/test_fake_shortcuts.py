@@ -1,0 +1,48 @@
+"""lyradynamo/fake_shortcuts.py: Dynamo's fake runs of linear / layer_norm answered from the
+operands while lyra traces; everything it cannot answer exactly runs in full. (Every shortcut
+taken in the test suite is also checked against the full run: fake_shortcuts.CHECK.)"""
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+import lyradynamo
+from lyradynamo import fake_shortcuts, zoo
+
+
+def test_shortcuts_are_taken_when_lyra_traces(monkeypatch):
+    taken = []
+    for fn, impl in list(fake_shortcuts._SHORTCUTS.items()):
+        def counting(args, kwargs, cls, _impl=impl, _fn=fn):
+            v = _impl(args, kwargs, cls)
+            if v is not None:
+                taken.append(_fn)
+            return v
+        monkeypatch.setitem(fake_shortcuts._SHORTCUTS, fn, counting)
+    model = zoo.build_denoiser("sdxl")
+    with torch.no_grad():
+        torch.compile(model, backend="lyra")(**zoo.denoiser_inputs("sdxl", model))
+    assert lyradynamo.compile_count() == 1
+    names = {getattr(f, "__name__", str(f)) for f in taken}
+    assert "linear" in names and "layer_norm" in names, names
+
+
+def test_what_is_not_answered_runs_in_full():
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(2, 5, 8))
+        w = mode.from_tensor(torch.randn(4, 8))
+        w16 = mode.from_tensor(torch.randn(4, 8, dtype=torch.float16))
+        b = mode.from_tensor(torch.randn(4))
+        with torch.no_grad():
+            out = fake_shortcuts._linear_value((x, w, b), {}, FakeTensor)
+            assert tuple(out.shape) == (2, 5, 4) and out.dtype == torch.float32 and out.is_contiguous()
+            assert fake_shortcuts._linear_value((x, w16), {}, FakeTensor) is None  # mixed dtypes
+            assert fake_shortcuts._linear_value((x, w.t()), {}, FakeTensor) is None  # widths differ
+            assert fake_shortcuts._layer_norm_value((x, (8,)), {}, FakeTensor) is not None
+            assert fake_shortcuts._layer_norm_value((x, (5, 8)), {"eps": 1e-6}, FakeTensor) is not None
+            assert fake_shortcuts._layer_norm_value((x, (4,)), {}, FakeTensor) is None  # wrong shape
+        w_grad = mode.from_tensor(torch.randn(4, 8, requires_grad=True))
+        with torch.enable_grad():
+            assert fake_shortcuts._linear_value((x, w_grad), {}, FakeTensor) is None  # autograd
+    real = torch.randn(2, 8)
+    assert fake_shortcuts._linear_value((real, torch.randn(4, 8)), {}, FakeTensor) is None  # not fake
+    assert F.linear is fake_shortcuts._LINEARS[1]
