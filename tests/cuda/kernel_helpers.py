@@ -84,3 +84,17 @@ def check_auto_decision(decided: dict) -> None:
     """gated_gemm auto chose one of its paths after timing every one of them."""
     assert decided["path"] in FUSED_PATHS, decided
     assert all(decided[f"{p}_us"] > 0 for p in FUSED_PATHS), decided
+
+
+def capture_after_warmup(fn):
+    """(graph, out): fn run once on a side stream (as the runner's warm-up call), then captured
+    into a CUDA graph whose replays rewrite `out`."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lyradynamo
-from kernel_helpers import check_auto_decision, need_cutlass, norm_err
+from kernel_helpers import capture_after_warmup, check_auto_decision, need_cutlass, norm_err
 from lyradynamo.ops import gated_gemm, linear
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]
@@ -111,14 +111,7 @@ def test_cuda_graph_replay_sees_new_inputs(seed_from_test_id):
     args = [a.to(torch.bfloat16) for a in _operands(2, 300, 1024, 512, True, True)]
     with lyradynamo.config.patch(gated_gemm="cutlass"):
         fn = lambda: lyra.linear(args[0], args[1], args[2], "none", False, args[3], args[4])  # noqa: E731
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+        graph, out = capture_after_warmup(fn)
     for a in (args[0], args[3], args[4]):
         a.copy_(torch.randn_like(a))
     graph.replay()

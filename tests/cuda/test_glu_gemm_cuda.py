@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lyradynamo
-from kernel_helpers import check_auto_decision, need_cutlass, norm_err
+from kernel_helpers import capture_after_warmup, check_auto_decision, need_cutlass, norm_err
 from lyradynamo.ops import gated_gemm, linear
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]
@@ -129,14 +129,7 @@ def test_cuda_graph_replay_sees_new_inputs(seed_from_test_id):
     args = [a.to(torch.bfloat16) for a in _operands((2, 300), 1024, 512, True)]
     with lyradynamo.config.patch(gated_gemm="cutlass"):
         fn = lambda: lyra.linear(args[0], args[1], args[2], "gelu", True, None, None)  # noqa: E731
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+        graph, out = capture_after_warmup(fn)
     args[0].copy_(torch.randn_like(args[0]))
     graph.replay()
     ref = linear.linear_reference(*[a.float() for a in args], "gelu", True, None, None)
