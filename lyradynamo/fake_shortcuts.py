@@ -26,6 +26,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .passes.matcher import check_same_meta, known_eq
+
 log = logging.getLogger("lyradynamo")
 
 CHECK = False
@@ -64,30 +66,38 @@ def install() -> None:
     _installed = True
 
 
-def _linear_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.Tensor]:
-    """linear(x, weight, bias)'s output as a fresh fake tensor, or None: run it in full."""
-    if len(args) > 3 or set(kwargs) - {"input", "weight", "bias"}:
+def _bind(args: tuple, kwargs: dict, names: tuple) -> Optional[dict]:
+    """The call's arguments by name, or None when they do not fit `names`."""
+    if len(args) > len(names) or set(kwargs) - set(names):
         return None
-    names = ("input", "weight", "bias")
     vals = dict(zip(names, args))
     vals.update(kwargs)
+    return vals
+
+
+def _plain(x: Any, tensors: list, fake_cls: type) -> bool:
+    """x and the other operands are fake tensors of x's dtype and device, no autograd is
+    recorded and autocast is off: the output's dtype is x's."""
+    if not isinstance(x, fake_cls) or not all(isinstance(t, fake_cls) for t in tensors):
+        return False
+    if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+def _linear_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.Tensor]:
+    """linear(x, weight, bias)'s output as a fresh fake tensor, or None: run it in full."""
+    vals = _bind(args, kwargs, ("input", "weight", "bias"))
+    if vals is None:
+        return None
     x, w, b = vals.get("input"), vals.get("weight"), vals.get("bias")
-    tensors = [t for t in (x, w, b) if t is not None]
-    if not all(isinstance(t, fake_cls) for t in tensors) or x is None or w is None:
+    if w is None or not _plain(x, [t for t in (w, b) if t is not None], fake_cls):
         return None
     if x.dim() < 1 or w.dim() != 2 or (b is not None and b.dim() != 1):
         return None
-    if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if torch.is_autocast_enabled(x.device.type):
-        return None
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    if not statically_known_true(x.shape[-1] == w.shape[1]):
-        return None
-    if b is not None and not statically_known_true(b.shape[0] == w.shape[0]):
+    if not known_eq(x.shape[-1], w.shape[1]) or (b is not None and not known_eq(b.shape[0], w.shape[0])):
         return None
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
@@ -95,26 +105,15 @@ def _linear_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.T
 def _layer_norm_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.Tensor]:
     """layer_norm(x, normalized_shape, weight, bias, eps)'s output (x's shape, contiguous, x's
     dtype), or None: run it in full."""
-    names = ("input", "normalized_shape", "weight", "bias", "eps")
-    if len(args) > len(names) or set(kwargs) - set(names):
+    vals = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"))
+    if vals is None:
         return None
-    vals = dict(zip(names, args))
-    vals.update(kwargs)
     x, shape = vals.get("input"), vals.get("normalized_shape")
-    tensors = [t for t in (x, vals.get("weight"), vals.get("bias")) if t is not None]
-    if not isinstance(x, fake_cls) or not all(isinstance(t, fake_cls) for t in tensors):
+    if not _plain(x, [t for t in (vals.get("weight"), vals.get("bias")) if t is not None], fake_cls):
         return None
     if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) for d in shape) or not shape:
         return None
-    if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if torch.is_autocast_enabled(x.device.type) or x.dim() < len(shape):
-        return None
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    if not all(statically_known_true(a == b) for a, b in zip(x.shape[-len(shape):], shape)):
+    if x.dim() < len(shape) or not all(known_eq(a, b) for a, b in zip(x.shape[-len(shape):], shape)):
         return None
     return x.new_empty(x.shape)
 
@@ -123,9 +122,4 @@ _SHORTCUTS = {**{f: _linear_value for f in _LINEARS}, **{f: _layer_norm_value fo
 
 
 def _check_same(fast: Any, full: Any, node: Any) -> None:
-    from .passes.matcher import same_meta
-
-    if not same_meta(fast, full):
-        raise AssertionError(f"fake_shortcuts: {node.format_node()}: shortcut gave {fast.dtype} "
-                             f"{list(fast.shape)} {list(fast.stride())}, the op {full.dtype} "
-                             f"{list(full.shape)} {list(full.stride())}")
+    check_same_meta(fast, full, f"fake_shortcuts: {node.format_node()}: the shortcut gives")

@@ -128,13 +128,24 @@ CHECK_SAME_VALUE = False
 
 
 def same_meta(a: Any, b: Any) -> bool:
-    """Same dtype, device, sizes and strides: equal as text, or provably equal in the shape
-    environment (one symbol replaced by a value); never adds a guard on symbolic sizes."""
+    """Same dtype, device, sizes and strides, each size known equal without a guard (known_eq)."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return False
-    if a.dtype != b.dtype or a.device != b.device or a.dim() != b.dim():
+    if a.dtype != b.dtype or a.device != b.device or not same_shape(a, b):
         return False
-    return all(_same_size(x, y) for x, y in zip((*a.shape, *a.stride()), (*b.shape, *b.stride())))
+    return all(known_eq(x, y) for x, y in zip(a.stride(), b.stride()))
+
+
+def check_same_meta(got: Any, expected: Any, what: str) -> None:
+    """AssertionError naming `what` and both tensors' dtype, sizes and strides unless same_meta."""
+    if not same_meta(got, expected):
+        raise AssertionError(f"{what}: {_meta_text(got)} where the op itself gives {_meta_text(expected)}")
+
+
+def _meta_text(t: Any) -> str:
+    if not isinstance(t, torch.Tensor):
+        return repr(type(t))
+    return f"{t.dtype} {list(t.shape)} strides {list(t.stride())}"
 
 
 def is_contiguous(v: Any, memory_format=torch.contiguous_format) -> bool:
@@ -145,25 +156,13 @@ def is_contiguous(v: Any, memory_format=torch.contiguous_format) -> bool:
     return isinstance(v, torch.Tensor) and v.is_contiguous(memory_format=memory_format)
 
 
-def _same_size(x: Any, y: Any) -> bool:
-    if str(x) == str(y):
-        return True
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return bool(statically_known_true(x == y))
-
-
 def _value_for(rw: Rewrite, fake_mode: Any) -> Any:
     """The new node's fake value: root's own (same_value) or the op's fake implementation's."""
     reused = rw.root.meta.get("example_value") if rw.same_value else None
     if not isinstance(reused, torch.Tensor):
         return fake_run(rw.target, rw.args, fake_mode)
     if CHECK_SAME_VALUE and fake_mode is not None:
-        fresh = fake_run(rw.target, rw.args, fake_mode)
-        if not same_meta(reused, fresh):
-            raise AssertionError(f"{rw.label}: same_value set, but the op returns {fresh.dtype} "
-                                 f"{list(fresh.shape)} strides {list(fresh.stride())} where root had "
-                                 f"{reused.dtype} {list(reused.shape)} strides {list(reused.stride())}")
+        check_same_meta(reused, fake_run(rw.target, rw.args, fake_mode), f"{rw.label}: same_value reuses root's")
     return reused
 
 
