@@ -2,6 +2,7 @@
 """Where a CUDA-graph replay of a compiled model call leaves the GPU idle (GPU only).
 
     python benchmarks/profile_gaps.py --model flux --mode lyra [--calls 2] [--top 15] [--out f.json]
+                                      [--lyra-config KEY=VALUE ...]
 
 Compiles the full-size model (random weights) with lyra, replays a few calls, then profiles
 `--calls` more with torch.profiler (CUDA activity: kernels, memsets and copies inside the graph
@@ -43,11 +44,16 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=2)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out", default=None)
+    p.add_argument("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a lyradynamo.config option (repeatable), as bench.py's")
     args = p.parse_args()
+    from bench import parse_lyra_config
+
+    options = parse_lyra_config(args.lyra_config)
     dtype = zoo.default_dtype(args.model, "cuda")
     model = zoo.build_denoiser(args.model, tiny=False, dtype=dtype, device="cuda")
     inputs = zoo.denoiser_inputs(args.model, model, batch=2 if args.model in ("sd15", "sdxl") else 1)
-    with torch.no_grad(), lyradynamo.config.patch(quant=QUANT[args.mode]):
+    with torch.no_grad(), lyradynamo.config.patch(quant=QUANT[args.mode], **options):
         compiled = torch.compile(model, backend="lyra")
         for _ in range(3):
             compiled(**inputs)
@@ -68,7 +74,7 @@ def main() -> None:
     idle = sum(v[0] for v in gaps.values())
     rows = sorted(gaps.items(), key=lambda kv: -kv[1][0])[: args.top]
     result = {
-        "model": args.model, "mode": args.mode, "gpu": torch.cuda.get_device_name(), "calls": args.calls,
+        "model": args.model, "mode": args.mode, "lyra_config": options, "gpu": torch.cuda.get_device_name(), "calls": args.calls,
         "ops_per_call": len(ops) / args.calls, "wall_ms_per_call": wall / 1e3 / args.calls,
         "busy_ms_per_call": busy / 1e3 / args.calls, "idle_ms_per_call": idle / 1e3 / args.calls,
         "top_gaps": [{"after": a, "before": b, "ms_per_call": v[0] / 1e3 / args.calls, "count": v[1]}

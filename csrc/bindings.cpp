@@ -31,6 +31,8 @@ void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, in
           int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream);
 void set_gemm_autotune(int candidates);
 int gemm_autotune();
+void set_gemm_workspace(int64_t bytes);
+int64_t gemm_workspace();
 void gemm_ex(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t residual, uintptr_t alpha_vec,
              uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldo,
              int dtype, int epi, uintptr_t stream);
@@ -135,6 +137,10 @@ PYBIND11_MODULE(_C, m) {
         "fastest is kept); 0 or 1: the cuBLASLt heuristic's first choice. Plans made before keep "
         "their algorithm.");
   m.def("gemm_autotune", &lyra::gemm_autotune, release(), "The current set_gemm_autotune value.");
+  m.def("set_gemm_workspace", &lyra::set_gemm_workspace, release(), py::arg("bytes"),
+        "Workspace bytes (0 .. 32 MiB) the cuBLASLt heuristic may give new GEMM plans; plans are "
+        "cached per value, so a change takes effect for the next call of every shape.");
+  m.def("gemm_workspace", &lyra::gemm_workspace, release(), "The current set_gemm_workspace value.");
   m.def("gemm", &lyra::gemm, release(),
         "out(M, N) = a(M, K) @ b(N, K)^T (+ bias[N]) via cuBLASLt, fp32 accumulation; row strides "
         "lda (a) and ldo (out) in elements. First call per device allocates a 32 MiB workspace.",

@@ -140,13 +140,14 @@ struct Plan {
   }
 };
 
-// (device, M, N, K, lda, ldo, dtype, has_bias, alignment bits, workspace?, variant, ldb)
+// (device, M, N, K, lda, ldo, dtype, has_bias, alignment bits, workspace bytes, variant, ldb)
 using PlanKey =
-    std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, uint32_t, bool, int, int64_t>;
+    std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, uint32_t, size_t, int, int64_t>;
 
 std::mutex g_mu;  // guards g_dev and g_plans (and the bias-pointer attribute)
 DeviceState g_dev[kMaxDevices];
 int g_autotune = 0;  // algorithms to time per new plan (<= 1: the heuristic's first)
+size_t g_ws_limit = kWorkspaceBytes;  // workspace new plans may use (set_gemm_workspace)
 constexpr int kMaxAutotune = 16;
 // 2^33 multiply-adds: ~25 us on an H100 in 16-bit, where a few percent of the run
 // is worth 4 n extra runs once per shape (SDXL's feed-forward GEMMs at 1024 and
@@ -332,7 +333,8 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
       LYRA_CUDA_CHECK(cudaMalloc(&ds.workspace, kWorkspaceBytes), fn);
     }
   }
-  const bool has_ws = ds.workspace != nullptr;
+  const size_t ws_bytes = ds.workspace != nullptr ? g_ws_limit : 0;
+  const bool has_ws = ws_bytes > 0;
 
   const uint32_t al_a = ptr_alignment(g.a), al_b = ptr_alignment(g.b), al_o = ptr_alignment(g.out);
   const uint32_t al_bias = g.bias ? ptr_alignment(g.bias) : 256;
@@ -340,7 +342,7 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
   auto lg = [](uint32_t v) { uint32_t l = 0; while (v > 1) { v >>= 1; ++l; } return l; };
   const uint32_t al_bits = lg(al_a) | (lg(al_b) << 4) | (lg(al_o) << 8) | (lg(al_bias) << 12);
   const int64_t ldb = g.ldb ? g.ldb : K;
-  const PlanKey key{dev, M, N, K, lda, ldo, dtype, g.bias != 0, al_bits, has_ws, variant, ldb};
+  const PlanKey key{dev, M, N, K, lda, ldo, dtype, g.bias != 0, al_bits, ws_bytes, variant, ldb};
 
   auto it = g_plans.find(key);
   if (it == g_plans.end()) {
@@ -349,7 +351,7 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
       g_plans.clear();
     }
     Plan plan = make_plan(ds.handle, variant, M, N, K, lda, ldb, ldo, dtype, g.bias != 0, al_a, al_b,
-                          al_o, al_bias, has_ws ? kWorkspaceBytes : 0, g.a_scale, g.b_scale);
+                          al_o, al_bias, ws_bytes, g.a_scale, g.b_scale);
     it = g_plans.emplace(key, plan).first;
   }
   Plan& plan = it->second;
@@ -522,6 +524,18 @@ void set_gemm_autotune(int candidates) {
 int gemm_autotune() {
   std::lock_guard<std::mutex> lock(g_mu);
   return g_autotune;
+}
+
+void set_gemm_workspace(int64_t bytes) {
+  LYRA_CHECK_ARG(bytes >= 0 && static_cast<size_t>(bytes) <= kWorkspaceBytes, "set_gemm_workspace",
+                 "bytes must be in [0, " + std::to_string(kWorkspaceBytes) + "], got " + std::to_string(bytes));
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_ws_limit = static_cast<size_t>(bytes);
+}
+
+int64_t gemm_workspace() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return static_cast<int64_t>(g_ws_limit);
 }
 
 void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,

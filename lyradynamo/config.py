@@ -100,6 +100,13 @@ _OPTIONS: dict[str, _Option] = {
         "one host sync per tuned shape; a plan made before a change keeps its choice.",
         kind=int,
     ),
+    "gemm_workspace_mb": _Option(
+        32,
+        "Workspace (MiB, 0-32) the cuBLASLt heuristic may give lyra's GEMMs. Algorithms that use "
+        "it may add a memset before their kernel; 0 = only workspace-free algorithms. Applies to "
+        "GEMM shapes planned after the change.",
+        kind=int,
+    ),
     "cuda_graphs": _Option(
         True, "On CUDA, replay each compiled graph as a CUDA graph (one capture per input shape).",
         kind=bool,

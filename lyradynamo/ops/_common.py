@@ -44,10 +44,18 @@ def csrc():
         if set_autotune is not None:
             set_autotune(max(int(config.gemm_autotune), 0))
         _applied["gemm_autotune"] = config.gemm_autotune
+    if C is not None and config.gemm_workspace_mb != _applied["gemm_workspace_mb"]:
+        mb = int(config.gemm_workspace_mb)
+        if not 0 <= mb <= 32:
+            raise ValueError(f"lyradynamo.config.gemm_workspace_mb must be in 0..32, got {mb}")
+        set_workspace = getattr(C, "set_gemm_workspace", None)
+        if set_workspace is not None:
+            set_workspace(mb << 20)
+        _applied["gemm_workspace_mb"] = config.gemm_workspace_mb
     return C
 
 
-_applied = {"gemm_autotune": None}  # config values last handed to the library
+_applied = {"gemm_autotune": None, "gemm_workspace_mb": None}  # config values last handed to the library
 
 
 def csrc_status() -> str:
