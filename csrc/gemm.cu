@@ -20,8 +20,18 @@
 // The workspace is shared by all streams of a device: do not run two gemm
 // calls concurrently on different streams of the same device.
 // Descriptors + heuristic choice are cached per problem key (small map).
+// Workspace and memsets: on Hopper, cuBLASLt's algorithms that take the workspace
+// (nvjet kernels with a dynamic tile scheduler) zero a counter in it with a memset
+// before every kernel. Under CUDA-graph replay that memset costs ~1 us plus a gap of
+// 2-4 us on each side (measured, benchmarks/NOTES.md session 10), and the same tile
+// without the workspace ("ssched", a static schedule) was as fast or faster at most
+// of FLUX's and SDXL's shapes. So an untuned plan takes the heuristic's first
+// workspace-free algorithm (one that needs the workspace only if none is free); a
+// tuned plan times both kinds. set_gemm_workspace(bytes) caps the workspace offered
+// (0: workspace-free algorithms only); the cap is part of the plan key.
 // Autotuning (set_gemm_autotune(n), n > 1): for a problem of at least
-// kAutotuneMinMacs multiply-adds the heuristic is asked for up to n algorithms;
+// kAutotuneMinMacs multiply-adds the heuristic is asked for up to n algorithms
+// without workspace and up to n with it (the union, duplicates dropped);
 // the first call of the problem that is not being captured times each of them on
 // the call's own operands (1 warm-up + 3 timed runs, CUDA events, one host sync
 // for all of them) and keeps the fastest for the plan. Smaller problems take the
@@ -124,13 +134,18 @@ struct DeviceState {
   void* workspace = nullptr;
 };
 
+// An algorithm and the workspace it was offered (0: none, the pointer passed is null).
+struct Candidate {
+  cublasLtMatmulAlgo_t algo;
+  size_t ws_bytes = 0;
+};
+
 // Everything cuBLASLt needs for one problem shape, minus the data pointers.
 struct Plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
-  cublasLtMatmulAlgo_t algo;
-  size_t ws_bytes = 0;
-  std::vector<cublasLtMatmulAlgo_t> untimed;  // heuristic candidates not yet timed (autotune)
+  Candidate best;
+  std::vector<Candidate> untimed;  // heuristic candidates not yet timed (autotune)
   void destroy() {
     if (op) cublasLtMatmulDescDestroy(op);
     if (la) cublasLtMatrixLayoutDestroy(la);
@@ -222,28 +237,51 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
     LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lb, t_in, K, M, lda));
     LYRA_LT_CHECK(cublasLtMatrixLayoutCreate(&p.lc, t_out, N, M, ldo));
 
-    cublasLtMatmulPreference_t pref = nullptr;
-    LYRA_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    cublasLtMatmulHeuristicResult_t res[kMaxAutotune];
-    const bool tune = g_autotune > 1 && static_cast<double>(M) * N * K >= kAutotuneMinMacs;
-    const int wanted = tune ? std::min(g_autotune, kMaxAutotune) : 1;
-    int found = 0;
-    cublasStatus_t st;
-    {
-      const uint64_t ws = ws_bytes;
-      // Keep fp32 accumulation end to end: no split-K reduction in fp16/bf16.
-      const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_MASK & ~CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+    // Keep fp32 accumulation end to end: no split-K reduction in fp16/bf16.
+    const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_MASK & ~CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+    auto query = [&](uint64_t ws, int wanted, cublasLtMatmulHeuristicResult_t* res, int* found) {
+      cublasLtMatmulPreference_t pref = nullptr;
+      LYRA_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &scheme, sizeof(scheme));
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_b, sizeof(al_b));
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_a, sizeof(al_a));
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_o, sizeof(al_o));
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_o, sizeof(al_o));
-      (void)al_bias;  // bias alignment is part of the cache key only
-      st = cublasLtMatmulAlgoGetHeuristic(h, p.op, p.la, p.lb, p.lc, p.lc, pref, wanted, res, &found);
+      *found = 0;
+      const cublasStatus_t st =
+          cublasLtMatmulAlgoGetHeuristic(h, p.op, p.la, p.lb, p.lc, p.lc, pref, wanted, res, found);
       cublasLtMatmulPreferenceDestroy(pref);
+      if (st != CUBLAS_STATUS_SUCCESS) *found = 0;
+      return st;
+    };
+    (void)al_bias;  // bias alignment is part of the cache key only
+    const bool tune = g_autotune > 1 && static_cast<double>(M) * N * K >= kAutotuneMinMacs;
+    const int wanted = tune ? std::min(g_autotune, kMaxAutotune) : 1;
+    // Workspace-free algorithms first (see the header: no memset per launch), then, for a
+    // tuned shape or where none is free, those that use the workspace.
+    std::vector<Candidate> cands;
+    auto add = [&](const cublasLtMatmulHeuristicResult_t* res, int found) {
+      for (int i = 0; i < found; ++i) {
+        if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
+        const Candidate cand{res[i].algo, res[i].workspaceSize > 0 ? ws_bytes : 0};
+        bool seen = false;
+        for (const Candidate& c : cands) {
+          seen = seen || (c.ws_bytes == cand.ws_bytes && std::memcmp(&c.algo, &cand.algo, sizeof(cand.algo)) == 0);
+        }
+        if (!seen) cands.push_back(cand);
+      }
+    };
+    cublasLtMatmulHeuristicResult_t res[kMaxAutotune];
+    int found = 0;
+    cublasStatus_t st = query(0, wanted, res, &found);
+    add(res, found);
+    if (ws_bytes > 0 && (tune || cands.empty())) {
+      const cublasStatus_t st_ws = query(ws_bytes, wanted, res, &found);
+      if (cands.empty()) st = st_ws;
+      add(res, found);
     }
-    if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+    if (cands.empty()) {
       throw std::runtime_error(std::string(variant_name(variant)) +
                                ": cuBLASLt found no algorithm for M=" + std::to_string(M) +
                                " N=" + std::to_string(N) + " K=" + std::to_string(K) +
@@ -251,11 +289,8 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
                                " dtype=" + dtype_name(dtype) + " (status " +
                                std::to_string(static_cast<int>(st)) + ")");
     }
-    p.algo = res[0].algo;
-    for (int i = 1; i < found; ++i) {
-      if (res[i].state == CUBLAS_STATUS_SUCCESS) p.untimed.push_back(res[i].algo);
-    }
-    p.ws_bytes = ws_bytes;
+    p.best = cands[0];
+    p.untimed.assign(cands.begin() + 1, cands.end());
   } catch (...) {
     p.destroy();
     throw;
@@ -263,12 +298,12 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
   return p;
 }
 
-// Autotuning: times plan.algo and plan.untimed on this call's operands and keeps
-// the fastest in plan.algo (the heuristic's choice on any error). All candidates
+// Autotuning: times plan.best and plan.untimed on this call's operands and keeps
+// the fastest in plan.best (the heuristic's choice on any error). All candidates
 // are enqueued with their own event pair; one host sync at the end.
 template <typename Launch>
 void time_candidates(Plan& plan, Launch& launch, cudaStream_t s) {
-  std::vector<cublasLtMatmulAlgo_t> cands{plan.algo};
+  std::vector<Candidate> cands{plan.best};
   cands.insert(cands.end(), plan.untimed.begin(), plan.untimed.end());
   plan.untimed.clear();
   const size_t n = cands.size();
@@ -303,7 +338,7 @@ void time_candidates(Plan& plan, Launch& launch, cudaStream_t s) {
   for (auto& e : ev) {
     if (e) cudaEventDestroy(e);
   }
-  plan.algo = cands[any ? best_i : 0];
+  plan.best = cands[any ? best_i : 0];
 }
 
 // Pointers of one call; the *_scale ones are our a / b scales (fp8 scaled only).
@@ -334,7 +369,6 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
     }
   }
   const size_t ws_bytes = ds.workspace != nullptr ? g_ws_limit : 0;
-  const bool has_ws = ws_bytes > 0;
 
   const uint32_t al_a = ptr_alignment(g.a), al_b = ptr_alignment(g.b), al_o = ptr_alignment(g.out);
   const uint32_t al_bias = g.bias ? ptr_alignment(g.bias) : 256;
@@ -376,10 +410,10 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
   const void* beta = variant == kVarInt8 ? static_cast<const void*>(&beta_i) : &beta_f;
   void* o = reinterpret_cast<void*>(g.out);
   const void* c = g.residual ? reinterpret_cast<const void*>(g.residual) : o;
-  auto launch = [&](const cublasLtMatmulAlgo_t* algo) {
+  auto launch = [&](const Candidate* cand) {
     return cublasLtMatmul(ds.handle, plan.op, alpha, reinterpret_cast<const void*>(g.b), plan.la,
                           reinterpret_cast<const void*>(g.a), plan.lb, beta, c, plan.lc, o, plan.lc,
-                          algo, has_ws ? ds.workspace : nullptr, plan.ws_bytes, s);
+                          &cand->algo, cand->ws_bytes ? ds.workspace : nullptr, cand->ws_bytes, s);
   };
   if (!plan.untimed.empty() && g.residual != g.out) {
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
@@ -387,7 +421,7 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
       time_candidates(plan, launch, s);
     }
   }
-  LYRA_LT_CHECK(launch(&plan.algo));
+  LYRA_LT_CHECK(launch(&plan.best));
   LYRA_CHECK_LAUNCH(fn);
 }
 

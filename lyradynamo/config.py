@@ -95,8 +95,9 @@ _OPTIONS: dict[str, _Option] = {
     "gemm_autotune": _Option(
         8,
         "cuBLASLt algorithms timed for each new GEMM shape of at least 2^33 multiply-adds, on its "
-        "first call outside CUDA-graph capture (the fastest is kept for the process; smaller GEMMs "
-        "take the heuristic's first choice); 0 or 1 = never time. Costs 4 runs per candidate and "
+        "first call outside CUDA-graph capture, that many with and that many without workspace "
+        "(the fastest is kept for the process; smaller GEMMs take the heuristic's first "
+        "workspace-free choice); 0 or 1 = never time. Costs 4 runs per candidate and "
         "one host sync per tuned shape; a plan made before a change keeps its choice.",
         kind=int,
     ),
@@ -124,8 +125,8 @@ _OPTIONS: dict[str, _Option] = {
         "linear of DiT blocks, residual + gate * (x W^T + b), and the GEGLU linear, a * gelu(g) "
         "with [a, g] = x W^T + b. cutlass = CUTLASS sm90 GEMMs with that epilogue fused (Hopper, "
         "a library built with the CUTLASS headers; GEGLU: cuBLASLt for a, CUTLASS for g); "
-        "cublaslt = one cuBLASLt GEMM + bias, then the epilogue kernel; auto = time both on "
-        "each shape's first call and keep the faster.",
+        "cublaslt = one cuBLASLt GEMM + bias, then the epilogue kernel; auto = time both (as "
+        "captured CUDA graphs) on each shape's first call and keep the faster.",
         choices=("auto", "cutlass", "cublaslt"),
     ),
     "attention_backend": _Option(

@@ -10,9 +10,9 @@ epilogue fused (csrc/gemm_gated.cu, csrc/gemm_glu.cu):
   its epilogue, so the (M, 2N) tensor and the extra pass disappear.
 
 `config.gated_gemm` picks the path: "auto" times the fused GEMM (cooperative 128 x 256 tiles,
-persistent or stream-K; ping-pong 128 x 128 tiles) and cuBLASLt + epilogue on the first call of
-each shape outside CUDA-graph capture (the runner's warm-up call) and keeps the fastest for the
-process; "cutlass" takes the fused persistent-tile GEMM wherever it can run; "cublaslt" never
+persistent or stream-K; ping-pong 128 x 128 tiles) and cuBLASLt + epilogue, each captured as a
+CUDA graph and replayed, on the first call of each shape outside CUDA-graph capture (the
+runner's warm-up call) and keeps the fastest for the process; "cutlass" takes the fused persistent-tile GEMM wherever it can run; "cublaslt" never
 does. A shape first seen under capture takes cuBLASLt + epilogue (the runner's warm-up always
 comes first). `choices()` lists the decisions with their timings (bench rows carry them); each
 is also logged once.
@@ -181,34 +181,63 @@ def _dispatch(mode: str, key: tuple, paths: dict[str, Callable[[], Tensor]]) -> 
     return paths[decided["path"]]()
 
 
-def _time_us(fn: Callable[[], Tensor], runs: int = 3) -> float:
+def _time_us(run: Callable[[], object], reps: int = 1) -> float:
+    """GPU time of one run() in microseconds (run enqueues `reps` calls)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(runs):
-        fn()
+    run()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1000.0 / runs
+    return start.elapsed_time(end) * 1000.0 / reps
 
 
-def _decide(key: tuple, paths: dict[str, Callable[[], Tensor]], rounds: int = 3) -> dict:
-    """Time each path on this call's operands and keep the fastest: every path warmed up
-    first (plans, workspaces), then `rounds` rounds that time each path in turn (3 runs each),
-    the best round per path counting. (One warm-up + one timing per path in a row was noisy:
-    on the H100 the first path timed came out up to 1.6x slower than the same kernel in the
-    kernel bench's graph replays, e.g. 192 against 118 us, and decided against it.)"""
+def _as_graph(fn: Callable[[], Tensor], reps: int) -> Optional[Callable[[], None]]:
+    """`reps` calls of fn captured as one CUDA graph, as they run in the compiled model's
+    replays (no launch latency between kernels), or None if fn cannot be captured. Captured
+    with capture_begin / capture_end: torch.cuda.graph() would also collect garbage and empty
+    the allocator's cache."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            graph.capture_begin()
+            try:
+                for _ in range(reps):
+                    fn()
+            finally:
+                graph.capture_end()
+    except RuntimeError as exc:
+        log.info("lyradynamo: could not capture a candidate for timing (%s); timing it eagerly", exc)
+        return None
+    current.wait_stream(side)
+    graph.replay()  # the first replay uploads the graph
+    return graph.replay
+
+
+def _decide(key: tuple, paths: dict[str, Callable[[], Tensor]], rounds: int = 3, reps: int = 3) -> dict:
+    """Time each path on this call's operands and keep the fastest. Every path is warmed up
+    first (plans, workspaces), then captured as a CUDA graph of `reps` calls and timed by
+    replays, `rounds` rounds that time each path in turn, the best round per path counting.
+    (Eager timing favoured one-launch paths at small shapes: at M 512, K 12288 the split path,
+    two launches, timed 80.1 against ping-pong 78.8 us, where graph replays give it 64.8; and
+    one warm-up + one timing per path in a row timed the first path up to 1.6x slow.)"""
     times: dict[str, float] = {}
-    usable = {}
+    runs: dict[str, Callable[[], object]] = {}
     for name, fn in paths.items():
         try:
             fn()
-            usable[name] = fn
         except (RuntimeError, ValueError) as exc:
             log.warning("lyradynamo: %s linear %s: %s failed (%s); not used there", key[0], key[3:], name, exc)
+            continue
+        graph = _as_graph(fn, reps)
+        runs[name] = graph if graph is not None else (lambda fn=fn: [fn() for _ in range(reps)])
     for _ in range(rounds):
-        for name, fn in usable.items():
-            t = _time_us(fn)
+        for name, run in runs.items():
+            t = _time_us(run, reps)
             times[name] = min(times.get(name, t), t)
+    runs.clear()  # the graphs and their memory go before the model runs on
     best = min(times, key=times.get) if times else "cublaslt"
     decided = {"path": best, **{f"{name}_us": round(t, 1) for name, t in times.items()}}
     with _lock:

@@ -132,15 +132,17 @@ def test_unsupported_dtype_on_cuda_is_recorded():
     _common.reset_fallback_counts()
 
 
+@pytest.mark.parametrize("workspace_mb", [32, 0])
 @pytest.mark.parametrize("candidates", [0, 8])
 @pytest.mark.parametrize("dtype", DT)
-def test_gemm_autotune_keeps_results_right(candidates, dtype, seed_from_test_id):
-    """config.gemm_autotune: each new shape times several cuBLASLt algorithms on its first call
-    (the timing runs write the real output: the result must still be the right one, also with a
-    residual through C), then keeps one: later calls give the same bits."""
+def test_gemm_autotune_keeps_results_right(candidates, workspace_mb, dtype, seed_from_test_id):
+    """config.gemm_autotune: each new shape times several cuBLASLt algorithms (with and without
+    workspace; config.gemm_workspace_mb = 0: without only) on its first call (the timing runs
+    write the real output: the result must still be the right one, also with a residual
+    through C), then keeps one: later calls give the same bits."""
     from lyradynamo import config
 
-    with config.patch(gemm_autotune=candidates):
+    with config.patch(gemm_autotune=candidates, gemm_workspace_mb=workspace_mb):
         for m, n, k in [(4096 + 7, 3072, 3072), (77, 1280, 2048), (1, 18432, 3072), (333, 96, 40)]:
             x = torch.randn(m, k, device="cuda")
             w, b = torch.randn(n, k, device="cuda") / k ** 0.5, torch.randn(n, device="cuda")
@@ -151,3 +153,15 @@ def test_gemm_autotune_keeps_results_right(candidates, dtype, seed_from_test_id)
             first = lyra.linear(xl, wl, bl, "gelu_tanh", False, None, None)
             assert torch.equal(first, lyra.linear(xl, wl, bl, "gelu_tanh", False, None, None))
         assert _common.csrc().gemm_autotune() == candidates
+        assert _common.csrc().gemm_workspace() == workspace_mb << 20
+
+
+@pytest.mark.parametrize("bad", [-1, 33])
+def test_gemm_workspace_out_of_range_is_refused(bad):
+    from lyradynamo import config
+
+    with config.patch(gemm_workspace_mb=bad), pytest.raises(ValueError, match="gemm_workspace_mb"):
+        _common.csrc()
+    _common.csrc()  # back in range: applies again
+    with pytest.raises(ValueError, match="bytes must be in"):
+        _common.csrc().set_gemm_workspace(-5)
