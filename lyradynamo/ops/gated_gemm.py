@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -145,11 +146,12 @@ def run_glu(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], ac
         return split()
     w_a, w_g = weight[:n], weight[n:]
     b_a, b_g = (None, None) if bias is None else (bias[:n], bias[n:])
-    code, stream = DTYPE_CODES[x.dtype], stream_handle(x)
+    code = DTYPE_CODES[x.dtype]
 
     def fused(variant: int) -> Callable[[], Tensor]:
         def call() -> Tensor:
             out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+            stream = stream_handle(x)  # at call time: _decide captures the paths on a side stream
             if ldb == k:
                 C.gemm(ptr(x2), ptr(w_a), ptr(b_a), ptr(out), m, n, k, lda, n, code, stream)
             else:
@@ -201,7 +203,8 @@ def _as_graph(fn: Callable[[], Tensor], reps: int) -> Optional[Callable[[], None
     side.wait_stream(current)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             graph.capture_begin()
             try:
                 for _ in range(reps):
@@ -210,6 +213,9 @@ def _as_graph(fn: Callable[[], Tensor], reps: int) -> Optional[Callable[[], None
                 graph.capture_end()
     except RuntimeError as exc:
         log.info("lyradynamo: could not capture a candidate for timing (%s); timing it eagerly", exc)
+        return None
+    if any("empty" in str(w.message) for w in caught):  # its launches went to another stream
+        log.warning("lyradynamo: a gated_gemm candidate captured nothing; timing it eagerly")
         return None
     current.wait_stream(side)
     graph.replay()  # the first replay uploads the graph

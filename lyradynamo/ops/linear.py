@@ -101,7 +101,7 @@ def linear_cuda(x, weight, bias, act, glu, gate, residual):
         x2 = x2.contiguous()
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n_out)
-    code, stream = DTYPE_CODES[x.dtype], stream_handle(x)
+    code = DTYPE_CODES[x.dtype]
     if m == 0:  # an empty batch: nothing for the kernels to do (they reject M == 0)
         return x.new_empty(out_shape, dtype=_out_dtype(x, gate, residual))
     lda = x2.stride(0) if m > 1 else k
@@ -112,6 +112,7 @@ def linear_cuda(x, weight, bias, act, glu, gate, residual):
 
     def split() -> Tensor:  # the GEMM (+ bias), then the epilogue kernel
         y = torch.empty((m, n_y), dtype=x.dtype, device=x.device)
+        stream = stream_handle(x)  # at call time: gated_gemm's auto captures this on another stream
         if ldb == k:
             C.gemm(ptr(x2), ptr(weight), ptr(bias), ptr(y), m, n_y, k, lda, n_y, code, stream)
         else:

@@ -67,7 +67,21 @@ def test_linear_paths_agree(dtype, mode, rows, seed_from_test_id):
     _check(out, args, dtype)
     if mode == "auto":
         m = rows[0] * rows[1]
-        check_auto_decision(gated_gemm.choices()[("glu", torch.cuda.current_device(), dtype, m, 1280, 640, True)])
+        check_auto_decision(gated_gemm.choices()[("glu", torch.cuda.current_device(), dtype, m, 1280, 640, True)],
+                            2.0 * m * 2560 * 640)
+
+
+def test_auto_times_whole_paths(seed_from_test_id):
+    """auto's GLU timings at SDXL's level-1 shape (M 8192 + 3, N 2560 per half, K 640):
+    every path's time covers both halves' GEMMs (see the gated test of the same name)."""
+    need_cutlass()
+    args = _operands((1, 8195), 2560, 640, True)
+    low = [a.to(torch.float16) for a in args]
+    with lyradynamo.config.patch(gated_gemm="auto"):
+        out = lyra.linear(low[0], low[1], low[2], "gelu", True, None, None)
+    _check(out, args, torch.float16)
+    key = ("glu", torch.cuda.current_device(), torch.float16, 8195, 2560, 640, True)
+    check_auto_decision(gated_gemm.choices()[key], 2.0 * 8195 * 5120 * 640)
 
 
 def _record_calls(monkeypatch, C):
