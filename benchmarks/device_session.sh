@@ -170,7 +170,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     budget=$(( $(left) - 20 ))
     if [ $budget -lt 30 ]; then S_BENCH="$S_BENCH $m:skipped(no time)"; echo "== bench $m: skipped, no time left"; continue; fi
     t=$(date +%s)
-    echo "== bench $m (interrupted after ${budget}s)" | tee -a "$OUT/bench.log"
+    echo "== bench $m (cap ${budget}s: interrupted if it runs longer)" | tee -a "$OUT/bench.log"
     # SIGINT: bench.py stops, keeps the rows written so far and prints its table.
     # shellcheck disable=SC2086
     timeout -s INT -k 20 "$budget" python3 benchmarks/bench.py --model "$m" --modes "$BENCH_MODES" \

@@ -64,3 +64,29 @@ def test_flux_single_blocks_do_not_rejoin_their_output():
     assert rel_err(out, ref) < 1e-5
     removed = sum(g.report.canonicalized.get("cat(slices of x)", 0) for g in lyradynamo.compiled_graphs())
     assert removed == 2  # every single block but the first re-joined the previous one's output
+
+
+class TwoModulations(torch.nn.Module):
+    """Two blocks, each with its own silu(t) -> linear (DiT adaLN), and a gelu read twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
+
+    def forward(self, t):
+        g = torch.nn.functional.gelu(t, approximate="tanh") + torch.nn.functional.gelu(t)  # two different gelus
+        return self.a(torch.nn.functional.silu(t)), self.b(torch.nn.functional.silu(t)), g
+
+
+def test_an_activation_of_one_tensor_is_computed_once():
+    model, t = TwoModulations(), torch.randn(2, 16)
+    lyradynamo.reset_stats()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(t)
+        out = torch.compile(model, backend="lyra")(t)
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
+    (rec,) = lyradynamo.compiled_graphs()
+    assert rec.report.canonicalized.get("activation computed once", 0) == 1  # the silu, not the gelus
+    assert rec.summary["op_histogram"].get("lyra::linear_group") == 1  # a and b now read one input

@@ -1,6 +1,7 @@
 """passes/shared_input.py: linears reading one input become one lyra::linear_group (or, quantised,
 one lyra::qlinear_q_group), with their Parameters joined into one buffer; outputs, in-place
 patches and recompilation behave as before."""
+import pytest
 import safetensors.torch
 import torch
 
@@ -159,7 +160,60 @@ def test_sibling_groups_found_in_flux_single_and_double_blocks():
     _run("flux", torch.compile(model, backend="lyra"))
     (rec,) = lyradynamo.compiled_graphs()
     fused = [g for g in rec.summary["shared_input"] if g["fused"]]
-    # double blocks: image q/k/v and text q/k/v; single blocks: q/k/v (proj_mlp has GELU)
+    # double blocks: image q/k/v and text q/k/v; single blocks: q/k/v (proj_mlp has GELU); and
+    # every block's modulation linear, which all read silu(conditioning) (canonicalize computes
+    # it once)
     n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
-    assert len(fused) == 2 * n_double + n_single
+    assert len(fused) == 2 * n_double + n_single + 1
+    mods = ([b.norm1.linear for b in model.transformer_blocks]
+            + [b.norm1_context.linear for b in model.transformer_blocks]
+            + [b.norm.linear for b in model.single_transformer_blocks] + [model.norm_out.linear])
+    assert max(len(g["nodes"]) for g in fused) == len(mods)
+    order = [model.transformer_blocks[0].norm1.linear, model.transformer_blocks[0].norm1_context.linear]
+    assert joined([lin.weight for lin in order]) is not None
     assert shared_input.sibling_groups  # public: quant/apply.py allocates by the same groups
+
+
+def _modulation_groups(quant: str, monkeypatch, cap: int):
+    """FLUX (tiny, 2 + 2 blocks) with shared_input.MAX_GROUP_ELEMENTS = cap: the fused groups'
+    sizes and the output against the same model compiled without shared_input."""
+    import diffusers
+
+    from lyradynamo.zoo import configs
+
+    cfg = dict(configs.TINY_DENOISER_CONFIGS["flux"], num_layers=2, num_single_layers=2)
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel.from_config(cfg).eval()
+    torch.manual_seed(0)
+    ref_model = diffusers.FluxTransformer2DModel.from_config(cfg).eval()
+    master = {"quant_master": "gpu"} if quant != "none" else {}
+    with config.patch(quant=quant, passes=tuple(p for p in config.ALL_PASSES if p != "shared_input"), **master):
+        ref = _run("flux", torch.compile(ref_model, backend="lyra"), batch=1, hw=32)
+    torch._dynamo.reset()
+    lyradynamo.reset_stats()
+    monkeypatch.setattr(shared_input, "MAX_GROUP_ELEMENTS", cap)
+    with config.patch(quant=quant, **master):
+        out = _run("flux", torch.compile(model, backend="lyra"), batch=1, hw=32)
+    (rec,) = lyradynamo.compiled_graphs()
+    groups = rec.summary["shared_input"]
+    assert all(g["fused"] for g in groups), groups
+    return sorted(len(g["nodes"]) for g in groups), out, ref
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_groups_are_capped_in_weight_size(quant, monkeypatch):
+    """A group larger than MAX_GROUP_ELEMENTS runs as consecutive GEMMs of at most that many
+    weights (joining copies the weights: the cap bounds that extra memory); quantised, the
+    weights were allocated by the same groups, so every group still fuses."""
+    big, out_big, ref = _modulation_groups(quant, monkeypatch, 1 << 29)
+    # 2 x 2 double-block + 2 single-block + norm_out modulation linears (quantised: norm_out is
+    # kept in high precision by config.quant_exclude, and leaves the group)
+    n_mod = 7 if quant == "none" else 6
+    assert big[-1] == n_mod
+    torch._dynamo.reset()
+    lyradynamo.reset_stats()
+    # the tiny modulation weights: 6 x 32 rows of 32 (double), 3 x 32 (single), 2 x 32 (norm_out):
+    # with room for two double-block ones, the group becomes 2 + 2 + 3 (quantised 2 + 2 + 2)
+    small, out_small, _ = _modulation_groups(quant, monkeypatch, 2 * 6 * 32 * 32)
+    assert n_mod not in small and len(small) == len(big) + 2, (big, small)
+    assert torch.equal(out_big, ref) and torch.equal(out_small, ref)

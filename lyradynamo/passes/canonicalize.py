@@ -8,6 +8,11 @@
                                              text | image and the next block concatenates
                                              them again, a 28 MB copy per block at 1024x1024)
 All of them return x itself (or a value equal to it bit for bit), so results do not change.
+
+It also computes an activation of one tensor once (`silu(t)` written in every DiT block, on the
+same conditioning t: FLUX has 77): later copies read the first. Besides the launches this
+saves, the linears behind them then read one input, and the shared_input pass can run them as
+one GEMM (FLUX's per-block modulation linears).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from . import matcher as m
 from .report import GraphReport
@@ -86,11 +92,37 @@ def _identity_source(node: fx.Node):
     return None, None
 
 
+# Pure activations whose repeats on one input are computed once (out-of-place calls only).
+_PURE_ACTIVATIONS = m.SILU | m.GELU | {torch.sigmoid, torch.tanh, F.relu, torch.relu}
+
+
+def _activation_key(node: fx.Node):
+    """(target, args, kwargs) of an out-of-place pure activation, or None."""
+    if node.op != "call_function" or node.target not in _PURE_ACTIVATIONS:
+        return None
+    if m.arg(node, 1, "inplace", False) is not False and node.target in (m.SILU | {F.relu}):
+        return None
+    try:
+        return node.target, tuple(node.args), tuple(sorted(node.kwargs.items()))
+    except TypeError:  # an unorderable kwarg value: leave it
+        return None
+
+
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
+    first: dict = {}
     for node in list(graph.nodes):
         src, what = _identity_source(node)
         if src is None:
-            continue
+            key = _activation_key(node)
+            if key is None:
+                continue
+            try:
+                src = first.setdefault(key, node)
+            except TypeError:  # unhashable arguments
+                continue
+            if src is node:
+                continue
+            what = "activation computed once"
         node.replace_all_uses_with(src)
         graph.erase_node(node)
         report.canonicalized[what] += 1

@@ -61,9 +61,41 @@ def _key(node: fx.Node) -> Optional[tuple]:
     return None
 
 
-def sibling_groups(graph: fx.Graph, target=None) -> list[list[fx.Node]]:
-    """Groups (graph order, >= 2 nodes) of linears that can share one GEMM; `target` limits
-    them to lyra::linear or lyra::qlinear_q."""
+# Weight elements one joint GEMM may take (1 GiB in 16-bit). Joining copies the Parameters into
+# one new buffer while the old ones are alive, so this bounds the extra memory of compiling
+# (FLUX's 77 modulation linears, which read one silu(conditioning), hold 6.4 GB in bf16: 7
+# GEMMs). Counted in elements from the output and input widths, so that the groups come out the
+# same before quantisation (quant/apply.py allocates each group's quantised weights jointly)
+# and after.
+MAX_GROUP_ELEMENTS = 1 << 29
+
+
+def _weight_elements(node: fx.Node) -> int:
+    out, x = m.val(node), m.val(node.args[0])
+    if not (isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor)):
+        return 0
+    n, k = out.shape[-1], x.shape[-1]
+    return n * k if isinstance(n, int) and isinstance(k, int) else 0
+
+
+def cap_runs(nodes: list) -> list[list[fx.Node]]:
+    """`nodes` (graph order) cut into consecutive runs of at most MAX_GROUP_ELEMENTS weights;
+    the runs of >= 2 nodes."""
+    runs, size = [[]], 0
+    for n in nodes:
+        e = _weight_elements(n)
+        if runs[-1] and size + e > MAX_GROUP_ELEMENTS:
+            runs.append([])
+            size = 0
+        runs[-1].append(n)
+        size += e
+    return [run for run in runs if len(run) >= 2]
+
+
+def sibling_groups(graph: fx.Graph, target=None, capped: bool = True) -> list[list[fx.Node]]:
+    """Groups (graph order, >= 2 nodes, at most MAX_GROUP_ELEMENTS weights each unless not
+    `capped`) of linears that can share one GEMM; `target` limits them to lyra::linear or
+    lyra::qlinear_q."""
     groups: dict = {}
     for node in graph.nodes:
         key = _key(node)
@@ -73,7 +105,7 @@ def sibling_groups(graph: fx.Graph, target=None) -> list[list[fx.Node]]:
     for nodes in groups.values():
         w_nodes = [n.args[1] if n.target is _LINEAR else n.args[2] for n in nodes]
         if len(nodes) >= 2 and len(set(w_nodes)) == len(w_nodes):  # a weight read twice: no
-            out.append(nodes)
+            out.extend(cap_runs(nodes) if capped else [nodes])
     return out
 
 

@@ -182,13 +182,16 @@ def _allocate_siblings_jointly(gm: fx.GraphModule, decide, kind: str) -> None:
     one buffer, so that the shared-input pass can run them as one GEMM."""
     from ..passes import shared_input
 
-    for nodes in shared_input.sibling_groups(gm.graph, _LINEAR):
-        ds = [decide(n.args[1]) for n in nodes]
-        if any(d.reason or d.cols is not None for d in ds):
-            continue
-        if kind == "int8" and any(calibration.smooth_of(d.param) is not None for d in ds):
-            continue  # smoothed siblings quantise x each their own way
-        weights.quantize_jointly([d.path for d in ds], [d.param for d in ds], kind)
+    for group in shared_input.sibling_groups(gm.graph, _LINEAR, capped=False):
+        # members kept in high precision leave the group (they stay lyra::linear); the rest is
+        # cut the way shared_input cuts the quantised group later
+        for nodes in shared_input.cap_runs([n for n in group if not decide(n.args[1]).reason]):
+            ds = [decide(n.args[1]) for n in nodes]
+            if any(d.cols is not None for d in ds):
+                continue
+            if kind == "int8" and any(calibration.smooth_of(d.param) is not None for d in ds):
+                continue  # smoothed siblings quantise x each their own way
+            weights.quantize_jointly([d.path for d in ds], [d.param for d in ds], kind)
 
 
 def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:
