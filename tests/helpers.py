@@ -110,3 +110,19 @@ def quantised_linear_ops(summary: dict) -> int:
     grouped = sum(len(g["nodes"]) for g in summary.get("shared_input", [])
                   if g["fused"] and g["op"] == "lyra::qlinear_q_group")
     return sum(hist.get(op, 0) for op in QUANTISED_LINEAR_OPS) + grouped
+
+
+def compiled_bitwise(model, *inputs):
+    """model compiled with lyra (a fresh compilation) gives eager's outputs bit for bit; returns
+    its one CompiledGraph record."""
+    import lyradynamo
+
+    lyradynamo.reset_stats()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(*inputs)
+        out = torch.compile(model, backend="lyra")(*inputs)
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
+    (rec,) = lyradynamo.compiled_graphs()
+    return rec
