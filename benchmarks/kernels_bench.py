@@ -40,6 +40,12 @@ def time_us(fn, warmup: int, iters: int, graph_reps: int) -> float:
     and which a CUDA-graph deployment does not pay). graph_reps = 0 times
     plain eager calls, launch overhead included.
     """
+    return median_us(*replayable(fn, warmup, graph_reps), iters)
+
+
+def replayable(fn, warmup: int, graph_reps: int):
+    """(run, calls per run): fn warmed up on a side stream, then graph_reps calls of it
+    captured as one CUDA graph (run = its replay), or fn itself when graph_reps is 0."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -56,6 +62,11 @@ def time_us(fn, warmup: int, iters: int, graph_reps: int) -> float:
         run, per = g.replay, graph_reps
         run()
     torch.cuda.synchronize()
+    return run, per
+
+
+def median_us(run, per: int, iters: int) -> float:
+    """Median GPU time of run() over iters runs, divided by per, in microseconds."""
     times = []
     for _ in range(iters):
         start = torch.cuda.Event(enable_timing=True)

@@ -15,7 +15,6 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kernels_bench import median_us, replayable  # noqa: E402
 from lyradynamo import _C  # noqa: E402
 
 CODE = {torch.float16: 1, torch.bfloat16: 2}
@@ -41,38 +41,13 @@ SHAPES = {  # name: (M, N, K)
 }
 
 
-def graph_of(fn, reps: int) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    return g
-
-
-def replay_us(g: torch.cuda.CUDAGraph, reps: int, iters: int = 20) -> float:
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(times)
-
-
-def profile_counts(g: torch.cuda.CUDAGraph, reps: int) -> dict:
+def measure(fn, reps: int) -> dict:
+    """reps calls of fn as one CUDA graph: GPU time per call (median replay / reps) and, from
+    one profiled replay, the memsets and kernels per call."""
+    run, per = replayable(fn, 2, reps)
+    us = median_us(run, per, 20)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        g.replay()
+        run()
         torch.cuda.synchronize()
     names = collections.Counter()
     ops = []
@@ -84,7 +59,7 @@ def profile_counts(g: torch.cuda.CUDAGraph, reps: int) -> dict:
     busy = sum(e - s for s, e in ops)
     wall = ops[-1][1] - ops[0][0] if ops else 0
     memsets = sum(n for k, n in names.items() if "memset" in k.lower())
-    return {"memsets_per_call": memsets / reps, "ops": dict(names),
+    return {"us": us, "memsets_per_call": memsets / reps, "ops": dict(names),
             "busy_us_per_call": busy / reps, "wall_us_per_call": wall / reps}
 
 
@@ -118,25 +93,19 @@ def main() -> None:
             lyra_gemm()  # plan (+ autotune) outside capture
             torch.cuda.synchronize()
             err = ((outs[0].float() - ref.float()).norm() / ref.float().norm()).item()
-            g = graph_of(lyra_gemm, args.reps)
-            row = {"shape": name, "MNK": [m, n, k], "impl": f"lyra ws={ws >> 20}MiB",
-                   "us": replay_us(g, args.reps), "rel_err": err, **profile_counts(g, args.reps)}
-            rows.append(row)
-            del g
+            rows.append({"shape": name, "MNK": [m, n, k], "impl": f"lyra ws={ws >> 20}MiB", "rel_err": err,
+                         **measure(lyra_gemm, args.reps)})
         _C.set_gemm_workspace(32 << 20)
-        g = graph_of(lambda: F.linear(x, w, bias), args.reps)
         rows.append({"shape": name, "MNK": [m, n, k], "impl": "torch F.linear",
-                     "us": replay_us(g, args.reps), **profile_counts(g, args.reps)})
-        del g, x, w, bias, outs
+                     **measure(lambda: F.linear(x, w, bias), args.reps)})
+        del x, w, bias, outs
     for name, (b, h, l, d) in {"flux sdpa": (1, 24, 4608, 128), "sdxl l1 sdpa": (2, 10, 4096, 64)}.items():
         q, kk, v = (torch.randn(b, h, l, d, device=dev, dtype=dtype) for _ in range(3))
         for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
             be = getattr(torch.nn.attention.SDPBackend, backend)
             with torch.nn.attention.sdpa_kernel([be]):
-                g = graph_of(lambda: F.scaled_dot_product_attention(q, kk, v), args.reps)
-            rows.append({"shape": name, "impl": f"sdpa {backend}", "us": replay_us(g, args.reps),
-                         **profile_counts(g, args.reps)})
-            del g
+                rows.append({"shape": name, "impl": f"sdpa {backend}",
+                             **measure(lambda: F.scaled_dot_product_attention(q, kk, v), args.reps)})
     for r in rows:
         top = sorted(r["ops"].items(), key=lambda kv: -kv[1])[:3]
         print(f"{r['shape']:20s} {r['impl']:22s} {r['us']:8.1f} us  memsets/call {r['memsets_per_call']:.1f}  "

@@ -39,23 +39,31 @@ def csrc():
     if not config.use_csrc:
         return None
     C = _load_csrc()[0]
-    if C is not None and config.gemm_autotune != _applied["gemm_autotune"]:
-        set_autotune = getattr(C, "set_gemm_autotune", None)
-        if set_autotune is not None:
-            set_autotune(max(int(config.gemm_autotune), 0))
-        _applied["gemm_autotune"] = config.gemm_autotune
-    if C is not None and config.gemm_workspace_mb != _applied["gemm_workspace_mb"]:
-        mb = int(config.gemm_workspace_mb)
-        if not 0 <= mb <= 32:
-            raise ValueError(f"lyradynamo.config.gemm_workspace_mb must be in 0..32, got {mb}")
-        set_workspace = getattr(C, "set_gemm_workspace", None)
-        if set_workspace is not None:
-            set_workspace(mb << 20)
-        _applied["gemm_workspace_mb"] = config.gemm_workspace_mb
+    if C is not None:
+        for name, (setter, convert) in _LIBRARY_SETTINGS.items():
+            value = getattr(config, name)
+            if value != _applied.get(name):
+                converted = convert(value)
+                set_value = getattr(C, setter, None)
+                if set_value is not None:
+                    set_value(converted)
+                _applied[name] = value
     return C
 
 
-_applied = {"gemm_autotune": None, "gemm_workspace_mb": None}  # config values last handed to the library
+def _gemm_workspace_bytes(mb) -> int:
+    mb = int(mb)
+    if not 0 <= mb <= 32:
+        raise ValueError(f"lyradynamo.config.gemm_workspace_mb must be in 0..32, got {mb}")
+    return mb << 20
+
+
+# config option -> (the library's setter, the value it takes from the option's)
+_LIBRARY_SETTINGS = {
+    "gemm_autotune": ("set_gemm_autotune", lambda v: max(int(v), 0)),
+    "gemm_workspace_mb": ("set_gemm_workspace", _gemm_workspace_bytes),
+}
+_applied: dict = {}  # config values last handed to the library
 
 
 def csrc_status() -> str:

@@ -12,10 +12,10 @@ epilogue fused (csrc/gemm_gated.cu, csrc/gemm_glu.cu):
 `config.gated_gemm` picks the path: "auto" times the fused GEMM (cooperative 128 x 256 tiles,
 persistent or stream-K; ping-pong 128 x 128 tiles) and cuBLASLt + epilogue, each captured as a
 CUDA graph and replayed, on the first call of each shape outside CUDA-graph capture (the
-runner's warm-up call) and keeps the fastest for the process; "cutlass" takes the fused persistent-tile GEMM wherever it can run; "cublaslt" never
-does. A shape first seen under capture takes cuBLASLt + epilogue (the runner's warm-up always
-comes first). `choices()` lists the decisions with their timings (bench rows carry them); each
-is also logged once.
+runner's warm-up call) and keeps the fastest for the process; "cutlass" takes the fused
+persistent-tile GEMM wherever it can run; "cublaslt" never does. A shape first seen under
+capture takes cuBLASLt + epilogue (the runner's warm-up always comes first). `choices()` lists
+the decisions with their timings (bench rows carry them); each is also logged once.
 """
 from __future__ import annotations
 

@@ -94,18 +94,22 @@ def _identity_source(node: fx.Node):
 
 # Pure activations whose repeats on one input are computed once (out-of-place calls only).
 _PURE_ACTIVATIONS = m.SILU | m.GELU | {torch.sigmoid, torch.tanh, F.relu, torch.relu}
+_WITH_INPLACE = m.SILU | {F.relu}
 
 
 def _activation_key(node: fx.Node):
-    """(target, args, kwargs) of an out-of-place pure activation, or None."""
+    """(target, args, kwargs) of an out-of-place pure activation, or None (also when the
+    arguments are not hashable)."""
     if node.op != "call_function" or node.target not in _PURE_ACTIVATIONS:
         return None
-    if m.arg(node, 1, "inplace", False) is not False and node.target in (m.SILU | {F.relu}):
+    if node.target in _WITH_INPLACE and m.arg(node, 1, "inplace", False):
         return None
+    key = node.target, tuple(node.args), tuple(sorted(node.kwargs.items()))
     try:
-        return node.target, tuple(node.args), tuple(sorted(node.kwargs.items()))
-    except TypeError:  # an unorderable kwarg value: leave it
+        hash(key)
+    except TypeError:
         return None
+    return key
 
 
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
@@ -116,10 +120,7 @@ def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
             key = _activation_key(node)
             if key is None:
                 continue
-            try:
-                src = first.setdefault(key, node)
-            except TypeError:  # unhashable arguments
-                continue
+            src = first.setdefault(key, node)
             if src is node:
                 continue
             what = "activation computed once"
