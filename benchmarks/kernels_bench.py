@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lyradynamo  # noqa: E402,F401  (registers the lyra:: ops)
 from lyradynamo import _C  # noqa: E402
 
 CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -391,6 +392,66 @@ def glu_cases(dt):
         yield (f"glu ping-pong {name}", f"M{M} N{N} K{K}", functools.partial(fused, variant=2), split, nbytes)
 
 
+_QKV_ATTENTIONS = [  # FLUX.1 at 1024 x 1024: (name, token counts of the parts, heads, K)
+    ("flux double block (text + image)", (512, 4096), 24, 3072),
+    ("flux single block", (4608,), 24, 3072),
+]
+
+
+def qkv_cases(dt):
+    """q / k / v projection + q / k RMSNorm + RoPE (+ the joint cat): lyra::qkv_projection's
+    two paths, a CUTLASS GEMM per part with the norm and RoPE in its epilogue (csrc/
+    gemm_qk_norm_rope.cu) and cuBLASLt GEMMs into one buffer + the norm and RoPE in place,
+    against what ran before: one cuBLASLt GEMM per part (lyra::linear_group) and
+    lyra::qk_norm_rope3's pass with the v cat (the "torch" column)."""
+    if not _C.gemm_gated_available():
+        print("kernels_bench: library built without CUTLASS: no qkv cases", file=sys.stderr)
+        return
+    es = torch.empty((), dtype=dt).element_size()
+    for name, parts, heads, K in _QKV_ATTENTIONS:
+        d, length = 128, sum(parts)
+        xs = [torch.randn(1, n, K, device="cuda", dtype=dt) for n in parts]
+        ws = [(torch.randn(3 * heads * d, K, device="cuda") / math.sqrt(K)).to(dt) for _ in parts]
+        bs = [torch.randn(3 * heads * d, device="cuda", dtype=dt) for _ in parts]
+        weights = [w for buf in ws for w in buf.split(heads * d)]
+        biases = [b for buf in bs for b in buf.split(heads * d)]
+        norms = [torch.rand(d, device="cuda", dtype=dt) + 0.5 for _ in parts]
+        angle = torch.rand(length, d // 2, device="cuda") * 6.28
+        cos = angle.cos().repeat_interleave(2, dim=1).contiguous()
+        sin = angle.sin().repeat_interleave(2, dim=1).contiguous()
+
+        def fused(xs=xs, weights=weights, biases=biases, norms=norms, heads=heads, cos=cos, sin=sin, path="cutlass"):
+            with lyradynamo.config.patch(gated_gemm=path):
+                torch.ops.lyra.qkv_projection(xs, weights, biases, norms, norms, heads, 1e-6, cos, sin)
+
+        def split(xs=xs, weights=weights, biases=biases, norms=norms, heads=heads, cos=cos, sin=sin):
+            qs, ks, vs = [], [], []
+            for i, x in enumerate(xs):
+                y = torch.ops.lyra.linear_group(x, weights[3 * i:3 * i + 3], biases[3 * i:3 * i + 3], "none")
+                for out, t in zip((qs, ks, vs), y.split(heads * 128, dim=-1)):
+                    out.append(t.unflatten(-1, (heads, 128)))
+            torch.ops.lyra.qk_norm_rope3(qs, ks, vs if len(xs) > 1 else [], norms, norms, "rms", 1e-6, cos, sin)
+
+        nbytes = (length * K + len(parts) * 3 * heads * d * K + 3 * length * heads * d) * es
+        shape = f"L{'+'.join(map(str, parts))} N{3 * heads * d} K{K}"
+        yield (f"qkv epilogue {name}", shape, fused, split, nbytes)
+        yield (f"qkv cublaslt joint {name}", shape, functools.partial(fused, path="cublaslt"), split, nbytes)
+        # where the epilogue's time goes: the kernel without RoPE (norm only) against cuBLASLt's
+        # GEMM alone (no norm, no RoPE, no pass), one part
+        x, w, b, n = xs[-1], ws[-1], bs[-1], 3 * heads * d
+        y = torch.empty(x.shape[1], n, device="cuda", dtype=dt)
+
+        def norm_only(x=x, w=w, b=b, y=y, n=n, heads=heads, K=K, nrm=norms[-1]):
+            _C.gemm_qk_norm_rope(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), nrm.data_ptr(),
+                                 nrm.data_ptr(), 0, 0, x.shape[1], 1, n, K, K, K, x.shape[1] * n, heads, 128, 0, 0,
+                                 1e-6, CODE[dt], s())
+
+        def gemm_only(x=x, w=w, b=b, y=y, n=n, K=K):
+            _C.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), x.shape[1], n, K, K, n, CODE[dt], s())
+
+        yield (f"qkv epilogue norm only {name}", f"M{x.shape[1]} N{n} K{K}", norm_only, gemm_only, nbytes)
+
+
 def epilogue_quant_cases(dt):
     """The act + quantise epilogue (ours: one linear_epilogue_quant pass over the GEMM output;
     torch: the eager activation + the eager fp8 quantisation) at FLUX's MLP width (GELU(tanh))
@@ -433,6 +494,9 @@ def main() -> int:
     ap.add_argument("--fusion", action="store_true",
                     help="also time one GEMM over projections sharing an input (fused QKV) against "
                          "one GEMM per projection, at SD1.5 / SDXL / FLUX shapes")
+    ap.add_argument("--qkv", action="store_true",
+                    help="also time FLUX's q / k / v projection with the q / k norm + RoPE in the GEMM "
+                         "epilogue (lyra::qkv_projection) against cuBLASLt GEMMs + the qk_norm_rope3 pass")
     ap.add_argument("--gated", action="store_true",
                     help="also time the gated residual linear (CUTLASS epilogue) against cuBLASLt + "
                          "the epilogue kernel, at FLUX shapes, and the GEGLU linear (cuBLASLt + "
@@ -455,6 +519,8 @@ def main() -> int:
             all_cases = itertools.chain(all_cases, fusion_cases(dt, args.quant))
         if args.gated:
             all_cases = itertools.chain(all_cases, gated_cases(dt), glu_cases(dt))
+        if args.qkv:
+            all_cases = itertools.chain(all_cases, qkv_cases(dt))
         for name, shape, ours, ref, nbytes in all_cases:
             t_ours = time_us(ours, args.warmup, args.iters, args.graph_reps)
             t_ref = time_us(ref, args.warmup, args.iters, args.graph_reps)

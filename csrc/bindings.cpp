@@ -26,7 +26,7 @@ void bias_residual(uintptr_t y, uintptr_t bias, uintptr_t residual, uintptr_t ou
 void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul, uintptr_t add,
                    uintptr_t y, int64_t rows, int64_t D, int64_t rows_per_batch,
                    int64_t mul_bstride, int64_t add_bstride, double eps, bool rms, int dtype,
-                   uintptr_t stream);
+                   uintptr_t stream, double mul_offset);
 void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
           int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream);
 void set_gemm_autotune(int candidates);
@@ -42,6 +42,11 @@ void gemm_gated(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t gate, uintpt
 bool gemm_gated_available();
 void gemm_glu(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t src, uintptr_t out, int64_t M, int64_t N,
               int64_t K, int64_t lda, int64_t ldb, int act, int dtype, int variant, uintptr_t stream);
+void gemm_qk_norm_rope(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t out, uintptr_t q_weight,
+                       uintptr_t k_weight, uintptr_t cos, uintptr_t sin, int64_t M, int64_t L, int64_t N,
+                       int64_t K, int64_t lda, int64_t ldb, int64_t out_batch_stride, int64_t heads,
+                       int64_t head_dim, int64_t pos_offset, int64_t rope_len, double eps, int dtype,
+                       uintptr_t stream);
 void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
                      int64_t N_out, int act, bool glu, int64_t rows_per_batch,
                      int64_t gate_bstride, int dtype, uintptr_t stream);
@@ -58,7 +63,7 @@ void norm_modulate_quant(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_
                          uintptr_t add, uintptr_t inv_smooth, uintptr_t q, uintptr_t scale,
                          int64_t rows, int64_t D, int64_t rows_per_batch, int64_t mul_bstride,
                          int64_t add_bstride, double eps, bool rms, int kind, int dtype,
-                         uintptr_t stream);
+                         uintptr_t stream, double mul_offset);
 void gemm_fp8(uintptr_t a, uintptr_t b, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
               uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldo,
               int out_dtype, uintptr_t stream);
@@ -126,11 +131,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("norm_modulate", &lyra::norm_modulate, release(),
         "LayerNorm (or RMSNorm if rms) over rows of length D, optional affine, then "
-        "y = n * mul[b] + add[b] with b = row / rows_per_batch (adaLN modulation).",
+        "y = n * mul[b] + add[b] with b = row / rows_per_batch (adaLN modulation). mul_offset "
+        "(after stream, default 0) != 0 multiplies by mul_offset + mul[b] rounded to dtype "
+        "instead: eager's `1 + scale` (needs mul).",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mul"), py::arg("add"),
         py::arg("y"), py::arg("rows"), py::arg("D"), py::arg("rows_per_batch"),
         py::arg("mul_bstride"), py::arg("add_bstride"), py::arg("eps"), py::arg("rms"),
-        py::arg("dtype"), py::arg("stream"));
+        py::arg("dtype"), py::arg("stream"), py::arg("mul_offset") = 0.0);
 
   m.def("set_gemm_autotune", &lyra::set_gemm_autotune, release(), py::arg("candidates"),
         "Algorithms every new GEMM plan times on its first call outside CUDA-graph capture (the "
@@ -177,6 +184,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("src"), py::arg("out"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("lda"), py::arg("ldb"), py::arg("act"), py::arg("dtype"),
         py::arg("variant"), py::arg("stream"));
+
+  m.def("gemm_qk_norm_rope", &lyra::gemm_qk_norm_rope, release(),
+        "An attention's q, k, v projection as one CUTLASS sm90 GEMM (gemm_qk_norm_rope.cu): y = "
+        "a @ w^T + bias with w the (3 H D, K) q / k / v weights; the epilogue RMS-normalises each "
+        "q and k head (weights q_weight / k_weight, eps) and applies RoPE at row position "
+        "t + pos_offset from cos / sin (rope_len, D) float32 (or cos = 0: none). L samples of M "
+        "rows of a (row stride lda); out rows of N with sample stride out_batch_stride. head_dim "
+        "128; fp16 / bf16; SM90.",
+        py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("q_weight"),
+        py::arg("k_weight"), py::arg("cos"), py::arg("sin"), py::arg("M"), py::arg("L"), py::arg("N"),
+        py::arg("K"), py::arg("lda"), py::arg("ldb"), py::arg("out_batch_stride"), py::arg("heads"),
+        py::arg("head_dim"), py::arg("pos_offset"), py::arg("rope_len"), py::arg("eps"),
+        py::arg("dtype"), py::arg("stream"));
 
   m.def("linear_epilogue", &lyra::linear_epilogue, release(),
         "out = residual + gate * act(y) (or y[:, :N] * act(y[:, N:]) if glu); act 0 none, "
@@ -232,7 +252,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mul"), py::arg("add"),
         py::arg("inv_smooth"), py::arg("q"), py::arg("scale"), py::arg("rows"), py::arg("D"),
         py::arg("rows_per_batch"), py::arg("mul_bstride"), py::arg("add_bstride"),
-        py::arg("eps"), py::arg("rms"), py::arg("kind"), py::arg("dtype"), py::arg("stream"));
+        py::arg("eps"), py::arg("rms"), py::arg("kind"), py::arg("dtype"), py::arg("stream"),
+        py::arg("mul_offset") = 0.0);
 
   m.def("gemm_fp8", &lyra::gemm_fp8, release(),
         "out(M, N) = (a @ b^T) * a_scale[m] * b_scale[n] (+ bias[n]); a (M, K; row stride lda), "

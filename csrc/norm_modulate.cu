@@ -5,10 +5,12 @@
 //   n = (x - mean) * rsqrt(var + eps)          (LayerNorm, biased var)   or
 //   n = x * rsqrt(mean(x^2) + eps)             (RMSNorm, rms = true)
 //   n = n * weight[d] + bias[d]                (each optional)
-//   y = n * mul[b*mul_bstride + d] + add[b*add_bstride + d]   (each optional)
-// The caller passes mul = 1 + scale. Everything is fp32 from the load to the
-// single final rounding, so y is at least as accurate as eager PyTorch, which
-// rounds after every op.
+//   m = mul[b*mul_bstride + d]                 or, with mul_offset != 0,
+//   m = round_to_dtype(mul_offset + mul[..])   (DiT's `1 + scale`: the caller
+//       passes scale and 1; rounded once to T, the value eager's aten add stores)
+//   y = n * m + add[b*add_bstride + d]         (mul, add each optional)
+// Everything else is fp32 from the load to the single final rounding, so y is
+// at least as accurate as eager PyTorch, which rounds after every op.
 //
 // Mapping: a row is handled by `tpr` threads (a multiple of 32: one or more
 // warps, blockDim.x) and a block holds blockDim.y rows. Each thread caches up
@@ -47,6 +49,7 @@ struct NMParams {
   int nvec;  // D / V
   int rms;
   float eps;
+  float mul_offset;  // added to mul (then rounded to T) when != 0
 };
 
 // Quantised output of norm_modulate_quant (unused by norm_modulate).
@@ -131,6 +134,10 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
     }
     if (mulr) {
       load_vec<V>(mulr + d, t);
+      if (p.mul_offset != 0.f) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) t[e] = round_to<T>(__fadd_rn(p.mul_offset, t[e]));
+      }
 #pragma unroll
       for (int e = 0; e < V; ++e) o[e] = __fmul_rn(o[e], t[e]);
     }
@@ -212,9 +219,12 @@ void launch_nm(const T* x, const T* w, const T* b, const T* mul, const T* add, T
 namespace {
 
 // Argument checks and parameters shared by norm_modulate and norm_modulate_quant.
-NMParams nm_params(const char* fn, uintptr_t x, int64_t rows, int64_t D, int64_t rows_per_batch,
-                   int64_t mul_bstride, int64_t add_bstride, double eps, bool rms) {
+NMParams nm_params(const char* fn, uintptr_t x, uintptr_t mul, int64_t rows, int64_t D,
+                   int64_t rows_per_batch, int64_t mul_bstride, int64_t add_bstride, double eps,
+                   bool rms, double mul_offset) {
   LYRA_CHECK_ARG(x != 0, fn, "x must be a non-null device pointer");
+  LYRA_CHECK_ARG(mul != 0 || mul_offset == 0, fn,
+                 "mul_offset=" + std::to_string(mul_offset) + " needs mul (it is added to mul)");
   LYRA_CHECK_ARG(rows > 0, fn, "rows must be positive, got " + std::to_string(rows));
   LYRA_CHECK_ARG(D > 0 && D < (1 << 30), fn, "D must be positive, got " + std::to_string(D));
   LYRA_CHECK_ARG(rows_per_batch > 0, fn,
@@ -231,6 +241,7 @@ NMParams nm_params(const char* fn, uintptr_t x, int64_t rows, int64_t D, int64_t
   p.nvec = p.D;
   p.rms = rms ? 1 : 0;
   p.eps = static_cast<float>(eps);
+  p.mul_offset = static_cast<float>(mul_offset);  // eager's add also takes the scalar as fp32
   return p;
 }
 
@@ -252,11 +263,11 @@ bool nm_vec_ok(int dtype, int64_t D, int64_t mul_bstride, int64_t add_bstride, u
 void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul, uintptr_t add,
                    uintptr_t y, int64_t rows, int64_t D, int64_t rows_per_batch,
                    int64_t mul_bstride, int64_t add_bstride, double eps, bool rms, int dtype,
-                   uintptr_t stream) {
+                   uintptr_t stream, double mul_offset) {
   const char* fn = "norm_modulate";
   LYRA_CHECK_ARG(y != 0, fn, "y must be a non-null device pointer");
-  const NMParams p =
-      nm_params(fn, x, rows, D, rows_per_batch, mul_bstride, add_bstride, eps, rms);
+  const NMParams p = nm_params(fn, x, mul, rows, D, rows_per_batch, mul_bstride, add_bstride, eps,
+                               rms, mul_offset);
   const bool vec_ok = nm_vec_ok(dtype, D, mul_bstride, add_bstride, x, weight, bias, mul, add) &&
                       aligned_to(y, 16);
   const NMQuantOut no_quant{nullptr, nullptr, nullptr, 0};
@@ -280,12 +291,12 @@ void norm_modulate_quant(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_
                          uintptr_t add, uintptr_t inv_smooth, uintptr_t q, uintptr_t scale,
                          int64_t rows, int64_t D, int64_t rows_per_batch, int64_t mul_bstride,
                          int64_t add_bstride, double eps, bool rms, int kind, int dtype,
-                         uintptr_t stream) {
+                         uintptr_t stream, double mul_offset) {
   const char* fn = "norm_modulate_quant";
   check_quant_out(fn, q, scale, inv_smooth);
   check_quant_kind(kind, fn);
-  const NMParams p =
-      nm_params(fn, x, rows, D, rows_per_batch, mul_bstride, add_bstride, eps, rms);
+  const NMParams p = nm_params(fn, x, mul, rows, D, rows_per_batch, mul_bstride, add_bstride, eps,
+                               rms, mul_offset);
   const bool vec_ok = nm_vec_ok(dtype, D, mul_bstride, add_bstride, x, weight, bias, mul, add) &&
                       aligned_to(q, 16) && aligned_to(inv_smooth, 16);
   const NMQuantOut qo{as_ptr<const float>(inv_smooth), as_ptr<uint8_t>(q), as_ptr<float>(scale),

@@ -22,6 +22,7 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #if defined(LYRA_HAVE_CUTLASS)
 #include "cute/tensor.hpp"
@@ -85,11 +86,15 @@ struct Cooperative {
   using Tile = Shape<_128, _256, _64>;
   using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
+  static constexpr bool kReadsSource = true;  // src (C) is an operand of the epilogue
 };
 struct PingPong {
   using Tile = Shape<_128, _128, _64>;
   using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+  using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
+  static constexpr bool kReadsSource = true;
 };
 
 // A per-column vector (bias, or a gate with a batch stride) of T read as float; null reads 0.
@@ -105,9 +110,10 @@ struct EvtGemm {
   using Layout = cutlass::layout::RowMajor;
   using LayoutW = cutlass::layout::ColumnMajor;  // w (N, K) row-major is B (K, N) column-major
   using Tile = typename Config::Tile;
+  using ElementC = std::conditional_t<Config::kReadsSource, T, void>;  // void: no C buffers in smem
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, T, Layout, kAlign, T, Layout,
+      typename Config::EpilogueTile, float, float, ElementC, Layout, kAlign, T, Layout,
       kAlign, typename Config::EpilogueSchedule, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, Layout, kAlign, T, LayoutW, kAlign,
@@ -127,18 +133,21 @@ struct EvtGemm {
 void* scheduler_workspace(const char* fn, int device, size_t bytes, cudaStream_t s);
 
 // Runs one EVT GEMM; FusionOf<T, Tile> is the epilogue tree for the configuration's tile, and
-// make_thread(type tag) its arguments.
+// make_thread(type tag) its arguments. out_batch_stride: elements between the samples of out
+// (and src); 0 means M * N (contiguous).
 template <typename T, typename Config, typename Scheduler, template <typename, typename> class FusionOf,
           typename MakeThread>
 void run_evt(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, uintptr_t src, uintptr_t out,
              int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb, MakeThread make_thread,
-             cudaStream_t s) {
+             cudaStream_t s, int64_t out_batch_stride = 0) {
   using Fusion = FusionOf<T, typename Config::Tile>;
   using Gemm = typename EvtGemm<T, Config, Scheduler, Fusion>::Gemm;
   using StrideA = typename Gemm::GemmKernel::StrideA;
   using StrideB = typename Gemm::GemmKernel::StrideB;
   using StrideC = typename Gemm::GemmKernel::StrideC;
   using StrideD = typename Gemm::GemmKernel::StrideD;
+  using ElementC = typename EvtGemm<T, Config, Scheduler, Fusion>::ElementC;
+  const int64_t ldd_batch = out_batch_stride ? out_batch_stride : M * N;
 
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
@@ -146,8 +155,8 @@ void run_evt(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, ui
       {reinterpret_cast<const T*>(a), StrideA{lda, Int<1>{}, M * lda},
        reinterpret_cast<const T*>(w), StrideB{ldb, Int<1>{}, int64_t(0)}},
       {make_thread(static_cast<Fusion*>(nullptr)),
-       reinterpret_cast<const T*>(src), StrideC{N, Int<1>{}, M * N},
-       reinterpret_cast<T*>(out), StrideD{N, Int<1>{}, M * N}}};
+       reinterpret_cast<const ElementC*>(src), StrideC{N, Int<1>{}, ldd_batch},
+       reinterpret_cast<T*>(out), StrideD{N, Int<1>{}, ldd_batch}}};
   args.hw_info.device_id = dev.device;
   args.hw_info.sm_count = dev.sm_count;
 

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from . import config, runtime, shape_policy
 from .passes import attention as attention_pass
+from .passes import qkv_projection as qkv_projection_pass
 from .passes import shared_input as shared_input_pass
 from .passes import run_passes
 from .passes.report import GraphReport
@@ -143,13 +144,17 @@ def _after_quant(gm: fx.GraphModule, name: str, rewrite: Callable[[], None], rep
 
 def _late_fusions(gm: fx.GraphModule, example_inputs: list, fake_mode, report: GraphReport) -> None:
     """After quantisation, which rewrites the same ops: q/k/v norm + RoPE + cat in one pass
-    (passes/attention.fuse_qkv_late), then, last, linears reading one input as one GEMM
-    (passes/shared_input.py)."""
+    (passes/attention.fuse_qkv_late), then linears reading one input as one GEMM
+    (passes/shared_input.py), then, last, a q / k / v GEMM with that norm + RoPE in its epilogue
+    (passes/qkv_projection.py)."""
     if {"rope", "attention"} <= set(config.passes):
         _after_quant(gm, "late_fusions", lambda: attention_pass.fuse_qkv_late(gm.graph, fake_mode, report), report)
     if "shared_input" in config.passes:
         _after_quant(gm, "shared_input", lambda: shared_input_pass.run(gm, example_inputs, fake_mode, report),
                      report)
+        if {"rope", "attention"} <= set(config.passes):
+            _after_quant(gm, "qkv_projection", lambda: qkv_projection_pass.run(gm.graph, fake_mode, report),
+                         report)
 
 
 def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:

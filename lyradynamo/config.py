@@ -122,12 +122,22 @@ _OPTIONS: dict[str, _Option] = {
     "gated_gemm": _Option(
         "auto",
         "Linears whose epilogue cuBLASLt cannot do in 16-bit, on CUDA: the gated residual "
-        "linear of DiT blocks, residual + gate * (x W^T + b), and the GEGLU linear, a * gelu(g) "
-        "with [a, g] = x W^T + b. cutlass = CUTLASS sm90 GEMMs with that epilogue fused (Hopper, "
+        "linear of DiT blocks, residual + gate * (x W^T + b), the GEGLU linear, a * gelu(g) "
+        "with [a, g] = x W^T + b, and FLUX's q / k / v projection with the q / k RMSNorm + RoPE "
+        "(lyra::qkv_projection). cutlass = CUTLASS sm90 GEMMs with that epilogue fused (Hopper, "
         "a library built with the CUTLASS headers; GEGLU: cuBLASLt for a, CUTLASS for g); "
         "cublaslt = one cuBLASLt GEMM + bias, then the epilogue kernel; auto = time both (as "
         "captured CUDA graphs) on each shape's first call and keep the faster.",
         choices=("auto", "cutlass", "cublaslt"),
+    ),
+    "qkv_projection": _Option(
+        True,
+        "FLUX-style attention (q / k RMSNorm + RoPE, head dim 128), high precision: each part's "
+        "q / k / v projection (a joint attention's text and image tokens) writes its rows of one "
+        "q / k / v buffer that attention reads as is, no cat copy (lyra::qkv_projection); on "
+        "Hopper the norm and RoPE can run in the GEMM's epilogue (gated_gemm chooses). False: "
+        "GEMMs, then one pass for the norm, the RoPE and the cat, as before.",
+        kind=bool,
     ),
     "attention_backend": _Option(
         "auto",

@@ -126,3 +126,27 @@ def compiled_bitwise(model, *inputs):
         assert torch.equal(o, r)
     (rec,) = lyradynamo.compiled_graphs()
     return rec
+
+
+def flux_heads(head_dim=128, heads=2, dtype=torch.float32, seed=0):
+    """A tiny FLUX transformer (one double block, one single block) whose attention heads have
+    head_dim channels (the zoo's tiny one has 16: FLUX.1's 128 is what the fused q / k / v
+    epilogue takes; tests/test_qkv_projection.py and its GPU twin)."""
+    import diffusers
+
+    from lyradynamo.zoo import configs
+
+    rope = {128: (16, 56, 56), 64: (8, 28, 28)}[head_dim]
+    cfg = dict(configs.TINY_DENOISER_CONFIGS["flux"], attention_head_dim=head_dim, num_attention_heads=heads,
+               axes_dims_rope=rope)
+    torch.manual_seed(seed)
+    return diffusers.FluxTransformer2DModel.from_config(cfg).to(dtype).eval()
+
+
+def run_flux(model, seed=0):
+    """model's output on the zoo's FLUX inputs (batch 1, 32 x 32) on model's device."""
+    from lyradynamo import zoo
+
+    inputs = zoo.denoiser_inputs("flux", model, batch=1, height=32, width=32, seed=seed)
+    with torch.no_grad():
+        return model(**inputs)[0]

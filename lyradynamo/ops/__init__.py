@@ -5,7 +5,7 @@ shapes that adds no guards, a PyTorch reference (the CPU kernel and the test ora
 a CUDA implementation that calls csrc (`lyradynamo._C`).
 """
 from . import (adaln, attention, attention_fp8, bias_residual, group_norm, linear, linear_group,  # noqa: F401  (registration)
-               qlinear, quantize, rope)
+               qkv_projection, qlinear, quantize, rope)
 from ._common import csrc_status, fallback_counts, reset_fallback_counts  # noqa: F401
 
 OPS = {
@@ -16,6 +16,7 @@ OPS = {
     "bias_residual": bias_residual.bias_residual,
     "adaln": adaln.adaln,
     "qk_norm_rope": rope.qk_norm_rope,
+    "qkv_projection": qkv_projection.qkv_projection,
     "qlinear": qlinear.qlinear,
     "qlinear_q": qlinear.qlinear_q,
     "qlinear_q_group": linear_group.qlinear_q_group,

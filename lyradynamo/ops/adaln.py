@@ -1,9 +1,12 @@
 """lyra::adaln: LayerNorm / RMSNorm over the last dim, affine, then adaLN modulation.
 
-    y = norm(x) [* weight] [+ bias] [* mul] [+ add]
+    y = norm(x) [* weight] [+ bias] [* (mul_offset + mul)] [+ add]
 
-`mul` is the traced `(1 + scale)` tensor and `add` the shift, so the op reproduces diffusers'
-`norm(x) * (1 + scale) + shift` exactly (the tiny (B, D) `1 + scale` stays an aten op).
+`add` is the shift and `mul` the scale: for diffusers' `norm(x) * (1 + scale) + shift` the
+adaln pass hands `scale` as mul and 1 as mul_offset, and the op forms `mul_offset + mul` itself
+in mul's dtype, rounded once, exactly as eager's aten add does, so the result is unchanged and
+the tiny (B, 1, D) `1 + scale` is no longer a kernel launch of its own. With mul_offset = 0
+(the default) mul is the factor as given.
 kind="rms" follows diffusers' RMSNorm: statistics in float32, normalised value cast back to
 x's dtype before the affine weight.
 """
@@ -22,7 +25,7 @@ KINDS = ("layer", "rms")
 
 
 def adaln_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mul: Optional[Tensor],
-                    add: Optional[Tensor], kind: str, eps: float) -> Tensor:
+                    add: Optional[Tensor], kind: str, eps: float, mul_offset: float = 0.0) -> Tensor:
     d = x.shape[-1]
     if kind == "layer":
         y = F.layer_norm(x, (d,), weight, bias, eps)
@@ -34,29 +37,33 @@ def adaln_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         if bias is not None:
             y = y + bias
     if mul is not None:
-        y = y * mul
+        # eager's `1 + scale`: a Python scalar keeps mul's dtype, so this rounds where eager does
+        y = y * (mul + mul_offset if mul_offset else mul)
     if add is not None:
         y = y + add
     return y
 
 
-def _check(x: Tensor, kind: str) -> None:
+def _check(x: Tensor, kind: str, mul: Optional[Tensor], mul_offset: float, op: str = "adaln") -> None:
+    """Arguments of lyra::adaln (and of lyra::adaln_quant, op="adaln_quant", whose `norm` is kind)."""
     if kind not in KINDS:
-        raise ValueError(f"lyra::adaln: kind={kind!r} is not one of {KINDS}")
+        raise ValueError(f"lyra::{op}: kind={kind!r} is not one of {KINDS}")
     if x.dim() < 1:
-        raise ValueError("lyra::adaln: x must have at least one dim")
+        raise ValueError(f"lyra::{op}: x must have at least one dim")
+    if mul is None and mul_offset:
+        raise ValueError(f"lyra::{op}: mul_offset={mul_offset} without mul (the offset is added to mul)")
 
 
 @torch.library.custom_op("lyra::adaln", mutates_args=())
 def adaln(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mul: Optional[Tensor],
-          add: Optional[Tensor], kind: str, eps: float) -> Tensor:
-    _check(x, kind)
-    return adaln_reference(x, weight, bias, mul, add, kind, eps)
+          add: Optional[Tensor], kind: str, eps: float, mul_offset: float = 0.0) -> Tensor:
+    _check(x, kind, mul, mul_offset)
+    return adaln_reference(x, weight, bias, mul, add, kind, eps, mul_offset)
 
 
 @adaln.register_fake
-def _(x, weight, bias, mul, add, kind, eps):
-    _check(x, kind)
+def _(x, weight, bias, mul, add, kind, eps, mul_offset=0.0):
+    _check(x, kind, mul, mul_offset)
     dtype = x.dtype
     for t in (weight, bias, mul, add):
         if t is not None:
@@ -65,13 +72,13 @@ def _(x, weight, bias, mul, add, kind, eps):
 
 
 @adaln.register_kernel("cuda")
-def _(x, weight, bias, mul, add, kind, eps):
-    _check(x, kind)
+def _(x, weight, bias, mul, add, kind, eps, mul_offset=0.0):
+    _check(x, kind, mul, mul_offset)
     C = csrc()
     reason = "csrc not built" if C is None else _cuda_unsupported(x, weight, bias, mul, add)
     if reason:
         record_fallback("adaln", reason)
-        return adaln_reference(x, weight, bias, mul, add, kind, eps)
+        return adaln_reference(x, weight, bias, mul, add, kind, eps, mul_offset)
     d = x.shape[-1]
     xc = x.contiguous()
     rows = xc.numel() // d if d else 0
@@ -83,7 +90,8 @@ def _(x, weight, bias, mul, add, kind, eps):
                         rows_per_batch,
                         row_vector_stride(mul, b0, d, x.dim()) if mul is not None else 0,
                         row_vector_stride(add, b0, d, x.dim()) if add is not None else 0,
-                        float(eps), kind == "rms", DTYPE_CODES[x.dtype], stream_handle(x))
+                        float(eps), kind == "rms", DTYPE_CODES[x.dtype], stream_handle(x),
+                        mul_offset=float(mul_offset))
     return y
 
 

@@ -36,8 +36,9 @@ _choice: dict[tuple, dict] = {}  # shape key -> {"path": name, "<name>_us": time
 
 
 def choices() -> dict[tuple, dict]:
-    """("gated", device, dtype, M, N, K, batches, bias?) or ("glu", device, dtype, M, N, K,
-    bias?) -> the path taken and the timings it was based on."""
+    """("gated", device, dtype, M, N, K, batches, bias?), ("glu", device, dtype, M, N, K,
+    bias?) or ("qkv", device, dtype, "L_1+L_2..", N, (K_i..), B, bias?) (ops/qkv_projection.py)
+    -> the path taken and the timings it was based on."""
     with _lock:
         return dict(_choice)
 

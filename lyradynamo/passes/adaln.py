@@ -8,7 +8,10 @@ Norm forms (normalising the last dim):
 then, each optional and used once:
     y = y * mul     mul one row per sample (B|1, 1, .., D): the traced (1 + scale)
     y = y + add     add likewise: the shift
-Every layer/rms norm becomes lyra::adaln, modulated or not.
+Every layer/rms norm becomes lyra::adaln, modulated or not. A mul that is c + t with c a Python
+number (diffusers' `1 + scale`, or a view `(1 + scale)[:, None, :]` only the norm reads) folds
+into the op's mul_offset: lyra::adaln reads t and adds c itself, rounded as eager's add rounds,
+and the aten add (a launch per block) goes once nothing else reads it.
 """
 from __future__ import annotations
 
@@ -119,8 +122,56 @@ def match(node: fx.Node) -> m.Rewrite | str:
     reason = unsupported_reason(x=xv, mul=m.val(mul), add=m.val(add))
     if reason:
         return reason
-    return m.Rewrite(cur, torch.ops.lyra.adaln.default, (x, w, b, mul, add, kind, float(eps)), nodes, label,
+    return m.Rewrite(cur, torch.ops.lyra.adaln.default, (x, w, b, mul, add, kind, float(eps), 0.0), nodes, label,
                      same_value=m.is_contiguous(m.val(cur)))  # lyra::adaln returns a contiguous tensor
+
+
+def _number_plus(node):
+    """(t, c) for node = c + t, t + c, torch.add(t, c) or t.add(c) with c a Python number and the
+    sum in t's dtype (so that the op's `mul + mul_offset` is eager's add), else None."""
+    if not ((m.is_fn(node, m.ADD) or m.is_method(node, "add")) and len(node.args) == 2 and not node.kwargs):
+        return None
+    a, b = node.args
+    t, c = (b, a) if isinstance(b, fx.Node) else (a, b)
+    if type(c) not in (int, float) or not isinstance(t, fx.Node):  # bool, SymInt, SymFloat: no
+        return None
+    tv, sv = m.val(t), m.val(node)
+    if not (isinstance(tv, torch.Tensor) and isinstance(sv, torch.Tensor) and tv.dtype == sv.dtype):
+        return None
+    return t, float(c)
+
+
+def _constant_index(idx) -> bool:
+    """idx (a getitem's) is basic indexing by constants: ints, slices of ints, None, Ellipsis."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or type(i) is int
+               or (isinstance(i, slice) and all(v is None or type(v) is int for v in (i.start, i.stop, i.step)))
+               for i in items)
+
+
+def _fold_mul_offset(graph: fx.Graph, node: fx.Node, fake_mode):
+    """lyra::adaln `node` whose mul is c + t (`_number_plus`), or a view (c + t)[idx] that only
+    node reads, reads t (that view retargeted to t[idx]) with mul_offset c instead; the add is
+    erased once nothing else reads it (norms sharing one `1 + scale` each fold it). Returns c,
+    or None where mul is no such sum."""
+    mul = node.args[3]
+    # a view read by node alone, as its mul only, can be retargeted in place
+    own_view = (m.is_fn(mul, {operator.getitem}) and _constant_index(mul.args[1]) and list(mul.users) == [node]
+                and node.args.count(mul) == 1)
+    view = mul if own_view else None
+    total = mul if view is None else view.args[0]
+    split = _number_plus(total)
+    if split is None:
+        return None
+    t, c = split
+    if view is not None:  # (c + t)[idx] -> t[idx]: the same elements, without the c
+        value = m.fake_run(operator.getitem, (t, view.args[1]), fake_mode)  # first: a failure changes nothing
+        view.args = (t, view.args[1])
+        view.meta["example_value"] = value
+        t = view
+    node.args = (*node.args[:3], t, *node.args[4:7], c)
+    m.erase_unused(graph, [total])
+    return c
 
 
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
@@ -133,5 +184,8 @@ def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
         if isinstance(rw, str):
             report.skip(node, rw)
             continue
-        m.apply(graph, rw, fake_mode)
-        report.hit("adaln", rw.label)
+        new = m.apply(graph, rw, fake_mode)
+        offset = _fold_mul_offset(graph, new, fake_mode)
+        label = rw.label if offset is None else rw.label.replace("+scale", f"+({offset:g}+scale)", 1)
+        new.meta["lyra"] = label
+        report.hit("adaln", label)

@@ -110,7 +110,7 @@ def _parts(x: fx.Node):
 
 
 def _plain_rms(node) -> bool:
-    _, _, bias, mul, add, kind, _ = node.args
+    bias, mul, add, kind = node.args[2:6]  # (x, weight, bias, mul, add, kind, eps[, mul_offset])
     return kind == "rms" and bias is None and mul is None and add is None
 
 

@@ -213,8 +213,9 @@ def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:
         if not fuse and len(users) < 2:
             continue  # one reader: qlinear quantises on its own, same cost
         if fuse:
-            xin, w, b, mul, add, norm, eps = x.args
-            q, sc = _pair(gm, _ADALN_QUANT, (xin, w, b, mul, add, norm, eps, kind), mode, gm.graph.inserting_after(x))
+            # adaln's (x, weight, bias, mul, add, norm, eps), the quant kind, then adaln's mul_offset if given
+            args = (*x.args[:7], kind, *x.args[7:])
+            q, sc = _pair(gm, _ADALN_QUANT, args, mode, gm.graph.inserting_after(x))
         else:
             q, sc = _pair(gm, _QUANTIZE, (x, kind, None), mode, gm.graph.inserting_after(x))
         _read_quantised(gm, users, q, sc, xv.dtype)

@@ -78,13 +78,40 @@ def test_group_norm(dtype, cl, shape, groups):
 
 @pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("kind", ["layer", "rms"])
-@pytest.mark.parametrize("shape", [(2, 4096, 3072), (1, 9, 40), (3, 77, 72)])
-def test_adaln(dtype, kind, shape):
+@pytest.mark.parametrize("shape", [(2, 4096, 3072), (1, 9, 40), (3, 77, 72), (2, 5, 37)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_adaln(dtype, kind, shape, offset):
     x = torch.randn(*shape, device="cuda") * 2 + 0.5
     d = shape[-1]
-    mul, add = 1 + 0.1 * torch.randn(shape[0], 1, d, device="cuda"), torch.randn(shape[0], 1, d, device="cuda")
+    mul = 1 - offset + 0.1 * torch.randn(shape[0], 1, d, device="cuda")  # the factor is offset + mul
+    add = torch.randn(shape[0], 1, d, device="cuda")
     w = torch.randn(d, device="cuda") if kind == "rms" else None
-    check(lambda *a: lyra.adaln(*a), adaln.adaln_reference, (x, w, None, mul, add, kind, 1e-6), dtype)
+    check(lambda *a: lyra.adaln(*a), adaln.adaln_reference, (x, w, None, mul, add, kind, 1e-6, offset), dtype)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("shape", [(2, 4096, 3072), (1, 9, 40), (3, 77, 72), (2, 5, 37)])
+def test_adaln_mul_offset_rounds_as_eager(dtype, kind, shape):
+    """mul_offset=1 with scale gives bit for bit what the kernel gives for eager's (1 + scale):
+    it rounds 1 + scale to the dtype as eager's add does. scale and shift are read through
+    chunk views of one (B, 6 D) modulation (batch stride 6 D), as the adaln pass hands a DiT
+    block's; D=37 takes the scalar path."""
+    b, _, d = shape
+    x = (torch.randn(*shape, device="cuda") * 2 + 0.5).to(dtype)
+    w = torch.randn(d, device="cuda").to(dtype) if kind == "rms" else None
+    shift, scale = (t[:, None] for t in (0.3 * torch.randn(b, 6 * d, device="cuda")).to(dtype).chunk(6, dim=1)[:2])
+    out = lyra.adaln(x, w, None, scale, shift, kind, 1e-6, 1.0)
+    assert torch.equal(out, lyra.adaln(x, w, None, 1 + scale, shift, kind, 1e-6))
+
+
+def test_norm_modulate_mul_offset_needs_mul():
+    x = torch.randn(2, 64, device="cuda", dtype=torch.float16)
+    y = torch.empty_like(x)
+    C = _common.csrc()
+    with pytest.raises(ValueError, match="mul_offset.*needs mul"):
+        C.norm_modulate(x.data_ptr(), 0, 0, 0, 0, y.data_ptr(), 2, 64, 2, 0, 0, 1e-6, False,
+                        _common.DTYPE_CODES[x.dtype], _common.stream_handle(x), mul_offset=1.0)
 
 
 @pytest.mark.parametrize("dtype", DT)

@@ -31,17 +31,23 @@ def test_quantize_exact(dtype, kind, shape):
 @pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
-def test_adaln_quant_matches_adaln_then_quantize(dtype, kind, norm):
-    x = (torch.randn(2, 4096, 3072, device="cuda") * 2 + 0.3).to(dtype)
-    w = (1 + 0.1 * torch.randn(3072, device="cuda")).to(dtype) if norm == "rms" else None
-    mul = (1 + 0.1 * torch.randn(2, 1, 3072, device="cuda")).to(dtype)
-    add = torch.randn(2, 1, 3072, device="cuda").to(dtype)
-    q, s = lyra.adaln_quant(x, w, None, mul, add, norm, 1e-6, kind)
+@pytest.mark.parametrize("shape", [(2, 4096, 3072), (3, 5, 40), (2, 7, 37)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_adaln_quant_matches_adaln_then_quantize(dtype, kind, norm, shape, offset):
+    b, _, d = shape
+    x = (torch.randn(*shape, device="cuda") * 2 + 0.3).to(dtype)
+    w = (1 + 0.1 * torch.randn(d, device="cuda")).to(dtype) if norm == "rms" else None
+    mul = (1 - offset + 0.1 * torch.randn(b, 1, d, device="cuda")).to(dtype)  # the factor is offset + mul
+    add = torch.randn(b, 1, d, device="cuda").to(dtype)
+    q, s = lyra.adaln_quant(x, w, None, mul, add, norm, 1e-6, kind, offset)
     # the kernel quantises exactly what lyra::adaln's kernel computes, rounded to the dtype
-    y = lyra.adaln(x, w, None, mul, add, norm, 1e-6)
+    y = lyra.adaln(x, w, None, mul, add, norm, 1e-6, offset)
     rq, rs = numerics.quantize_rows(y, kind)
     assert torch.equal(_bytes(q), _bytes(rq))
     torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    if offset:  # and that is eager's `1 + scale`, rounded to the dtype before the product
+        eager_q, _ = lyra.adaln_quant(x, w, None, offset + mul, add, norm, 1e-6, kind)
+        assert torch.equal(_bytes(q), _bytes(eager_q))
 
 
 @pytest.mark.parametrize("dtype", DT)

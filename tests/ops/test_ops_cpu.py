@@ -71,22 +71,41 @@ def test_group_norm(act, channels_last, affine):
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("modulate", [True, False])
-def test_adaln(kind, affine, modulate):
+@pytest.mark.parametrize("modulate,offset", [(True, 0.0), (True, 1.0), (False, 0.0)])
+def test_adaln(kind, affine, modulate, offset):
     x = rnd(2, 9, 40)
     w = rnd(40) if affine else None
     b = rnd(40) if affine and kind == "layer" else None
-    mul = (1 + rnd(2, 1, 40)) if modulate else None
+    mul = (1 - offset + rnd(2, 1, 40)) if modulate else None  # the factor is offset + mul
     add = rnd(2, 1, 40) if modulate else None
-    torch.library.opcheck(lyra.adaln.default, (x, w, b, mul, add, kind, 1e-6))
+    torch.library.opcheck(lyra.adaln.default, (x, w, b, mul, add, kind, 1e-6, offset))
     if kind == "layer":
         ref = F.layer_norm(x, (40,), w, b, 1e-6)
     else:
         ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         ref = ref * w if w is not None else ref
     if modulate:
-        ref = ref * mul + add
-    torch.testing.assert_close(lyra.adaln(x, w, b, mul, add, kind, 1e-6), ref, rtol=0, atol=0)
+        ref = ref * (offset + mul) + add
+    torch.testing.assert_close(lyra.adaln(x, w, b, mul, add, kind, 1e-6, offset), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("offset", [1.0, 0.1])
+def test_adaln_mul_offset_is_eager_offset_plus_scale(dtype, kind, offset):
+    """lyra::adaln(.., scale, shift, .., mul_offset=c) is eager's `norm(x) * (c + scale) + shift`
+    bit for bit in half precision: c + scale is rounded to the dtype once, as eager's add does."""
+    x, scale, shift = (3 * rnd(2, 9, 40)).to(dtype), (0.3 * rnd(2, 1, 40)).to(dtype), rnd(2, 1, 40).to(dtype)
+    w = rnd(40).to(dtype) if kind == "rms" else None
+    if kind == "layer":
+        n = F.layer_norm(x, (40,), None, None, 1e-6)
+    else:  # diffusers' RMSNorm
+        n = (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * w
+    eager = n * (offset + scale) + shift
+    out = lyra.adaln(x, w, None, scale, shift, kind, 1e-6, offset)
+    assert out.dtype == dtype and torch.equal(out, eager)
+    # the rounding is the point: an unrounded c + scale gives other values here
+    assert not torch.equal(out, (n.float() * (offset + scale.float()) + shift).to(dtype))
 
 
 def test_bad_arguments_name_the_problem():
@@ -99,6 +118,8 @@ def test_bad_arguments_name_the_problem():
         lyra.attention(rnd(1, 2, 3, 4), rnd(1, 2, 3, 4), rnd(1, 2, 3, 4), None, None, False, "hbld")
     with pytest.raises(ValueError, match="kind='batch'"):
         lyra.adaln(x, None, None, None, None, "batch", 1e-5)
+    with pytest.raises(ValueError, match="mul_offset=1.0 without mul"):
+        lyra.adaln(x, None, None, None, None, "layer", 1e-5, 1.0)
     with pytest.raises(ValueError, match="act='gelu'"):
         lyra.group_norm(rnd(1, 4, 2, 2), 2, None, None, 1e-5, "gelu", False)
 

@@ -36,12 +36,15 @@ def test_quantize_then_qlinear_q_equals_qlinear(kind):
 
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
-def test_adaln_quant_is_quantize_of_adaln(kind, norm):
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_adaln_quant_is_quantize_of_adaln(kind, norm, offset):
     x = rnd(2, 7, 40)
     w = rnd(40) if norm == "rms" else None
-    mul, add = 1 + 0.1 * rnd(2, 1, 40), rnd(2, 1, 40)
-    args = (x, w, None, mul, add, norm, 1e-6, kind)
+    mul, add = 1 - offset + 0.1 * rnd(2, 1, 40), rnd(2, 1, 40)  # the factor is offset + mul
+    args = (x, w, None, mul, add, norm, 1e-6, kind, offset)
     _opcheck(lyra.adaln_quant.default, args, kind)
     q, s = lyra.adaln_quant(*args)
-    rq, rs = numerics.quantize_rows(lyra.adaln(x, w, None, mul, add, norm, 1e-6), kind)
+    rq, rs = numerics.quantize_rows(lyra.adaln(x, w, None, mul, add, norm, 1e-6, offset), kind)
     assert torch.equal(q.view(torch.int8), rq.view(torch.int8)) and torch.equal(s, rs)
+    if offset:  # the offset is not dropped: without it the quantised row differs
+        assert not torch.equal(s, lyra.adaln_quant(*args[:8])[1])
