@@ -1,10 +1,13 @@
 // sm90_evt_gemm.cuh: what the CUTLASS sm90 GEMMs with a fused epilogue share (gemm_gated.cu,
-// gemm_glu.cu): the kernel type for an epilogue visitor tree (EVT), the argument checks, the
+// gemm_glu.cu, gemm_qk_norm_rope.cu): the kernel type for an epilogue visitor tree (EVT), the
+// argument checks, the
 // tile-scheduler workspace and the launch.
 //
 // The GEMM: out (L * M, N) = epilogue(acc = a @ w^T, src), a (L * M, K) row-major with row
 // stride lda, batch l being rows [l M, (l + 1) M); w (N, K) row-major with row stride ldb >= K
-// (a linear's weight, or a column / row slice of one); src and out (L * M, N) contiguous. fp16 /
+// (a linear's weight, or a column / row slice of one); src and out rows of N, sample l at
+// l * out_batch_stride (default M * N: (L * M, N) contiguous); a configuration whose
+// kReadsSource is false has no src (C = void: no C buffers in shared memory). fp16 /
 // bf16 in and out, fp32 accumulation, one rounding at the end. TMA loads, wgmma,
 // warp-specialised persistent kernels with a 2 x 1 cluster (the two CTAs of a cluster share
 // w's tile through TMA multicast). Three variants (Cooperative / PingPong below):
