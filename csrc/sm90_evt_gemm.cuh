@@ -1,7 +1,6 @@
 // sm90_evt_gemm.cuh: what the CUTLASS sm90 GEMMs with a fused epilogue share (gemm_gated.cu,
 // gemm_glu.cu, gemm_qk_norm_rope.cu): the kernel type for an epilogue visitor tree (EVT), the
-// argument checks, the
-// tile-scheduler workspace and the launch.
+// argument checks, the tile-scheduler workspace and the launch.
 //
 // The GEMM: out (L * M, N) = epilogue(acc = a @ w^T, src), a (L * M, K) row-major with row
 // stride lda, batch l being rows [l M, (l + 1) M); w (N, K) row-major with row stride ldb >= K
