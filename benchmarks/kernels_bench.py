@@ -424,17 +424,6 @@ def qkv_cases(dt):
             with lyradynamo.config.patch(gated_gemm=path):
                 torch.ops.lyra.qkv_projection(xs, weights, biases, norms, norms, heads, 1e-6, cos, sin)
 
-        def pingpong(xs=xs, ws=ws, bs=bs, norms=norms, heads=heads, cos=cos, sin=sin, parts=parts, K=K):
-            n = 3 * heads * 128
-            out = torch.empty(1, sum(parts), n, device="cuda", dtype=dt)
-            offset = 0
-            for x, w, b, rows in zip(xs, ws, bs, parts):
-                _C.gemm_qk_norm_rope(x.data_ptr(), w.data_ptr(), b.data_ptr(), out[:, offset].data_ptr(),
-                                     norms[0].data_ptr(), norms[0].data_ptr(), cos.data_ptr(), sin.data_ptr(), rows,
-                                     1, n, K, K, K, out.stride(0), heads, 128, offset, cos.shape[0], 1e-6, CODE[dt],
-                                     2, s())
-                offset += rows
-
         def split(xs=xs, weights=weights, biases=biases, norms=norms, heads=heads, cos=cos, sin=sin):
             qs, ks, vs = [], [], []
             for i, x in enumerate(xs):
@@ -446,7 +435,6 @@ def qkv_cases(dt):
         nbytes = (length * K + len(parts) * 3 * heads * d * K + 3 * length * heads * d) * es
         shape = f"L{'+'.join(map(str, parts))} N{3 * heads * d} K{K}"
         yield (f"qkv epilogue {name}", shape, fused, split, nbytes)
-        yield (f"qkv epilogue ping-pong {name}", shape, pingpong, split, nbytes)
         yield (f"qkv cublaslt joint {name}", shape, functools.partial(fused, path="cublaslt"), split, nbytes)
         # where the epilogue's time goes: the kernel without RoPE (norm only) against cuBLASLt's
         # GEMM alone (no norm, no RoPE, no pass), one part
@@ -456,7 +444,7 @@ def qkv_cases(dt):
         def norm_only(x=x, w=w, b=b, y=y, n=n, heads=heads, K=K, nrm=norms[-1]):
             _C.gemm_qk_norm_rope(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), nrm.data_ptr(),
                                  nrm.data_ptr(), 0, 0, x.shape[1], 1, n, K, K, K, x.shape[1] * n, heads, 128, 0, 0,
-                                 1e-6, CODE[dt], 0, s())
+                                 1e-6, CODE[dt], s())
 
         def gemm_only(x=x, w=w, b=b, y=y, n=n, K=K):
             _C.gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), x.shape[1], n, K, K, n, CODE[dt], s())

@@ -46,7 +46,7 @@ void gemm_qk_norm_rope(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t out, 
                        uintptr_t k_weight, uintptr_t cos, uintptr_t sin, int64_t M, int64_t L, int64_t N,
                        int64_t K, int64_t lda, int64_t ldb, int64_t out_batch_stride, int64_t heads,
                        int64_t head_dim, int64_t pos_offset, int64_t rope_len, double eps, int dtype,
-                       int variant, uintptr_t stream);
+                       uintptr_t stream);
 void linear_epilogue(uintptr_t y, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
                      int64_t N_out, int act, bool glu, int64_t rows_per_batch,
                      int64_t gate_bstride, int dtype, uintptr_t stream);
@@ -191,12 +191,12 @@ PYBIND11_MODULE(_C, m) {
         "q and k head (weights q_weight / k_weight, eps) and applies RoPE at row position "
         "t + pos_offset from cos / sin (rope_len, D) float32 (or cos = 0: none). L samples of M "
         "rows of a (row stride lda); out rows of N with sample stride out_batch_stride. head_dim "
-        "128; fp16 / bf16; SM90. variant: 0 cooperative 128 x 256 tiles, 2 ping-pong 128 x 128.",
+        "128; fp16 / bf16; SM90.",
         py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("q_weight"),
         py::arg("k_weight"), py::arg("cos"), py::arg("sin"), py::arg("M"), py::arg("L"), py::arg("N"),
         py::arg("K"), py::arg("lda"), py::arg("ldb"), py::arg("out_batch_stride"), py::arg("heads"),
         py::arg("head_dim"), py::arg("pos_offset"), py::arg("rope_len"), py::arg("eps"),
-        py::arg("dtype"), py::arg("variant"), py::arg("stream"));
+        py::arg("dtype"), py::arg("stream"));
 
   m.def("linear_epilogue", &lyra::linear_epilogue, release(),
         "out = residual + gate * act(y) (or y[:, :N] * act(y[:, N:]) if glu); act 0 none, "

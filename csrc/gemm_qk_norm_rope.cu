@@ -15,10 +15,10 @@
 // attention (FLUX's text and image tokens, two GEMMs) write adjacent rows of one buffer and
 // attention reads q, k, v from it without a cat.
 //
-// How the epilogue sees a head: tiles are stored in sub-tiles 128 columns wide, one head each
-// (heads start at multiples of 128 columns; see the configurations below). In a sub-tile each
-// thread holds two rows (r, r + 8) x 32 columns of the wgmma accumulator, the four lanes of a
-// quad sharing the rows: 64 values per thread, one visit per sub-tile, and a head's sum of
+// How the epilogue sees a head: the cooperative kernel's 128 x 256 tile is stored in 128 x 128
+// sub-tiles, one head each (heads start at multiples of 128 columns). In a sub-tile each of the
+// 256 threads holds two rows (r, r + 8) x 32 columns of the wgmma accumulator, the four lanes of
+// a quad sharing the rows: 64 values per thread, one visit per sub-tile, and a head's sum of
 // squares is the thread's sum plus two xor shuffles. Adjacent values (2i, 2i + 1) of the
 // fragment are adjacent columns of one row: RoPE's pairs stay in one thread.
 //
@@ -38,17 +38,9 @@ namespace {
 
 constexpr int kHeadDim = 128;
 
-// The kernel configurations (`variant`), no source operand, a head per 128-column sub-tile:
-//   0 cooperative 128 x 256 tiles stored as 128 x 128 sub-tiles;
-//   2 ping-pong 128 x 128 tiles (one warp group each) stored as 64 x 128 sub-tiles: one warp
-//     group's epilogue (the norm, the RoPE tables' loads) overlaps the other's mainloop.
-// Either way a thread holds 2 rows x 32 columns of a sub-tile (64 values, one visit).
+// Cooperative 128 x 256 tiles stored as 128 x 128 sub-tiles (one head each); no source operand.
 struct CooperativeHeads : Cooperative {
   using EpilogueTile = Shape<_128, _128>;
-  static constexpr bool kReadsSource = false;
-};
-struct PingPongHeads : PingPong {
-  using EpilogueTile = Shape<_64, _128>;
   static constexpr bool kReadsSource = false;
 };
 
@@ -148,11 +140,6 @@ struct HeadRmsNormRope {
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < 2; ++j) rstd[j] = rsqrtf(ss[j] / static_cast<float>(kHeadDim) + params.eps);
       const T* w = col0 < params.q_cols ? params.q_weight : params.k_weight;
-      // The RoPE tables are read for every pair, at a position clamped into the table, and the
-      // rotation kept only where the position is in it: loads with no branch around them can be
-      // issued early, their latency hidden behind the norm (the epilogue does not overlap the
-      // cooperative kernel's mainloop).
-      const bool rope = params.cos != nullptr && params.rope_len > 0;  // uniform
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < F; i += 2) {
         const auto mn = c(epi_v * F + i);
@@ -160,18 +147,15 @@ struct HeadRmsNormRope {
         const int col = (n0 + get<1>(mn)) & (kHeadDim - 1);  // even: the pair (col, col + 1)
         float ev = rnd<T>(rnd<T>(y[i] * rstd[slot]) * static_cast<float>(w[col]));
         float od = rnd<T>(rnd<T>(y[i + 1] * rstd[slot]) * static_cast<float>(w[col + 1]));
-        if (rope) {
-          const int m = m0 + get<0>(mn);
-          const int pos = m + params.pos_offset;
-          const int at_pos = min(max(pos, 0), params.rope_len - 1);
-          const int64_t at = static_cast<int64_t>(at_pos) * kHeadDim + col;
-          const float2 cs = __ldg(reinterpret_cast<const float2*>(params.cos + at));
-          const float2 sn = __ldg(reinterpret_cast<const float2*>(params.sin + at));
-          if (m < rows && pos == at_pos) {
-            const float e = ev, o = od;
-            ev = rnd<T>(__fsub_rn(__fmul_rn(e, cs.x), __fmul_rn(o, sn.x)));
-            od = rnd<T>(__fadd_rn(__fmul_rn(o, cs.y), __fmul_rn(e, sn.y)));
-          }
+        const int m = m0 + get<0>(mn);
+        const int pos = m + params.pos_offset;
+        if (params.cos != nullptr && m < rows && pos >= 0 && pos < params.rope_len) {
+          const int64_t at = static_cast<int64_t>(pos) * kHeadDim + col;
+          const float2 cs = *reinterpret_cast<const float2*>(params.cos + at);
+          const float2 sn = *reinterpret_cast<const float2*>(params.sin + at);
+          const float e = ev, o = od;
+          ev = rnd<T>(__fsub_rn(__fmul_rn(e, cs.x), __fmul_rn(o, sn.x)));
+          od = rnd<T>(__fadd_rn(__fmul_rn(o, cs.y), __fmul_rn(e, sn.y)));
         }
         out[i] = T(ev);
         out[i + 1] = T(od);
@@ -199,22 +183,17 @@ template <typename T, typename Tile>
 using QkNormRopeTree = fusion::Sm90EVT<HeadRmsNormRope<T>, AccPlusBias<T, Tile>>;
 
 template <typename T>
-void run(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a, uintptr_t w, uintptr_t bias,
-         uintptr_t out, int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb,
-         int64_t out_batch_stride, const typename HeadRmsNormRope<T>::Arguments& head, cudaStream_t s) {
+void run(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t out,
+         int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t out_batch_stride,
+         const typename HeadRmsNormRope<T>::Arguments& head, cudaStream_t s) {
   auto thread = [=](auto* fusion) {
     using Fusion = std::remove_pointer_t<decltype(fusion)>;
     return typename Fusion::Arguments{
         {{}, {reinterpret_cast<const T*>(bias), T(0), {_0{}, _1{}, int64_t(0)}}, {}},  // acc + bias
         head};
   };
-  if (variant == 0) {
-    run_evt<T, CooperativeHeads, cutlass::gemm::PersistentScheduler, QkNormRopeTree>(
-        fn, dev, a, w, 0, out, M, L, N, K, lda, ldb, thread, s, out_batch_stride);
-  } else {
-    run_evt<T, PingPongHeads, cutlass::gemm::PersistentScheduler, QkNormRopeTree>(
-        fn, dev, a, w, 0, out, M, L, N, K, lda, ldb, thread, s, out_batch_stride);
-  }
+  run_evt<T, CooperativeHeads, cutlass::gemm::PersistentScheduler, QkNormRopeTree>(
+      fn, dev, a, w, 0, out, M, L, N, K, lda, ldb, thread, s, out_batch_stride);
 }
 
 }  // namespace
@@ -225,10 +204,8 @@ void gemm_qk_norm_rope(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t out, 
                        uintptr_t k_weight, uintptr_t cos, uintptr_t sin, int64_t M, int64_t L, int64_t N,
                        int64_t K, int64_t lda, int64_t ldb, int64_t out_batch_stride, int64_t heads,
                        int64_t head_dim, int64_t pos_offset, int64_t rope_len, double eps, int dtype,
-                       int variant, uintptr_t stream) {
+                       uintptr_t stream) {
   const char* fn = "gemm_qk_norm_rope";
-  LYRA_CHECK_ARG(variant == 0 || variant == 2, fn,
-                 "variant must be 0 (cooperative) or 2 (ping-pong), got " + std::to_string(variant));
   LYRA_CHECK_ARG(a != 0 && w != 0 && out != 0 && q_weight != 0 && k_weight != 0, fn,
                  "a, w, out and the q / k norm weights must be non-null device pointers");
   LYRA_CHECK_ARG(head_dim == 128, fn, "head_dim must be 128 (one 128-column sub-tile per head), got " +
@@ -243,7 +220,7 @@ void gemm_qk_norm_rope(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t out, 
   LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
   LYRA_CHECK_ARG(pos_offset >= -(1ll << 30) && pos_offset < (1ll << 30) && rope_len < (1ll << 30), fn,
                  "pos_offset and rope_len must fit in 31 bits");
-  check_evt_gemm_args(fn, M, L, N, K, lda, ldb, dtype, variant, {a, w, bias, out, q_weight, k_weight});
+  check_evt_gemm_args(fn, M, L, N, K, lda, ldb, dtype, 0, {a, w, bias, out, q_weight, k_weight});
 #if defined(LYRA_HAVE_CUTLASS)
   const DeviceInfo dev = sm90::sm90_device(fn);
   cudaStream_t s = as_stream(stream);
@@ -260,7 +237,7 @@ void gemm_qk_norm_rope(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t out, 
     head.pos_offset = static_cast<int>(pos_offset);
     head.rope_len = cos ? static_cast<int>(rope_len) : 0;
     head.eps = static_cast<float>(eps);
-    sm90::run<T>(fn, variant, dev, a, w, bias, out, M, L, N, K, lda, ldb, out_batch_stride, head, s);
+    sm90::run<T>(fn, dev, a, w, bias, out, M, L, N, K, lda, ldb, out_batch_stride, head, s);
   };
   if (dtype == kFloat16) {
     launch(static_cast<cutlass::half_t*>(nullptr));

@@ -15,7 +15,7 @@ On CUDA each part's GEMM writes its rows of `out`, so v needs no cat copy; then 
   per part (csrc/qkv_quant.cu without v), or
 - cutlass (Hopper, a build with the CUTLASS headers, head dim 128): one CUTLASS GEMM per part
   whose epilogue does the norm and the RoPE while the tile is in registers
-  (csrc/gemm_qk_norm_rope.cu; cooperative or ping-pong tiles): no pass over q and k at all;
+  (csrc/gemm_qk_norm_rope.cu): no pass over q and k at all;
 config.gated_gemm picks (auto: both timed as CUDA graphs on a shape's first call). The weights
 of a part must be adjacent rows of one buffer (passes/shared_input.py makes them so); otherwise
 the op runs lyra::linear_group + lyra::qk_norm_rope3 + a cat, logged as a fallback.
@@ -153,16 +153,15 @@ def _(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin):
     if reason:
         return _unfused(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin, reason)
 
-    def epilogue(variant: int) -> Tensor:
-        """One CUTLASS GEMM per part, the norm and RoPE in its epilogue (variant 0 cooperative,
-        2 ping-pong)."""
+    def epilogue() -> Tensor:
+        """One CUTLASS GEMM per part, the norm and RoPE in its epilogue."""
         stream, offset = stream_handle(out), 0  # the stream at call time (auto captures on a side one)
         for x, q_norm, k_norm, (w, bias, _) in zip(xs, q_norms, k_norms, joints):
             rows, kdim = x.shape[1], x.shape[2]
             if rows and b:
                 C.gemm_qk_norm_rope(ptr(x), ptr(w), ptr(bias), ptr(out[:, offset]), ptr(q_norm), ptr(k_norm),
                                     ptr(cos), ptr(sin), rows, b, width, kdim, kdim, w.stride(0), out.stride(0),
-                                    heads, d, offset, cos.shape[0], float(eps), code, variant, stream)
+                                    heads, d, offset, cos.shape[0], float(eps), code, stream)
             offset += rows
         return out
 
@@ -185,8 +184,7 @@ def _(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin):
         return gemm_then_pass()
     key = ("qkv", out.device.index, out.dtype, "+".join(map(str, lengths)), width,
            tuple(x.shape[2] for x in xs), b, bool(biases))
-    paths = {"cutlass": lambda: epilogue(0), "cutlass-pingpong": lambda: epilogue(2), "cublaslt": gemm_then_pass}
-    return gated_gemm._dispatch(mode, key, paths)
+    return gated_gemm._dispatch(mode, key, {"cutlass": epilogue, "cublaslt": gemm_then_pass})
 
 
 def _unfused(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin, reason: str) -> Tensor:
