@@ -436,6 +436,22 @@ def qkv_cases(dt):
         shape = f"L{'+'.join(map(str, parts))} N{3 * heads * d} K{K}"
         yield (f"qkv epilogue {name}", shape, fused, split, nbytes)
         yield (f"qkv cublaslt joint {name}", shape, functools.partial(fused, path="cublaslt"), split, nbytes)
+        # the norm + RoPE pass alone, in place over one joint buffer (the cublaslt path's second
+        # half) against the same pass writing new q / k buffers
+        from lyradynamo.ops import rope
+
+        joint = torch.randn(1, length, 3 * heads * d, device="cuda", dtype=dt)
+        q, k = (joint.narrow(-1, i * heads * d, heads * d).unflatten(-1, (heads, d)) for i in range(2))
+        qp, kp = list(q.split(list(parts), dim=1)), list(k.split(list(parts), dim=1))
+
+        def in_place(qp=qp, kp=kp, q=q, k=k, norms=norms, cos=cos, sin=sin):
+            rope.launch_fused(_C, qp, kp, [], norms, norms, "rms", 1e-6, cos, sin, 0, (q, k))
+
+        def new_buffers(qp=qp, kp=kp, norms=norms, cos=cos, sin=sin):
+            torch.ops.lyra.qk_norm_rope3(qp, kp, [], norms, norms, "rms", 1e-6, cos, sin)
+
+        yield (f"qk norm+rope pass {name}", f"L{length} H{heads} D{d}", in_place, new_buffers,
+               4 * length * heads * d * es)
         # where the epilogue's time goes: the kernel without RoPE (norm only) against cuBLASLt's
         # GEMM alone (no norm, no RoPE, no pass), one part
         x, w, b, n = xs[-1], ws[-1], bs[-1], 3 * heads * d

@@ -6,8 +6,10 @@
 // leaves as e4m3(value * inv_t), inv_t = scales[24 + t] (attention_fp8.cu).
 //
 // One block per token (b, l) of a part, H * D / V threads (V = 16-byte vector
-// of the dtype): thread (h, c) holds elements [cV, cV + V) of head h of q, k
-// and v in turn, the D / V threads of a head reducing with warp shuffles. Its
+// of the dtype): thread (h, c) loads elements [cV, cV + V) of head h of q, k
+// and v (all three before any math: three loads in flight), then normalises,
+// rotates and stores them in turn, the D / V threads of a head reducing with
+// warp shuffles. Its
 // cos / sin are loaded once for q and k. Every access is a 16-byte load or a
 // V-byte store: about the DRAM time of reading q, k, v and writing them at
 // one byte per value (qk_norm_rope.cu, a warp per token and four heads with
@@ -54,37 +56,44 @@ __global__ void qkv_quant_kernel(QKVParams p) {
     load_f32<V>(p.cosp + static_cast<int64_t>(pos) * p.D + c, cs);
     load_f32<V>(p.sinp + static_cast<int64_t>(pos) * p.D + c, sn);
   }
+  // q, k and v are all loaded before any is processed: three 16-byte loads in flight per
+  // thread instead of one at a time (a store of q could alias k for all the compiler knows, so
+  // it would not move k's load above it); a pass in place (dst = src) stays correct.
+  float v[3][V] = {};
+#pragma unroll
+  for (int t = 0; t < 3; ++t) {
+    if (p.src[t] != nullptr && active) {
+      load_vec<V>(static_cast<const T*>(p.src[t]) + b * p.sb[t] + l * p.sl[t] + h * p.sh[t] + c, v[t]);
+    }
+  }
 #pragma unroll
   for (int t = 0; t < 3; ++t) {
     if (p.src[t] == nullptr) continue;  // uniform: no v to copy
-    const T* x = static_cast<const T*>(p.src[t]) + b * p.sb[t] + l * p.sl[t] + h * p.sh[t] + c;
-    float v[V] = {};
-    if (active) load_vec<V>(x, v);
     if (t < 2 && p.w[t] != nullptr) {
       float ss = 0.f;
 #pragma unroll
-      for (int e = 0; e < V; ++e) ss += v[e] * v[e];
+      for (int e = 0; e < V; ++e) ss += v[t][e] * v[t][e];
       for (int o = lanes >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
       const float rstd = rsqrtf(ss / static_cast<float>(p.D) + p.eps);
       float w[V] = {};
       if (active) load_vec<V>(static_cast<const T*>(p.w[t]) + c, w);
 #pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = round_to<T>(round_to<T>(v[e] * rstd) * w[e]);
+      for (int e = 0; e < V; ++e) v[t][e] = round_to<T>(round_to<T>(v[t][e] * rstd) * w[e]);
     }
     if (t < 2 && rotate) {
 #pragma unroll
       for (int e = 0; e < V; e += 2) {
-        const float ev = v[e], od = v[e + 1];
-        v[e] = round_to<T>(__fsub_rn(__fmul_rn(ev, cs[e]), __fmul_rn(od, sn[e])));
-        v[e + 1] = round_to<T>(__fadd_rn(__fmul_rn(od, cs[e + 1]), __fmul_rn(ev, sn[e + 1])));
+        const float ev = v[t][e], od = v[t][e + 1];
+        v[t][e] = round_to<T>(__fsub_rn(__fmul_rn(ev, cs[e]), __fmul_rn(od, sn[e])));
+        v[t][e + 1] = round_to<T>(__fadd_rn(__fmul_rn(od, cs[e + 1]), __fmul_rn(ev, sn[e + 1])));
       }
     }
     if (!active) continue;
     OutT* y = static_cast<OutT*>(p.dst[t]) + b * p.db + static_cast<int64_t>(l) * p.dl + h * p.dh + c;
     if constexpr (std::is_same_v<OutT, uint8_t>) {
-      quant_store<V>(y, v, p.inv[t], kQuantFp8);
+      quant_store<V>(y, v[t], p.inv[t], kQuantFp8);
     } else {
-      store_vec<V>(y, v);
+      store_vec<V>(y, v[t]);
     }
   }
 }
