@@ -1,5 +1,6 @@
 """q / k / v projections + q / k RMSNorm + RoPE (+ the cat of a joint attention's parts)
--> lyra::qkv_projection: one GEMM per part with the norm and the RoPE in its epilogue.
+-> lyra::qkv_projection: each part's GEMM writes its rows of one q / k / v buffer, then the
+norm and the RoPE run in place (or in the GEMM's epilogue: ops/qkv_projection.py), no cat.
 
 Runs last (after shared_input, which made each part's q, k and v linears one
 lyra::linear_group of three weights). It matches, for a lyra::attention:
@@ -14,8 +15,9 @@ and makes it
     p = lyra::qkv_projection([x_i], [W_q, W_k, W_v, ...], biases, q norms, k norms, H, eps, cos, sin)
     lyra::attention(p[..., :HD] as (B, L, H, D), p[..., HD:2HD] ..., p[..., 2HD:] ...)
 
-For head dim 128 (the fused epilogue's; config.qkv_projection turns the rewrite off). Every
-condition it checks is about the graph (users, shapes, offsets), never a model's names.
+For head dim 128 (FLUX's, and the only one the epilogue kernel is built for);
+config.qkv_projection = False turns the rewrite off. Every condition it checks is about the
+graph (users, shapes, offsets), never a model's names.
 """
 from __future__ import annotations
 
