@@ -64,7 +64,7 @@ def _part(qv, kv, vv) -> tuple[fx.Node, int] | str:
 
 
 def match(attn: fx.Node):
-    """(qk_norm_rope3 node, [(g_i, view nodes)], H, D) or why not."""
+    """(qk_norm_rope3 node, [(g_i, H D, (q_i, k_i, v_i) view nodes) per part], H, D) or why not."""
     q = attn.args[0]
     qnr3 = q.args[0] if isinstance(q, fx.Node) and q.target is operator.getitem else None
     if not (isinstance(qnr3, fx.Node) and qnr3.target is torch.ops.lyra.qk_norm_rope3.default):
