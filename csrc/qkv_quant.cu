@@ -5,17 +5,20 @@
 // RoPE in fp32 with unfused products, rounded), v is copied; each value then
 // leaves as e4m3(value * inv_t), inv_t = scales[24 + t] (attention_fp8.cu).
 //
-// One block per token (b, l) of a part, H * D / V threads (V = 16-byte vector
-// of the dtype): thread (h, c) loads elements [cV, cV + V) of head h of q, k
-// and v (all three before any math: three loads in flight), then normalises,
-// rotates and stores them in turn, the D / V threads of a head reducing with
-// warp shuffles. Its
-// cos / sin are loaded once for q and k. Every access is a 16-byte load or a
+// A block of H * D / V threads (V = 16-byte vector of the dtype) handles one token
+// (b, l) of a part at a time, walking the tokens with a grid-sized stride: thread
+// (h, c) holds elements [cV, cV + V) of head h of q, k and v (loaded one token ahead,
+// see the kernel), normalises, rotates and stores them in turn, the D / V threads of a
+// head reducing with warp shuffles. Its cos / sin are loaded once for q and k. Every access is a 16-byte load or a
 // V-byte store: about the DRAM time of reading q, k, v and writing them at
 // one byte per value (qk_norm_rope.cu, a warp per token and four heads with
 // 4-byte accesses, was L1-bound at a quarter of that).
 #include <cuda_fp8.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -41,61 +44,90 @@ struct QKVParams {
 
 // OutT = uint8_t: e4m3 bytes (value * inv[t]); OutT = T: the values themselves
 // (lyra::qk_norm_rope3, the bf16 / fp16 form of the same pass).
+//
+// A block walks tokens b * L + l = blockIdx.x, + gridDim.x, ... (the grid is what fits on the
+// SMs at once) and loads the next token's q, k, v while it processes the current one: the
+// loads stay in flight through the math, the stores and what would otherwise be a new
+// block's launch (one short block per token kept ~25 KB in flight per SM: 1.5 TB/s).
 template <typename T, typename OutT, int V>
-__global__ void qkv_quant_kernel(QKVParams p) {
+__global__ void qkv_quant_kernel(QKVParams p, int64_t ntok) {
+  using Raw = Pack<T, V>;
   const int lanes = p.D / V;  // threads per head: a power of two <= 32
   const int h = threadIdx.x / lanes;
   const bool active = h < p.H;  // the block is whole warps: the rest only join the shuffles
   const int c = (threadIdx.x % lanes) * V;
-  const int64_t b = blockIdx.x / p.L;
-  const int l = static_cast<int>(blockIdx.x % p.L);
-  const int pos = l - p.rope_off;
-  const bool rotate = p.cosp != nullptr && pos >= 0 && pos < p.rope_len;
-  float cs[V], sn[V];
-  if (rotate && h < p.H) {
-    load_f32<V>(p.cosp + static_cast<int64_t>(pos) * p.D + c, cs);
-    load_f32<V>(p.sinp + static_cast<int64_t>(pos) * p.D + c, sn);
-  }
-  // q, k and v are all loaded before any is processed: three 16-byte loads in flight per
-  // thread instead of one at a time (a store of q could alias k for all the compiler knows, so
-  // it would not move k's load above it); a pass in place (dst = src) stays correct.
-  float v[3][V] = {};
+  auto src_of = [&](int t, int64_t tok) {
+    const int64_t b = tok / p.L;
+    const int64_t l = tok - b * p.L;
+    return static_cast<const T*>(p.src[t]) + b * p.sb[t] + l * p.sl[t] + h * p.sh[t] + c;
+  };
+  // buf[t] holds part t (q, k, v) of the token being processed; as soon as it is unpacked, the
+  // same registers take the next token's part, whose load then stays in flight through this
+  // token's math and stores. In place (dst = src) stays correct: tokens do not overlap, and a
+  // token's values are read before they are written.
+  Raw buf[3] = {};
+  int64_t tok = blockIdx.x;
 #pragma unroll
-  for (int t = 0; t < 3; ++t) {
-    if (p.src[t] != nullptr && active) {
-      load_vec<V>(static_cast<const T*>(p.src[t]) + b * p.sb[t] + l * p.sl[t] + h * p.sh[t] + c, v[t]);
-    }
-  }
+  for (int t = 0; t < 3; ++t)
+    if (p.src[t] != nullptr && active && tok < ntok) buf[t] = load_raw<V>(src_of(t, tok));
+  for (; tok < ntok; tok += gridDim.x) {
+    const int64_t nt = tok + gridDim.x;
+    const int64_t b = tok / p.L;
+    const int l = static_cast<int>(tok - b * p.L);
+    const int pos = l - p.rope_off;
+    const bool rotate = p.cosp != nullptr && pos >= 0 && pos < p.rope_len;
 #pragma unroll
-  for (int t = 0; t < 3; ++t) {
-    if (p.src[t] == nullptr) continue;  // uniform: no v to copy
-    if (t < 2 && p.w[t] != nullptr) {
-      float ss = 0.f;
+    for (int t = 0; t < 3; ++t) {
+      if (p.src[t] == nullptr) continue;  // uniform: no v to copy
+      float v[V];
+      unpack<V>(buf[t], v);
+      if (active && nt < ntok) buf[t] = load_raw<V>(src_of(t, nt));
+      if (t < 2 && p.w[t] != nullptr) {
+        float ss = 0.f;
 #pragma unroll
-      for (int e = 0; e < V; ++e) ss += v[t][e] * v[t][e];
-      for (int o = lanes >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      const float rstd = rsqrtf(ss / static_cast<float>(p.D) + p.eps);
-      float w[V] = {};
-      if (active) load_vec<V>(static_cast<const T*>(p.w[t]) + c, w);
+        for (int e = 0; e < V; ++e) ss += v[e] * v[e];
+        for (int o = lanes >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        const float rstd = rsqrtf(ss / static_cast<float>(p.D) + p.eps);
+        float w[V] = {};
+        if (active) load_vec<V>(static_cast<const T*>(p.w[t]) + c, w);
 #pragma unroll
-      for (int e = 0; e < V; ++e) v[t][e] = round_to<T>(round_to<T>(v[t][e] * rstd) * w[e]);
-    }
-    if (t < 2 && rotate) {
+        for (int e = 0; e < V; ++e) v[e] = round_to<T>(round_to<T>(v[e] * rstd) * w[e]);
+      }
+      if (t < 2 && rotate && active) {  // k reloads cos / sin from L1 rather than keep 2V registers
+        float cs[V], sn[V];
+        load_f32<V>(p.cosp + static_cast<int64_t>(pos) * p.D + c, cs);
+        load_f32<V>(p.sinp + static_cast<int64_t>(pos) * p.D + c, sn);
 #pragma unroll
-      for (int e = 0; e < V; e += 2) {
-        const float ev = v[t][e], od = v[t][e + 1];
-        v[t][e] = round_to<T>(__fsub_rn(__fmul_rn(ev, cs[e]), __fmul_rn(od, sn[e])));
-        v[t][e + 1] = round_to<T>(__fadd_rn(__fmul_rn(od, cs[e + 1]), __fmul_rn(ev, sn[e + 1])));
+        for (int e = 0; e < V; e += 2) {
+          const float ev = v[e], od = v[e + 1];
+          v[e] = round_to<T>(__fsub_rn(__fmul_rn(ev, cs[e]), __fmul_rn(od, sn[e])));
+          v[e + 1] = round_to<T>(__fadd_rn(__fmul_rn(od, cs[e + 1]), __fmul_rn(ev, sn[e + 1])));
+        }
+      }
+      if (!active) continue;
+      OutT* y = static_cast<OutT*>(p.dst[t]) + b * p.db + static_cast<int64_t>(l) * p.dl + h * p.dh + c;
+      if constexpr (std::is_same_v<OutT, uint8_t>) {
+        quant_store<V>(y, v, p.inv[t], kQuantFp8);
+      } else {
+        store_vec<V>(y, v);
       }
     }
-    if (!active) continue;
-    OutT* y = static_cast<OutT*>(p.dst[t]) + b * p.db + static_cast<int64_t>(l) * p.dl + h * p.dh + c;
-    if constexpr (std::is_same_v<OutT, uint8_t>) {
-      quant_store<V>(y, v[t], p.inv[t], kQuantFp8);
-    } else {
-      store_vec<V>(y, v[t]);
-    }
   }
+}
+
+// Blocks of `threads` threads of `kernel` that fit on the device at once (cached per kernel,
+// device and block size: an attribute query, safe under graph capture).
+int64_t resident_blocks(const void* kernel, int threads, const char* fn) {
+  const DeviceInfo info = current_device_info(fn);
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  int& per_sm = cache[{kernel, info.device, threads}];
+  if (per_sm == 0) {
+    LYRA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0), fn);
+    per_sm = std::max(per_sm, 1);
+  }
+  return static_cast<int64_t>(per_sm) * info.sm_count;
 }
 
 }  // namespace
@@ -157,13 +189,17 @@ void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst,
   p.eps = static_cast<float>(eps);
   if (B * L == 0) return;
   const int threads = static_cast<int>((H * lanes + 31) / 32 * 32);
-  const unsigned grid = static_cast<unsigned>(B * L);
+  const int64_t ntok = B * L;
   cudaStream_t s = as_stream(stream);
+  auto launch = [&](auto kernel) {
+    const unsigned grid = static_cast<unsigned>(std::min(ntok, resident_blocks(reinterpret_cast<const void*>(kernel), threads, fn)));
+    kernel<<<grid, threads, 0, s>>>(p, ntok);
+  };
   LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
     if (inv) {
-      qkv_quant_kernel<scalar_t, uint8_t, vec16<scalar_t>()><<<grid, threads, 0, s>>>(p);
+      launch(qkv_quant_kernel<scalar_t, uint8_t, vec16<scalar_t>()>);
     } else {
-      qkv_quant_kernel<scalar_t, scalar_t, vec16<scalar_t>()><<<grid, threads, 0, s>>>(p);
+      launch(qkv_quant_kernel<scalar_t, scalar_t, vec16<scalar_t>()>);
     }
     LYRA_CHECK_LAUNCH(fn);
   });

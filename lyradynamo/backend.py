@@ -147,12 +147,13 @@ def _late_fusions(gm: fx.GraphModule, example_inputs: list, fake_mode, report: G
     (passes/attention.fuse_qkv_late), then linears reading one input as one GEMM
     (passes/shared_input.py), then, last, a q / k / v GEMM with that norm + RoPE in its epilogue
     (passes/qkv_projection.py)."""
-    if {"rope", "attention"} <= set(config.passes):
+    attention_passes = {"rope", "attention"} <= set(config.passes)
+    if attention_passes:
         _after_quant(gm, "late_fusions", lambda: attention_pass.fuse_qkv_late(gm.graph, fake_mode, report), report)
     if "shared_input" in config.passes:
         _after_quant(gm, "shared_input", lambda: shared_input_pass.run(gm, example_inputs, fake_mode, report),
                      report)
-        if {"rope", "attention"} <= set(config.passes):
+        if attention_passes:
             _after_quant(gm, "qkv_projection", lambda: qkv_projection_pass.run(gm.graph, fake_mode, report),
                          report)
 

@@ -14,7 +14,8 @@ op; our graph is a torch-level FX graph that re-runs every op on real tensors, s
 decisions are re-made at run time and the guards protect nothing. `relax_internal_guards`
 drops them: only guards recorded inside operator implementations (never the model's own
 Python), and only non-equalities (`Ne`, `<`, `>=`, ...); equalities can change shapes, so
-they stay.
+they stay. One equality of this kind is avoided instead: `t.contiguous()` of a view whose
+contiguity depends on a size is traced without asking (`_install_call_method_hooks`).
 
 Floats. `specialize_float=True` keeps the floats of the model's code and modules (eps,
 dropout p, output_scale_factor, an attention scale computed from head_dim) Python constants,
@@ -125,7 +126,7 @@ def install() -> None:
     _eval_frame.get_compiler_fn = get_compiler_fn
     _install_batch_only_duck()
     _install_input_floats()
-    _install_repeat_interleave_hint()
+    _install_call_method_hooks()
     from . import fake_shortcuts
 
     fake_shortcuts.install()
@@ -163,18 +164,28 @@ def _install_batch_only_duck() -> None:
     builder._automatic_dynamic = _automatic_dynamic
 
 
-def _install_repeat_interleave_hint() -> None:
-    """Under the policy, `t.repeat_interleave(int, dim, output_size=...)` is traced without
-    `output_size`.
+def _install_call_method_hooks() -> None:
+    """Two tensor methods traced differently under the policy (torch's own tracing would pin
+    a size to its current value):
 
-    With an int `repeats` the output size is `t.size(dim) * repeats` by construction, so the
-    argument is only a hint; but torch (2.11) checks it with `guard_int`, which pins the
-    symbols in it to their current values: diffusers' `prepare_attention_mask` passes
+    `t.repeat_interleave(int, dim, output_size=...)` is traced without `output_size`. With an
+    int `repeats` the output size is `t.size(dim) * repeats` by construction, so the argument
+    is only a hint; but torch (2.11) checks it with `guard_int`, which pins the symbols in it
+    to their current values: diffusers' `prepare_attention_mask` passes
     `output_size=batch * heads`, and the batch size became static (one compile per batch
     size for every model with an attention mask, e.g. Sana). A tensor `repeats` keeps the
     argument: there it sizes a data-dependent output.
+
+    `t.contiguous()` whose contiguity depends on a size (a split along dim 1 of a (B, L, C)
+    tensor is contiguous only when B == 1: FLUX's attention output, split into text and
+    image rows) is traced without asking: the node is the same `contiguous` call, and its
+    value is the contiguous copy's (shape and contiguous strides, as at any B > 1). Asking
+    would guard the size (`Eq(B, 1)` when traced at batch 1: a recompile at batch 2). The
+    graph runs the method on the real tensor, so at run time it copies exactly when eager
+    does; at B == 1 it returns its input, which is contiguous too, as the value says.
     """
     try:
+        from torch._dynamo.variables.builder import wrap_fx_proxy
         from torch._dynamo.variables.tensor import TensorVariable
     except ImportError:
         return
@@ -187,10 +198,44 @@ def _install_repeat_interleave_hint() -> None:
             repeats = args[0] if args else kwargs.get("repeats")
             if repeats is not None and not isinstance(repeats, TensorVariable):
                 kwargs = {k: v for k, v in kwargs.items() if k != "output_size"}
+        if _active and name == "contiguous" and not args and not kwargs:
+            value = self.as_proxy().node.meta.get("example_value")
+            if isinstance(value, torch.Tensor) and contiguity_without_guard(value) is None:
+                proxy = tx.output.create_proxy("call_method", "contiguous", (self.as_proxy(),), {})
+                return wrap_fx_proxy(tx, proxy, example_value=contiguous_value(value))
         return original(self, tx, name, args, kwargs)
 
     call_method.__wrapped__ = original  # type: ignore[attr-defined]
     TensorVariable.call_method = call_method
+
+
+def contiguous_value(t: torch.Tensor) -> torch.Tensor:
+    """What `t.contiguous()` gives, worked out without a guard: t itself when it is known to be
+    contiguous, else a contiguous copy's value (for a fake t whose contiguity depends on a
+    size, as traced by `_install_call_method_hooks`). Passes that re-run a traced
+    `.contiguous()` on fake values use this, or they would add the guard themselves."""
+    decided = contiguity_without_guard(t)
+    if decided is None:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t if decided else t.contiguous()
+
+
+def contiguity_without_guard(t: torch.Tensor) -> bool | None:
+    """Whether t is contiguous, when its sizes and strides decide it without a guard; None when
+    the answer depends on the values of symbolic sizes."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as known
+
+    if any(known(n == 0) for n in t.shape):
+        return True
+    undecided = False
+    expected = 1
+    for size, stride in reversed(list(zip(t.shape, t.stride()))):
+        if not (known(size == 1) or known(stride == expected)):
+            if known(size != 1) and known(stride != expected) and all(known(n != 0) for n in t.shape):
+                return False
+            undecided = True
+        expected = expected * size
+    return None if undecided else True
 
 
 def _install_input_floats() -> None:

@@ -114,3 +114,35 @@ def test_repeat_interleave_output_size_does_not_pin_the_batch(monkeypatch):
         torch.testing.assert_close(compiled(mask, x), f(mask, x))
     assert lyradynamo.compile_count() == 1
     assert seen and all("output_size" not in kw for kw in seen)
+
+
+@pytest.mark.parametrize("batches", [(1, 2, 3), (2, 1)])
+def test_contiguous_of_a_split_does_not_pin_the_batch(batches):
+    """FLUX's attention: `hidden.split_with_sizes([l_txt, l_img], dim=1)` then `.contiguous()`
+    of each part; a part is contiguous only at B == 1, and torch's tracing guards Eq(B, 1)
+    (traced at batch 1: a recompile at batch 2). The shape policy traces it without asking;
+    at run time the method copies exactly when eager's does."""
+    lin = torch.nn.Linear(8, 8)
+
+    def f(x, ctx):
+        a, b = x.split_with_sizes([ctx.shape[1], x.shape[1] - ctx.shape[1]], dim=1)
+        return lin(a.contiguous()), lin(b.contiguous()) * 2
+
+    compiled = torch.compile(f, backend="lyra")
+    with torch.no_grad():
+        for bsz in batches:
+            x, ctx = torch.randn(bsz, 11, 8), torch.randn(bsz, 4, 8)
+            for got, want in zip(compiled(x, ctx), f(x, ctx)):
+                torch.testing.assert_close(got, want)
+    assert lyradynamo.compile_count() == 1
+
+
+def test_contiguity_without_guard():
+    from lyradynamo.shape_policy import contiguity_without_guard as decide
+
+    t = torch.randn(2, 3, 4)
+    assert decide(t) is True
+    assert decide(t.transpose(1, 2)) is False
+    assert decide(t[:, :2]) is False  # split along dim 1 at B = 2
+    assert decide(t[:1, :2]) is True  # at B = 1 the batch stride does not matter
+    assert decide(torch.empty(0, 3)[:, :2]) is True

@@ -130,7 +130,7 @@ def run(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], gate: 
         return call
 
     key = ("gated", x.device.index, x.dtype, m, n, k, batches, bias is not None)
-    return _dispatch(mode, key, _paths(fused, split))
+    return dispatch(mode, key, _paths(fused, split))
 
 
 def run_glu(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, m: int, n: int,
@@ -163,7 +163,7 @@ def run_glu(C, x: Tensor, x2: Tensor, weight: Tensor, bias: Optional[Tensor], ac
         return call
 
     key = ("glu", x.device.index, x.dtype, m, n, k, bias is not None)
-    return _dispatch(mode, key, _paths(fused, split))
+    return dispatch(mode, key, _paths(fused, split))
 
 
 def _paths(fused: Callable[[int], Callable[[], Tensor]], split: Callable[[], Tensor]) -> dict:
@@ -171,8 +171,10 @@ def _paths(fused: Callable[[int], Callable[[], Tensor]], split: Callable[[], Ten
     return {"cutlass": fused(0), "cutlass-streamk": fused(1), "cutlass-pingpong": fused(2), "cublaslt": split}
 
 
-def _dispatch(mode: str, key: tuple, paths: dict[str, Callable[[], Tensor]]) -> Tensor:
-    """Run the path config says, or (auto) the one timed fastest for this shape."""
+def dispatch(mode: str, key: tuple, paths: dict[str, Callable[[], Tensor]]) -> Tensor:
+    """Run the path config says, or (auto) the one timed fastest for this shape (`key`); the
+    gated, GLU and q / k / v projection linears share it. `paths` maps path names to thunks and
+    holds "cublaslt" (the path taken while a capture runs before any timing)."""
     if mode == "cutlass":  # the persistent-tile kernel
         return paths["cutlass"]()
     with _lock:

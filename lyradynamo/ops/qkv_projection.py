@@ -34,6 +34,7 @@ from torch import Tensor
 from . import gated_gemm
 from ._common import DTYPE_CODES, csrc, ptr, record_fallback, stream_handle
 from .linear_group import _joined_operands
+from .rope import cuda_unsupported
 from .rope import fused_unsupported as pass_unsupported
 from .rope import launch_fused, qk_norm_rope_reference
 
@@ -98,23 +99,28 @@ def _(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin):
     return x0.new_empty((x0.shape[0], sum(x.shape[1] for x in xs), 3 * weights[0].shape[0]))
 
 
-def _joint_unsupported(C, xs, weights, biases, q_norms, k_norms, d: int, cos, sin) -> Optional[str]:
-    """Why the GEMMs cannot write into one joint buffer (both paths need it), or None."""
+def _joint_unsupported(C, xs, weights, biases) -> Optional[str]:
+    """Why the GEMMs cannot write into one joint buffer (both paths need it), or None. The q / k
+    norm and RoPE operands are rope.cuda_unsupported's and the pass's (_pass_unsupported)."""
     if C is None:
         return "csrc not built"
     x0 = xs[0]
     if x0.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {x0.dtype}"
-    for t in (*xs, *weights, *biases, *q_norms, *k_norms):
+    for t in (*xs, *weights, *biases):
         if t.dtype != x0.dtype or not t.is_contiguous() or t.data_ptr() % 16:
             return "an operand is not a contiguous, 16-byte aligned tensor of x's dtype"
     if any(x.shape[-1] % 8 for x in xs):
         return "K is not a multiple of 8"
-    length = sum(x.shape[1] for x in xs)
-    for t in (cos, sin):
-        if t.dtype != torch.float32 or tuple(t.shape) != (length, d) or not t.is_contiguous() or t.data_ptr() % 16:
-            return f"cos / sin must be contiguous, aligned float32 ({length}, {d}) tables"
     return None
+
+
+def _pass_unsupported(C, q_parts, k_parts, q_norms, k_norms, cos, sin) -> Optional[str]:
+    """Why the q / k norm + RoPE (in place over the joint buffer's q / k columns, or in the
+    epilogue: the same operands) cannot run, or None."""
+    return (cuda_unsupported(q_parts, list(q_norms), "rms", cos, sin)
+            or cuda_unsupported(k_parts, list(k_norms), "rms", cos, sin)
+            or pass_unsupported(C, q_parts, k_parts, [], q_norms, k_norms, cos, sin))
 
 
 def _epilogue_unsupported(C, x0: Tensor, d: int) -> Optional[str]:
@@ -134,7 +140,7 @@ def _(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin):
 
     d = _check(xs, weights, biases, q_norms, k_norms, heads)
     C = csrc()
-    reason = _joint_unsupported(C, xs, weights, biases, q_norms, k_norms, d, cos, sin)
+    reason = _joint_unsupported(C, xs, weights, biases)
     joints = []  # per part: the q / k / v weights (and biases) as one matrix
     for _, ws, bs in [] if reason else _parts(xs, weights, biases):
         ops, reason = _joined_operands(list(ws), [b for b in bs if b is not None])
@@ -149,7 +155,7 @@ def _(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin):
     out = xs[0].new_empty((b, sum(lengths), width))
     q, k = (out.narrow(-1, i * width // 3, width // 3).unflatten(-1, (heads, d)) for i in range(2))
     q_parts, k_parts = list(q.split(lengths, dim=1)), list(k.split(lengths, dim=1))
-    reason = pass_unsupported(C, q_parts, k_parts, [], q_norms, k_norms, cos, sin)
+    reason = _pass_unsupported(C, q_parts, k_parts, q_norms, k_norms, cos, sin)
     if reason:
         return _unfused(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin, reason)
 
@@ -184,7 +190,7 @@ def _(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin):
         return gemm_then_pass()
     key = ("qkv", out.device.index, out.dtype, "+".join(map(str, lengths)), width,
            tuple(x.shape[2] for x in xs), b, bool(biases))
-    return gated_gemm._dispatch(mode, key, {"cutlass": epilogue, "cublaslt": gemm_then_pass})
+    return gated_gemm.dispatch(mode, key, {"cutlass": epilogue, "cublaslt": gemm_then_pass})
 
 
 def _unfused(xs, weights, biases, q_norms, k_norms, heads, eps, cos, sin, reason: str) -> Tensor:

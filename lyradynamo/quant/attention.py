@@ -31,6 +31,7 @@ import torch.fx as fx
 from .. import config
 from ..ops import attention_fp8 as ops
 from ..passes import matcher as m
+from ..shape_policy import contiguous_value
 
 _ATTENTION = torch.ops.lyra.attention.default
 _QK_NORM_ROPE = torch.ops.lyra.qk_norm_rope.default
@@ -181,8 +182,16 @@ def _fake(mode, fn, *args, **kwargs):
 def _call(node: fx.Node, first, *rest, **kwargs):
     """node's op (a method or a function) on `first` in place of its first argument."""
     if node.op == "call_method":
-        return getattr(first, node.target)(*rest, **kwargs)
+        return _method(first, node.target, *rest, **kwargs)
     return node.target(first, *rest, **kwargs)
+
+
+def _method(t, name: str, *args, **kwargs):
+    """t.name(*args, **kwargs) on a fake value; `.contiguous()` as shape_policy traced it (no
+    guard on a size its answer depends on)."""
+    if name == "contiguous" and not args and not kwargs:
+        return contiguous_value(t)
+    return getattr(t, name)(*args, **kwargs)
 
 
 def _plan(attn: fx.Node, chain, leaves, operands, fused: bool, mode) -> dict:
@@ -206,7 +215,7 @@ def _plan(attn: fx.Node, chain, leaves, operands, fused: bool, mode) -> dict:
             svals[u] = svals[parent]
         else:
             op, target, extra = how
-            svals[u] = _fake(mode, lambda t, *a: getattr(t, target)(*a) if op == "call_method" else target(t, *a),
+            svals[u] = _fake(mode, lambda t, *a: _method(t, target, *a) if op == "call_method" else target(t, *a),
                              svals[parent], *extra)
     out_dtype = m.val(attn).dtype
     plan["leaves"] = [_fake(mode, _QLINEAR_Q, vals[leaf.args[0]], svals[leaf.args[0]], *leaf.args[1:8], "fp8",
