@@ -17,6 +17,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace lyra {
 
@@ -138,6 +139,23 @@ __device__ __forceinline__ float silu_fast(float t) { return mul_sigmoid_fast(t,
 template <typename T>
 __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
+// Two values rounded through the storage type with one conversion instruction
+// (cvt.rn.{bf16,f16}x2.f32: the float -> 16-bit conversions run at a quarter of the
+// FP32 rate on sm90 and bound passes that round several times per element). Same
+// result as round_to<T> on each.
+template <typename T>
+__device__ __forceinline__ void round_pair(float& a, float& b) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const float2 r = __bfloat1622float2(__floats2bfloat162_rn(a, b));
+    a = r.x;
+    b = r.y;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    const float2 r = __half22float2(__floats2half2_rn(a, b));
+    a = r.x;
+    b = r.y;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Vector loads: N elements of T packed in one aligned access (16 B max).
 // ---------------------------------------------------------------------------
@@ -162,6 +180,28 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) pk.v[i] = from_float<T>(in[i]);
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
+}
+
+// store_vec with the conversions done two at a time (see round_pair); N even.
+template <int N, typename T>
+__device__ __forceinline__ void store_vec_pairs(T* p, const float (&in)[N]) {
+  static_assert(N % 2 == 0, "store_vec_pairs takes pairs");
+  if constexpr (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) {
+    Pack<uint32_t, N / 2> pk;  // 32-bit words: one vector store (a pack of the x2 types is split)
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+        pk.v[i] = *reinterpret_cast<const uint32_t*>(&h);
+      } else {
+        const __half2 h = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
+        pk.v[i] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+    }
+    *reinterpret_cast<Pack<uint32_t, N / 2>*>(p) = pk;
+  } else {
+    store_vec<N>(p, in);
+  }
 }
 
 // Raw (still packed) vector load, to keep loads in flight with half the

@@ -50,15 +50,15 @@ struct QKVParams {
 // loads stay in flight through the math, the stores and what would otherwise be a new
 // block's launch (one short block per token kept ~25 KB in flight per SM: 1.5 TB/s).
 template <typename T, typename OutT, int V>
-__global__ void qkv_quant_kernel(QKVParams p, int64_t ntok) {
+__global__ void qkv_quant_kernel(QKVParams p, unsigned ntok) {
   using Raw = Pack<T, V>;
   const int lanes = p.D / V;  // threads per head: a power of two <= 32
   const int h = threadIdx.x / lanes;
   const bool active = h < p.H;  // the block is whole warps: the rest only join the shuffles
   const int c = (threadIdx.x % lanes) * V;
-  auto src_of = [&](int t, int64_t tok) {
-    const int64_t b = tok / p.L;
-    const int64_t l = tok - b * p.L;
+  auto src_of = [&](int t, unsigned tok) {  // B * L < 2^31 (host check): 32-bit division
+    const unsigned b = tok / static_cast<unsigned>(p.L);
+    const unsigned l = tok - b * static_cast<unsigned>(p.L);
     return static_cast<const T*>(p.src[t]) + b * p.sb[t] + l * p.sl[t] + h * p.sh[t] + c;
   };
   // buf[t] holds part t (q, k, v) of the token being processed; as soon as it is unpacked, the
@@ -66,14 +66,14 @@ __global__ void qkv_quant_kernel(QKVParams p, int64_t ntok) {
   // token's math and stores. In place (dst = src) stays correct: tokens do not overlap, and a
   // token's values are read before they are written.
   Raw buf[3] = {};
-  int64_t tok = blockIdx.x;
+  unsigned tok = blockIdx.x;
 #pragma unroll
   for (int t = 0; t < 3; ++t)
     if (p.src[t] != nullptr && active && tok < ntok) buf[t] = load_raw<V>(src_of(t, tok));
   for (; tok < ntok; tok += gridDim.x) {
-    const int64_t nt = tok + gridDim.x;
-    const int64_t b = tok / p.L;
-    const int l = static_cast<int>(tok - b * p.L);
+    const unsigned nt = tok + gridDim.x;
+    const unsigned b = tok / static_cast<unsigned>(p.L);
+    const int l = static_cast<int>(tok - b * static_cast<unsigned>(p.L));
     const int pos = l - p.rope_off;
     const bool rotate = p.cosp != nullptr && pos >= 0 && pos < p.rope_len;
 #pragma unroll
@@ -82,6 +82,8 @@ __global__ void qkv_quant_kernel(QKVParams p, int64_t ntok) {
       float v[V];
       unpack<V>(buf[t], v);
       if (active && nt < ntok) buf[t] = load_raw<V>(src_of(t, nt));
+      // Roundings through T two values at a time (round_pair: one conversion instruction per
+      // pair; the conversions bound this pass).
       if (t < 2 && p.w[t] != nullptr) {
         float ss = 0.f;
 #pragma unroll
@@ -91,7 +93,14 @@ __global__ void qkv_quant_kernel(QKVParams p, int64_t ntok) {
         float w[V] = {};
         if (active) load_vec<V>(static_cast<const T*>(p.w[t]) + c, w);
 #pragma unroll
-        for (int e = 0; e < V; ++e) v[e] = round_to<T>(round_to<T>(v[e] * rstd) * w[e]);
+        for (int e = 0; e < V; e += 2) {
+          v[e] *= rstd;
+          v[e + 1] *= rstd;
+          round_pair<T>(v[e], v[e + 1]);
+          v[e] *= w[e];
+          v[e + 1] *= w[e + 1];
+          round_pair<T>(v[e], v[e + 1]);
+        }
       }
       if (t < 2 && rotate && active) {  // k reloads cos / sin from L1 rather than keep 2V registers
         float cs[V], sn[V];
@@ -100,8 +109,10 @@ __global__ void qkv_quant_kernel(QKVParams p, int64_t ntok) {
 #pragma unroll
         for (int e = 0; e < V; e += 2) {
           const float ev = v[e], od = v[e + 1];
-          v[e] = round_to<T>(__fsub_rn(__fmul_rn(ev, cs[e]), __fmul_rn(od, sn[e])));
-          v[e + 1] = round_to<T>(__fadd_rn(__fmul_rn(od, cs[e + 1]), __fmul_rn(ev, sn[e + 1])));
+          v[e] = __fsub_rn(__fmul_rn(ev, cs[e]), __fmul_rn(od, sn[e]));
+          v[e + 1] = __fadd_rn(__fmul_rn(od, cs[e + 1]), __fmul_rn(ev, sn[e + 1]));
+          if constexpr (!std::is_same_v<OutT, T>) round_pair<T>(v[e], v[e + 1]);  // the e4m3 path
+          // quantises the rounded value; the T path's store below rounds it the same way
         }
       }
       if (!active) continue;
@@ -109,7 +120,7 @@ __global__ void qkv_quant_kernel(QKVParams p, int64_t ntok) {
       if constexpr (std::is_same_v<OutT, uint8_t>) {
         quant_store<V>(y, v, p.inv[t], kQuantFp8);
       } else {
-        store_vec<V>(y, v);
+        store_vec_pairs<V>(y, v);
       }
     }
   }
@@ -193,7 +204,7 @@ void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst,
   cudaStream_t s = as_stream(stream);
   auto launch = [&](auto kernel) {
     const unsigned grid = static_cast<unsigned>(std::min(ntok, resident_blocks(reinterpret_cast<const void*>(kernel), threads, fn)));
-    kernel<<<grid, threads, 0, s>>>(p, ntok);
+    kernel<<<grid, threads, 0, s>>>(p, static_cast<unsigned>(ntok));
   };
   LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
     if (inv) {
