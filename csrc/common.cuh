@@ -198,7 +198,17 @@ __device__ __forceinline__ void store_vec_pairs(T* p, const float (&in)[N]) {
         pk.v[i] = *reinterpret_cast<const uint32_t*>(&h);
       }
     }
-    *reinterpret_cast<Pack<uint32_t, N / 2>*>(p) = pk;
+    // One vector store, stated (__stwb: st.global.wb.v4): left to itself the compiler split it
+    // into 32-bit stores where the address arithmetic let it infer a smaller alignment.
+    if constexpr (N == 8) {
+      __stwb(reinterpret_cast<uint4*>(p), make_uint4(pk.v[0], pk.v[1], pk.v[2], pk.v[3]));
+    } else if constexpr (N == 4) {
+      __stwb(reinterpret_cast<uint2*>(p), make_uint2(pk.v[0], pk.v[1]));
+    } else {
+      *reinterpret_cast<Pack<uint32_t, N / 2>*>(p) = pk;
+    }
+  } else if constexpr (std::is_same_v<T, float> && N == 4) {
+    __stwb(reinterpret_cast<float4*>(p), make_float4(in[0], in[1], in[2], in[3]));
   } else {
     store_vec<N>(p, in);
   }

@@ -46,13 +46,22 @@ struct QKVParams {
 // (lyra::qk_norm_rope3, the bf16 / fp16 form of the same pass).
 //
 // A block walks tokens b * L + l = blockIdx.x, + gridDim.x, ... (the grid is what fits on the
-// SMs at once) and loads the next token's q, k, v while it processes the current one: the
-// loads stay in flight through the math, the stores and what would otherwise be a new
-// block's launch (one short block per token kept ~25 KB in flight per SM: 1.5 TB/s).
-template <typename T, typename OutT, int V>
-__global__ void qkv_quant_kernel(QKVParams p, unsigned ntok) {
+// SMs at once) and loads the next token's q, k, v while it processes the current one, so the
+// loads stay in flight through the math and the stores. (Alone, this did not make the pass
+// faster than one block per token, session 12 run 1: the pass was bound by its instructions,
+// below.)
+//
+// LANES = D / V threads per head when it is a compile-time constant (8 or 16: D = 64 or 128
+// in 16-bit types), else 0 (read from D): with a constant the head's shuffles unroll and the
+// address arithmetic simplifies (the pass issues ~600 instructions per thread and token and
+// is bound by issue and latency, not DRAM: ncu, session 12). At most 56 registers: three
+// 384-thread blocks per SM instead of two (FLUX's pass 60 -> 52 us on an H100; 48 registers
+// spill and lose it again, 40 take 95 us).
+template <typename T, typename OutT, int V, int LANES>
+__global__ void __maxnreg__(56) qkv_quant_kernel(QKVParams p, unsigned ntok) {
   using Raw = Pack<T, V>;
-  const int lanes = p.D / V;  // threads per head: a power of two <= 32
+  const int lanes = LANES > 0 ? LANES : p.D / V;  // threads per head: a power of two <= 32
+  const int D = lanes * V;
   const int h = threadIdx.x / lanes;
   const bool active = h < p.H;  // the block is whole warps: the rest only join the shuffles
   const int c = (threadIdx.x % lanes) * V;
@@ -88,8 +97,10 @@ __global__ void qkv_quant_kernel(QKVParams p, unsigned ntok) {
         float ss = 0.f;
 #pragma unroll
         for (int e = 0; e < V; ++e) ss += v[e] * v[e];
+#pragma unroll
         for (int o = lanes >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        const float rstd = rsqrtf(ss / static_cast<float>(p.D) + p.eps);
+        // D is a power of two: ss * (1 / D) is ss / D exactly, without a division's instructions
+        const float rstd = rsqrtf(ss * (1.f / static_cast<float>(D)) + p.eps);
         float w[V] = {};
         if (active) load_vec<V>(static_cast<const T*>(p.w[t]) + c, w);
 #pragma unroll
@@ -104,8 +115,8 @@ __global__ void qkv_quant_kernel(QKVParams p, unsigned ntok) {
       }
       if (t < 2 && rotate && active) {  // k reloads cos / sin from L1 rather than keep 2V registers
         float cs[V], sn[V];
-        load_f32<V>(p.cosp + static_cast<int64_t>(pos) * p.D + c, cs);
-        load_f32<V>(p.sinp + static_cast<int64_t>(pos) * p.D + c, sn);
+        load_f32<V>(p.cosp + pos * D + c, cs);  // the table has < 2^31 / D rows (host check)
+        load_f32<V>(p.sinp + pos * D + c, sn);
 #pragma unroll
         for (int e = 0; e < V; e += 2) {
           const float ev = v[e], od = v[e + 1];
@@ -153,6 +164,8 @@ void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst,
   LYRA_CHECK_ARG(aligned_to(inv, 4), fn, "inv must be a 4-byte aligned device pointer (or 0)");
   LYRA_CHECK_ARG(cos == 0 || sin != 0, fn, "sin must be non-null when cos is given");
   LYRA_CHECK_ARG(B >= 0 && L >= 0 && B * L < (1ll << 31), fn, "B * L must be in [0, 2^31)");
+  LYRA_CHECK_ARG(cos == 0 || (rope_len >= 0 && rope_len * D < (1ll << 31)), fn,
+                 "the cos / sin tables must have fewer than 2^31 values");
   const int64_t V = 16 / static_cast<int64_t>(dtype_size(dtype));
   const int64_t lanes = D / V;
   LYRA_CHECK_ARG(D % V == 0 && lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0, fn,
@@ -206,11 +219,23 @@ void qkv_quant(const std::vector<int64_t>& src, const std::vector<int64_t>& dst,
     const unsigned grid = static_cast<unsigned>(std::min(ntok, resident_blocks(reinterpret_cast<const void*>(kernel), threads, fn)));
     kernel<<<grid, threads, 0, s>>>(p, static_cast<unsigned>(ntok));
   };
+  auto by_lanes = [&](auto out_tag, auto scalar_tag) {
+    using O = decltype(out_tag);
+    using S = decltype(scalar_tag);
+    constexpr int V = vec16<S>();
+    if (lanes == 16) {
+      launch(qkv_quant_kernel<S, O, V, 16>);
+    } else if (lanes == 8) {
+      launch(qkv_quant_kernel<S, O, V, 8>);
+    } else {
+      launch(qkv_quant_kernel<S, O, V, 0>);
+    }
+  };
   LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
     if (inv) {
-      launch(qkv_quant_kernel<scalar_t, uint8_t, vec16<scalar_t>()>);
+      by_lanes(uint8_t{}, scalar_t{});
     } else {
-      launch(qkv_quant_kernel<scalar_t, scalar_t, vec16<scalar_t>()>);
+      by_lanes(scalar_t{}, scalar_t{});
     }
     LYRA_CHECK_LAUNCH(fn);
   });
