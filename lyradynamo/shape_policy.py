@@ -55,9 +55,11 @@ _DYNAMO_POLICY = dict(
     # _install_input_floats: floats among the frame's arguments become graph inputs
 )
 _FX_POLICY = dict(
-    # Duck sizing stays on, but `_batch_only_duck` limits it to dim 0: the batch dims of
-    # all inputs (latents, text embeddings, masks, timesteps) share one symbol, while H and
-    # W of a square latent, or a prompt length equal to some width, stay apart.
+    # Duck sizing stays on, but `_install_batch_only_duck` limits it to the batch: dim 0 of
+    # the inputs (latents, text embeddings, masks, timesteps) shares one symbol, while H and
+    # W of a square latent, a prompt length equal to some width, or FLUX's (L, 3) position
+    # ids (dim 0 not the batch: `_dim0_is_batch`) stay apart. (Without duck sizing at all,
+    # sympy cannot simplify the attention masks' sizes of PixArt: (B * L) // B'.)
     use_duck_shape=True,
     backed_size_oblivious=True,  # no 0/1 specialisation of sizes
 )
@@ -151,10 +153,14 @@ def _install_batch_only_duck() -> None:
             _prepare_input(args[0], args[2] if len(args) > 2 else kwargs.get("source"))
         ctx = original(*args, **kwargs)
         sizes = getattr(ctx, "dynamic_sizes", None)
-        if not _active or not sizes or DimDynamic.DUCK not in sizes[1:]:
+        if not _active or not sizes or DimDynamic.DUCK not in sizes:
             return ctx
         batch_duck = [d if (i == 0 or d is not DimDynamic.DUCK) else DimDynamic.DYNAMIC
                       for i, d in enumerate(sizes)]
+        if batch_duck[0] is DimDynamic.DUCK and args and not _dim0_is_batch(args[0]):
+            batch_duck[0] = DimDynamic.DYNAMIC
+        if batch_duck == list(sizes):
+            return ctx
         try:
             return dataclasses.replace(ctx, dynamic_sizes=batch_duck)
         except Exception:  # noqa: BLE001 - keep torch's choice if its context changed shape
@@ -162,6 +168,37 @@ def _install_batch_only_duck() -> None:
 
     _automatic_dynamic.__wrapped__ = original  # type: ignore[attr-defined]
     builder._automatic_dynamic = _automatic_dynamic
+
+
+def _dim0_is_batch(t) -> bool:  # noqa: ANN001
+    """Whether dim 0 of input t is (probably) the batch: always for tensors of 3 or more dims
+    (latents, text embeddings); for 1-D / 2-D inputs (timesteps, pooled embeddings, masks, but
+    also FLUX's (L, 3) position ids) only if its size is the dim-0 size of such a tensor among
+    the traced frame's arguments. Otherwise duck sizing would give two unrelated sizes one
+    symbol whenever they happen to be equal at the first call (FLUX's text and image ids at
+    24 tokens each: a recompile at the next size)."""
+    if not isinstance(t, torch.Tensor) or t.dim() >= 3 or t.dim() == 0:
+        return True
+    batches = _frame_batch_sizes()
+    return not batches or int(t.shape[0]) in batches
+
+
+def _frame_batch_sizes() -> set:
+    """Dim-0 sizes of the 3+-D tensors among the traced frame's arguments (one level into
+    dicts, lists and tuples: kwargs, added_cond_kwargs), or an empty set if not found."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        values = list(getattr(tx, "f_locals", {}).values())
+    except Exception:  # noqa: BLE001 - torch internals moved: keep duck sizing as it was
+        return set()
+    out = set()
+    for v in values:
+        for item in (v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)):
+            if isinstance(item, torch.Tensor) and item.dim() >= 3:
+                out.add(int(item.shape[0]))
+    return out
 
 
 def _install_call_method_hooks() -> None:

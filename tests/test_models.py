@@ -51,6 +51,28 @@ def test_one_compilation_matches_eager_and_full_coverage(name):
     assert hist.get("lyra::attention", 0) == cov["sdpa"]["before"]
 
 
+# The same matrix with batch 1 first: a first trace at batch 1 must not specialise anything on
+# B == 1 (FLUX's attention did, through a .contiguous() of a split: shape_policy).
+SHAPES_BATCH_ONE_FIRST = [(1, (64, 96), 24), (2, (64, 64), None), (3, (96, 64), 40)]
+
+
+@pytest.mark.parametrize("name", zoo.MODEL_NAMES)
+def test_compiled_at_batch_one_serves_larger_batches(name):
+    model = zoo.build_denoiser(name, seed=0)
+    compiled = torch.compile(model, backend="lyra")
+    with torch.no_grad():
+        for i, (b, (h, w), L) in enumerate(SHAPES_BATCH_ONE_FIRST):
+            inputs = zoo.denoiser_inputs(name, model, batch=b, height=h, width=w, prompt_len=L, seed=i)
+            if i == 1:
+                torch.compiler.set_stance("fail_on_recompile")
+            try:
+                out = _out(compiled(**inputs))
+            finally:
+                torch.compiler.set_stance("default")
+            assert rel_err(out, _out(model(**inputs))) < 1e-5, (name, b, h, w, L)
+    assert lyradynamo.compile_count() == 1
+
+
 def test_plain_dynamic_true_recompiles_where_lyra_does_not():
     """The problem the shape policy solves, shown with torch's own eager backend."""
     model = zoo.build_denoiser("sd3")
