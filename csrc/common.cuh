@@ -140,9 +140,9 @@ template <typename T>
 __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
 // Two values rounded through the storage type with one conversion instruction
-// (cvt.rn.{bf16,f16}x2.f32: the float -> 16-bit conversions run at a quarter of the
-// FP32 rate on sm90 and bound passes that round several times per element). Same
-// result as round_to<T> on each.
+// (cvt.rn.{bf16,f16}x2.f32; float -> 16-bit conversions issue at a quarter of the FP32
+// rate on sm90, so a pass that rounds several times per element spends fewer issue
+// slots). Same result as round_to<T> on each.
 template <typename T>
 __device__ __forceinline__ void round_pair(float& a, float& b) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {

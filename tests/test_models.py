@@ -16,12 +16,13 @@ def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o.sample
 
 
-@pytest.mark.parametrize("name", zoo.MODEL_NAMES)
-def test_one_compilation_matches_eager_and_full_coverage(name):
+def _one_compilation_matches_eager(name, shapes):
+    """The zoo model `name` compiled once, called at each of `shapes` (recompiling from the second
+    call on is an error), each output as eager's."""
     model = zoo.build_denoiser(name, seed=0)
     compiled = torch.compile(model, backend="lyra")
     with torch.no_grad():
-        for i, (b, (h, w), L) in enumerate(SHAPES):
+        for i, (b, (h, w), L) in enumerate(shapes):
             inputs = zoo.denoiser_inputs(name, model, batch=b, height=h, width=w, prompt_len=L, seed=i)
             if i == 1:  # from the second call on, any recompilation is an error
                 torch.compiler.set_stance("fail_on_recompile")
@@ -33,6 +34,11 @@ def test_one_compilation_matches_eager_and_full_coverage(name):
             assert out.shape == ref.shape
             assert rel_err(out, ref) < 1e-5, (name, b, h, w, L)
     assert lyradynamo.compile_count() == 1
+
+
+@pytest.mark.parametrize("name", zoo.MODEL_NAMES)
+def test_one_compilation_matches_eager_and_full_coverage(name):
+    _one_compilation_matches_eager(name, SHAPES)
     (rec,) = lyradynamo.compiled_graphs()
     assert rec.policy_active and rec.dynamic_inputs > 0
     cov = rec.summary["coverage"]
@@ -58,19 +64,7 @@ SHAPES_BATCH_ONE_FIRST = [(1, (64, 96), 24), (2, (64, 64), None), (3, (96, 64), 
 
 @pytest.mark.parametrize("name", zoo.MODEL_NAMES)
 def test_compiled_at_batch_one_serves_larger_batches(name):
-    model = zoo.build_denoiser(name, seed=0)
-    compiled = torch.compile(model, backend="lyra")
-    with torch.no_grad():
-        for i, (b, (h, w), L) in enumerate(SHAPES_BATCH_ONE_FIRST):
-            inputs = zoo.denoiser_inputs(name, model, batch=b, height=h, width=w, prompt_len=L, seed=i)
-            if i == 1:
-                torch.compiler.set_stance("fail_on_recompile")
-            try:
-                out = _out(compiled(**inputs))
-            finally:
-                torch.compiler.set_stance("default")
-            assert rel_err(out, _out(model(**inputs))) < 1e-5, (name, b, h, w, L)
-    assert lyradynamo.compile_count() == 1
+    _one_compilation_matches_eager(name, SHAPES_BATCH_ONE_FIRST)
 
 
 def test_plain_dynamic_true_recompiles_where_lyra_does_not():
