@@ -114,6 +114,10 @@ def parse_args(argv=None):
                    help="a lyradynamo.config option for the lyra modes (repeatable), e.g. fp8_attention=off, "
                         "passes=-shared_input (a tuple option less one name) "
                         "(the rows' lyra_config shows the options in force)")
+    p.add_argument("--compile-vae", action="store_true",
+                   help="also compile the VAE decoder (vae.decode) in the compiled modes, with the mode's own "
+                        "compiler (Inductor, Inductor + CUDA graphs, lyra without quantisation); eager rows "
+                        "decode eagerly. Rows say which in their `vae` field")
     p.add_argument("--progress", choices=("auto", "tqdm", "plain", "none"), default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; --quick: 1, tiny models gain nothing from more)")
@@ -443,6 +447,29 @@ def make_fn(mode: str, model):
     raise ValueError(mode)
 
 
+def make_decoder(mode: str, vae):
+    """vae.decode compiled the way ``mode`` compiles the denoiser (bench --compile-vae), or None
+    for eager. Quantisation stays off in the decoder (lyra-fp8 / -int8 / torchao-fp8 rows decode
+    in the VAE's own dtype); Inductor + CUDA graphs starts a new graph-tree step before it."""
+    if mode == "eager":
+        return None
+    if mode.startswith("lyra"):
+        compiled = torch.compile(vae.decode, backend="lyra")
+
+        def decode(*args, **kwargs):
+            with lyradynamo.config.patch(quant="none"):
+                return compiled(*args, **kwargs)
+        return decode
+    if mode == "inductor-cg":
+        compiled = torch.compile(vae.decode, mode="reduce-overhead")
+
+        def decode(*args, **kwargs):
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args, **kwargs)
+        return decode
+    return torch.compile(vae.decode, dynamic=None)
+
+
 def cleanup(cuda: bool):
     gc.collect()
     if cuda:
@@ -487,6 +514,7 @@ def base_row(args, env, model_name, mode, size, dtype, scenario):
         "compiles_source": None, "peak_mem_gb": None, "rel_err": None, "sqnr_db": None, "psnr_db": None,
         "loop_s": None, "decode_s": None, "samples": None, "runs": args.runs, "warmup": args.warmup,
         "tiny": bool(args.quick), "weights": "checkpoint" if args.model_path else "random",
+        "vae": "compiled" if args.compile_vae and mode != "eager" else "eager",
     }
     row.update(env)
     row["date"] = now_iso()
@@ -555,6 +583,9 @@ def run_in_process(args, model_name, env, writer, scenario):
             fn = ctx = None
             try:
                 fn, hook, ctx = make_fn(mode, model)
+                decode_fn = make_decoder(mode, vae) if args.compile_vae else None
+                for wl in workloads.values():
+                    wl.decode_fn = decode_fn
                 ctx.__enter__()
                 c_mode0 = count()
             except Exception as exc:  # noqa: BLE001
@@ -608,6 +639,8 @@ def run_in_process(args, model_name, env, writer, scenario):
             finally:
                 if ctx is not None:
                     ctx.__exit__(None, None, None)
+                for wl in workloads.values():
+                    wl.decode_fn = None
                 del fn
                 torch._dynamo.reset()
                 if mode in QUANT_MODES:  # bring the high-precision weights back for later modes
@@ -735,6 +768,8 @@ def child_argv(args, model_name, mode, size, result_path):
         argv += ["--model-path", args.model_path]
     if args.prompt_len:
         argv += ["--prompt-len", str(args.prompt_len)]
+    if args.compile_vae:
+        argv.append("--compile-vae")
     return argv
 
 
@@ -825,6 +860,7 @@ def cold_child_main(args):
                               steps=args.steps, seed=args.seed, prompt_len=args.prompt_len)
         src, count = compile_counter(mode)
         fn, hook, ctx = make_fn(mode, model)
+        wl.decode_fn = make_decoder(mode, vae) if args.compile_vae else None
         c0 = count()
         with ctx:
             if cuda:

@@ -129,6 +129,7 @@ class Workload:
         self.name = name
         self.fam = family(name)
         self.model, self.vae, self.scheduler = model, vae, scheduler
+        self.decode_fn = None  # a compiled vae.decode (bench --compile-vae), else vae.decode itself
         self.height, self.width, self.batch, self.steps = height, width, batch, steps
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
@@ -256,7 +257,7 @@ class Workload:
             latents = latents / vcfg.scaling_factor + vcfg.shift_factor
         else:
             latents = latents / vcfg.scaling_factor
-        return self.vae.decode(latents.to(vdt), return_dict=False)[0]
+        return (self.decode_fn or self.vae.decode)(latents.to(vdt), return_dict=False)[0]
 
     def run(self, fn, before_call=None, events=None) -> torch.Tensor:
         """Loop + decode; returns the decoded image batch (VAE output, [-1, 1]).

@@ -76,6 +76,24 @@ def test_quick_rows(quick_rows):
     assert "first_call_s" in stdout and "lyra" in stdout
 
 
+def test_compile_vae_rows(tmp_path):
+    """--compile-vae: compiled rows decode through a compiled vae.decode (one more compilation,
+    same image as eager's to the quality bar), eager rows through the plain one."""
+    out = tmp_path / "vae.jsonl"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, BENCH, "--quick", "--model", "sdxl", "--modes", "eager,lyra", "--compile-vae",
+           "--sizes", "64x64,64x96", "--steps", "2", "--runs", "1", "--warmup", "0", "--progress", "none",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {(r["mode"], r["size"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert [r["vae"] for r in rows.values()] == ["eager", "eager", "compiled", "compiled"]
+    lyra = rows[("lyra", "64x64")], rows[("lyra", "64x96")]
+    assert lyra[0]["new_compiles"] == 2 and lyra[1]["new_compiles"] == 0, lyra  # denoiser + decoder, once
+    assert all(r["error"] is None and r["psnr_db"] > 60 for r in lyra), lyra
+
+
 def test_report_markdown(quick_rows):
     tmp, out, _rows, _ = quick_rows
     md_path = tmp / "RESULTS.md"
