@@ -450,7 +450,8 @@ def make_fn(mode: str, model):
 def make_decoder(mode: str, vae):
     """vae.decode compiled the way ``mode`` compiles the denoiser (bench --compile-vae), or None
     for eager. Quantisation stays off in the decoder (lyra-fp8 / -int8 / torchao-fp8 rows decode
-    in the VAE's own dtype); Inductor + CUDA graphs starts a new graph-tree step before it."""
+    in the VAE's own dtype); Inductor + CUDA graphs starts a new graph-tree step before it and
+    clones its output (the image must outlive the next step's replays)."""
     if mode == "eager":
         return None
     if mode.startswith("lyra"):
@@ -463,9 +464,10 @@ def make_decoder(mode: str, vae):
     if mode == "inductor-cg":
         compiled = torch.compile(vae.decode, mode="reduce-overhead")
 
-        def decode(*args, **kwargs):
+        def decode(*args, **kwargs):  # cloned: the next step's replay (the quality check's
+            # denoiser call) would overwrite a graph tree's output in place
             torch.compiler.cudagraph_mark_step_begin()
-            return compiled(*args, **kwargs)
+            return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, compiled(*args, **kwargs))
         return decode
     return torch.compile(vae.decode, dynamic=None)
 

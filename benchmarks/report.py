@@ -148,6 +148,8 @@ def _meta(rows, gpu):
 
 def _note(r, width=90):
     note = r.get("error") or r.get("notes") or ""
+    if r.get("vae") == "compiled" and not r.get("error"):
+        note = "VAE compiled" + (f"; {note}" if note else "")
     if r.get("error"):
         note = "error: " + note
     return note if len(note) <= width else note[: width - 3] + "..."
@@ -204,8 +206,8 @@ first call and the timed runs; *rel_err* = ‖out − eager‖ / ‖eager‖ of 
 *PSNR dB* = decoded image vs eager's ("identical" = bit-identical); *vs eager* / *vs best peer*
 = that row's speed-up (>1 = faster) over eager / over the fastest of inductor, inductor-cg,
 torchao-fp8 at the same size. Cold tables: seconds = wall time from starting a fresh process to
-its first image. Prompt embeddings are random (text encoders are not run); the VAE is eager
-in every mode.
+its first image. Prompt embeddings are random (text encoders are not run); the VAE decode is eager
+unless the note says *VAE compiled* (bench `--compile-vae`: that mode's compiler compiled it too).
 """
 
 
