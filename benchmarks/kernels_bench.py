@@ -496,6 +496,32 @@ def _eager_quant_fp8(x):
     return (xf / scale[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
 
 
+def gn_rows_cases(dt):
+    """NHWC group norm + SiLU: csrc/group_norm_rows.cu ("ours") against group_norm.cu's per-group
+    clusters (the "torch" column here), at SD UNet shapes and the VAE decoder's (batch 1)."""
+    code, es = CODE[dt], torch.empty((), dtype=dt).element_size()
+    for n, c, h, w in [(2, 320, 128, 128), (2, 640, 64, 64), (2, 960, 64, 64), (2, 1280, 32, 32),
+                       (1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 512, 512), (1, 128, 1024, 1024)]:
+        if c // 32 * es >= 128:
+            continue
+        x = torch.randn(n, c, h, w, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
+        wt, b = torch.randn(c, device="cuda", dtype=dt), torch.randn(c, device="cuda", dtype=dt)
+        y = torch.empty_like(x)
+        need = _C.group_norm_rows_workspace(n, c, h * w, 32, code, x.data_ptr(), y.data_ptr(), wt.data_ptr(),
+                                            b.data_ptr())
+        if not need:
+            continue
+        ws = torch.empty(need, device="cuda", dtype=torch.float32)
+        yield ("group_norm+silu rows vs groups", f"N{n} C{c} HW{h * w} G32",
+               lambda x=x, wt=wt, b=b, y=y, n=n, c=c, hw=h * w, ws=ws, need=need: _C.group_norm_rows(
+                   x.data_ptr(), wt.data_ptr(), b.data_ptr(), y.data_ptr(), n, c, hw, 32, 1e-5, True, code, s(),
+                   0, 0, ws.data_ptr(), need),
+               lambda x=x, wt=wt, b=b, y=y, n=n, c=c, hw=h * w: _C.group_norm(
+                   x.data_ptr(), wt.data_ptr(), b.data_ptr(), y.data_ptr(), n, c, hw, 32, 1e-5, True, True, code,
+                   s()),
+               3 * x.numel() * es)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
@@ -517,6 +543,9 @@ def main() -> int:
                     help="also time the gated residual linear (CUTLASS epilogue) against cuBLASLt + "
                          "the epilogue kernel, at FLUX shapes, and the GEGLU linear (cuBLASLt + "
                          "CUTLASS GLU epilogue) against one GEMM + the epilogue kernel, at SD shapes")
+    ap.add_argument("--gn-rows", action="store_true",
+                    help="also time the NHWC group norm over whole rows (group_norm_rows.cu) against "
+                         "group_norm.cu's per-group clusters (in the torch column), SD and VAE shapes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernels_bench: no CUDA GPU", file=sys.stderr)
@@ -537,6 +566,8 @@ def main() -> int:
             all_cases = itertools.chain(all_cases, gated_cases(dt), glu_cases(dt))
         if args.qkv:
             all_cases = itertools.chain(all_cases, qkv_cases(dt))
+        if args.gn_rows:
+            all_cases = itertools.chain(all_cases, gn_rows_cases(dt))
         for name, shape, ours, ref, nbytes in all_cases:
             t_ours = time_us(ours, args.warmup, args.iters, args.graph_reps)
             t_ref = time_us(ref, args.warmup, args.iters, args.graph_reps)

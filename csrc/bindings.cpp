@@ -20,6 +20,13 @@ namespace lyra {
 void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N, int64_t C,
                 int64_t HW, int64_t groups, double eps, bool silu, bool channels_last, int dtype,
                 uintptr_t stream, uintptr_t pre_bias, int64_t pre_bias_bstride);
+int64_t group_norm_rows_workspace(int64_t N, int64_t C, int64_t HW, int64_t groups, int dtype,
+                                  uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t bias,
+                                  uintptr_t pre_bias, int64_t pre_bias_bstride);
+void group_norm_rows(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N,
+                     int64_t C, int64_t HW, int64_t groups, double eps, bool silu, int dtype,
+                     uintptr_t stream, uintptr_t pre_bias, int64_t pre_bias_bstride,
+                     uintptr_t workspace, int64_t workspace_floats);
 void bias_residual(uintptr_t y, uintptr_t bias, uintptr_t residual, uintptr_t out, int64_t N,
                    int64_t C, int64_t HW, bool channels_last, double scale, int dtype,
                    uintptr_t stream);
@@ -120,6 +127,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("HW"), py::arg("groups"), py::arg("eps"), py::arg("silu"),
         py::arg("channels_last"), py::arg("dtype"), py::arg("stream"), py::arg("pre_bias") = 0,
         py::arg("pre_bias_bstride") = 0);
+
+  m.def("group_norm_rows_workspace", &lyra::group_norm_rows_workspace, release(),
+        "float32 elements of workspace group_norm_rows needs for this channels_last shape and "
+        "these pointers (their alignment picks the vector width), or 0 when the rows path does "
+        "not take it (C / vector width over 512 threads, C*HW >= 2^31, N > 65535).",
+        py::arg("N"), py::arg("C"), py::arg("HW"), py::arg("groups"), py::arg("dtype"), py::arg("x"),
+        py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("pre_bias") = 0,
+        py::arg("pre_bias_bstride") = 0);
+  m.def("group_norm_rows", &lyra::group_norm_rows, release(),
+        "group_norm for channels_last (N, HW, C) over whole rows (coalesced when a group's "
+        "channel run is narrower than a cache line): statistics pass, finalize, apply pass; "
+        "same arguments as group_norm (channels_last implied) plus a float32 workspace of "
+        "group_norm_rows_workspace(...) elements.",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("C"),
+        py::arg("HW"), py::arg("groups"), py::arg("eps"), py::arg("silu"), py::arg("dtype"),
+        py::arg("stream"), py::arg("pre_bias"), py::arg("pre_bias_bstride"), py::arg("workspace"),
+        py::arg("workspace_floats"));
 
   m.def("bias_residual", &lyra::bias_residual, release(),
         "out = (y + bias[c] + residual) * scale, fp32 math, one rounding; y, residual, out "

@@ -119,6 +119,15 @@ _OPTIONS: dict[str, _Option] = {
         "(the parameter keeps its identity and values; only its strides change). auto = on CUDA.",
         choices=("auto", True, False),
     ),
+    "group_norm_rows": _Option(
+        False,
+        "channels_last GroupNorm whose groups are narrower than a 128-byte line (VAE decoders: "
+        "4-16 fp32 channels per group; UNets: 10-40 fp16 ones) through csrc/group_norm_rows.cu: "
+        "blocks read whole rows (coalesced), statistics are finished in a second small kernel. "
+        "Off by default until its GPU tests and timings have run (benchmarks/NOTES.md, "
+        "session 13); read when the op runs (under CUDA graphs: at capture).",
+        kind=bool,
+    ),
     "gated_gemm": _Option(
         "auto",
         "Linears whose epilogue cuBLASLt cannot do in 16-bit, on CUDA: the gated residual "

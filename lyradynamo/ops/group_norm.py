@@ -120,10 +120,34 @@ def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
     if x.numel():
         # pre_bias row b of sample n at pre_bias[n * stride]: stride 0 when one row serves all
         pb_stride = 0 if pre_bias is None else row_vector_stride(pre_bias, n, c, 2)
+        if fmt is torch.channels_last and _rows_path(C, x, y, num_groups, weight, bias, eps, act, pre_bias, pb_stride):
+            return y
         C.group_norm(ptr(x), ptr(weight), ptr(bias), ptr(y), n, c, hw, num_groups, float(eps),
                      act == "silu", fmt is torch.channels_last, DTYPE_CODES[x.dtype], stream_handle(x),
                      pre_bias=ptr(pre_bias), pre_bias_bstride=pb_stride)
     return y
+
+
+def _rows_path(C, x, y, num_groups, weight, bias, eps, act, pre_bias, pb_stride) -> bool:
+    """config.group_norm_rows: a channels_last group narrower than a 128-byte line runs through
+    csrc/group_norm_rows.cu (whole rows per block) when the build has it and the shape fits;
+    returns whether it ran (else group_norm.cu's per-group path runs)."""
+    from lyradynamo import config
+
+    n, c = x.shape[0], x.shape[1]
+    if not config.group_norm_rows or (c // num_groups) * x.element_size() >= 128:
+        return False
+    if not hasattr(C, "group_norm_rows"):
+        return False
+    hw, code = x.numel() // (n * c), DTYPE_CODES[x.dtype]
+    need = C.group_norm_rows_workspace(n, c, hw, num_groups, code, ptr(x), ptr(y), ptr(weight), ptr(bias),
+                                       ptr(pre_bias), pb_stride)
+    if not need:
+        return False
+    ws = torch.empty(need, dtype=torch.float32, device=x.device)
+    C.group_norm_rows(ptr(x), ptr(weight), ptr(bias), ptr(y), n, c, hw, num_groups, float(eps), act == "silu",
+                      code, stream_handle(x), ptr(pre_bias), pb_stride, ptr(ws), need)
+    return True
 
 
 def _cuda_unsupported(x, num_groups, weight, bias, pre_bias=None) -> Optional[str]:

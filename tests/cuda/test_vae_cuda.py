@@ -43,8 +43,15 @@ def exact_fp32():
     return run
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["gn-groups", "gn-rows"])
 @pytest.mark.parametrize("name,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in CASES])
-def test_vae_decode_matches_eager_across_sizes(name, dtype, exact_fp32, no_fallback):
+def test_vae_decode_matches_eager_across_sizes(name, dtype, rows, exact_fp32, no_fallback):
+    """rows: config.group_norm_rows (csrc/group_norm_rows.cu for the decoder's narrow groups)."""
+    with lyradynamo.config.patch(group_norm_rows=rows):
+        _decode_matches_eager(name, dtype, exact_fp32)
+
+
+def _decode_matches_eager(name, dtype, exact_fp32):
     vae = _vae(name, dtype)
     ref_vae = _vae(name, torch.float32)
     latent_ch = vae.config.latent_channels
