@@ -57,6 +57,11 @@ def kernel_paths(gm: fx.GraphModule, device: str) -> dict[str, str]:
             paths[op] = "torch SDPA backends (cuDNN/flash/efficient) or flash_attn"
         elif status == "built":
             paths[op] = "csrc CUDA kernel (shapes/dtypes it cannot take fall back to the reference, logged)"
+            if op == "group_norm":
+                from . import config
+
+                paths[op] += ("; channels_last groups under 128 bytes: group_norm_rows.cu (whole rows)"
+                              if config.group_norm_rows else "; group_norm.cu (per-group clusters)")
         else:
             paths[op] = f"PyTorch reference on CUDA: {status}"
     return paths

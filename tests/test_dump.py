@@ -70,3 +70,14 @@ def test_recompile_is_explained_in_log_and_dump():
     recs = lyradynamo.compiled_graphs()
     assert len(recs) == 2 and recs[0].recompile_reason is None
     assert recs[1].recompile_reason and "RECOMPILED because" in dump.format_summary(recs[1].summary)
+
+
+def test_kernel_paths_on_cuda_name_the_group_norm_path(monkeypatch):
+    """The dump says which group norm kernel a CUDA graph runs (config.group_norm_rows)."""
+    import lyradynamo.ops as ops
+
+    gm = torch.fx.symbolic_trace(lambda x: torch.ops.lyra.group_norm.default(x, 2, None, None, 1e-5, "silu", True))
+    monkeypatch.setattr(ops, "csrc_status", lambda: "built")
+    assert "group_norm.cu" in dump.kernel_paths(gm, "cuda")["group_norm"]
+    with lyradynamo.config.patch(group_norm_rows=True):
+        assert "group_norm_rows.cu" in dump.kernel_paths(gm, "cuda")["group_norm"]
