@@ -24,7 +24,12 @@ namespace lyra {
 namespace {
 
 constexpr int kRowsThreads = 512;  // threads per block at most, rounded down to whole rows
-constexpr int kRowsInFlight = 4;   // rows loaded before any is used, per thread
+// Rows loaded before any is used, per thread: 4 rows of 8-16-byte vectors, 8 of narrower ones
+// (more bytes in flight for them; 16 rows spilled or took 80 registers in some variants).
+template <typename T, int V>
+__host__ __device__ constexpr int rows_in_flight() {
+  return V * static_cast<int>(sizeof(T)) >= 8 ? 4 : 8;
+}
 constexpr int kFinalizeThreads = 256;
 
 struct RowsParams {
@@ -65,16 +70,17 @@ gn_rows_stats(const T* __restrict__ x, const T* __restrict__ pb, float* __restri
   float shift = 0.f, s = 0.f, q = 0.f;
   int cnt = 0;
   bool first = true;
+  constexpr int kU = rows_in_flight<T, V>();
   if (active) {
-    for (int r = r0 + slot; r < r1; r += kRowsInFlight * p.k) {
-      Pack<T, V> raw[kRowsInFlight];
+    for (int r = r0 + slot; r < r1; r += kU * p.k) {
+      Pack<T, V> raw[kU];
 #pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
+      for (int u = 0; u < kU; ++u) {
         const int ru = r + u * p.k;
         if (ru < r1) raw[u] = load_raw<V>(xs + static_cast<int64_t>(ru) * p.C);
       }
 #pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
+      for (int u = 0; u < kU; ++u) {
         if (r + u * p.k >= r1) break;
         float v[V];
         unpack(raw[u], v);
@@ -161,15 +167,16 @@ gn_rows_apply(const T* x, const float* __restrict__ scale, const float* __restri
     a[e] = scale[static_cast<int64_t>(n) * p.C + c + e];
     sh[e] = shift[static_cast<int64_t>(n) * p.C + c + e];
   }
-  for (int r = r0 + slot; r < r1; r += kRowsInFlight * p.k) {
-    Pack<T, V> raw[kRowsInFlight];
+  constexpr int kU = rows_in_flight<T, V>();
+  for (int r = r0 + slot; r < r1; r += kU * p.k) {
+    Pack<T, V> raw[kU];
 #pragma unroll
-    for (int u = 0; u < kRowsInFlight; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const int ru = r + u * p.k;
       if (ru < r1) raw[u] = load_raw<V>(x + base + static_cast<int64_t>(ru) * p.C);
     }
 #pragma unroll
-    for (int u = 0; u < kRowsInFlight; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const int ru = r + u * p.k;
       if (ru >= r1) break;
       float v[V];
