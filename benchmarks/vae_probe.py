@@ -27,6 +27,7 @@ for _p in (os.path.dirname(HERE), HERE):
 
 import torch  # noqa: E402
 
+import bench  # noqa: E402
 import denoise  # noqa: E402
 import lyradynamo  # noqa: E402
 from profile_model import kernel_table  # noqa: E402
@@ -35,22 +36,18 @@ MODES = ("eager", "lyra", "lyra-nchw", "inductor", "inductor-cg")
 
 
 def decoder(mode: str, vae, *, graphs: bool = True):
-    """(decode function, lyradynamo.config options in force while it compiles and runs)."""
-    if mode == "eager":
-        return vae.decode, {}
+    """(decode function, lyradynamo.config options in force while it compiles and runs): the
+    bench's --compile-vae decoder of the mode (bench.make_decoder), with this probe's options
+    (CUDA graphs off for the profile, lyra-nchw)."""
+    opts = {}
     if mode.startswith("lyra"):
-        opts = {"quant": "none", "cuda_graphs": graphs}
+        opts = {"cuda_graphs": graphs}
         if mode == "lyra-nchw":
             opts["channels_last"] = False
-        return torch.compile(vae.decode, backend="lyra"), opts
-    if mode == "inductor-cg" and graphs:
-        compiled = torch.compile(vae.decode, mode="reduce-overhead")
-
-        def decode(*a, **k):
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(*a, **k)
-        return decode, {}
-    return torch.compile(vae.decode), {}
+        mode = "lyra"
+    elif mode == "inductor-cg" and not graphs:
+        mode = "inductor"
+    return bench.make_decoder(mode, vae) or vae.decode, opts
 
 
 def main(argv=None):

@@ -198,12 +198,16 @@ struct RowsPlan {
   RowsParams p{};
   int threads = 0;
   int64_t part_floats = 0;
+  int64_t workspace_floats = 0;  // partials + scale / shift: what the caller must provide
 };
 
-RowsPlan plan_rows(int64_t N, int64_t C, int64_t HW, int64_t groups, size_t es, int sm_count,
-                   uintptr_t x, uintptr_t y, uintptr_t w, uintptr_t b, uintptr_t pb,
-                   int64_t pb_bstride) {
+RowsPlan plan_rows(int64_t N, int64_t C, int64_t HW, int64_t groups, int dtype, uintptr_t x,
+                   uintptr_t y, uintptr_t w, uintptr_t b, uintptr_t pb, int64_t pb_bstride,
+                   const char* fn) {
   RowsPlan plan;
+  if (N <= 0 || C <= 0 || HW <= 0 || groups <= 0 || C % groups) return plan;
+  if (C * HW >= (1ll << 31) || N > 65535 || 2 * groups * 4 > 48 * 1024) return plan;
+  const size_t es = dtype_size(dtype);
   const int64_t cpg = C / groups;
   int v = static_cast<int>(16 / es);
   for (; v > 1; v /= 2) {
@@ -226,10 +230,11 @@ RowsPlan plan_rows(int64_t N, int64_t C, int64_t HW, int64_t groups, size_t es, 
   // One wave of blocks over the GPU, counting 1024 resident threads per SM (up to 64
   // registers a thread: the largest variant uses 64), at least ~8 rows per thread.
   const int64_t per_sm = std::max<int64_t>(1, 1024 / plan.threads);
-  const int64_t want = std::max<int64_t>(1, sm_count * per_sm / N);
+  const int64_t want = std::max<int64_t>(1, current_device_info(fn).sm_count * per_sm / N);
   const int64_t by_rows = std::max<int64_t>(1, HW / (8 * static_cast<int64_t>(p.k)));
   p.nblk = static_cast<int>(std::min<int64_t>({want, by_rows, 65535}));
   plan.part_floats = N * p.nblk * groups * 3;
+  plan.workspace_floats = plan.part_floats + 2 * N * C;
   return plan;
 }
 
@@ -259,12 +264,9 @@ void launch_rows(const RowsPlan& plan, int64_t N, const T* x, const T* w, const 
 int64_t group_norm_rows_workspace(int64_t N, int64_t C, int64_t HW, int64_t groups, int dtype,
                                   uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t bias,
                                   uintptr_t pre_bias, int64_t pre_bias_bstride) {
-  if (N <= 0 || C <= 0 || HW <= 0 || groups <= 0 || C % groups) return 0;
-  if (C * HW >= (1ll << 31) || N > 65535 || 2 * groups * 4 > 48 * 1024) return 0;
-  const DeviceInfo dev = current_device_info("group_norm_rows_workspace");
-  const RowsPlan plan = plan_rows(N, C, HW, groups, dtype_size(dtype), dev.sm_count, x, y, weight,
-                                  bias, pre_bias, pre_bias_bstride);
-  return plan.v ? plan.part_floats + 2 * N * C : 0;
+  return plan_rows(N, C, HW, groups, dtype, x, y, weight, bias, pre_bias, pre_bias_bstride,
+                   "group_norm_rows_workspace")
+      .workspace_floats;
 }
 
 void group_norm_rows(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N,
@@ -276,8 +278,9 @@ void group_norm_rows(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y,
   LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
   LYRA_CHECK_ARG(pre_bias_bstride == 0 || (pre_bias != 0 && pre_bias_bstride >= C), fn,
                  "pre_bias_bstride must be 0 (one row for all samples) or >= C with a pre_bias");
-  const int64_t need = group_norm_rows_workspace(N, C, HW, groups, dtype, x, y, weight, bias,
-                                                 pre_bias, pre_bias_bstride);
+  RowsPlan plan = plan_rows(N, C, HW, groups, dtype, x, y, weight, bias, pre_bias,
+                            pre_bias_bstride, fn);
+  const int64_t need = plan.workspace_floats;
   LYRA_CHECK_ARG(need > 0, fn,
                  "shape not supported by the rows path (N=" + std::to_string(N) + " C=" +
                      std::to_string(C) + " HW=" + std::to_string(HW) + " groups=" +
@@ -285,9 +288,6 @@ void group_norm_rows(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y,
   LYRA_CHECK_ARG(workspace != 0 && aligned_to(workspace, 16) && workspace_floats >= need, fn,
                  "workspace must be a 16-byte aligned float32 buffer of >= " +
                      std::to_string(need) + " elements, got " + std::to_string(workspace_floats));
-  const DeviceInfo dev = current_device_info(fn);
-  RowsPlan plan = plan_rows(N, C, HW, groups, dtype_size(dtype), dev.sm_count, x, y, weight, bias,
-                            pre_bias, pre_bias_bstride);
   plan.p.silu = silu ? 1 : 0;
   plan.p.pb_bstride = pre_bias_bstride;
   plan.p.eps = static_cast<float>(eps);
