@@ -546,6 +546,8 @@ def main() -> int:
     ap.add_argument("--gn-rows", action="store_true",
                     help="also time the NHWC group norm over whole rows (group_norm_rows.cu) against "
                          "group_norm.cu's per-group clusters (in the torch column), SD and VAE shapes")
+    ap.add_argument("--no-base", action="store_true",
+                    help="time only the cases the flags above add, not the base kernel set")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernels_bench: no CUDA GPU", file=sys.stderr)
@@ -554,7 +556,7 @@ def main() -> int:
     dt = DTYPES[args.dtype]
     rows = []
     with torch.no_grad():
-        all_cases = cases(dt)
+        all_cases = iter(()) if args.no_base else cases(dt)
         if args.quant:
             if dt == torch.float32:
                 print("kernels_bench: --quant needs --dtype fp16 or bf16", file=sys.stderr)
