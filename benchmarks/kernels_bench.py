@@ -500,8 +500,12 @@ def gn_rows_cases(dt):
     """NHWC group norm + SiLU: csrc/group_norm_rows.cu ("ours") against group_norm.cu's per-group
     clusters (the "torch" column here), at SD UNet shapes and the VAE decoder's (batch 1)."""
     code, es = CODE[dt], torch.empty((), dtype=dt).element_size()
-    for n, c, h, w in [(2, 320, 128, 128), (2, 640, 64, 64), (2, 960, 64, 64), (2, 1280, 32, 32),
-                       (1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 512, 512), (1, 128, 1024, 1024)]:
+    for n, c, h, w in [(2, 320, 128, 128), (2, 640, 64, 64), (2, 960, 64, 64), (2, 1280, 32, 32),  # SDXL 1024
+                       (2, 320, 96, 96), (2, 640, 48, 48), (2, 960, 48, 48),  # SDXL 768
+                       (2, 320, 64, 64), (2, 640, 32, 32), (2, 960, 32, 32), (2, 1280, 16, 16),  # SD1.5 512
+                       (1, 512, 128, 128), (1, 512, 256, 256), (1, 512, 512, 512), (1, 256, 512, 512),
+                       (1, 256, 1024, 1024), (1, 128, 1024, 1024),  # SDXL / FLUX VAE decoder at 1024
+                       (1, 512, 64, 64), (1, 256, 256, 256), (1, 128, 512, 512)]:  # SD1.5 decoder at 512
         if c // 32 * es >= 128:
             continue
         x = torch.randn(n, c, h, w, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)

@@ -120,13 +120,15 @@ _OPTIONS: dict[str, _Option] = {
         choices=("auto", True, False),
     ),
     "group_norm_rows": _Option(
-        False,
+        "auto",
         "channels_last GroupNorm whose groups are narrower than a 128-byte line (VAE decoders: "
         "4-16 fp32 channels per group; UNets: 10-40 fp16 ones) through csrc/group_norm_rows.cu: "
         "blocks read whole rows (coalesced), statistics are finished in a second small kernel. "
-        "Off by default until its GPU tests and timings have run (benchmarks/NOTES.md, "
-        "session 13); read when the op runs (under CUDA graphs: at capture).",
-        kind=bool,
+        "True = every such shape; False = never (group_norm.cu's per-group clusters); auto = "
+        "where it measured faster on the H100 (benchmarks/NOTES.md, session 14): a group run "
+        "under 16 bytes or not a multiple of 8 bytes, or a tensor of 40 MiB or more. Read when "
+        "the op runs (under CUDA graphs: at capture).",
+        choices=("auto", True, False),
     ),
     "gated_gemm": _Option(
         "auto",

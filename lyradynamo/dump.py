@@ -60,8 +60,12 @@ def kernel_paths(gm: fx.GraphModule, device: str) -> dict[str, str]:
             if op == "group_norm":
                 from . import config
 
-                paths[op] += ("; channels_last groups under 128 bytes: group_norm_rows.cu (whole rows)"
-                              if config.group_norm_rows else "; group_norm.cu (per-group clusters)")
+                rows = {True: "; channels_last groups under 128 bytes: group_norm_rows.cu (whole rows)",
+                        False: "; group_norm.cu (per-group clusters)",
+                        "auto": "; channels_last groups under 128 bytes: group_norm_rows.cu (whole rows) "
+                                "for runs under 16 bytes or off a multiple of 8 and tensors of 40 MiB "
+                                "or more, else group_norm.cu (per-group clusters)"}
+                paths[op] += rows[config.group_norm_rows]
         else:
             paths[op] = f"PyTorch reference on CUDA: {status}"
     return paths

@@ -128,18 +128,38 @@ def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
     return y
 
 
+ROWS_AUTO_MIN_BYTES = 40 << 20  # config.group_norm_rows="auto": tensors this large always take rows
+
+
+def prefer_rows(setting, n: int, c: int, hw: int, num_groups: int, element_size: int) -> bool:
+    """Whether a channels_last group norm should run through group_norm_rows.cu under
+    config.group_norm_rows = setting (True / False / "auto"). Groups of 128 bytes or more never
+    do (group_norm.cu reads them in whole lines). "auto" follows the session 14 kernel bench
+    (H100): group_norm.cu's per-group blocks load vectors as wide as the group's run allows, so
+    runs under 16 bytes or off a multiple of 8 bytes (fp16 groups of 10 / 30 channels) read
+    at a fraction of bandwidth and rows wins at every size; otherwise rows wins only on large
+    tensors (its three launches cost more than the strided reads below ~40 MiB)."""
+    run = (c // num_groups) * element_size
+    if setting is False or run >= 128:
+        return False
+    if setting is True:
+        return True
+    return run < 16 or run % 8 != 0 or n * c * hw * element_size >= ROWS_AUTO_MIN_BYTES
+
+
 def _rows_path(C, x, y, num_groups, weight, bias, eps, act, pre_bias, pb_stride) -> bool:
     """config.group_norm_rows: a channels_last group narrower than a 128-byte line runs through
-    csrc/group_norm_rows.cu (whole rows per block) when the build has it and the shape fits;
-    returns whether it ran (else group_norm.cu's per-group path runs)."""
+    csrc/group_norm_rows.cu (whole rows per block) when prefer_rows says so, the build has it
+    and the shape fits; returns whether it ran (else group_norm.cu's per-group path runs)."""
     from lyradynamo import config
 
     n, c = x.shape[0], x.shape[1]
-    if not config.group_norm_rows or (c // num_groups) * x.element_size() >= 128:
+    hw = x.numel() // (n * c)
+    if not prefer_rows(config.group_norm_rows, n, c, hw, num_groups, x.element_size()):
         return False
     if not hasattr(C, "group_norm_rows"):
         return False
-    hw, code = x.numel() // (n * c), DTYPE_CODES[x.dtype]
+    code = DTYPE_CODES[x.dtype]
     need = C.group_norm_rows_workspace(n, c, hw, num_groups, code, ptr(x), ptr(y), ptr(weight), ptr(bias),
                                        ptr(pre_bias), pb_stride)
     if not need:

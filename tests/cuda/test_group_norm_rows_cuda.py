@@ -127,3 +127,13 @@ def test_op_takes_rows_path_under_config(C, dtype, monkeypatch, no_fallback):
             torch.testing.assert_close(out, ref, rtol=2e-2 if dtype != torch.float32 else 1e-5,
                                        atol=2e-2 if dtype != torch.float32 else 1e-5)
     assert [(c[0], c[1]) for c in calls] == [(2, 320), (2, 128)]  # C 2560: 80 channels a group, >= 128 bytes
+    calls.clear()
+    with lyradynamo.config.patch(group_norm_rows="auto"):
+        shapes = ((2, 320, 12, 12), (2, 640, 12, 12), (1, 128, 8, 8))
+        for shape in shapes:
+            x = randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w, b = randn(shape[1], dtype=dtype, shift=1.0), randn(shape[1], dtype=dtype)
+            torch.ops.lyra.group_norm(x, 32, w, b, 1e-5, "silu", True)
+    es = torch.empty((), dtype=dtype).element_size()
+    want = [s[:2] for s in shapes if gn_op.prefer_rows("auto", s[0], s[1], s[2] * s[3], 32, es)]
+    assert want and [(c[0], c[1]) for c in calls] == want

@@ -176,3 +176,28 @@ def test_qk_norm_rope_rejects_bad_arguments():
         lyra.qk_norm_rope([x, x], [rnd(8)], "rms", 1e-6, rnd(8, 8), rnd(8, 8))
     with pytest.raises(ValueError, match=r"\(B, L, H, D\)"):
         lyra.qk_norm_rope([rnd(4, 8)], [], "none", 1e-6, rnd(4, 8), rnd(4, 8))
+
+
+@pytest.mark.parametrize("setting, n, c, hw, es, expected", [
+    # session 14 kernel bench (H100), rows vs per-group clusters: auto follows the winner
+    ("auto", 2, 320, 16384, 4, True),     # 40-byte runs, 42 MB: rows 1.88x
+    ("auto", 2, 640, 4096, 4, False),     # 80-byte runs, 21 MB: rows 0.93x
+    ("auto", 1, 512, 16384, 4, False),    # 64-byte runs, 32 MB: rows 0.81x
+    ("auto", 1, 512, 65536, 4, True),     # 64-byte runs, 128 MB: rows 1.07x
+    ("auto", 1, 128, 1 << 20, 4, True),   # 16-byte runs: rows 5.9x
+    ("auto", 2, 320, 16384, 2, True),     # 20-byte runs (4-byte vectors): rows 2.1x
+    ("auto", 2, 960, 4096, 2, True),      # 60-byte runs: rows 1.45x
+    ("auto", 2, 640, 4096, 2, False),     # 40-byte runs, 10 MB: rows 0.89x
+    ("auto", 2, 1280, 1024, 2, False),    # 80-byte runs, 5 MB: rows 0.60x
+    ("auto", 1, 512, 16384, 2, False),    # 32-byte runs, 16 MB: rows 0.87x
+    ("auto", 1, 128, 64, 2, True),        # 8-byte runs: rows at any size
+    ("auto", 2, 2560, 4096, 2, False),    # 160-byte runs: never rows
+    (True, 2, 1280, 1024, 2, True),
+    (True, 2, 4096, 16, 4, False),        # 512-byte runs: never rows
+    (False, 1, 128, 1 << 20, 4, False),
+])
+def test_group_norm_rows_dispatch(setting, n, c, hw, es, expected):
+    """config.group_norm_rows: which channels_last group norms take group_norm_rows.cu."""
+    from lyradynamo.ops.group_norm import prefer_rows
+
+    assert prefer_rows(setting, n, c, hw, 32, es) is expected
