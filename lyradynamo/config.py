@@ -125,8 +125,9 @@ _OPTIONS: dict[str, _Option] = {
         "4-16 fp32 channels per group; UNets: 10-40 fp16 ones) through csrc/group_norm_rows.cu: "
         "blocks read whole rows (coalesced), statistics are finished in a second small kernel. "
         "True = every such shape; False = never (group_norm.cu's per-group clusters); auto = "
-        "where it measured faster on the H100 (benchmarks/NOTES.md, session 14): a group run "
-        "under 16 bytes or not a multiple of 8 bytes, or a tensor of 40 MiB or more. Read when "
+        "where it measured faster on the H100 (benchmarks/NOTES.md, session 14): groups under "
+        "16 bytes; under 32 bytes or off a multiple of 16 in tensors of 8 MiB or more; any "
+        "group in tensors of 40 MiB or more. Read when "
         "the op runs (under CUDA graphs: at capture).",
         choices=("auto", True, False),
     ),

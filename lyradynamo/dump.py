@@ -63,8 +63,8 @@ def kernel_paths(gm: fx.GraphModule, device: str) -> dict[str, str]:
                 rows = {True: "; channels_last groups under 128 bytes: group_norm_rows.cu (whole rows)",
                         False: "; group_norm.cu (per-group clusters)",
                         "auto": "; channels_last groups under 128 bytes: group_norm_rows.cu (whole rows) "
-                                "for runs under 16 bytes or off a multiple of 8 and tensors of 40 MiB "
-                                "or more, else group_norm.cu (per-group clusters)"}
+                                "where it measured faster (ops.group_norm.prefer_rows: narrow groups, "
+                                "tensors of 8 / 40 MiB or more), else group_norm.cu (per-group clusters)"}
                 paths[op] += rows[config.group_norm_rows]
         else:
             paths[op] = f"PyTorch reference on CUDA: {status}"

@@ -78,7 +78,7 @@ def test_kernel_paths_on_cuda_name_the_group_norm_path(monkeypatch):
 
     gm = torch.fx.symbolic_trace(lambda x: torch.ops.lyra.group_norm.default(x, 2, None, None, 1e-5, "silu", True))
     monkeypatch.setattr(ops, "csrc_status", lambda: "built")
-    assert "40 MiB" in dump.kernel_paths(gm, "cuda")["group_norm"]  # default: auto
+    assert "prefer_rows" in dump.kernel_paths(gm, "cuda")["group_norm"]  # default: auto
     with lyradynamo.config.patch(group_norm_rows=False):
         assert "group_norm_rows.cu" not in dump.kernel_paths(gm, "cuda")["group_norm"]
     with lyradynamo.config.patch(group_norm_rows=True):

@@ -128,23 +128,28 @@ def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
     return y
 
 
-ROWS_AUTO_MIN_BYTES = 40 << 20  # config.group_norm_rows="auto": tensors this large always take rows
+ROWS_AUTO_NARROW_BYTES = 8 << 20  # auto: narrow or oddly sized groups take rows from this tensor size
+ROWS_AUTO_ANY_BYTES = 40 << 20  # auto: every group under 128 bytes takes rows from this tensor size
 
 
 def prefer_rows(setting, n: int, c: int, hw: int, num_groups: int, element_size: int) -> bool:
     """Whether a channels_last group norm should run through group_norm_rows.cu under
     config.group_norm_rows = setting (True / False / "auto"). Groups of 128 bytes or more never
-    do (group_norm.cu reads them in whole lines). "auto" follows the session 14 kernel bench
-    (H100): group_norm.cu's per-group blocks load vectors as wide as the group's run allows, so
-    runs under 16 bytes or off a multiple of 8 bytes (fp16 groups of 10 / 30 channels) read
-    at a fraction of bandwidth and rows wins at every size; otherwise rows wins only on large
-    tensors (its three launches cost more than the strided reads below ~40 MiB)."""
+    do (group_norm.cu reads them in whole lines). "auto" follows session 14's kernel bench
+    (H100, 38 shapes, benchmarks/NOTES.md): group_norm.cu's per-group blocks read a group's run
+    of run = C / G * element_size bytes every C elements, in vectors as wide as the run allows.
+    Runs under 16 bytes read at 0.2-0.7 TB/s, so rows (~2.6 TB/s) wins at every size; runs
+    under 32 bytes or off a multiple of 16 (narrower vectors) read at 0.8-1.5 TB/s, so rows
+    wins once the tensor is 8 MiB (its three launches cost ~10 us more); wider runs read at
+    up to ~2.2 TB/s and rows wins only from ~40 MiB."""
     run = (c // num_groups) * element_size
     if setting is False or run >= 128:
         return False
     if setting is True:
         return True
-    return run < 16 or run % 8 != 0 or n * c * hw * element_size >= ROWS_AUTO_MIN_BYTES
+    size = n * c * hw * element_size
+    return (run < 16 or ((run < 32 or run % 16 != 0) and size >= ROWS_AUTO_NARROW_BYTES)
+            or size >= ROWS_AUTO_ANY_BYTES)
 
 
 def _rows_path(C, x, y, num_groups, weight, bias, eps, act, pre_bias, pb_stride) -> bool:

@@ -129,7 +129,7 @@ def test_op_takes_rows_path_under_config(C, dtype, monkeypatch, no_fallback):
     assert [(c[0], c[1]) for c in calls] == [(2, 320), (2, 128)]  # C 2560: 80 channels a group, >= 128 bytes
     calls.clear()
     with lyradynamo.config.patch(group_norm_rows="auto"):
-        shapes = ((2, 320, 12, 12), (2, 640, 12, 12), (1, 128, 8, 8))
+        shapes = ((2, 320, 12, 12), (2, 640, 12, 12), (1, 128, 8, 8), (1, 64, 8, 8))
         for shape in shapes:
             x = randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
             w, b = randn(shape[1], dtype=dtype, shift=1.0), randn(shape[1], dtype=dtype)
