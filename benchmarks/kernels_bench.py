@@ -473,7 +473,7 @@ def epilogue_quant_cases(dt):
     torch: the eager activation + the eager fp8 quantisation) at FLUX's MLP width (GELU(tanh))
     and SDXL's GEGLU widths at 1024 (batch 2, levels 2 and 1)."""
     code = CODE[dt]
-    for M, N, glu in [(4608, 12288, False), (4096, 12288, False), (8192, 5120, True), (8192, 2560, True)]:
+    for M, N, glu in [(4608, 12288, False), (4096, 12288, False), (2048, 5120, True), (8192, 2560, True)]:
         y = torch.randn(M, 2 * N if glu else N, device="cuda", dtype=dt)
         q = torch.empty(M, N, device="cuda", dtype=torch.uint8)
         sc = torch.empty(M, device="cuda", dtype=torch.float32)
@@ -550,6 +550,9 @@ def main() -> int:
     ap.add_argument("--gn-rows", action="store_true",
                     help="also time the NHWC group norm over whole rows (group_norm_rows.cu) against "
                          "group_norm.cu's per-group clusters (in the torch column), SD and VAE shapes")
+    ap.add_argument("--epi-quant", action="store_true",
+                    help="also time the act + quantise epilogue (linear_epilogue_quant) at FLUX / SDXL "
+                         "widths (a subset of --quant)")
     ap.add_argument("--no-base", action="store_true",
                     help="time only the cases the flags above add, not the base kernel set")
     args = ap.parse_args()
@@ -566,6 +569,8 @@ def main() -> int:
                 print("kernels_bench: --quant needs --dtype fp16 or bf16", file=sys.stderr)
                 return 2
             all_cases = itertools.chain(all_cases, quant_cases(dt), epilogue_quant_cases(dt))
+        elif args.epi_quant:
+            all_cases = itertools.chain(all_cases, epilogue_quant_cases(dt))
         if args.fusion:
             all_cases = itertools.chain(all_cases, fusion_cases(dt, args.quant))
         if args.gated:
