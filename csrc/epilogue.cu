@@ -186,14 +186,35 @@ linear_epilogue_quant_kernel(EpiChain<TA, TO, V> chain, const float* __restrict_
   const int warp_in_row = threadIdx.x >> 5;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < p.M;
-  auto prod = [&](int i, float (&v)[V]) {
-    chain(p, row, i * V, v);
-#pragma unroll
-    for (int e = 0; e < V; ++e) v[e] = round_to<TO>(v[e]);
+  auto post = [&](int i, float (&v)[V]) {
     smooth<V>(inv_smooth ? inv_smooth + static_cast<int64_t>(i) * V : nullptr, v);
   };
-  quantize_row<V, R>(prod, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr, warp_in_row, wpr,
-                     valid, q + (valid ? row : 0) * p.n_out, scale + (valid ? row : 0), kind);
+  uint8_t* qrow = q + (valid ? row : 0) * p.n_out;
+  float* srow = scale + (valid ? row : 0);
+  if constexpr (sizeof(TO) == 2 && V % 2 == 0) {
+    // the row cached as TO (the value is rounded to TO before smoothing anyway)
+    auto prod = [&](int i, Pack<TO, V>& pk) {
+      float v[V];
+      chain(p, row, i * V, v);
+#pragma unroll
+      for (int e = 0; e < V; e += 2) {
+        round_pair<TO>(v[e], v[e + 1]);
+        pk.v[e] = from_float<TO>(v[e]);  // exact: already rounded
+        pk.v[e + 1] = from_float<TO>(v[e + 1]);
+      }
+    };
+    quantize_row_stored<V, R, TO>(prod, post, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr,
+                                  warp_in_row, wpr, valid, qrow, srow, kind);
+  } else {
+    auto prod = [&](int i, float (&v)[V]) {
+      chain(p, row, i * V, v);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = round_to<TO>(v[e]);
+      post(i, v);
+    };
+    quantize_row<V, R>(prod, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr, warp_in_row, wpr,
+                       valid, qrow, srow, kind);
+  }
 }
 
 template <typename TA, typename TO, int V>

@@ -96,12 +96,24 @@ __device__ __forceinline__ void smooth(const float* inv_smooth, float (&v)[V]) {
 }
 
 // Quantises V values and stores the V bytes as one access (p aligned to V).
+// fp8 pairs go through one cvt.rn.satfinite.e4m3x2.f32 (the same rounding and
+// saturation as quant_one's single conversion, half the conversion instructions).
 template <int V>
 __device__ __forceinline__ void quant_store(uint8_t* p, const float (&v)[V], float inv_scale,
                                             int kind) {
   Pack<uint8_t, V> pk;
+  if (kind == kQuantFp8 && V % 2 == 0) {
 #pragma unroll
-  for (int e = 0; e < V; ++e) pk.v[e] = quant_one(v[e], inv_scale, kind);
+    for (int e = 0; e + 1 < V; e += 2) {
+      const float2 pair = make_float2(__fmul_rn(v[e], inv_scale), __fmul_rn(v[e + 1], inv_scale));
+      const __nv_fp8x2_storage_t two = __nv_cvt_float2_to_fp8x2(pair, __NV_SATFINITE, __NV_E4M3);
+      pk.v[e] = static_cast<uint8_t>(two & 0xffu);  // .x in the low byte
+      pk.v[e + 1] = static_cast<uint8_t>(two >> 8);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) pk.v[e] = quant_one(v[e], inv_scale, kind);
+  }
   *reinterpret_cast<Pack<uint8_t, V>*>(p) = pk;
 }
 
@@ -154,6 +166,66 @@ __device__ __forceinline__ void quantize_row(Prod& prod, int nvec, int tpr, int 
     float t[V];
     prod(i, t);
     quant_store<V>(qrow + static_cast<int64_t>(i) * V, t, inv, kind);
+  }
+}
+
+// quantize_row for producers whose values are rounded to a 16-bit storage type
+// S before any smoothing (linear_epilogue_quant with a 16-bit out_dtype): the R
+// cached vectors stay in registers as S (exact, half the registers of fp32;
+// 32 fp32 registers spilled at 64 registers a thread), and post(i, v), the
+// smoothing, runs again on them in the quantise pass (the same fp32 products).
+// prod(i, pk) writes vector i as S; otherwise the contract of quantize_row.
+template <int V, int R, typename S, typename Prod, typename Post>
+__device__ __forceinline__ void quantize_row_stored(Prod& prod, Post& post, int nvec, int tpr,
+                                                    int tid, float* red, int warp_in_row, int wpr,
+                                                    bool valid, uint8_t* qrow, float* scale_out,
+                                                    int kind) {
+  Pack<S, V> c[R];
+  float amax = 0.f;
+  auto amax_of = [&](int i, const Pack<S, V>& pk) {
+    float v[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = to_float(pk.v[e]);
+    post(i, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) amax = nan_max(amax, fabsf(v[e]));
+  };
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    const int i = tid + k * tpr;
+    if (valid && i < nvec) {
+      prod(i, c[k]);
+      amax_of(i, c[k]);
+    }
+  }
+  if (valid) {
+    for (int i = tid + R * tpr; i < nvec; i += tpr) {
+      Pack<S, V> t;
+      prod(i, t);
+      amax_of(i, t);
+    }
+  }
+  amax = group_max(amax, red, warp_in_row, wpr);
+  if (!valid) return;  // past the last barrier
+  const float s = quant_row_scale(amax, kind);
+  const float inv = quant_inv_scale(s);
+  if (tid == 0) *scale_out = s;
+  auto store = [&](int i, const Pack<S, V>& pk) {
+    float v[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = to_float(pk.v[e]);
+    post(i, v);
+    quant_store<V>(qrow + static_cast<int64_t>(i) * V, v, inv, kind);
+  };
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    const int i = tid + k * tpr;
+    if (i < nvec) store(i, c[k]);
+  }
+  for (int i = tid + R * tpr; i < nvec; i += tpr) {
+    Pack<S, V> t;
+    prod(i, t);
+    store(i, t);
   }
 }
 
