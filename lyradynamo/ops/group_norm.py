@@ -143,10 +143,10 @@ def prefer_rows(setting, n: int, c: int, hw: int, num_groups: int, element_size:
     wins once the tensor is 8 MiB (its three launches cost ~10 us more); wider runs read at
     up to ~2.2 TB/s and rows wins only from ~40 MiB."""
     run = (c // num_groups) * element_size
-    if setting is False or run >= 128:
+    if run >= 128:
         return False
-    if setting is True:
-        return True
+    if setting != "auto":
+        return bool(setting)
     size = n * c * hw * element_size
     return (run < 16 or ((run < 32 or run % 16 != 0) and size >= ROWS_AUTO_NARROW_BYTES)
             or size >= ROWS_AUTO_ANY_BYTES)

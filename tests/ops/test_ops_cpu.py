@@ -208,3 +208,30 @@ def test_group_norm_rows_dispatch(setting, n, c, hw, es, expected):
     from lyradynamo.ops.group_norm import prefer_rows
 
     assert prefer_rows(setting, n, c, hw, 32, es) is expected
+
+
+def test_group_norm_rows_auto_rule_against_committed_kernel_bench():
+    """The auto rule against the committed session 14 kernel bench (H100, 38 shapes, both
+    kernels timed on the same tensors): its total time is within 1% of the per-shape best and
+    under a third of group_norm.cu alone."""
+    import json
+    import pathlib
+    import re
+
+    from lyradynamo.ops.group_norm import prefer_rows
+
+    res = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    files = {"h100-2026-11-27-s14-runC-kernels-gn-rows-fp32-more-shapes.json": 4,
+             "h100-2026-11-27-s14-runB-kernels-gn-rows-fp16-more-shapes.json": 2}
+    rule = best = groups = 0.0
+    count = 0
+    for name, es in files.items():
+        for r in json.loads((res / name).read_text())["results"]:
+            n, c, hw = map(int, re.match(r"N(\d+) C(\d+) HW(\d+) G32", r["shape"]).groups())
+            rows_us, groups_us = r["ours_us"], r["torch_us"]
+            rule += rows_us if prefer_rows("auto", n, c, hw, 32, es) else groups_us
+            best += min(rows_us, groups_us)
+            groups += groups_us
+            count += 1
+    assert count == 38
+    assert rule <= 1.01 * best and rule < groups / 3
