@@ -24,6 +24,7 @@
 #                   full size, one call) -> consistency.json
 #   TEST_ARGS       pytest arguments for the CUDA tests (default "-x")
 #   TEST_PATHS      test files / folders to run (default tests/cuda)
+#   BUNDLE=1        pack $OUT into $OUT.tgz at the end (one returned file per session)
 #   SESSION_BUDGET_S  seconds from the start after which nothing new is started and running
 #                   benchmarks are interrupted (rows kept)  (default 540: a run call has 600)
 set -u
@@ -211,3 +212,15 @@ for r in rows:
 EOF
 fi
 echo "files in $OUT:"; ls -la "$OUT"
+# BUNDLE=1: pack $OUT into one file, $OUT.tgz (the run tool brings back at most 8 files; two or
+# three sessions in one call, each with OUT=$OUT0/<name>, then come back whole). Unpack here with
+# `tar -xzf <name>.tgz -C <dir>`.
+if [ "${BUNDLE:-0}" = 1 ]; then
+  rm -f "$OUT/cuda_tests.xml"  # the summary line above already holds its counts
+  if tar -czf "$OUT.tgz" -C "$OUT" . ; then
+    rm -rf "$OUT"
+    echo "== bundled: $OUT.tgz ($(du -h "$OUT.tgz" | cut -f1))"
+  else
+    echo "== bundle FAILED: $OUT left as it is"
+  fi
+fi
