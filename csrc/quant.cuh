@@ -121,60 +121,18 @@ __device__ __forceinline__ void quant_store(uint8_t* p, const float (&v)[V], flo
 // threads of a row group (tid = thread index in the group, a multiple of 32
 // threads; `red` = wpr floats of shared scratch for the group).
 //
-// prod(i, v) must write the final fp32 values (rounded / smoothed as the
-// caller defines) of vector i. The first R vectors of every thread stay in
-// registers between the amax pass and the quantise pass; vectors beyond
-// R * tpr are produced again in the second pass (same code, same values)
-// instead of spilling, so any row length works.
+// prod(i, pk) writes vector i as V values of the storage type S; post(i, v)
+// turns them (as fp32) into the final values (the smoothing, or nothing). The
+// first R vectors of every thread stay in registers as S between the amax pass
+// and the quantise pass, and post runs again on them there (the same fp32
+// products); vectors beyond R * tpr are produced again in the second pass (same
+// code, same values) instead of spilling, so any row length works. A 16-bit S
+// (linear_epilogue_quant with a 16-bit out_dtype, whose values are rounded to it
+// before smoothing) keeps the cache at half the registers of fp32: 32 fp32
+// registers spilled at 64 registers a thread.
 //
 // Every thread of the group must call this (it holds barriers); `valid` is
 // false for a group past the last row (it joins the barriers, writes nothing).
-template <int V, int R, typename Prod>
-__device__ __forceinline__ void quantize_row(Prod& prod, int nvec, int tpr, int tid, float* red,
-                                             int warp_in_row, int wpr, bool valid, uint8_t* qrow,
-                                             float* scale_out, int kind) {
-  float c[R][V];
-  float amax = 0.f;
-#pragma unroll
-  for (int k = 0; k < R; ++k) {
-    const int i = tid + k * tpr;
-    if (valid && i < nvec) {
-      prod(i, c[k]);
-#pragma unroll
-      for (int e = 0; e < V; ++e) amax = nan_max(amax, fabsf(c[k][e]));
-    }
-  }
-  if (valid) {
-    for (int i = tid + R * tpr; i < nvec; i += tpr) {
-      float t[V];
-      prod(i, t);
-#pragma unroll
-      for (int e = 0; e < V; ++e) amax = nan_max(amax, fabsf(t[e]));
-    }
-  }
-  amax = group_max(amax, red, warp_in_row, wpr);
-  if (!valid) return;  // past the last barrier
-  const float s = quant_row_scale(amax, kind);
-  const float inv = quant_inv_scale(s);
-  if (tid == 0) *scale_out = s;
-#pragma unroll
-  for (int k = 0; k < R; ++k) {
-    const int i = tid + k * tpr;
-    if (i < nvec) quant_store<V>(qrow + static_cast<int64_t>(i) * V, c[k], inv, kind);
-  }
-  for (int i = tid + R * tpr; i < nvec; i += tpr) {
-    float t[V];
-    prod(i, t);
-    quant_store<V>(qrow + static_cast<int64_t>(i) * V, t, inv, kind);
-  }
-}
-
-// quantize_row for producers whose values are rounded to a 16-bit storage type
-// S before any smoothing (linear_epilogue_quant with a 16-bit out_dtype): the R
-// cached vectors stay in registers as S (exact, half the registers of fp32;
-// 32 fp32 registers spilled at 64 registers a thread), and post(i, v), the
-// smoothing, runs again on them in the quantise pass (the same fp32 products).
-// prod(i, pk) writes vector i as S; otherwise the contract of quantize_row.
 template <int V, int R, typename S, typename Prod, typename Post>
 __device__ __forceinline__ void quantize_row_stored(Prod& prod, Post& post, int nvec, int tpr,
                                                     int tid, float* red, int warp_in_row, int wpr,
@@ -227,6 +185,18 @@ __device__ __forceinline__ void quantize_row_stored(Prod& prod, Post& post, int 
     prod(i, t);
     store(i, t);
   }
+}
+
+// quantize_row_stored with the row cached as fp32 and nothing after prod:
+// prod(i, v) writes the final fp32 values of vector i.
+template <int V, int R, typename Prod>
+__device__ __forceinline__ void quantize_row(Prod& prod, int nvec, int tpr, int tid, float* red,
+                                             int warp_in_row, int wpr, bool valid, uint8_t* qrow,
+                                             float* scale_out, int kind) {
+  auto prod_f32 = [&](int i, Pack<float, V>& pk) { prod(i, pk.v); };
+  auto none = [](int, float (&)[V]) {};
+  quantize_row_stored<V, R, float>(prod_f32, none, nvec, tpr, tid, red, warp_in_row, wpr, valid,
+                                   qrow, scale_out, kind);
 }
 
 // Threads per row for a row of nvec vectors with R cached per thread: enough
