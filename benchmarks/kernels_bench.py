@@ -499,6 +499,8 @@ def _eager_quant_fp8(x):
 def gn_rows_cases(dt):
     """NHWC group norm + SiLU: csrc/group_norm_rows.cu ("ours") against group_norm.cu's per-group
     clusters (the "torch" column here), at SD UNet shapes and the VAE decoder's (batch 1)."""
+    from lyradynamo.ops.group_norm import prefer_rows
+
     code, es = CODE[dt], torch.empty((), dtype=dt).element_size()
     for n, c, h, w in [(2, 320, 128, 128), (2, 640, 64, 64), (2, 960, 64, 64), (2, 1280, 32, 32),  # SDXL 1024
                        (2, 320, 96, 96), (2, 640, 48, 48), (2, 960, 48, 48),  # SDXL 768
@@ -506,7 +508,7 @@ def gn_rows_cases(dt):
                        (1, 512, 128, 128), (1, 512, 256, 256), (1, 512, 512, 512), (1, 256, 512, 512),
                        (1, 256, 1024, 1024), (1, 128, 1024, 1024),  # SDXL / FLUX VAE decoder at 1024
                        (1, 512, 64, 64), (1, 256, 256, 256), (1, 128, 512, 512)]:  # SD1.5 decoder at 512
-        if c // 32 * es >= 128:
+        if not prefer_rows(True, n, c, h * w, 32, es):  # groups of 128 bytes or more: not a rows shape
             continue
         x = torch.randn(n, c, h, w, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
         wt, b = torch.randn(c, device="cuda", dtype=dt), torch.randn(c, device="cuda", dtype=dt)

@@ -59,12 +59,14 @@ def kernel_paths(gm: fx.GraphModule, device: str) -> dict[str, str]:
             paths[op] = "csrc CUDA kernel (shapes/dtypes it cannot take fall back to the reference, logged)"
             if op == "group_norm":
                 from . import config
+                from .ops import group_norm as gn
 
                 rows = {True: "; channels_last groups under 128 bytes: group_norm_rows.cu (whole rows)",
                         False: "; group_norm.cu (per-group clusters)",
                         "auto": "; channels_last groups under 128 bytes: group_norm_rows.cu (whole rows) "
                                 "where it measured faster (ops.group_norm.prefer_rows: narrow groups, "
-                                "tensors of 8 / 40 MiB or more), else group_norm.cu (per-group clusters)"}
+                                f"tensors of {gn.ROWS_AUTO_NARROW_BYTES >> 20} / {gn.ROWS_AUTO_ANY_BYTES >> 20} "
+                                "MiB or more), else group_norm.cu (per-group clusters)"}
                 paths[op] += rows[config.group_norm_rows]
         else:
             paths[op] = f"PyTorch reference on CUDA: {status}"

@@ -120,7 +120,8 @@ def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
     if x.numel():
         # pre_bias row b of sample n at pre_bias[n * stride]: stride 0 when one row serves all
         pb_stride = 0 if pre_bias is None else row_vector_stride(pre_bias, n, c, 2)
-        if fmt is torch.channels_last and _rows_path(C, x, y, num_groups, weight, bias, eps, act, pre_bias, pb_stride):
+        if fmt is torch.channels_last and _rows_path(C, x, y, n, c, hw, num_groups, weight, bias, eps, act,
+                                                     pre_bias, pb_stride):
             return y
         C.group_norm(ptr(x), ptr(weight), ptr(bias), ptr(y), n, c, hw, num_groups, float(eps),
                      act == "silu", fmt is torch.channels_last, DTYPE_CODES[x.dtype], stream_handle(x),
@@ -152,14 +153,12 @@ def prefer_rows(setting, n: int, c: int, hw: int, num_groups: int, element_size:
             or size >= ROWS_AUTO_ANY_BYTES)
 
 
-def _rows_path(C, x, y, num_groups, weight, bias, eps, act, pre_bias, pb_stride) -> bool:
+def _rows_path(C, x, y, n, c, hw, num_groups, weight, bias, eps, act, pre_bias, pb_stride) -> bool:
     """config.group_norm_rows: a channels_last group narrower than a 128-byte line runs through
     csrc/group_norm_rows.cu (whole rows per block) when prefer_rows says so, the build has it
     and the shape fits; returns whether it ran (else group_norm.cu's per-group path runs)."""
     from lyradynamo import config
 
-    n, c = x.shape[0], x.shape[1]
-    hw = x.numel() // (n * c)
     if not prefer_rows(config.group_norm_rows, n, c, hw, num_groups, x.element_size()):
         return False
     if not hasattr(C, "group_norm_rows"):
