@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from lyradynamo import zoo
-from lyradynamo.zoo.pipelines import _build_context  # the zoo builds models in place this way too
 
 GUIDANCE_SCALE_SD = 7.5
 GUIDANCE_FLUX = 3.5
@@ -64,11 +63,8 @@ def build_vae(name, *, tiny, dtype, device, seed=0, model_path=None):
         vae = diffusers.AutoencoderKL.from_pretrained(model_path, subfolder="vae", local_files_only=True)
     else:
         _, spec = zoo.pipeline_spec(name, tiny)
-        _lib, cls_name, cfg = spec["vae"]
-        vdt = vae_dtype(name, dtype, cfg)
-        torch.manual_seed(seed + 1)
-        with _build_context(device, vdt):
-            vae = getattr(diffusers, cls_name).from_config(cfg)
+        vae = zoo.build_vae(name, tiny=tiny, dtype=vae_dtype(name, dtype, spec["vae"][2]), device=device,
+                            seed=seed + 1)
     vdt = vae_dtype(name, dtype, dict(vae.config))
     torch.nn.Module.to(vae, device=device, dtype=vdt)
     return vae.eval().requires_grad_(False)

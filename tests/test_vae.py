@@ -8,18 +8,9 @@ import lyradynamo
 from lyradynamo import zoo
 
 
-def _tiny_vae(name):
-    import diffusers
-
-    _, spec = zoo.pipeline_spec(name, tiny=True)
-    _lib, cls_name, cfg = spec["vae"]
-    torch.manual_seed(0)
-    return getattr(diffusers, cls_name).from_config(cfg).eval().requires_grad_(False)
-
-
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "flux", "sd3"])
 def test_vae_decode_one_compilation_matches_eager(name):
-    vae = _tiny_vae(name)
+    vae = zoo.build_vae(name)
     decode = torch.compile(vae.decode, backend="lyra")
     ch = vae.config.latent_channels
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
@@ -40,7 +31,7 @@ def test_vae_decode_one_compilation_matches_eager(name):
 @pytest.mark.parametrize("name", ["sd15", "flux"])
 def test_vae_encode_one_compilation_matches_eager(name):
     """img2img / inpainting encode images: AutoencoderKL.encode under lyra, batch and size changing."""
-    vae = _tiny_vae(name)
+    vae = zoo.build_vae(name)
     encode = torch.compile(vae.encode, backend="lyra")
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for b, h, w in [(1, 64, 64), (2, 96, 64), (1, 48, 80)]:

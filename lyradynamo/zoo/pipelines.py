@@ -156,6 +156,16 @@ def build_denoiser(name, *, tiny=True, dtype=torch.float32, device="cpu", seed=0
     return _diffusers_model(cls_name, denoiser_config(name, tiny), dtype, device, seed)
 
 
+def build_vae(name, *, tiny=True, dtype=torch.float32, device="cpu", seed=0) -> torch.nn.Module:
+    """The pipeline's VAE (AutoencoderKL, or its config's class) with random weights, in eval
+    mode and without gradients. The weights depend on ``seed`` and, as for every zoo model, on
+    the device and dtype they are drawn in: build once in fp32 and cast for copies that must
+    hold the same values."""
+    _, spec = pipeline_spec(name, tiny)
+    _lib, cls_name, cfg = spec["vae"]
+    return _diffusers_model(cls_name, cfg, dtype, device, seed).requires_grad_(False)
+
+
 def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 

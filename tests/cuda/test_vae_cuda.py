@@ -14,13 +14,8 @@ CASES = [("sdxl", torch.float32), ("sd15", torch.float16), ("flux", torch.bfloat
 
 
 def _vae(name, dtype):
-    import diffusers
-
-    _, spec = zoo.pipeline_spec(name, tiny=False)
-    _lib, cls_name, cfg = spec["vae"]
-    torch.manual_seed(0)
-    vae = getattr(diffusers, cls_name).from_config(cfg)
-    return vae.to(device="cuda", dtype=dtype).eval().requires_grad_(False)
+    """Drawn on the CPU in fp32, then cast: every dtype holds the same weights."""
+    return zoo.build_vae(name, tiny=False).to(device="cuda", dtype=dtype)
 
 
 def _err(a, b):
