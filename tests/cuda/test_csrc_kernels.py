@@ -61,6 +61,14 @@ GN_SHAPES = [  # (N, C, HW, groups)
 ]
 
 
+def group_norm_refs(x, G, w, b, eps, silu, pb=None):
+    """(float64 reference, eager in x's dtype) of group_norm(x + pre_bias pb) (+ SiLU)."""
+    xb = x if pb is None else x + pb.view(pb.shape[0], -1, 1, 1)
+    ref = F.group_norm(d64(xb), G, d64(w), d64(b), eps)
+    eager = F.group_norm(xb, G, w, b, eps)
+    return (F.silu(ref), F.silu(eager)) if silu else (ref, eager)
+
+
 def _hw_split(hw):
     r = int(math.isqrt(hw))
     return (r, r) if r * r == hw else (1, hw)
@@ -81,19 +89,14 @@ def test_group_norm(C, shape, silu, channels_last, dtype):
     y = torch.empty_like(x).fill_(float("nan"))
     C.group_norm(ptr(x), ptr(w), ptr(b), ptr(y), N, Ch, HW, G, eps, silu, channels_last,
                  CODE[dtype], stream())
-    ref = F.group_norm(d64(x), G, d64(w), d64(b), eps)
-    eager = F.group_norm(x, G, w, b, eps)
-    if silu:
-        ref, eager = F.silu(ref), F.silu(eager)
-    check(y, ref, eager, dtype, f"group_norm {shape}")
+    check(y, *group_norm_refs(x, G, w, b, eps, silu), dtype, f"group_norm {shape}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=IDS.get)
 def test_group_norm_no_affine_inplace(C, dtype):
     N, Ch, HW, G = 2, 64, 100, 8
     x = randn(N, Ch, 10, 10, dtype=dtype, scale=3.0, shift=-1.0)
-    ref = F.group_norm(d64(x), G, None, None, 1e-6)
-    eager = F.group_norm(x, G, None, None, 1e-6)
+    ref, eager = group_norm_refs(x, G, None, None, 1e-6, False)
     C.group_norm(ptr(x), 0, 0, ptr(x), N, Ch, HW, G, 1e-6, False, False, CODE[dtype], stream())
     check(x, ref, eager, dtype, "group_norm in place")
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
 
 import lyradynamo  # noqa: E402
 from kernel_helpers import CODE, DEV, IDS, ptr, randn, stream  # noqa: E402
-from test_csrc_kernels import check, d64  # noqa: E402
+from test_csrc_kernels import check, group_norm_refs  # noqa: E402
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("seed_from_test_id")]
 
@@ -35,13 +34,6 @@ def _ws(C, x, y, N, Ch, HW, G, dtype, w=None, b=None, pb=None, pb_stride=0):
     return torch.full((need,), float("nan"), device=DEV, dtype=torch.float32), need
 
 
-def _reference(x, G, w, b, eps, silu, pb=None):
-    xb = x if pb is None else x + pb.view(pb.shape[0], -1, 1, 1)
-    ref = F.group_norm(d64(xb), G, d64(w), d64(b), eps)
-    eager = F.group_norm(xb, G, w, b, eps)
-    return (F.silu(ref), F.silu(eager)) if silu else (ref, eager)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
 @pytest.mark.parametrize("shape", ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -53,7 +45,7 @@ def test_group_norm_rows(C, shape, silu, dtype):
     ws, need = _ws(C, x, y, N, Ch, H * W, G, dtype, w, b)
     C.group_norm_rows(ptr(x), ptr(w), ptr(b), ptr(y), N, Ch, H * W, G, 1e-5, silu, CODE[dtype], stream(),
                       0, 0, ptr(ws), need)
-    check(y, *_reference(x, G, w, b, 1e-5, silu), dtype, f"group_norm_rows {shape}")
+    check(y, *group_norm_refs(x, G, w, b, 1e-5, silu), dtype, f"group_norm_rows {shape}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
@@ -68,14 +60,14 @@ def test_group_norm_rows_pre_bias(C, shared, dtype):
     ws, need = _ws(C, x, y, N, Ch, H * W, G, dtype, w, b, pb, pb_stride)
     C.group_norm_rows(ptr(x), ptr(w), ptr(b), ptr(y), N, Ch, H * W, G, 1e-5, True, CODE[dtype], stream(),
                       ptr(pb), pb_stride, ptr(ws), need)
-    check(y, *_reference(x, G, w, b, 1e-5, True, pb.expand(N, Ch)), dtype, "group_norm_rows pre_bias")
+    check(y, *group_norm_refs(x, G, w, b, 1e-5, True, pb.expand(N, Ch)), dtype, "group_norm_rows pre_bias")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=IDS.get)
 def test_group_norm_rows_in_place_no_affine(C, dtype):
     N, Ch, H, W, G = 2, 256, 20, 20, 32
     x = randn(N, Ch, H, W, dtype=dtype, scale=3.0, shift=-1.0).contiguous(memory_format=torch.channels_last)
-    ref, eager = _reference(x, G, None, None, 1e-6, False)
+    ref, eager = group_norm_refs(x, G, None, None, 1e-6, False)
     ws, need = _ws(C, x, x, N, Ch, H * W, G, dtype)
     C.group_norm_rows(ptr(x), 0, 0, ptr(x), N, Ch, H * W, G, 1e-6, False, CODE[dtype], stream(), 0, 0, ptr(ws),
                       need)
@@ -92,7 +84,7 @@ def test_group_norm_rows_misaligned_falls_to_scalar_vectors(C):
     ws, need = _ws(C, x, y, N, Ch, H * W, G, torch.float16, w, b)
     C.group_norm_rows(ptr(x), ptr(w), ptr(b), ptr(y), N, Ch, H * W, G, 1e-5, False, 1, stream(), 0, 0, ptr(ws),
                       need)
-    check(y, *_reference(x, G, w, b, 1e-5, False), torch.float16, "group_norm_rows misaligned")
+    check(y, *group_norm_refs(x, G, w, b, 1e-5, False), torch.float16, "group_norm_rows misaligned")
 
 
 def test_group_norm_rows_refuses_with_clear_errors(C):
