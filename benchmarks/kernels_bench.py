@@ -489,6 +489,56 @@ def epilogue_quant_cases(dt):
                eager, M * N * ((3 if glu else 1) * y.element_size() + 1))
 
 
+def norm_quant_cases(dt):
+    """LayerNorm (+ affine) rows as the SD / SDXL transformer blocks run them: norm_modulate
+    (bf16 / fp16 lyra) and norm_modulate_quant (lyra-fp8: the norm writes the next linear's
+    fp8 activation), ours against eager layer_norm (+ the eager fp8 quantisation), at SDXL 1024
+    (levels 2 and 1, batch 2) and SD1.5 512 (levels 0-2)."""
+    code, es = CODE[dt], torch.empty((), dtype=dt).element_size()
+    for M, D in [(2048, 1280), (8192, 640), (8192, 320), (2048, 640), (512, 1280)]:
+        x = torch.randn(M, D, device="cuda", dtype=dt)
+        w, b = torch.randn(D, device="cuda", dtype=dt), torch.randn(D, device="cuda", dtype=dt)
+        y = torch.empty_like(x)
+        q = torch.empty(M, D, device="cuda", dtype=torch.uint8)
+        sc = torch.empty(M, device="cuda", dtype=torch.float32)
+        shape = f"M{M} D{D}"
+        yield ("layernorm", shape,
+               lambda x=x, w=w, b=b, y=y, M=M, D=D: _C.norm_modulate(
+                   x.data_ptr(), w.data_ptr(), b.data_ptr(), 0, 0, y.data_ptr(), M, D, M, 0, 0,
+                   1e-5, False, code, s()),
+               lambda x=x, w=w, b=b, D=D: F.layer_norm(x, (D,), w, b, 1e-5), 2 * M * D * es)
+        yield ("layernorm+quant fp8", shape,
+               lambda x=x, w=w, b=b, q=q, sc=sc, M=M, D=D: _C.norm_modulate_quant(
+                   x.data_ptr(), w.data_ptr(), b.data_ptr(), 0, 0, 0, q.data_ptr(), sc.data_ptr(),
+                   M, D, M, 0, 0, 1e-5, False, 0, code, s()),  # kind 0: fp8
+               lambda x=x, w=w, b=b, D=D: _eager_quant_fp8(F.layer_norm(x, (D,), w, b, 1e-5)),
+               M * D * (es + 1))
+
+
+def attention_cases(dt):
+    """SDXL 1024's attention shapes (batch 2; q / k / v in the (B, L, H, D) layout the projections
+    write): torch SDPA's cuDNN backend (what lyra::attention's "auto" takes) in the "ours" column
+    against the flash backend, then the efficient backend against flash. Bytes: q, k, v, out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend, q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    es = torch.empty((), dtype=dt).element_size()
+    for name, Lq, Lk, H in [("self lvl1", 4096, 4096, 10), ("cross lvl1", 4096, 77, 10),
+                            ("self lvl2", 1024, 1024, 20), ("cross lvl2", 1024, 77, 20)]:
+        q = torch.randn(2, Lq, H, 64, device="cuda", dtype=dt)
+        k, v = (torch.randn(2, Lk, H, 64, device="cuda", dtype=dt) for _ in range(2))
+        nbytes = 2 * (2 * Lq + 2 * Lk) * H * 64 * es
+        shape = f"{name} B2 Lq{Lq} Lk{Lk} H{H} D64"
+        flash = (lambda q=q, k=k, v=v: sdpa(SDPBackend.FLASH_ATTENTION, q, k, v))
+        yield ("attention cudnn vs flash", shape,
+               lambda q=q, k=k, v=v: sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v), flash, nbytes)
+        yield ("attention efficient vs flash", shape,
+               lambda q=q, k=k, v=v: sdpa(SDPBackend.EFFICIENT_ATTENTION, q, k, v), flash, nbytes)
+
+
 def _eager_quant_fp8(x):
     """Eager per-row fp8 quantisation (what torch code does without a fused kernel)."""
     xf = x.float()
@@ -555,6 +605,11 @@ def main() -> int:
     ap.add_argument("--epi-quant", action="store_true",
                     help="also time the act + quantise epilogue (linear_epilogue_quant) at FLUX / SDXL "
                          "widths (a subset of --quant)")
+    ap.add_argument("--norm-quant", action="store_true",
+                    help="also time LayerNorm rows (norm_modulate, norm_modulate_quant) at SD / SDXL "
+                         "transformer widths")
+    ap.add_argument("--attn", action="store_true",
+                    help="also time torch SDPA's backends at SDXL's attention shapes")
     ap.add_argument("--no-base", action="store_true",
                     help="time only the cases the flags above add, not the base kernel set")
     args = ap.parse_args()
@@ -581,6 +636,10 @@ def main() -> int:
             all_cases = itertools.chain(all_cases, qkv_cases(dt))
         if args.gn_rows:
             all_cases = itertools.chain(all_cases, gn_rows_cases(dt))
+        if args.norm_quant:
+            all_cases = itertools.chain(all_cases, norm_quant_cases(dt))
+        if args.attn:
+            all_cases = itertools.chain(all_cases, attention_cases(dt))
         for name, shape, ours, ref, nbytes in all_cases:
             t_ours = time_us(ours, args.warmup, args.iters, args.graph_reps)
             t_ref = time_us(ref, args.warmup, args.iters, args.graph_reps)
