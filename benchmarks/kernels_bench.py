@@ -258,6 +258,43 @@ def quant_cases(dt):
                lambda x=x: _eager_quant_fp8(x), M * K * (es + 1))
 
 
+def sdxl_fp8_gemm_cases(dt):
+    """SDXL 1024's fp8 linears (batch 2; level 2: 2048 tokens x 1280, level 1: 8192 x 640) as
+    lyra::qlinear runs them (cuBLASLt, per-row x per-column scales, fast accumulation, bias, and
+    the residual through C where the model adds one), against torch._scaled_mm row-wise (fast
+    accumulation, bias, no residual). TFLOP/s in the GB/s column's place: 2 M N K / time."""
+    from lyradynamo.quant import numerics as qn
+
+    code = CODE[dt]
+    for name, M, N, K, bias, res in [
+            ("lvl2 qkv", 2048, 3840, 1280, False, False), ("lvl2 to_out", 2048, 1280, 1280, True, True),
+            ("lvl2 attn2 q", 2048, 1280, 1280, False, False), ("lvl2 ff1", 2048, 10240, 1280, True, False),
+            ("lvl2 ff2", 2048, 1280, 5120, True, True), ("lvl2 proj", 2048, 1280, 1280, True, False),
+            ("attn2 kv (text)", 154, 2560, 2048, False, False),
+            ("lvl1 qkv", 8192, 1920, 640, False, False), ("lvl1 to_out", 8192, 640, 640, True, True),
+            ("lvl1 ff1", 8192, 5120, 640, True, False), ("lvl1 ff2", 8192, 640, 2560, True, True)]:
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).to(dt)
+        b = torch.randn(N, device="cuda", dtype=dt) if bias else None
+        r = torch.randn(M, N, device="cuda", dtype=dt) if res else None
+        out = torch.empty(M, N, device="cuda", dtype=dt)
+        xq, xs = qn.quantize_rows(x, "fp8")
+        wq, ws = qn.quantize_rows(w, "fp8")
+
+        def ours(xq=xq, wq=wq, xs=xs, ws=ws, b=b, r=r, out=out, M=M, N=N, K=K):
+            _C.gemm_fp8_ex(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(),
+                           0 if b is None else b.data_ptr(), 0 if r is None else r.data_ptr(),
+                           out.data_ptr(), M, N, K, K, N, code, True, s())
+
+        def scaled_mm(xq=xq, wq=wq, xs=xs, ws=ws, b=b):
+            return torch._scaled_mm(xq.view(torch.float8_e4m3fn), wq.view(torch.float8_e4m3fn).t(),
+                                    scale_a=xs[:, None], scale_b=ws[None, :], bias=b, out_dtype=dt,
+                                    use_fast_accum=True)
+
+        yield (f"fp8 gemm {name}" + (" +bias" if bias else "") + (" +res" if res else ""),
+               f"M{M} N{N} K{K}", ours, scaled_mm, 2 * M * N * K / 1e3)
+
+
 # (model, M tokens, K, widths of the projections that read one activation)
 _SHARED_INPUT_PROJECTIONS = [
     ("flux double img qkv", 4096, 3072, [3072] * 3),
@@ -610,6 +647,9 @@ def main() -> int:
                          "transformer widths")
     ap.add_argument("--attn", action="store_true",
                     help="also time torch SDPA's backends at SDXL's attention shapes")
+    ap.add_argument("--sdxl-fp8-gemm", action="store_true",
+                    help="also time SDXL 1024's fp8 linears: cuBLASLt (ours) against torch._scaled_mm "
+                         "(the GB/s column is TFLOP/s for these rows)")
     ap.add_argument("--no-base", action="store_true",
                     help="time only the cases the flags above add, not the base kernel set")
     args = ap.parse_args()
@@ -640,6 +680,8 @@ def main() -> int:
             all_cases = itertools.chain(all_cases, norm_quant_cases(dt))
         if args.attn:
             all_cases = itertools.chain(all_cases, attention_cases(dt))
+        if args.sdxl_fp8_gemm:
+            all_cases = itertools.chain(all_cases, sdxl_fp8_gemm_cases(dt))
         for name, shape, ours, ref, nbytes in all_cases:
             t_ours = time_us(ours, args.warmup, args.iters, args.graph_reps)
             t_ref = time_us(ref, args.warmup, args.iters, args.graph_reps)

@@ -14,11 +14,8 @@
 //
 // Mapping: a row is handled by `tpr` threads (a multiple of 32: one or more
 // warps, blockDim.x) and a block holds blockDim.y rows. Each thread caches up
-// to NV vectors of V elements in registers, so x is read exactly once; mean
-// and variance are an exact two-pass over those registers. NV is 4, or 8 where
-// that lets one warp hold a row that would otherwise take two or more (e.g.
-// fp16 D = 1280, SDXL's level 2): the row's three reductions are then warp
-// shuffles only, with no block barrier (NOTES, session 15).
+// to kMaxVec vectors of V elements in registers, so x is read exactly once;
+// mean and variance are an exact two-pass over those registers.
 // Every fp32 op is an explicit intrinsic (__fmul_rn, __fadd_rn, __fmaf_rn): the
 // compiler cannot contract differently in the two instantiations below, so
 // norm_modulate_quant sees bit for bit the values norm_modulate stores.
@@ -36,8 +33,7 @@
 namespace lyra {
 namespace {
 
-constexpr int kMaxVec = 4;      // vectors per thread, multi-warp rows
-constexpr int kMaxVecWarp = 8;  // vectors per thread, one-warp rows of 129-256 vectors
+constexpr int kMaxVec = 4;
 // Max threads per row: 1024 for the scalar path (D <= 4096); 512 for the
 // vector paths, which keeps them at <= 128 registers (no spills) and still
 // covers D <= 16384 (fp16/bf16) / 8192 (fp32).
@@ -64,7 +60,7 @@ struct NMQuantOut {
   int kind;
 };
 
-template <typename T, int V, int NV, bool kQuant>
+template <typename T, int V, bool kQuant>
 __global__ void __launch_bounds__(max_tpr<V>(), 1)
 norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ bias,
                      const T* __restrict__ mul, const T* __restrict__ add, T* y, NMQuantOut qo,
@@ -80,11 +76,11 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
   const bool valid = row < p.rows;  // no early return: all threads join the barriers
   const T* xr = x + row * p.D;
 
-  // ---- load the row into registers: (NV, V) per thread -------------
-  float v[NV][V];
+  // ---- load the row into registers: (kMaxVec, V) per thread -------------
+  float v[kMaxVec][V];
   float s = 0.f;
 #pragma unroll
-  for (int k = 0; k < NV; ++k) {
+  for (int k = 0; k < kMaxVec; ++k) {
     const int i = threadIdx.x + k * tpr;
     if (valid && i < p.nvec) {
       load_vec<V>(xr + i * V, v[k]);
@@ -105,7 +101,7 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
     mean = __fmul_rn(s, inv_d);
     float q = 0.f;  // second pass from registers: exact, no E[x^2]-E[x]^2 cancellation
 #pragma unroll
-    for (int k = 0; k < NV; ++k) {
+    for (int k = 0; k < kMaxVec; ++k) {
       const int i = threadIdx.x + k * tpr;
       if (i < p.nvec) {
 #pragma unroll
@@ -156,7 +152,7 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
     if (!valid) return;  // past the last barrier
     T* yr = y + row * p.D;
 #pragma unroll
-    for (int k = 0; k < NV; ++k) {
+    for (int k = 0; k < kMaxVec; ++k) {
       const int i = threadIdx.x + k * tpr;
       if (i >= p.nvec) continue;
       const int d = i * V;
@@ -168,7 +164,7 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
     // Round to T (the value norm_modulate stores), smooth, keep in v for pass 2.
     float amax = 0.f;
 #pragma unroll
-    for (int k = 0; k < NV; ++k) {
+    for (int k = 0; k < kMaxVec; ++k) {
       const int i = threadIdx.x + k * tpr;
       if (!valid || i >= p.nvec) continue;
       const int d = i * V;
@@ -190,38 +186,17 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
     if (threadIdx.x == 0) qo.scale[row] = sc;
     uint8_t* qr = qo.q + row * p.D;
 #pragma unroll
-    for (int k = 0; k < NV; ++k) {
+    for (int k = 0; k < kMaxVec; ++k) {
       const int i = threadIdx.x + k * tpr;
       if (i < p.nvec) quant_store<V>(qr + i * V, v[k], inv, qo.kind);
     }
   }
 }
 
-template <typename T, int V, int NV, bool kQuant>
-void launch_nm_rows(const T* x, const T* w, const T* b, const T* mul, const T* add, T* y,
-                    NMQuantOut qo, const NMParams& p, int tpr, cudaStream_t stream,
-                    const char* fn) {
-  // Several rows per block for small D, so blocks have >= 128 threads.
-  const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
-  const int64_t grid = (p.rows + rows_blk - 1) / rows_blk;
-  LYRA_CHECK_ARG(grid < (1ll << 31), fn, "rows too large");
-  norm_modulate_kernel<T, V, NV, kQuant>
-      <<<static_cast<unsigned>(grid), dim3(tpr, rows_blk), 0, stream>>>(x, w, b, mul, add, y, qo, p);
-  LYRA_CHECK_LAUNCH(fn);
-}
-
 template <typename T, int V, bool kQuant>
 void launch_nm(const T* x, const T* w, const T* b, const T* mul, const T* add, T* y,
                NMQuantOut qo, NMParams p, cudaStream_t stream, const char* fn) {
   p.nvec = p.D / V;
-  if constexpr (V > 1) {
-    // Rows of 129-256 vectors: one warp with up to 8 vectors per lane, instead
-    // of 2-3 warps joined by block barriers.
-    if (p.nvec > 32 * kMaxVec && p.nvec <= 32 * kMaxVecWarp) {
-      launch_nm_rows<T, V, kMaxVecWarp, kQuant>(x, w, b, mul, add, y, qo, p, 32, stream, fn);
-      return;
-    }
-  }
   // Threads per row: enough warps that kMaxVec vectors per thread cover D.
   int tpr = (p.nvec + kMaxVec - 1) / kMaxVec;
   tpr = ((tpr + 31) / 32) * 32;
@@ -230,7 +205,13 @@ void launch_nm(const T* x, const T* w, const T* b, const T* mul, const T* add, T
                                 " too large (max " + std::to_string(max_tpr<V>() * kMaxVec * V) +
                                 " for this dtype/alignment)");
   }
-  launch_nm_rows<T, V, kMaxVec, kQuant>(x, w, b, mul, add, y, qo, p, tpr, stream, fn);
+  // Several rows per block for small D, so blocks have >= 128 threads.
+  const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
+  const int64_t grid = (p.rows + rows_blk - 1) / rows_blk;
+  LYRA_CHECK_ARG(grid < (1ll << 31), fn, "rows too large");
+  norm_modulate_kernel<T, V, kQuant>
+      <<<static_cast<unsigned>(grid), dim3(tpr, rows_blk), 0, stream>>>(x, w, b, mul, add, y, qo, p);
+  LYRA_CHECK_LAUNCH(fn);
 }
 
 }  // namespace
