@@ -650,6 +650,9 @@ def main() -> int:
     ap.add_argument("--sdxl-fp8-gemm", action="store_true",
                     help="also time SDXL 1024's fp8 linears: cuBLASLt (ours) against torch._scaled_mm "
                          "(the GB/s column is TFLOP/s for these rows)")
+    ap.add_argument("--autotune", type=int, default=None,
+                    help="set_gemm_autotune(N) before timing (as config.gemm_autotune; the bench's "
+                         "warm-up call is the first call that tunes a shape)")
     ap.add_argument("--no-base", action="store_true",
                     help="time only the cases the flags above add, not the base kernel set")
     args = ap.parse_args()
@@ -657,6 +660,8 @@ def main() -> int:
         print("kernels_bench: no CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.autotune is not None:
+        _C.set_gemm_autotune(args.autotune)
     dt = DTYPES[args.dtype]
     rows = []
     with torch.no_grad():
