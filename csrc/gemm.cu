@@ -30,7 +30,7 @@
 // tuned plan times both kinds. set_gemm_workspace(bytes) caps the workspace offered
 // (0: workspace-free algorithms only); the cap is part of the plan key.
 // Autotuning (set_gemm_autotune(n), n > 1): for a problem of at least
-// kAutotuneMinMacs multiply-adds (fp8: kAutotuneMinMacsFp8) the heuristic is asked for up to n algorithms
+// kAutotuneMinMacs multiply-adds the heuristic is asked for up to n algorithms
 // without workspace and up to n with it (the union, duplicates dropped);
 // the first call of the problem that is not being captured times each of them on
 // the call's own operands (1 warm-up + 3 timed runs, CUDA events, one host sync
@@ -168,11 +168,6 @@ constexpr int kMaxAutotune = 16;
 // is worth 4 n extra runs once per shape (SDXL's feed-forward GEMMs at 1024 and
 // FLUX's are tuned; attention projections at SDXL sizes and GEMVs are not).
 constexpr double kAutotuneMinMacs = 8589934592.0;
-// fp8 (scaled): 2^31. SDXL's level-2 linears (M 2048, N 1280, K 1280: 2^31.6) run
-// ~11 us and the heuristic's first choice with the residual through C took 14.8 us
-// where the same shape without it took 10.5 (benchmarks/NOTES.md, session 15);
-// there are 180 such calls per SDXL step.
-constexpr double kAutotuneMinMacsFp8 = 2147483648.0;
 std::map<PlanKey, Plan> g_plans;
 
 // Largest power of two (<= 256) dividing the address: cuBLASLt preference
@@ -261,8 +256,7 @@ Plan make_plan(cublasLtHandle_t h, int variant, int64_t M, int64_t N, int64_t K,
       return st;
     };
     (void)al_bias;  // bias alignment is part of the cache key only
-    const double min_macs = is_fp8_scaled(variant) ? kAutotuneMinMacsFp8 : kAutotuneMinMacs;
-    const bool tune = g_autotune > 1 && static_cast<double>(M) * N * K >= min_macs;
+    const bool tune = g_autotune > 1 && static_cast<double>(M) * N * K >= kAutotuneMinMacs;
     const int wanted = tune ? std::min(g_autotune, kMaxAutotune) : 1;
     // Workspace-free algorithms first (see the header: no memset per launch), then, for a
     // tuned shape or where none is free, those that use the workspace.

@@ -94,8 +94,7 @@ _OPTIONS: dict[str, _Option] = {
     ),
     "gemm_autotune": _Option(
         8,
-        "cuBLASLt algorithms timed for each new GEMM shape of at least 2^33 multiply-adds (fp8: "
-        "2^31), on its "
+        "cuBLASLt algorithms timed for each new GEMM shape of at least 2^33 multiply-adds, on its "
         "first call outside CUDA-graph capture, that many with and that many without workspace "
         "(the fastest is kept for the process; smaller GEMMs take the heuristic's first "
         "workspace-free choice); 0 or 1 = never time. Costs 4 runs per candidate and "
