@@ -299,8 +299,12 @@ def _reason(param, path: str, cols, kind: str):
 
 
 def _fake_like(node: fx.Node, t: torch.Tensor):
-    """A fake tensor for a new buffer, in the fake mode of the graph's traced values."""
+    """A fake tensor for a new buffer (static shape, t's strides, dtype and device), in the fake
+    mode of the graph's traced values, made from a meta tensor: mode.from_tensor converted each
+    real buffer through meta_utils at ~1 ms a call, 1.6 s of SDXL's fp8 compile (1478 buffers),
+    and an empty_strided under the mode took ~0.5 ms (CPU profile, NOTES session 15)."""
     mode = getattr(node.meta.get("example_value"), "fake_mode", None)
     if mode is None:
         return None
-    return mode.from_tensor(t, static_shapes=True)
+    meta = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device="meta")
+    return mode.fake_tensor_converter.from_meta_and_device(mode, meta, t.device)
