@@ -306,5 +306,8 @@ def _fake_like(node: fx.Node, t: torch.Tensor):
     mode = getattr(node.meta.get("example_value"), "fake_mode", None)
     if mode is None:
         return None
+    from_meta = getattr(mode.fake_tensor_converter, "from_meta_and_device", None)
+    if from_meta is None:  # a torch without it: the general conversion
+        return mode.from_tensor(t, static_shapes=True)
     meta = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device="meta")
-    return mode.fake_tensor_converter.from_meta_and_device(mode, meta, t.device)
+    return from_meta(mode, meta, t.device)
