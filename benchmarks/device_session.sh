@@ -4,7 +4,7 @@
 #   2. build the CUDA library (cmake + ninja, sm_90a)         SKIP_BUILD=1 skips
 #   3. CUDA tests: pytest -m cuda tests/cuda                  SKIP_TESTS=1 skips
 #   4. kernel bench (KERNEL_BENCH=1, if benchmarks/kernels_bench.py exists), then the model
-#      benchmarks chosen by BENCH_* below                    SKIP_BENCH=1 skips
+#      benchmarks chosen by BENCH_* below                    SKIP_BENCH=1 skips the model ones
 # Everything goes to $OUT (default ./device_out), flat, at most 7 files:
 #   build.log cuda_tests.xml cuda_tests.log kernels.json bench.jsonl bench.log bench.md
 #   (+ chart.png only while that keeps the total under 8; + _C*.so with KEEP_SO=1).
