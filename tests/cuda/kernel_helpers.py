@@ -43,11 +43,11 @@ NM_SMALL_CASES = [
     (2, 5, 72, True, True, False),
     (3, 9, 37, True, True, False),  # odd D: scalar path
     (2, 33, 256, False, True, True),
-    # one warp per row with up to 8 vectors per lane (fp16 / bf16 D 1032-2048, fp32 D 516-1024)
-    (2, 37, 1280, True, False, False),  # SDXL level 2: 5 vectors per lane
-    (3, 5, 1032, True, True, False),  # 129 vectors: 4-5 per lane (fp32: 258, two warps)
-    (1, 9, 2040, True, True, True),  # 255 vectors (fp32: 510, four warps)
-    (2, 6, 1024, False, True, False),  # fp32: 256 vectors, 8 per lane (16-bit: 128, 4 per lane)
+    # rows of 129-256 16-byte vectors: two warps a row, up to 4 vectors a thread
+    (2, 37, 1280, True, False, False),  # SDXL level 2 (16-bit: 160 vectors; fp32: 320, three warps)
+    (3, 5, 1032, True, True, False),  # 129 vectors: one warp's worth plus one (fp32: 258)
+    (1, 9, 2040, True, True, True),  # 255 vectors, the last thread one short (fp32: 510, four warps)
+    (2, 6, 1024, False, True, False),  # 16-bit: 128 vectors, one full warp; fp32: 256, two full warps
 ]
 
 
