@@ -519,11 +519,23 @@ def epilogue_quant_cases(dt):
             eager = (lambda y=y, N=N: _eager_quant_fp8(y[:, :N] * F.gelu(y[:, N:])))
         else:
             eager = (lambda y=y: _eager_quant_fp8(F.gelu(y, approximate="tanh")))
-        yield ("epilogue geglu+quant fp8" if glu else "epilogue gelu_tanh+quant fp8", f"M{M} N{N}",
-               lambda y=y, q=q, sc=sc, M=M, N=N, act=act, glu=glu: _C.linear_epilogue_quant(
-                   y.data_ptr(), code, 0, 0, 0, 0, 0, 0, q.data_ptr(), sc.data_ptr(), M, N, act, glu, M, 0,
-                   code, 0, s()),
-               eager, M * N * ((3 if glu else 1) * y.element_size() + 1))
+        def ours(y=y, q=q, sc=sc, M=M, N=N, act=act, glu=glu):
+            _C.linear_epilogue_quant(y.data_ptr(), code, 0, 0, 0, 0, 0, 0, q.data_ptr(), sc.data_ptr(), M, N,
+                                     act, glu, M, 0, code, 0, s())
+
+        def generic(ours=ours):
+            # the generic chain kernel on the same call (act_quant_kernel off while it launches)
+            previous = _C.set_act_quant_kernel(False)
+            try:
+                ours()
+            finally:
+                _C.set_act_quant_kernel(previous)
+
+        name = "epilogue geglu+quant fp8" if glu else "epilogue gelu_tanh+quant fp8"
+        nbytes = M * N * ((2 if glu else 1) * y.element_size() + 1)  # y read once, q written
+        yield (name, f"M{M} N{N}", ours, eager, nbytes)
+        if hasattr(_C, "set_act_quant_kernel"):
+            yield (name + " vs generic", f"M{M} N{N}", ours, generic, nbytes)
 
 
 def norm_quant_cases(dt):

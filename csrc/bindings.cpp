@@ -92,6 +92,7 @@ void scaled_epilogue(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t 
                      uintptr_t bias, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
                      int64_t N_out, int act, bool glu, int64_t rows_per_batch,
                      int64_t gate_bstride, int out_dtype, uintptr_t stream);
+bool set_act_quant_kernel(bool enabled);
 void linear_epilogue_quant(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t b_scale,
                            uintptr_t bias, uintptr_t gate, uintptr_t residual,
                            uintptr_t inv_smooth, uintptr_t q, uintptr_t scale, int64_t M,
@@ -334,4 +335,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("scale"), py::arg("M"), py::arg("N_out"), py::arg("act"),
         py::arg("glu"), py::arg("rows_per_batch"), py::arg("gate_bstride"),
         py::arg("out_dtype"), py::arg("kind"), py::arg("stream"));
+  m.def("set_act_quant_kernel", &lyra::set_act_quant_kernel, py::arg("enabled"),
+        "linear_epilogue_quant's kernel for a 16-bit accumulator without scales, bias, gate or "
+        "residual (act / GLU as template parameters, loads first): on (default) or off (the "
+        "generic kernel for every call; same bits). Process-wide; returns the previous setting. "
+        "For tests and kernels_bench.");
 }
