@@ -197,21 +197,17 @@ linear_epilogue_quant_kernel(EpiChain<TA, TO, V> chain, const float* __restrict_
                              uint8_t* __restrict__ q, float* __restrict__ scale, EpiParams p,
                              int kind) {
   __shared__ float s_red[kEpiQuantMaxTpr / 32];
-  const int tpr = blockDim.x;
-  const int wpr = tpr >> 5;
-  const int warp_in_row = threadIdx.x >> 5;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool valid = row < p.M;
+  const RowGroup rg = row_group(p.M);
   auto post = [&](int i, float (&v)[V]) {
     smooth<V>(inv_smooth ? inv_smooth + static_cast<int64_t>(i) * V : nullptr, v);
   };
-  uint8_t* qrow = q + (valid ? row : 0) * p.n_out;
-  float* srow = scale + (valid ? row : 0);
+  uint8_t* qrow = q + (rg.valid ? rg.row : 0) * p.n_out;
+  float* srow = scale + (rg.valid ? rg.row : 0);
   if constexpr (sizeof(TO) == 2 && V % 2 == 0) {
     // the row cached as TO (the value is rounded to TO before smoothing anyway)
     auto prod = [&](int i, Pack<TO, V>& pk) {
       float v[V];
-      chain(p, row, i * V, v);
+      chain(p, rg.row, i * V, v);
 #pragma unroll
       for (int e = 0; e < V; e += 2) {
         round_pair<TO>(v[e], v[e + 1]);
@@ -219,17 +215,17 @@ linear_epilogue_quant_kernel(EpiChain<TA, TO, V> chain, const float* __restrict_
         pk.v[e + 1] = from_float<TO>(v[e + 1]);
       }
     };
-    quantize_row_stored<V, R, TO>(prod, post, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr,
-                                  warp_in_row, wpr, valid, qrow, srow, kind);
+    quantize_row_stored<V, R, TO>(prod, post, p.ncv, rg.tpr, threadIdx.x, s_red + threadIdx.y * rg.wpr,
+                                  rg.warp_in_row, rg.wpr, rg.valid, qrow, srow, kind);
   } else {
     auto prod = [&](int i, float (&v)[V]) {
-      chain(p, row, i * V, v);
+      chain(p, rg.row, i * V, v);
 #pragma unroll
       for (int e = 0; e < V; ++e) v[e] = round_to<TO>(v[e]);
       post(i, v);
     };
-    quantize_row<V, R>(prod, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr, warp_in_row, wpr,
-                       valid, qrow, srow, kind);
+    quantize_row<V, R>(prod, p.ncv, rg.tpr, threadIdx.x, s_red + threadIdx.y * rg.wpr, rg.warp_in_row, rg.wpr,
+                       rg.valid, qrow, srow, kind);
   }
 }
 
@@ -246,13 +242,9 @@ __global__ void __launch_bounds__(kEpiQuantMaxTpr, 2)
 act_quant_kernel(const T* __restrict__ y, const float* __restrict__ inv_smooth,
                  uint8_t* __restrict__ q, float* __restrict__ scale, EpiParams p, int kind) {
   __shared__ float s_red[kEpiQuantMaxTpr / 32];
-  const int tpr = blockDim.x;
-  const int wpr = tpr >> 5;
-  const int warp_in_row = threadIdx.x >> 5;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool valid = row < p.M;
+  const RowGroup rg = row_group(p.M);
   const int64_t ny = kGlu ? 2ll * p.n_out : p.n_out;
-  const T* yr = y + (valid ? row : 0) * ny;
+  const T* yr = y + (rg.valid ? rg.row : 0) * ny;
   auto load = [&](int i, Pack<T, V>& a, Pack<T, V>& g) {
     a = *reinterpret_cast<const Pack<T, V>*>(yr + static_cast<int64_t>(i) * V);
     if constexpr (kGlu) g = *reinterpret_cast<const Pack<T, V>*>(yr + p.n_out + static_cast<int64_t>(i) * V);
@@ -289,18 +281,18 @@ act_quant_kernel(const T* __restrict__ y, const float* __restrict__ inv_smooth,
     Pack<T, V> g[R];
 #pragma unroll
     for (int k = 0; k < R; ++k) {
-      const int i = threadIdx.x + k * tpr;
-      if (valid && i < p.ncv) load(i, c[k], g[k]);
+      const int i = threadIdx.x + k * rg.tpr;
+      if (rg.valid && i < p.ncv) load(i, c[k], g[k]);
     }
 #pragma unroll
     for (int k = 0; k < R; ++k) {
-      const int i = threadIdx.x + k * tpr;
-      if (valid && i < p.ncv) make(c[k], g[k], c[k]);
+      const int i = threadIdx.x + k * rg.tpr;
+      if (rg.valid && i < p.ncv) make(c[k], g[k], c[k]);
     }
   }
-  quantize_row_cached<V, R, T>(c, prod, post, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr,
-                               warp_in_row, wpr, valid, q + (valid ? row : 0) * p.n_out,
-                               scale + (valid ? row : 0), kind);
+  quantize_row_cached<V, R, T>(c, prod, post, p.ncv, rg.tpr, threadIdx.x, s_red + threadIdx.y * rg.wpr,
+                               rg.warp_in_row, rg.wpr, rg.valid, q + (rg.valid ? rg.row : 0) * p.n_out,
+                               scale + (rg.valid ? rg.row : 0), kind);
 }
 
 // Process-wide switch for linear_epilogue_quant's act / GLU kernel (on by default); off runs
@@ -319,7 +311,9 @@ void launch_act_quant(const T* y, const float* inv, uint8_t* q, float* scale, Ep
   LYRA_CHECK_ARG(grid < (1ll << 31), fn, "M too large");
   const dim3 g(static_cast<unsigned>(grid)), b(tpr, rows_blk);
   auto go = [&](auto act, auto glu) {
-    act_quant_kernel<T, V, R, decltype(act)::value, decltype(glu)::value><<<g, b, 0, s>>>(y, inv, q, scale, p, kind);
+    constexpr int kAct = decltype(act)::value;
+    constexpr bool kGlu = decltype(glu)::value;
+    act_quant_kernel<T, V, R, kAct, kGlu><<<g, b, 0, s>>>(y, inv, q, scale, p, kind);
   };
   using G0 = std::false_type;
   using G1 = std::true_type;

@@ -117,6 +117,27 @@ __device__ __forceinline__ void quant_store(uint8_t* p, const float (&v)[V], flo
   *reinterpret_cast<Pack<uint8_t, V>*>(p) = pk;
 }
 
+// Where a thread of a row-quantising kernel sits: blockDim.x threads (whole warps) per row,
+// blockDim.y rows per block; valid is false past the last of `rows` (the thread still joins
+// the row's barriers).
+struct RowGroup {
+  int tpr;          // threads per row
+  int wpr;          // warps per row
+  int warp_in_row;
+  int64_t row;
+  bool valid;
+};
+
+__device__ __forceinline__ RowGroup row_group(int64_t rows) {
+  RowGroup g;
+  g.tpr = blockDim.x;
+  g.wpr = g.tpr >> 5;
+  g.warp_in_row = threadIdx.x >> 5;
+  g.row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  g.valid = g.row < rows;
+  return g;
+}
+
 // quantize_row_stored after its first step: c[k] already holds vector tid + k * tpr of the
 // row (for the k where that is < nvec and the row is valid), produced by the caller, which may
 // issue every load of those vectors before any arithmetic (linear_epilogue_quant's act / GLU
