@@ -291,8 +291,16 @@ def sdxl_fp8_gemm_cases(dt):
                                     scale_a=xs[:, None], scale_b=ws[None, :], bias=b, out_dtype=dt,
                                     use_fast_accum=True)
 
-        yield (f"fp8 gemm {name}" + (" +bias" if bias else "") + (" +res" if res else ""),
-               f"M{M} N{N} K{K}", ours, scaled_mm, 2 * M * N * K / 1e3)
+        label = f"fp8 gemm {name}" + (" +bias" if bias else "") + (" +res" if res else "")
+        yield (label, f"M{M} N{N} K{K}", ours, scaled_mm, 2 * M * N * K / 1e3)
+        if res and getattr(_C, "gemm_fp8_res", None) is not None and _C.gemm_gated_available():
+            # the residual in CUTLASS's TMA epilogue (csrc/gemm_fp8_res.cu) against cuBLASLt's C
+            for variant, vname in ((0, "cutlass coop"), (2, "cutlass pingpong")):
+                def cutlass(xq=xq, wq=wq, xs=xs, ws=ws, b=b, r=r, out=out, M=M, N=N, K=K, variant=variant):
+                    _C.gemm_fp8_res(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(),
+                                    0 if b is None else b.data_ptr(), r.data_ptr(), out.data_ptr(), M, N, K,
+                                    K, K, code, variant, s())
+                yield (f"{label} {vname} vs cublaslt", f"M{M} N{N} K{K}", cutlass, ours, 2 * M * N * K / 1e3)
 
 
 # (model, M tokens, K, widths of the projections that read one activation)

@@ -85,6 +85,7 @@ using ClusterShape = Shape<_2, _1, _1>;
 //     tiles, so one's epilogue (loading src, storing out) overlaps the other's mainloop:
 //     for short K loops (SDXL's GEGLU at K 640-1280) the epilogue is a large part of a tile.
 struct Cooperative {
+  using Input = void;  // a and w have the output's type T
   using Tile = Shape<_128, _256, _64>;
   using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
@@ -92,6 +93,7 @@ struct Cooperative {
   static constexpr bool kReadsSource = true;  // src (C) is an operand of the epilogue
 };
 struct PingPong {
+  using Input = void;
   using Tile = Shape<_128, _128, _64>;
   using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
@@ -107,6 +109,28 @@ template <typename T, typename Tile>
 using AccPlusBias = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
                                     fusion::Sm90AccFetch, ColumnVector<T, Tile>>;
 
+// fp8 (e4m3) a and w with Hopper's fast fp8 accumulation, 128-deep K tiles (gemm_fp8_res.cu).
+struct CooperativeFp8 {
+  using Input = cutlass::float_e4m3_t;
+  using Tile = Shape<_128, _256, _128>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
+  static constexpr bool kReadsSource = true;
+};
+struct PingPongFp8 {
+  using Input = cutlass::float_e4m3_t;
+  using Tile = Shape<_128, _128, _128>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+  using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
+  static constexpr bool kReadsSource = true;
+};
+
+// The element type of a and w: the configuration's Input, or T.
+template <typename T, typename Config>
+using InputOf = std::conditional_t<std::is_void_v<typename Config::Input>, T, typename Config::Input>;
+
 template <typename T, typename Config, typename Scheduler, typename Fusion>
 struct EvtGemm {
   using Layout = cutlass::layout::RowMajor;
@@ -117,8 +141,10 @@ struct EvtGemm {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape,
       typename Config::EpilogueTile, float, float, ElementC, Layout, kAlign, T, Layout,
       kAlign, typename Config::EpilogueSchedule, Fusion>::CollectiveOp;
+  using TIn = InputOf<T, Config>;
+  static constexpr int kAlignIn = 16 / static_cast<int>(sizeof(TIn));  // 16-byte TMA rows
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, Layout, kAlign, T, LayoutW, kAlign,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TIn, Layout, kAlignIn, TIn, LayoutW, kAlignIn,
       float, Tile, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
@@ -154,8 +180,8 @@ void run_evt(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, ui
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(L)},
-      {reinterpret_cast<const T*>(a), StrideA{lda, Int<1>{}, M * lda},
-       reinterpret_cast<const T*>(w), StrideB{ldb, Int<1>{}, int64_t(0)}},
+      {reinterpret_cast<const InputOf<T, Config>*>(a), StrideA{lda, Int<1>{}, M * lda},
+       reinterpret_cast<const InputOf<T, Config>*>(w), StrideB{ldb, Int<1>{}, int64_t(0)}},
       {make_thread(static_cast<Fusion*>(nullptr)),
        reinterpret_cast<const ElementC*>(src), StrideC{N, Int<1>{}, ldd_batch},
        reinterpret_cast<T*>(out), StrideD{N, Int<1>{}, ldd_batch}}};
