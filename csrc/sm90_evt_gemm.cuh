@@ -84,22 +84,27 @@ using ClusterShape = Shape<_2, _1, _1>;
 //   2 ping-pong 128 x 128 tiles, persistent: the two consumer warp groups take turns on two
 //     tiles, so one's epilogue (loading src, storing out) overlaps the other's mainloop:
 //     for short K loops (SDXL's GEGLU at K 640-1280) the epilogue is a large part of a tile.
-struct Cooperative {
-  using Input = void;  // a and w have the output's type T
-  using Tile = Shape<_128, _256, _64>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+// Input: the element type of a and w (void: the output's type T); the epilogue reads src (C).
+template <typename In, typename TileShape, typename Kernel, typename Epi>
+struct EvtConfig {
+  using Input = In;
+  using Tile = TileShape;
+  using KernelSchedule = Kernel;
+  using EpilogueSchedule = Epi;
   using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
   static constexpr bool kReadsSource = true;  // src (C) is an operand of the epilogue
 };
-struct PingPong {
-  using Input = void;
-  using Tile = Shape<_128, _128, _64>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-  using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
-  static constexpr bool kReadsSource = true;
-};
+using Cooperative = EvtConfig<void, Shape<_128, _256, _64>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                              cutlass::epilogue::TmaWarpSpecializedCooperative>;
+using PingPong = EvtConfig<void, Shape<_128, _128, _64>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                           cutlass::epilogue::TmaWarpSpecialized>;
+// fp8 (e4m3) a and w with Hopper's fast fp8 accumulation, 128-deep K tiles (gemm_fp8_res.cu).
+using CooperativeFp8 = EvtConfig<cutlass::float_e4m3_t, Shape<_128, _256, _128>,
+                                 cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
+                                 cutlass::epilogue::TmaWarpSpecializedCooperative>;
+using PingPongFp8 = EvtConfig<cutlass::float_e4m3_t, Shape<_128, _128, _128>,
+                              cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum,
+                              cutlass::epilogue::TmaWarpSpecialized>;
 
 // A per-column vector (bias, or a gate with a batch stride) of T read as float; null reads 0.
 template <typename T, typename Tile>
@@ -108,24 +113,6 @@ using ColumnVector = fusion::Sm90RowBroadcast<0, Tile, T, float, Stride<_0, _1, 
 template <typename T, typename Tile>
 using AccPlusBias = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
                                     fusion::Sm90AccFetch, ColumnVector<T, Tile>>;
-
-// fp8 (e4m3) a and w with Hopper's fast fp8 accumulation, 128-deep K tiles (gemm_fp8_res.cu).
-struct CooperativeFp8 {
-  using Input = cutlass::float_e4m3_t;
-  using Tile = Shape<_128, _256, _128>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
-  static constexpr bool kReadsSource = true;
-};
-struct PingPongFp8 {
-  using Input = cutlass::float_e4m3_t;
-  using Tile = Shape<_128, _128, _128>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-  using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
-  static constexpr bool kReadsSource = true;
-};
 
 // The element type of a and w: the configuration's Input, or T.
 template <typename T, typename Config>
