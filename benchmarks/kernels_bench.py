@@ -290,8 +290,16 @@ def sdxl_fp8_gemm_cases(dt):
             return torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], bias=b,
                                     out_dtype=dt, use_fast_accum=True)
 
-        yield (f"fp8 gemm {name}" + (" +bias" if bias else "") + (" +res" if res else ""),
-               f"M{M} N{N} K{K}", ours, scaled_mm, 2 * M * N * K / 1e3)
+        label = f"fp8 gemm {name}" + (" +bias" if bias else "") + (" +res" if res else "")
+        yield (label, f"M{M} N{N} K{K}", ours, scaled_mm, 2 * M * N * K / 1e3)
+        if res and getattr(_C, "gemm_fp8_res", None) is not None and _C.gemm_gated_available():
+            # the residual in CUTLASS's TMA epilogue (csrc/gemm_fp8_res.cu) against cuBLASLt's C
+            for variant, vname in ((0, "cutlass coop"), (2, "cutlass pingpong")):
+                def cutlass(xq=xq, wq=wq, xs=xs, ws=ws, b=b, r=r, out=out, M=M, N=N, K=K, variant=variant):
+                    _C.gemm_fp8_res(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(),
+                                    0 if b is None else b.data_ptr(), r.data_ptr(), out.data_ptr(), M, N, K,
+                                    K, K, code, variant, s())
+                yield (f"{label} {vname} vs cublaslt", f"M{M} N{N} K{K}", cutlass, ours, 2 * M * N * K / 1e3)
 
 
 # (model, M tokens, K, widths of the projections that read one activation)
@@ -518,11 +526,23 @@ def epilogue_quant_cases(dt):
             eager = (lambda y=y, N=N: _eager_quant_fp8(y[:, :N] * F.gelu(y[:, N:])))
         else:
             eager = (lambda y=y: _eager_quant_fp8(F.gelu(y, approximate="tanh")))
-        yield ("epilogue geglu+quant fp8" if glu else "epilogue gelu_tanh+quant fp8", f"M{M} N{N}",
-               lambda y=y, q=q, sc=sc, M=M, N=N, act=act, glu=glu: _C.linear_epilogue_quant(
-                   y.data_ptr(), code, 0, 0, 0, 0, 0, 0, q.data_ptr(), sc.data_ptr(), M, N, act, glu, M, 0,
-                   code, 0, s()),
-               eager, M * N * ((3 if glu else 1) * y.element_size() + 1))
+        def ours(y=y, q=q, sc=sc, M=M, N=N, act=act, glu=glu):
+            _C.linear_epilogue_quant(y.data_ptr(), code, 0, 0, 0, 0, 0, 0, q.data_ptr(), sc.data_ptr(), M, N,
+                                     act, glu, M, 0, code, 0, s())
+
+        def generic(ours=ours):
+            # the generic chain kernel on the same call (act_quant_kernel off while it launches)
+            previous = _C.set_act_quant_kernel(False)
+            try:
+                ours()
+            finally:
+                _C.set_act_quant_kernel(previous)
+
+        name = "epilogue geglu+quant fp8" if glu else "epilogue gelu_tanh+quant fp8"
+        nbytes = M * N * ((2 if glu else 1) * y.element_size() + 1)  # y read once, q written
+        yield (name, f"M{M} N{N}", ours, eager, nbytes)
+        if hasattr(_C, "set_act_quant_kernel"):
+            yield (name + " vs generic", f"M{M} N{N}", ours, generic, nbytes)
 
 
 def norm_quant_cases(dt):

@@ -46,6 +46,9 @@ void gemm_ex(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t residual, uintp
 void gemm_gated(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t gate, uintptr_t residual,
                 uintptr_t out, int64_t M, int64_t L, int64_t N, int64_t K, int64_t lda, int64_t ldb,
                 int64_t gate_bstride, int dtype, int variant, uintptr_t stream);
+void gemm_fp8_res(uintptr_t a, uintptr_t w, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
+                  uintptr_t residual, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda,
+                  int64_t ldb, int dtype, int variant, uintptr_t stream);
 bool gemm_gated_available();
 void gemm_glu(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t src, uintptr_t out, int64_t M, int64_t N,
               int64_t K, int64_t lda, int64_t ldb, int act, int dtype, int variant, uintptr_t stream);
@@ -92,6 +95,7 @@ void scaled_epilogue(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t 
                      uintptr_t bias, uintptr_t gate, uintptr_t residual, uintptr_t out, int64_t M,
                      int64_t N_out, int act, bool glu, int64_t rows_per_batch,
                      int64_t gate_bstride, int out_dtype, uintptr_t stream);
+bool set_act_quant_kernel(bool enabled);
 void linear_epilogue_quant(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uintptr_t b_scale,
                            uintptr_t bias, uintptr_t gate, uintptr_t residual,
                            uintptr_t inv_smooth, uintptr_t q, uintptr_t scale, int64_t M,
@@ -196,6 +200,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("gate"), py::arg("residual"),
         py::arg("out"), py::arg("M"), py::arg("L"), py::arg("N"), py::arg("K"), py::arg("lda"),
         py::arg("ldb"), py::arg("gate_bstride"), py::arg("dtype"), py::arg("variant"), py::arg("stream"));
+  m.def("gemm_fp8_res", &lyra::gemm_fp8_res, release(),
+        "out (M, N) = a_scale[m] b_scale[n] (a @ w^T) + bias + residual, a / w fp8 e4m3, one CUTLASS "
+        "sm90 GEMM with the residual in its TMA epilogue (gemm_fp8_res.cu), fast fp8 accumulation, "
+        "rounded once to dtype (1 fp16, 2 bf16). variant 0 cooperative 128x256x128, 2 ping-pong "
+        "128x128x128. out may alias residual.",
+        py::arg("a"), py::arg("w"), py::arg("a_scale"), py::arg("b_scale"), py::arg("bias"),
+        py::arg("residual"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("lda"),
+        py::arg("ldb"), py::arg("dtype"), py::arg("variant"), py::arg("stream"));
   m.def("gemm_gated_available", &lyra::gemm_gated_available,
         "True when the library was built with the CUTLASS headers (gemm_gated and gemm_glu can run "
         "on SM90).");
@@ -334,4 +346,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("scale"), py::arg("M"), py::arg("N_out"), py::arg("act"),
         py::arg("glu"), py::arg("rows_per_batch"), py::arg("gate_bstride"),
         py::arg("out_dtype"), py::arg("kind"), py::arg("stream"));
+  m.def("set_act_quant_kernel", &lyra::set_act_quant_kernel, py::arg("enabled"),
+        "linear_epilogue_quant's kernel for a 16-bit accumulator without scales, bias, gate or "
+        "residual (act / GLU as template parameters, loads first): on (default) or off (the "
+        "generic kernel for every call; same bits). Process-wide; returns the previous setting. "
+        "For tests and kernels_bench.");
 }

@@ -197,21 +197,17 @@ linear_epilogue_quant_kernel(EpiChain<TA, TO, V> chain, const float* __restrict_
                              uint8_t* __restrict__ q, float* __restrict__ scale, EpiParams p,
                              int kind) {
   __shared__ float s_red[kEpiQuantMaxTpr / 32];
-  const int tpr = blockDim.x;
-  const int wpr = tpr >> 5;
-  const int warp_in_row = threadIdx.x >> 5;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool valid = row < p.M;
+  const RowGroup rg = row_group(p.M);
   auto post = [&](int i, float (&v)[V]) {
     smooth<V>(inv_smooth ? inv_smooth + static_cast<int64_t>(i) * V : nullptr, v);
   };
-  uint8_t* qrow = q + (valid ? row : 0) * p.n_out;
-  float* srow = scale + (valid ? row : 0);
+  uint8_t* qrow = q + (rg.valid ? rg.row : 0) * p.n_out;
+  float* srow = scale + (rg.valid ? rg.row : 0);
   if constexpr (sizeof(TO) == 2 && V % 2 == 0) {
     // the row cached as TO (the value is rounded to TO before smoothing anyway)
     auto prod = [&](int i, Pack<TO, V>& pk) {
       float v[V];
-      chain(p, row, i * V, v);
+      chain(p, rg.row, i * V, v);
 #pragma unroll
       for (int e = 0; e < V; e += 2) {
         round_pair<TO>(v[e], v[e + 1]);
@@ -219,18 +215,119 @@ linear_epilogue_quant_kernel(EpiChain<TA, TO, V> chain, const float* __restrict_
         pk.v[e + 1] = from_float<TO>(v[e + 1]);
       }
     };
-    quantize_row_stored<V, R, TO>(prod, post, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr,
-                                  warp_in_row, wpr, valid, qrow, srow, kind);
+    quantize_row_stored<V, R, TO>(prod, post, p.ncv, rg.tpr, threadIdx.x, s_red + threadIdx.y * rg.wpr,
+                                  rg.warp_in_row, rg.wpr, rg.valid, qrow, srow, kind);
   } else {
     auto prod = [&](int i, float (&v)[V]) {
-      chain(p, row, i * V, v);
+      chain(p, rg.row, i * V, v);
 #pragma unroll
       for (int e = 0; e < V; ++e) v[e] = round_to<TO>(v[e]);
       post(i, v);
     };
-    quantize_row<V, R>(prod, p.ncv, tpr, threadIdx.x, s_red + threadIdx.y * wpr, warp_in_row, wpr,
-                       valid, qrow, srow, kind);
+    quantize_row<V, R>(prod, p.ncv, rg.tpr, threadIdx.x, s_red + threadIdx.y * rg.wpr, rg.warp_in_row, rg.wpr,
+                       rg.valid, qrow, srow, kind);
   }
+}
+
+// linear_epilogue_quant where the accumulator is the GEMM's own 16-bit output (scales and
+// bias already applied by cuBLASLt's fp8 epilogue) and there is no gate or residual: SDXL /
+// SD's GEGLU, a GELU MLP. The activation and GLU are template parameters and every thread
+// issues the loads of all its R cached vectors (value and gate halves) before any arithmetic.
+// The generic kernel above branches on the chain's pointers and act at run time for every
+// vector, so its loads of vector k + 1 waited for vector k's arithmetic: ~1.6 TB/s at SDXL's
+// GEGLU (M 2048, 2 x 5120 wide; NOTES, session 15). Same fp32 operations in the same order
+// as EpiChain, so q and scale are bit for bit the generic kernel's.
+template <typename T, int V, int R, int kAct, bool kGlu>
+__global__ void __launch_bounds__(kEpiQuantMaxTpr, 2)
+act_quant_kernel(const T* __restrict__ y, const float* __restrict__ inv_smooth,
+                 uint8_t* __restrict__ q, float* __restrict__ scale, EpiParams p, int kind) {
+  __shared__ float s_red[kEpiQuantMaxTpr / 32];
+  const RowGroup rg = row_group(p.M);
+  const int64_t ny = kGlu ? 2ll * p.n_out : p.n_out;
+  const T* yr = y + (rg.valid ? rg.row : 0) * ny;
+  auto load = [&](int i, Pack<T, V>& a, Pack<T, V>& g) {
+    a = *reinterpret_cast<const Pack<T, V>*>(yr + static_cast<int64_t>(i) * V);
+    if constexpr (kGlu) g = *reinterpret_cast<const Pack<T, V>*>(yr + p.n_out + static_cast<int64_t>(i) * V);
+  };
+  // EpiChain's values (gemm_out without scales or bias, then act or GLU), rounded to T.
+  auto make = [&](const Pack<T, V>& a, const Pack<T, V>& g, Pack<T, V>& out) {
+    float v[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = to_float(a.v[e]);
+    if constexpr (kGlu) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = __fmul_rn(v[e], activate(to_float(g.v[e]), kAct));
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = activate(v[e], kAct);
+    }
+#pragma unroll
+    for (int e = 0; e < V; e += 2) {
+      round_pair<T>(v[e], v[e + 1]);
+      out.v[e] = from_float<T>(v[e]);  // exact: already rounded
+      out.v[e + 1] = from_float<T>(v[e + 1]);
+    }
+  };
+  auto prod = [&](int i, Pack<T, V>& out) {
+    Pack<T, V> a, g;
+    load(i, a, g);
+    make(a, g, out);
+  };
+  auto post = [&](int i, float (&v)[V]) {
+    smooth<V>(inv_smooth ? inv_smooth + static_cast<int64_t>(i) * V : nullptr, v);
+  };
+  Pack<T, V> c[R];
+  {
+    Pack<T, V> g[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const int i = threadIdx.x + k * rg.tpr;
+      if (rg.valid && i < p.ncv) load(i, c[k], g[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const int i = threadIdx.x + k * rg.tpr;
+      if (rg.valid && i < p.ncv) make(c[k], g[k], c[k]);
+    }
+  }
+  quantize_row_cached<V, R, T>(c, prod, post, p.ncv, rg.tpr, threadIdx.x, s_red + threadIdx.y * rg.wpr,
+                               rg.warp_in_row, rg.wpr, rg.valid, q + (rg.valid ? rg.row : 0) * p.n_out,
+                               scale + (rg.valid ? rg.row : 0), kind);
+}
+
+// Process-wide switch for linear_epilogue_quant's act / GLU kernel (on by default); off runs
+// the generic kernel for every call. For the GPU tests (bit-exact comparison of the two) and
+// kernels_bench (both kernels timed on the same tensors).
+bool g_act_quant_kernel = true;
+
+template <typename T, int V>
+void launch_act_quant(const T* y, const float* inv, uint8_t* q, float* scale, EpiParams p, int kind,
+                      cudaStream_t s, const char* fn) {
+  constexpr int R = 4;
+  p.ncv = p.n_out / V;
+  const int tpr = quant_threads_per_row(p.ncv, R, kEpiQuantMaxTpr);
+  const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
+  const int64_t grid = (p.M + rows_blk - 1) / rows_blk;
+  LYRA_CHECK_ARG(grid < (1ll << 31), fn, "M too large");
+  const dim3 g(static_cast<unsigned>(grid)), b(tpr, rows_blk);
+  auto go = [&](auto act, auto glu) {
+    constexpr int kAct = decltype(act)::value;
+    constexpr bool kGlu = decltype(glu)::value;
+    act_quant_kernel<T, V, R, kAct, kGlu><<<g, b, 0, s>>>(y, inv, q, scale, p, kind);
+  };
+  using G0 = std::false_type;
+  using G1 = std::true_type;
+  switch (p.act * 2 + p.glu) {
+    case 0: go(std::integral_constant<int, 0>{}, G0{}); break;
+    case 1: go(std::integral_constant<int, 0>{}, G1{}); break;
+    case 2: go(std::integral_constant<int, 1>{}, G0{}); break;
+    case 3: go(std::integral_constant<int, 1>{}, G1{}); break;
+    case 4: go(std::integral_constant<int, 2>{}, G0{}); break;
+    case 5: go(std::integral_constant<int, 2>{}, G1{}); break;
+    case 6: go(std::integral_constant<int, 3>{}, G0{}); break;
+    default: go(std::integral_constant<int, 3>{}, G1{}); break;
+  }
+  LYRA_CHECK_LAUNCH(fn);
 }
 
 template <typename TA, typename TO, int V>
@@ -429,12 +526,24 @@ void linear_epilogue_quant(uintptr_t acc, int acc_dtype, uintptr_t a_scale, uint
     auto* ip = as_ptr<const float>(inv_smooth);
     auto* qp = as_ptr<uint8_t>(q);
     auto* scp = as_ptr<float>(scale);
+    if constexpr (std::is_same_v<TA, TO> && sizeof(TO) == 2) {
+      if (vec_ok && g_act_quant_kernel && !sa && !bp && !gp && !rp) {
+        launch_act_quant<TO, V>(ap, ip, qp, scp, p, kind, s, fn);
+        return;
+      }
+    }
     if (vec_ok) {
       launch_epi_quant<TA, TO, V>({ap, sa, sb, bp, gp, rp}, ip, qp, scp, p, kind, s, fn);
     } else {
       launch_epi_quant<TA, TO, 1>({ap, sa, sb, bp, gp, rp}, ip, qp, scp, p, kind, s, fn);
     }
   });
+}
+
+bool set_act_quant_kernel(bool enabled) {
+  const bool previous = g_act_quant_kernel;
+  g_act_quant_kernel = enabled;
+  return previous;
 }
 
 }  // namespace lyra

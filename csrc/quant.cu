@@ -35,18 +35,14 @@ __global__ void __launch_bounds__(kQuantMaxTpr)
 quantize_rows_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
                      uint8_t* __restrict__ q, float* __restrict__ scale, QRParams p) {
   __shared__ float s_red[kQuantMaxTpr / 32];
-  const int tpr = blockDim.x;
-  const int wpr = tpr >> 5;
-  const int warp_in_row = threadIdx.x >> 5;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool valid = row < p.M;
-  const T* xr = x + (valid ? row : 0) * p.ld_x;
+  const RowGroup rg = row_group(p.M);
+  const T* xr = x + (rg.valid ? rg.row : 0) * p.ld_x;
   auto prod = [&](int i, float (&v)[V]) {
     load_vec<V>(xr + static_cast<int64_t>(i) * V, v);
     smooth<V>(inv_smooth ? inv_smooth + static_cast<int64_t>(i) * V : nullptr, v);
   };
-  quantize_row<V, R>(prod, p.nvec, tpr, threadIdx.x, s_red + threadIdx.y * wpr, warp_in_row, wpr,
-                     valid, q + (valid ? row : 0) * p.K, scale + (valid ? row : 0), p.kind);
+  quantize_row<V, R>(prod, p.nvec, rg.tpr, threadIdx.x, s_red + threadIdx.y * rg.wpr, rg.warp_in_row, rg.wpr,
+                     rg.valid, q + (rg.valid ? rg.row : 0) * p.K, scale + (rg.valid ? rg.row : 0), p.kind);
 }
 
 template <typename T, int V, int R>

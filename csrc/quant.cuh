@@ -117,28 +117,36 @@ __device__ __forceinline__ void quant_store(uint8_t* p, const float (&v)[V], flo
   *reinterpret_cast<Pack<uint8_t, V>*>(p) = pk;
 }
 
-// Quantises one row of nvec vectors (V values each) handled by the `tpr`
-// threads of a row group (tid = thread index in the group, a multiple of 32
-// threads; `red` = wpr floats of shared scratch for the group).
-//
-// prod(i, pk) writes vector i as V values of the storage type S; post(i, v)
-// turns them (as fp32) into the final values (the smoothing, or nothing). The
-// first R vectors of every thread stay in registers as S between the amax pass
-// and the quantise pass, and post runs again on them there (the same fp32
-// products); vectors beyond R * tpr are produced again in the second pass (same
-// code, same values) instead of spilling, so any row length works. A 16-bit S
-// (linear_epilogue_quant with a 16-bit out_dtype, whose values are rounded to it
-// before smoothing) keeps the cache at half the registers of fp32: 32 fp32
-// registers spilled at 64 registers a thread.
-//
-// Every thread of the group must call this (it holds barriers); `valid` is
-// false for a group past the last row (it joins the barriers, writes nothing).
+// Where a thread of a row-quantising kernel sits: blockDim.x threads (whole warps) per row,
+// blockDim.y rows per block; valid is false past the last of `rows` (the thread still joins
+// the row's barriers).
+struct RowGroup {
+  int tpr;          // threads per row
+  int wpr;          // warps per row
+  int warp_in_row;
+  int64_t row;
+  bool valid;
+};
+
+__device__ __forceinline__ RowGroup row_group(int64_t rows) {
+  RowGroup g;
+  g.tpr = blockDim.x;
+  g.wpr = g.tpr >> 5;
+  g.warp_in_row = threadIdx.x >> 5;
+  g.row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  g.valid = g.row < rows;
+  return g;
+}
+
+// quantize_row_stored after its first step: c[k] already holds vector tid + k * tpr of the
+// row (for the k where that is < nvec and the row is valid), produced by the caller, which may
+// issue every load of those vectors before any arithmetic (linear_epilogue_quant's act / GLU
+// path). prod and post as for quantize_row_stored.
 template <int V, int R, typename S, typename Prod, typename Post>
-__device__ __forceinline__ void quantize_row_stored(Prod& prod, Post& post, int nvec, int tpr,
-                                                    int tid, float* red, int warp_in_row, int wpr,
-                                                    bool valid, uint8_t* qrow, float* scale_out,
-                                                    int kind) {
-  Pack<S, V> c[R];
+__device__ __forceinline__ void quantize_row_cached(Pack<S, V> (&c)[R], Prod& prod, Post& post,
+                                                    int nvec, int tpr, int tid, float* red,
+                                                    int warp_in_row, int wpr, bool valid,
+                                                    uint8_t* qrow, float* scale_out, int kind) {
   float amax = 0.f;
   auto amax_of = [&](int i, const Pack<S, V>& pk) {
     float v[V];
@@ -151,10 +159,7 @@ __device__ __forceinline__ void quantize_row_stored(Prod& prod, Post& post, int 
 #pragma unroll
   for (int k = 0; k < R; ++k) {
     const int i = tid + k * tpr;
-    if (valid && i < nvec) {
-      prod(i, c[k]);
-      amax_of(i, c[k]);
-    }
+    if (valid && i < nvec) amax_of(i, c[k]);
   }
   if (valid) {
     for (int i = tid + R * tpr; i < nvec; i += tpr) {
@@ -185,6 +190,37 @@ __device__ __forceinline__ void quantize_row_stored(Prod& prod, Post& post, int 
     prod(i, t);
     store(i, t);
   }
+}
+
+// Quantises one row of nvec vectors (V values each) handled by the `tpr`
+// threads of a row group (tid = thread index in the group, a multiple of 32
+// threads; `red` = wpr floats of shared scratch for the group).
+//
+// prod(i, pk) writes vector i as V values of the storage type S; post(i, v)
+// turns them (as fp32) into the final values (the smoothing, or nothing). The
+// first R vectors of every thread stay in registers as S between the amax pass
+// and the quantise pass, and post runs again on them there (the same fp32
+// products); vectors beyond R * tpr are produced again in the second pass (same
+// code, same values) instead of spilling, so any row length works. A 16-bit S
+// (linear_epilogue_quant with a 16-bit out_dtype, whose values are rounded to it
+// before smoothing) keeps the cache at half the registers of fp32: 32 fp32
+// registers spilled at 64 registers a thread.
+//
+// Every thread of the group must call this (it holds barriers); `valid` is
+// false for a group past the last row (it joins the barriers, writes nothing).
+template <int V, int R, typename S, typename Prod, typename Post>
+__device__ __forceinline__ void quantize_row_stored(Prod& prod, Post& post, int nvec, int tpr,
+                                                    int tid, float* red, int warp_in_row, int wpr,
+                                                    bool valid, uint8_t* qrow, float* scale_out,
+                                                    int kind) {
+  Pack<S, V> c[R];
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    const int i = tid + k * tpr;
+    if (valid && i < nvec) prod(i, c[k]);
+  }
+  quantize_row_cached<V, R, S>(c, prod, post, nvec, tpr, tid, red, warp_in_row, wpr, valid, qrow,
+                               scale_out, kind);
 }
 
 // quantize_row_stored with the row cached as fp32 and nothing after prod:

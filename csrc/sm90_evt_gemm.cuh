@@ -84,20 +84,27 @@ using ClusterShape = Shape<_2, _1, _1>;
 //   2 ping-pong 128 x 128 tiles, persistent: the two consumer warp groups take turns on two
 //     tiles, so one's epilogue (loading src, storing out) overlaps the other's mainloop:
 //     for short K loops (SDXL's GEGLU at K 640-1280) the epilogue is a large part of a tile.
-struct Cooperative {
-  using Tile = Shape<_128, _256, _64>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+// Input: the element type of a and w (void: the output's type T); the epilogue reads src (C).
+template <typename In, typename TileShape, typename Kernel, typename Epi>
+struct EvtConfig {
+  using Input = In;
+  using Tile = TileShape;
+  using KernelSchedule = Kernel;
+  using EpilogueSchedule = Epi;
   using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
   static constexpr bool kReadsSource = true;  // src (C) is an operand of the epilogue
 };
-struct PingPong {
-  using Tile = Shape<_128, _128, _64>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-  using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
-  static constexpr bool kReadsSource = true;
-};
+using Cooperative = EvtConfig<void, Shape<_128, _256, _64>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                              cutlass::epilogue::TmaWarpSpecializedCooperative>;
+using PingPong = EvtConfig<void, Shape<_128, _128, _64>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                           cutlass::epilogue::TmaWarpSpecialized>;
+// fp8 (e4m3) a and w with Hopper's fast fp8 accumulation, 128-deep K tiles (gemm_fp8_res.cu).
+using CooperativeFp8 = EvtConfig<cutlass::float_e4m3_t, Shape<_128, _256, _128>,
+                                 cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
+                                 cutlass::epilogue::TmaWarpSpecializedCooperative>;
+using PingPongFp8 = EvtConfig<cutlass::float_e4m3_t, Shape<_128, _128, _128>,
+                              cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum,
+                              cutlass::epilogue::TmaWarpSpecialized>;
 
 // A per-column vector (bias, or a gate with a batch stride) of T read as float; null reads 0.
 template <typename T, typename Tile>
@@ -106,6 +113,10 @@ using ColumnVector = fusion::Sm90RowBroadcast<0, Tile, T, float, Stride<_0, _1, 
 template <typename T, typename Tile>
 using AccPlusBias = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
                                     fusion::Sm90AccFetch, ColumnVector<T, Tile>>;
+
+// The element type of a and w: the configuration's Input, or T.
+template <typename T, typename Config>
+using InputOf = std::conditional_t<std::is_void_v<typename Config::Input>, T, typename Config::Input>;
 
 template <typename T, typename Config, typename Scheduler, typename Fusion>
 struct EvtGemm {
@@ -117,8 +128,10 @@ struct EvtGemm {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape,
       typename Config::EpilogueTile, float, float, ElementC, Layout, kAlign, T, Layout,
       kAlign, typename Config::EpilogueSchedule, Fusion>::CollectiveOp;
+  using TIn = InputOf<T, Config>;
+  static constexpr int kAlignIn = 16 / static_cast<int>(sizeof(TIn));  // 16-byte TMA rows
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, Layout, kAlign, T, LayoutW, kAlign,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TIn, Layout, kAlignIn, TIn, LayoutW, kAlignIn,
       float, Tile, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
@@ -154,8 +167,8 @@ void run_evt(const char* fn, const DeviceInfo& dev, uintptr_t a, uintptr_t w, ui
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(L)},
-      {reinterpret_cast<const T*>(a), StrideA{lda, Int<1>{}, M * lda},
-       reinterpret_cast<const T*>(w), StrideB{ldb, Int<1>{}, int64_t(0)}},
+      {reinterpret_cast<const InputOf<T, Config>*>(a), StrideA{lda, Int<1>{}, M * lda},
+       reinterpret_cast<const InputOf<T, Config>*>(w), StrideB{ldb, Int<1>{}, int64_t(0)}},
       {make_thread(static_cast<Fusion*>(nullptr)),
        reinterpret_cast<const ElementC*>(src), StrideC{N, Int<1>{}, ldd_batch},
        reinterpret_cast<T*>(out), StrideD{N, Int<1>{}, ldd_batch}}};

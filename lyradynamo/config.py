@@ -136,7 +136,8 @@ _OPTIONS: dict[str, _Option] = {
         "Linears whose epilogue cuBLASLt cannot do in 16-bit, on CUDA: the gated residual "
         "linear of DiT blocks, residual + gate * (x W^T + b), the GEGLU linear, a * gelu(g) "
         "with [a, g] = x W^T + b, and FLUX's q / k / v projection with the q / k RMSNorm + RoPE "
-        "(lyra::qkv_projection). cutlass = CUTLASS sm90 GEMMs with that epilogue fused (Hopper, "
+        "(lyra::qkv_projection); and fp8 linears with a residual (cuBLASLt adds it through C, "
+        "CUTLASS in its TMA epilogue). cutlass = CUTLASS sm90 GEMMs with that epilogue fused (Hopper, "
         "a library built with the CUTLASS headers; GEGLU: cuBLASLt for a, CUTLASS for g); "
         "cublaslt = one cuBLASLt GEMM + bias, then the epilogue kernel; auto = time both (as "
         "captured CUDA graphs) on each shape's first call and keep the faster.",

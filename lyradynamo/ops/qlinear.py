@@ -216,8 +216,7 @@ def _fp8_gated_residual(C, xq, xs, out_dtype, qweight, wscale, bias, gate, resid
     xq2, xs2 = xq.reshape(m, k), xs.reshape(m)
     try:
         if gate is None:
-            _gemm_fp8(C, xq2, xs2, qweight, wscale, bias, res, out, m, n, k, code, stream)
-            return out
+            return _fp8_residual(C, xq2, xs2, qweight, wscale, bias, res, out, m, n, k, code, stream)
         rows = m if gstride == 0 else rows  # one gate for every sample: one GEMM
         samples = m // rows
         if samples > _MAX_GATE_SAMPLES:
@@ -239,6 +238,50 @@ def _fp8_gated_residual(C, xq, xs, out_dtype, qweight, wscale, bias, gate, resid
                     "epilogue kernel runs after the GEMM instead", exc)
         return None
     return out
+
+
+def _fp8_residual(C, xq, xs, qweight, wscale, bias, res, out, m, n, k, code, stream) -> Tensor:
+    """residual + (xq @ qweight^T * xs * wscale + bias) into out: cuBLASLt with the residual
+    through C, or one CUTLASS sm90 GEMM with the residual in its TMA epilogue
+    (csrc/gemm_fp8_res.cu: cuBLASLt's C cost 3.5-6.6 us more per SDXL call than no residual).
+    config.gated_gemm chooses, as for the other fused-epilogue linears: auto times both on each
+    shape's first call outside capture (gated_gemm.dispatch), cutlass / cublaslt force one."""
+    from .. import config
+    from . import gated_gemm
+
+    def cublaslt() -> Tensor:
+        _gemm_fp8(C, xq, xs, qweight, wscale, bias, res, out, m, n, k, code, stream)
+        return out
+
+    mode = config.gated_gemm
+    if mode == "cublaslt" or res is None or not _fp8_res_ok(C, xq, xs, qweight, wscale, bias, res, out, k):
+        return cublaslt()
+
+    def cutlass(variant: int):
+        def call() -> Tensor:
+            C.gemm_fp8_res(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), ptr(res), ptr(out),
+                           m, n, k, k, k, code, variant, stream)
+            return out
+        return call
+
+    key = ("fp8res", xq.device.index, out.dtype, m, n, k, bias is not None)
+    return gated_gemm.dispatch(mode, key, {"cutlass": cutlass(0), "cutlass-pingpong": cutlass(2),
+                                           "cublaslt": cublaslt})
+
+
+def _fp8_res_ok(C, xq, xs, qweight, wscale, bias, res, out, k) -> bool:
+    """Whether csrc/gemm_fp8_res.cu can run this call: a build with it and the CUTLASS headers,
+    an SM90 GPU, fast fp8 accumulation on (the kernel's only mode), 16-byte rows and pointers,
+    and a contiguous residual."""
+    from .. import config
+
+    if getattr(C, "gemm_fp8_res", None) is None or not C.gemm_gated_available():
+        return False
+    if not config.quant_fast_accum or torch.cuda.get_device_capability(xq.device)[0] != 9:
+        return False
+    if k % 16 or qweight.shape[0] % 8 or not res.is_contiguous() or res.shape != out.shape:
+        return False
+    return all(t is None or t.data_ptr() % 16 == 0 for t in (xq, xs, qweight, wscale, bias, res, out))
 
 
 def shape_unsupported(n: int, k: int, kind: str) -> Optional[str]:

@@ -498,6 +498,9 @@ EQ_CASES = [  # (M, N_out, act, glu, gate, residual, bias)
     (1024 + 5, 72, 3, True, True, False, True),
     (3, 12288, 1, True, False, False, True),  # longer than the register cache: recompute pass
     (2, 15360, 2, False, False, True, False),
+    # acc "same" without gate / residual / bias: the act / GLU kernel (act_quant_kernel)
+    (1024 + 5, 72, 3, True, False, False, False),
+    (2, 16400, 1, True, False, False, False),  # 2050 vectors of 8: past its register cache
 ]
 
 
@@ -518,6 +521,32 @@ def test_linear_epilogue_quant(C, case, out_dtype, acc_dtype, kind, smooth):
     assert not torch.isnan(out).any()
     ref_q, ref_s = ref_quant(out, kind, inv)
     assert_quant_equal(q, s, ref_q, ref_s, f"linear_epilogue_quant {case} acc={acc_dtype}")
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("out_dtype", LP, ids=IDS.get)
+@pytest.mark.parametrize("glu", [False, True], ids=["act", "glu"])
+@pytest.mark.parametrize("act", [0, 1, 2, 3])
+@pytest.mark.parametrize("M, n", [(37, 1280), (2048 + 3, 5120), (3, 16400), (5, 8)])
+def test_act_quant_kernel_matches_generic(C, M, n, act, glu, out_dtype, kind, smooth):
+    """linear_epilogue_quant's act / GLU kernel (16-bit acc, no scales, bias, gate or residual)
+    against the generic kernel it replaces for those calls: the same q and scale bit for bit."""
+    ec = EpiCase(M, n, act, glu, False, False, False, "same", out_dtype)
+    ec.acc[0, : min(4, ec.acc.shape[1])] = torch.tensor([float("nan"), 0.0, -0.0, 1e4])[: min(4, ec.acc.shape[1])]
+    inv = inv_smooth_vec(n) if smooth else None
+    previous = C.set_act_quant_kernel(True)
+    try:
+        q_fast, s_fast = ec.run_quant(C, kind, inv)
+        C.set_act_quant_kernel(False)
+        q_gen, s_gen = ec.run_quant(C, kind, inv)
+        torch.cuda.synchronize()
+    finally:
+        C.set_act_quant_kernel(previous)
+    assert torch.equal(q_fast, q_gen), f"q differs in {(q_fast != q_gen).sum().item()} bytes"
+    assert torch.equal(s_fast.isnan(), s_gen.isnan())
+    assert torch.equal(torch.nan_to_num(s_fast), torch.nan_to_num(s_gen))
+    assert not torch.isnan(s_fast[1:]).any()
 
 
 def test_linear_epilogue_quant_fp32_out(C):

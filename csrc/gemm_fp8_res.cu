@@ -1,0 +1,111 @@
+// gemm_fp8_res.cu: a W8A8 (fp8 e4m3) linear with its residual added in the GEMM's epilogue,
+// one CUTLASS sm90 GEMM (sm90_evt_gemm.cuh).
+//
+//   out[m, n] = a_scale[m] * b_scale[n] * sum_k a[m, k] w[n, k] + bias[n] + residual[m, n]
+//
+// in fp32, rounded once to T (fp16 / bf16). a: (M, K) e4m3 rows of stride lda; w: (N, K) e4m3
+// rows of stride ldb (the quantised weight); a_scale (M,), b_scale (N,) float32; bias (N,) of T
+// or 0; residual and out (M, N) contiguous (out may alias residual: each element is read once,
+// by the thread that writes it). Fast fp8 accumulation (as config.quant_fast_accum's cuBLASLt
+// path).
+//
+// Why: cuBLASLt adds a residual through C (beta = 1), and at SDXL's shapes that cost 3.5-6.6 us
+// more per call than the same GEMM without it, where reading it should cost ~1.7 us
+// (benchmarks/NOTES.md, session 15; 210 such calls per SDXL step). CUTLASS's TMA warp-specialised
+// epilogue loads the residual tile while the mainloop runs.
+//
+// variant: 0 cooperative 128 x 256 x 128 tiles, 2 ping-pong 128 x 128 x 128 tiles, both
+// persistent with a 2 x 1 cluster (1, stream-K, is not built for fp8).
+// Requirements (checked; ValueError names the one that fails): SM90 and a build with the CUTLASS
+// headers; K, lda, ldb multiples of 16; N a multiple of 8; pointers 16-byte aligned.
+#include "sm90_evt_gemm.cuh"
+
+#include <type_traits>
+
+namespace lyra {
+
+#if defined(LYRA_HAVE_CUTLASS)
+namespace sm90 {
+namespace {
+
+// a_scale[m] (a column broadcast: one value per row) and b_scale[n] (a row broadcast).
+template <typename Tile>
+using RowScale = fusion::Sm90ColBroadcast<0, Tile, float, float, Stride<_1, _0, int64_t>, 4>;
+template <typename Tile>
+using ColScale = fusion::Sm90RowBroadcast<0, Tile, float, float, Stride<_0, _1, int64_t>, 4>;
+// (acc * a_scale[m]) * b_scale[n] + bias[n], in float.
+template <typename T, typename Tile>
+using ScaledPlusBias = fusion::Sm90EVT<
+    fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
+    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>,
+                    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>,
+                                    fusion::Sm90AccFetch, RowScale<Tile>>,
+                    ColScale<Tile>>,
+    ColumnVector<T, Tile>>;
+// ... + residual, rounded once to T.
+template <typename T, typename Tile>
+using ScaledResidual = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, T, float, kRound>,
+                                       ScaledPlusBias<T, Tile>, fusion::Sm90SrcFetch<T>>;
+
+template <typename T>
+void run_fp8_res(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a, uintptr_t w,
+                 uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias, uintptr_t residual, uintptr_t out,
+                 int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, cudaStream_t s) {
+  auto thread = [=](auto* fusion) {
+    using Fusion = std::remove_pointer_t<decltype(fusion)>;
+    return typename Fusion::Arguments{
+        {                                                                                  // scaled + bias
+         {                                                                                 // scaled
+          {{}, {reinterpret_cast<const float*>(a_scale), 0.f, {_1{}, _0{}, int64_t(0)}}, {}},  // acc * a_scale
+          {reinterpret_cast<const float*>(b_scale), 0.f, {_0{}, _1{}, int64_t(0)}},          // * b_scale
+          {}},
+         {reinterpret_cast<const T*>(bias), T(0), {_0{}, _1{}, int64_t(0)}},  // + bias (null: 0)
+         {}},
+        {},  // + residual (C)
+        {}};
+  };
+  using cutlass::gemm::PersistentScheduler;
+  if (variant == 0) {
+    run_evt<T, CooperativeFp8, PersistentScheduler, ScaledResidual>(fn, dev, a, w, residual, out, M, 1, N, K,
+                                                                    lda, ldb, thread, s);
+  } else {
+    run_evt<T, PingPongFp8, PersistentScheduler, ScaledResidual>(fn, dev, a, w, residual, out, M, 1, N, K,
+                                                                 lda, ldb, thread, s);
+  }
+}
+
+}  // namespace
+}  // namespace sm90
+#endif
+
+void gemm_fp8_res(uintptr_t a, uintptr_t w, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
+                  uintptr_t residual, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda,
+                  int64_t ldb, int dtype, int variant, uintptr_t stream) {
+  const char* fn = "gemm_fp8_res";
+  LYRA_CHECK_ARG(a != 0 && w != 0 && a_scale != 0 && b_scale != 0 && residual != 0 && out != 0, fn,
+                 "a, w, a_scale, b_scale, residual and out must be non-null device pointers");
+  LYRA_CHECK_ARG(variant == 0 || variant == 2, fn,
+                 "variant must be 0 (cooperative) or 2 (ping-pong), got " + std::to_string(variant));
+  check_evt_gemm_args(fn, M, 1, N, K, lda, ldb, dtype, variant, {a, w, bias, residual, out});
+  LYRA_CHECK_ARG(K % 16 == 0 && lda % 16 == 0 && ldb % 16 == 0, fn,
+                 "K, lda and ldb must be multiples of 16 (16-byte fp8 rows), got K=" + std::to_string(K) +
+                     " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb));
+  LYRA_CHECK_ARG(aligned_to(a_scale, 16) && aligned_to(b_scale, 16), fn,
+                 "a_scale and b_scale must be 16-byte aligned");
+#if defined(LYRA_HAVE_CUTLASS)
+  const DeviceInfo dev = sm90::sm90_device(fn);
+  cudaStream_t s = as_stream(stream);
+  if (dtype == kFloat16) {
+    sm90::run_fp8_res<cutlass::half_t>(fn, variant, dev, a, w, a_scale, b_scale, bias, residual, out, M, N, K,
+                                       lda, ldb, s);
+  } else {
+    sm90::run_fp8_res<cutlass::bfloat16_t>(fn, variant, dev, a, w, a_scale, b_scale, bias, residual, out, M, N,
+                                           K, lda, ldb, s);
+  }
+#else
+  (void)stream;
+  throw_no_cutlass(fn);
+#endif
+}
+
+}  // namespace lyra

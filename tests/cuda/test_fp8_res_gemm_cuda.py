@@ -1,0 +1,135 @@
+"""csrc/gemm_fp8_res.cu (CUTLASS sm90, fp8 e4m3 operands) and its use by lyra::qlinear_q: out =
+a_scale[m] b_scale[n] (a @ w^T) + bias + residual in one GEMM, against a float64 reference of the
+same quantised operands and against cuBLASLt's residual-through-C path on fresh random inputs,
+odd row counts, with and without bias, both tile variants; the auto choice, in-place output,
+CUDA-graph capture, and the errors for operands the kernel cannot take."""
+import pytest
+import torch
+
+import lyradynamo
+from kernel_helpers import capture_after_warmup, need_cutlass, norm_err
+from lyradynamo.ops import gated_gemm
+from lyradynamo.quant import numerics as qn
+
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]
+lyra = torch.ops.lyra
+DT = [torch.float16, torch.bfloat16]
+CODES = {torch.float16: 1, torch.bfloat16: 2}
+SDXL_SHAPES = [(2048, 1280, 1280), (2048, 1280, 5120), (8192, 640, 640)]  # to_out, ff2, level-1 to_out
+
+
+def _stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _operands(m, n, k, dtype, bias):
+    x = torch.randn(m, k, device="cuda")
+    w = torch.randn(n, k, device="cuda") / k ** 0.5
+    xq, xs = qn.quantize_rows(x.to(dtype), "fp8")
+    wq, ws = qn.quantize_rows(w.to(dtype), "fp8")
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    r = torch.randn(m, n, device="cuda", dtype=dtype)
+    return xq, xs, wq, ws, b, r
+
+
+def _reference(xq, xs, wq, ws, b, r):
+    """The same sum in float64 from the quantised operands (the kernel's only rounding is the
+    final one, plus fast accumulation's partial sums)."""
+    y = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double()[None, :]
+    if b is not None:
+        y = y + b.double()
+    return y + r.double()
+
+
+def _kernel(C, xq, xs, wq, ws, b, r, out, variant):
+    m, k = xq.shape
+    n = wq.shape[0]
+    C.gemm_fp8_res(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0 if b is None else b.data_ptr(),
+                   r.data_ptr(), out.data_ptr(), m, n, k, k, k, CODES[out.dtype], variant, _stream())
+    return out
+
+
+def _cublaslt(C, xq, xs, wq, ws, b, r, out):
+    m, k = xq.shape
+    n = wq.shape[0]
+    C.gemm_fp8_ex(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0 if b is None else b.data_ptr(),
+                  r.data_ptr(), out.data_ptr(), m, n, k, k, n, CODES[out.dtype], True, _stream())
+    return out
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("m,n,k", SDXL_SHAPES + [(333, 136, 80), (3, 128, 32), (77, 2560, 2048)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("variant", [0, 2], ids=["cooperative", "pingpong"])
+def test_kernel_against_reference(dtype, m, n, k, bias, variant, seed_from_test_id):
+    C = need_cutlass()
+    ops = _operands(m, n, k, dtype, bias)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    _kernel(C, *ops, out, variant)
+    lt = _cublaslt(C, *ops, torch.empty_like(out))
+    torch.cuda.synchronize()
+    ref = _reference(*ops)
+    assert torch.isfinite(out).all()
+    # one rounding to dtype after fast fp8 accumulation, as cuBLASLt's path: at most twice as
+    # far as it from the float64 sum
+    assert norm_err(out, ref) <= 2 * norm_err(lt, ref) + 1e-4, (norm_err(out, ref), norm_err(lt, ref))
+
+
+@pytest.mark.parametrize("variant", [0, 2], ids=["cooperative", "pingpong"])
+def test_in_place_and_capture(variant, seed_from_test_id):
+    """out may be the residual itself; the launch goes to the current stream (captured graphs
+    replay it)."""
+    C = need_cutlass()
+    ops = _operands(515, 640, 640, torch.float16, True)
+    ref = _reference(*ops)
+    r = ops[5].clone()
+    _kernel(C, *ops[:5], r, r, variant)
+    torch.cuda.synchronize()
+    assert norm_err(r, ref) < 2e-3
+    graph, out = capture_after_warmup(lambda: _kernel(C, *ops, torch.empty_like(ops[5]), variant))
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert norm_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("mode", ["cutlass", "cublaslt", "auto"])
+def test_qlinear_paths_agree(mode, seed_from_test_id):
+    """lyra::qlinear_q with a residual through each path; auto records its timed choice."""
+    need_cutlass()
+    m, n, k = 2048 + 5, 1280, 1280
+    xq, xs, wq, ws, b, r = _operands(m, n, k, torch.float16, True)
+    with lyradynamo.config.patch(gated_gemm=mode, quant_fast_accum=True):
+        out = lyra.qlinear_q(xq, xs, wq, ws, b, "none", False, None, r, "fp8", torch.float16)
+    torch.cuda.synchronize()
+    assert norm_err(out, _reference(xq, xs, wq, ws, b, r)) < 2e-3
+    if mode == "auto":
+        key = ("fp8res", torch.cuda.current_device(), torch.float16, m, n, k, True)
+        decided = gated_gemm.choices()[key]
+        assert decided["path"] in ("cutlass", "cutlass-pingpong", "cublaslt"), decided
+        floor = 2.0 * m * n * k / 2.4e9  # an fp8 peak of 2400 TFLOP/s: a timing under it missed its GEMM
+        assert all(decided[f"{p}_us"] >= floor for p in ("cutlass", "cutlass-pingpong", "cublaslt")), decided
+
+
+def test_bad_operands_are_refused(seed_from_test_id):
+    C = need_cutlass()
+    xq, xs, wq, ws, b, r = _operands(64, 128, 64, torch.float16, True)
+    out = torch.empty_like(r)
+
+    def call(**kw):
+        a = dict(a=xq.data_ptr(), w=wq.data_ptr(), a_scale=xs.data_ptr(), b_scale=ws.data_ptr(), bias=b.data_ptr(),
+                 residual=r.data_ptr(), out=out.data_ptr(), M=64, N=128, K=64, lda=64, ldb=64, dtype=1,
+                 variant=0, stream=_stream())
+        a.update(kw)
+        C.gemm_fp8_res(**a)
+
+    with pytest.raises(ValueError, match="variant"):
+        call(variant=1)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        call(K=56, lda=56, ldb=56)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        call(dtype=0)
+    with pytest.raises(ValueError, match="non-null"):
+        call(residual=0)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        call(a_scale=xs.data_ptr() + 4)
