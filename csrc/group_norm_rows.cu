@@ -117,30 +117,30 @@ gn_rows_stats(const T* __restrict__ x, const T* __restrict__ pb, float* __restri
   }
 }
 
+// One warp per (sample, group): the group's partial statistics merged (lane-strided, then the
+// shuffle tree; lane 0's result, as a block per sample did), then the scale and shift of the
+// group's channels. A block per sample whose warps took the groups in turn left N blocks on the
+// GPU (2 at SDXL's batch 2, 1 in the VAE), each lane a chain of dependent partial loads: ~13 us
+// a call (profile, NOTES session 15). Same merges in the same order: the same bits.
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads)
 gn_rows_finalize(const float* __restrict__ part, const T* __restrict__ w, const T* __restrict__ b,
                  const T* __restrict__ pb, float* __restrict__ scale, float* __restrict__ shift,
                  RowsParams p) {
-  extern __shared__ float s_stats[];  // (mean, rstd) per group
-  const int n = blockIdx.x;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-  for (int g = warp; g < p.groups; g += nwarps) {
-    Welford acc;
-    for (int i = lane; i < p.nblk; i += 32) {  // lane-strided, then a fixed shuffle tree
-      const float* q = part + ((static_cast<int64_t>(n) * p.nblk + i) * p.groups + g) * 3;
-      acc.merge(q[0], q[1], q[2]);
-    }
-    acc.warp_reduce();
-    if (lane == 0) {
-      s_stats[2 * g] = acc.mean;
-      s_stats[2 * g + 1] = rsqrtf(acc.m2 / acc.n + p.eps);
-    }
+  const int n = blockIdx.y;
+  const int lane = threadIdx.x & 31;
+  const int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (g >= p.groups) return;  // whole warps; no barrier follows
+  Welford acc;
+#pragma unroll 4
+  for (int i = lane; i < p.nblk; i += 32) {
+    const float* q = part + ((static_cast<int64_t>(n) * p.nblk + i) * p.groups + g) * 3;
+    acc.merge(q[0], q[1], q[2]);
   }
-  __syncthreads();
-  for (int c = threadIdx.x; c < p.C; c += blockDim.x) {
-    const int g = c / p.cpg;
-    const float mean = s_stats[2 * g], rstd = s_stats[2 * g + 1];
+  acc.warp_reduce();
+  const float mean = __shfl_sync(0xffffffffu, acc.mean, 0);
+  const float rstd = __shfl_sync(0xffffffffu, rsqrtf(acc.m2 / acc.n + p.eps), 0);
+  for (int c = g * p.cpg + lane; c < (g + 1) * p.cpg; c += 32) {
     const float a = (w ? to_float(w[c]) : 1.f) * rstd;
     float sh = (b ? to_float(b[c]) : 0.f) - mean * a;
     if (pb) sh = fmaf(to_float(pb[static_cast<int64_t>(n) * p.pb_bstride + c]), a, sh);
@@ -206,7 +206,7 @@ RowsPlan plan_rows(int64_t N, int64_t C, int64_t HW, int64_t groups, int dtype, 
                    const char* fn) {
   RowsPlan plan;
   if (N <= 0 || C <= 0 || HW <= 0 || groups <= 0 || C % groups) return plan;
-  if (C * HW >= (1ll << 31) || N > 65535 || 2 * groups * 4 > 48 * 1024) return plan;
+  if (C * HW >= (1ll << 31) || N > 65535) return plan;  // N: the grids' y
   const size_t es = dtype_size(dtype);
   const int64_t cpg = C / groups;
   int v = static_cast<int>(16 / es);
@@ -252,8 +252,9 @@ void launch_rows(const RowsPlan& plan, int64_t N, const T* x, const T* w, const 
     gn_rows_stats<T, V, false><<<grid, plan.threads, 0, stream>>>(x, pb, part, p);
   }
   LYRA_CHECK_LAUNCH("group_norm_rows");
-  gn_rows_finalize<T><<<static_cast<unsigned>(N), kFinalizeThreads, 2 * p.groups * sizeof(float),
-                        stream>>>(part, w, b, pb, scale, shift, p);
+  constexpr int kWarps = kFinalizeThreads / 32;  // groups per block
+  const dim3 fgrid(static_cast<unsigned>((p.groups + kWarps - 1) / kWarps), static_cast<unsigned>(N));
+  gn_rows_finalize<T><<<fgrid, kFinalizeThreads, 0, stream>>>(part, w, b, pb, scale, shift, p);
   LYRA_CHECK_LAUNCH("group_norm_rows");
   gn_rows_apply<T, V><<<grid, plan.threads, 0, stream>>>(x, scale, shift, y, p);
   LYRA_CHECK_LAUNCH("group_norm_rows");

@@ -24,6 +24,8 @@ ROWS_SHAPES = [  # (N, C, H, W, groups)
     (2, 1920, 8, 8, 32),  # cpg 60
     (1, 128, 128, 128, 32),  # VAE decoder at full width, cpg 4
     (1, 512, 33, 31, 32),  # VAE mid block, odd sides, cpg 16
+    (3, 120, 5, 9, 12),  # 12 groups: the finalize's second block of 8 warps half used
+    (2, 64, 4, 4, 1),  # one group of 64 channels: each lane writes two
 ]
 
 
