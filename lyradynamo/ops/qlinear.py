@@ -216,7 +216,7 @@ def _fp8_gated_residual(C, xq, xs, out_dtype, qweight, wscale, bias, gate, resid
     xq2, xs2 = xq.reshape(m, k), xs.reshape(m)
     try:
         if gate is None:
-            return _fp8_residual(C, xq2, xs2, qweight, wscale, bias, res, out, m, n, k, code, stream)
+            return _fp8_residual(C, xq2, xs2, qweight, wscale, bias, res, out, m, n, k, code)
         rows = m if gstride == 0 else rows  # one gate for every sample: one GEMM
         samples = m // rows
         if samples > _MAX_GATE_SAMPLES:
@@ -240,17 +240,18 @@ def _fp8_gated_residual(C, xq, xs, out_dtype, qweight, wscale, bias, gate, resid
     return out
 
 
-def _fp8_residual(C, xq, xs, qweight, wscale, bias, res, out, m, n, k, code, stream) -> Tensor:
+def _fp8_residual(C, xq, xs, qweight, wscale, bias, res, out, m, n, k, code) -> Tensor:
     """residual + (xq @ qweight^T * xs * wscale + bias) into out: cuBLASLt with the residual
     through C, or one CUTLASS sm90 GEMM with the residual in its TMA epilogue
     (csrc/gemm_fp8_res.cu: cuBLASLt's C cost 3.5-6.6 us more per SDXL call than no residual).
     config.gated_gemm chooses, as for the other fused-epilogue linears: auto times both on each
-    shape's first call outside capture (gated_gemm.dispatch), cutlass / cublaslt force one."""
+    shape's first call outside capture (gated_gemm.dispatch), cutlass / cublaslt force one.
+    Each path takes the stream at call time: dispatch captures the candidates on a side stream."""
     from .. import config
     from . import gated_gemm
 
     def cublaslt() -> Tensor:
-        _gemm_fp8(C, xq, xs, qweight, wscale, bias, res, out, m, n, k, code, stream)
+        _gemm_fp8(C, xq, xs, qweight, wscale, bias, res, out, m, n, k, code, stream_handle(xq))
         return out
 
     mode = config.gated_gemm
@@ -260,7 +261,7 @@ def _fp8_residual(C, xq, xs, qweight, wscale, bias, res, out, m, n, k, code, str
     def cutlass(variant: int):
         def call() -> Tensor:
             C.gemm_fp8_res(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), ptr(res), ptr(out),
-                           m, n, k, k, k, code, variant, stream)
+                           m, n, k, k, k, code, variant, stream_handle(xq))
             return out
         return call
 

@@ -3,6 +3,8 @@ a_scale[m] b_scale[n] (a @ w^T) + bias + residual in one GEMM, against a float64
 same quantised operands and against cuBLASLt's residual-through-C path on fresh random inputs,
 odd row counts, with and without bias, both tile variants; the auto choice, in-place output,
 CUDA-graph capture, and the errors for operands the kernel cannot take."""
+import logging
+
 import pytest
 import torch
 
@@ -94,14 +96,19 @@ def test_in_place_and_capture(variant, seed_from_test_id):
 
 
 @pytest.mark.parametrize("mode", ["cutlass", "cublaslt", "auto"])
-def test_qlinear_paths_agree(mode, seed_from_test_id):
-    """lyra::qlinear_q with a residual through each path; auto records its timed choice."""
+def test_qlinear_paths_agree(mode, seed_from_test_id, caplog):
+    """lyra::qlinear_q with a residual through each path; auto records its timed choice, timed
+    as CUDA-graph replays (each path launches on the stream current at its call: dispatch
+    captures the candidates on a side stream, and a launch to the caller's stream captured
+    nothing, so both were timed eagerly in session 16's first run)."""
     need_cutlass()
     m, n, k = 2048 + 5, 1280, 1280
     xq, xs, wq, ws, b, r = _operands(m, n, k, torch.float16, True)
-    with lyradynamo.config.patch(gated_gemm=mode, quant_fast_accum=True):
+    with lyradynamo.config.patch(gated_gemm=mode, quant_fast_accum=True), \
+            caplog.at_level(logging.WARNING, logger="lyradynamo"):
         out = lyra.qlinear_q(xq, xs, wq, ws, b, "none", False, None, r, "fp8", torch.float16)
     torch.cuda.synchronize()
+    assert "captured nothing" not in caplog.text
     assert norm_err(out, _reference(xq, xs, wq, ws, b, r)) < 2e-3
     if mode == "auto":
         key = ("fp8res", torch.cuda.current_device(), torch.float16, m, n, k, True)
