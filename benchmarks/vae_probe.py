@@ -9,7 +9,8 @@ in (SDXL: fp32, force_upcast), decodes one latent per mode: first call, then the
 --runs timed decodes (CUDA events; lyra with its CUDA graphs), then one decode under
 torch.profiler (lyra compiled again without CUDA graphs so that each kernel shows; inductor
 without CUDA graphs), kernels grouped by name. Modes: eager, lyra, lyra-nchw (lyra with
-config.channels_last off), inductor, inductor-cg.
+config.channels_last off), lyra-attn-sdpa / lyra-attn-tf32 (lyra with config.fp32_attention
+sdpa / tf32 instead of its default tf32x3), inductor, inductor-cg.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import denoise  # noqa: E402
 import lyradynamo  # noqa: E402
 from profile_model import kernel_table  # noqa: E402
 
-MODES = ("eager", "lyra", "lyra-nchw", "inductor", "inductor-cg")
+MODES = ("eager", "lyra", "lyra-nchw", "lyra-attn-sdpa", "lyra-attn-tf32", "inductor", "inductor-cg")
 
 
 def decoder(mode: str, vae, *, graphs: bool = True):
@@ -44,6 +45,8 @@ def decoder(mode: str, vae, *, graphs: bool = True):
         opts = {"cuda_graphs": graphs}
         if mode == "lyra-nchw":
             opts["channels_last"] = False
+        if mode.startswith("lyra-attn-"):
+            opts["fp32_attention"] = mode[len("lyra-attn-"):]
         mode = "lyra"
     elif mode == "inductor-cg" and not graphs:
         mode = "inductor"

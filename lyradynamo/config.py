@@ -158,6 +158,16 @@ _OPTIONS: dict[str, _Option] = {
         "cudnn, flash (torch SDPA flash), flash_attn (the flash_attn package), math.",
         choices=("auto", "sdpa", "cudnn", "flash", "flash_attn", "math"),
     ),
+    "fp32_attention": _Option(
+        "tf32x3",
+        "float32 attention on CUDA with at least 2^30 multiply-adds and no mask (the VAE "
+        "decoders' mid-block attention; cuDNN and flash take 16-bit inputs only): tf32x3 = two "
+        "GEMMs per chunk of queries on the TF32 tensor cores, each operand split into a TF32 "
+        "high part and its fp32 remainder (three products: fp32 accuracy, ~2-3x faster than "
+        "torch's fp32 kernel at the SDXL decoder's 16384 tokens); tf32 = one TF32 product each "
+        "(~1e-3 relative error, as torch's allow_tf32 matmuls); sdpa = torch SDPA's fp32 kernel.",
+        choices=("tf32x3", "tf32", "sdpa"),
+    ),
     "dump_dir": _Option(
         None,
         "Directory for the graph dump (graphs before/after, summary, HTML picture); None = off. "

@@ -4,7 +4,9 @@ layout="bhld": q, k, v and the output are (B, H, L, D), as F.scaled_dot_product_
 layout="blhd": they are (B, L, H, D), the layout a linear projection produces after
 `unflatten(-1, (H, D))`, so the pass removes the head transposes around the call.
 On CUDA the call goes to torch's SDPA backends (cuDNN / flash / efficient), chosen by
-`lyradynamo.config.attention_backend`, or to the `flash_attn` package when importable.
+`lyradynamo.config.attention_backend`, or to the `flash_attn` package when importable; long
+float32 attentions (VAE decoders) to TF32 tensor-core GEMMs (attention_fp32.py,
+`lyradynamo.config.fp32_attention`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import attention_fp32
 from ._common import record_fallback, unsupported_reason
 
 LAYOUTS = ("bhld", "blhd")
@@ -76,6 +79,8 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
     if reason:
         record_fallback("attention", reason)
         return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)
+    if attention_fp32.wanted(q, k, v, attn_mask, is_causal, layout, config.fp32_attention):
+        return attention_fp32.attention_tf32(q, k, v, scale, layout, config.fp32_attention)
     choice = config.attention_backend
     if choice in ("auto", "flash_attn") and attn_mask is None and q.dtype != torch.float32:
         out = _flash_attn(q, k, v, scale, is_causal, layout)
