@@ -8,12 +8,16 @@ an fp32 softmax between them, the GEMMs on the TF32 tensor cores:
 
   tf32x3  each fp32 operand x is split into hi = x with its low 13 mantissa bits cleared (exact
           in TF32) and lo = x - hi (exact in fp32), and a.b = hi_a.hi_b + hi_a.lo_b + lo_a.hi_b:
-          the dropped lo_a.lo_b and lo's own TF32 rounding are ~2^-20 relative, the accuracy of
-          the fp32 kernel (what eager runs) at ~3 TF32 GEMMs' cost. For S = q k^T the three
+          the dropped lo_a.lo_b and lo's own TF32 rounding are ~2^-20 relative. Measured on an
+          H100 at 4096 x 4096 tokens, head dim 512: 1.7e-5 relative to a float64 reference
+          (torch's fp32 kernel: 7e-7; the tensor cores' fp32 accumulation over the long sums
+          sets it), the SDXL decode's error against eager unchanged (1.9e-3 either way),
+          the decoder's attention 14.1 -> ~7.5 ms at 1024 px. For S = q k^T the three
           products are one GEMM over the concatenated [hi_q, hi_q, lo_q] . [hi_k, lo_k, hi_k];
           for O = P v, P hi times [hi_v, lo_v] side by side plus P lo times hi_v.
   tf32    one TF32 GEMM each (inputs rounded to 10 mantissa bits, as torch's
-          allow_tf32 matmuls and the convolutions' default): faster, ~1e-3 relative error.
+          allow_tf32 matmuls and the convolutions' default): ~2.7 ms at 1024 px, errors of
+          TF32's rounding (under 5e-3 relative in the GPU tests).
   sdpa    torch's SDPA as before (exact fp32 on the CUDA cores).
 
 Queries go in chunks so that a chunk's score matrix stays under _CHUNK_ELEMENTS floats.
