@@ -97,7 +97,7 @@ def attention_tf32(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], layo
         k_hi, v_hi = tf32_hi(k3), tf32_hi(v3)
         k_cat = torch.cat([k_hi, k3 - k_hi, k_hi], dim=-1)  # (bh, lk, 3d)
         v_cat = torch.cat([v_hi, v3 - v_hi], dim=-1)  # (bh, lk, 2dv)
-    rows = max(1, _CHUNK_ELEMENTS // (b * h * lk))
+    rows = max(1, _CHUNK_ELEMENTS // max(1, b * h * lk))
     with _tf32_matmuls():
         for start in range(0, lq, rows):
             qc = q3[:, start:start + rows]

@@ -51,6 +51,13 @@ def test_wanted_only_for_long_fp32_cuda_attention():
     assert not af.wanted(meta, meta, meta, None, False, "bhld", "tf32x3")
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 0, 8), (0, 2, 5, 8)])
+def test_empty_inputs(shape):
+    q = torch.randn(shape)
+    out = af.attention_tf32(q, q, q, None, "bhld", "tf32x3")
+    assert out.shape == shape
+
+
 def test_bad_mode_is_refused():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="tf32x3 or tf32"):
