@@ -1,7 +1,8 @@
 """float32 attention on the TF32 tensor cores, for the long fp32 attentions of VAE decoders.
 
-cuDNN and flash attention take 16-bit inputs only, so an fp32 attention (the SDXL / FLUX VAE
-decoder's mid-block: one head of 512 channels over every latent pixel, 16384 tokens at 1024 px)
+cuDNN and flash attention take 16-bit inputs only, so an fp32 attention (a VAE decoder run in
+fp32, as SDXL's upcasts: its mid-block is one head of 512 channels over every latent pixel,
+16384 tokens at 1024 px)
 runs in torch's memory-efficient kernel on the CUDA cores: 14.1 ms of the 78 ms SDXL decode on
 an H100 (benchmarks/NOTES.md, session 13). Here it is two batched GEMMs per chunk of queries with
 an fp32 softmax between them, the GEMMs on the TF32 tensor cores:
@@ -25,15 +26,11 @@ Queries go in chunks so that a chunk's score matrix stays under _CHUNK_ELEMENTS 
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger("lyradynamo")
-
-MODES = ("tf32x3", "tf32", "sdpa")
 _CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32 scores per chunk (x3 with the softmax and the split)
 _MIN_MACS = 1 << 30  # smaller attentions stay on SDPA (not worth the extra launches)
 _TF32_HI_MASK = -8192  # 0xFFFFE000: sign, exponent and the 10 mantissa bits TF32 keeps
