@@ -305,15 +305,11 @@ void launch_act_quant(const T* y, const float* inv, uint8_t* q, float* scale, Ep
                       cudaStream_t s, const char* fn) {
   constexpr int R = 4;
   p.ncv = p.n_out / V;
-  const int tpr = quant_threads_per_row(p.ncv, R, kEpiQuantMaxTpr);
-  const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
-  const int64_t grid = (p.M + rows_blk - 1) / rows_blk;
-  LYRA_CHECK_ARG(grid < (1ll << 31), fn, "M too large");
-  const dim3 g(static_cast<unsigned>(grid)), b(tpr, rows_blk);
+  const RowLaunch l = row_launch(p.M, p.ncv, R, kEpiQuantMaxTpr, fn);
   auto go = [&](auto act, auto glu) {
     constexpr int kAct = decltype(act)::value;
     constexpr bool kGlu = decltype(glu)::value;
-    act_quant_kernel<T, V, R, kAct, kGlu><<<g, b, 0, s>>>(y, inv, q, scale, p, kind);
+    act_quant_kernel<T, V, R, kAct, kGlu><<<l.grid, l.block, 0, s>>>(y, inv, q, scale, p, kind);
   };
   using G0 = std::false_type;
   using G1 = std::true_type;
@@ -335,12 +331,8 @@ void launch_epi_quant(const EpiChain<TA, TO, V>& chain, const float* inv, uint8_
                       float* scale, EpiParams p, int kind, cudaStream_t s, const char* fn) {
   constexpr int R = V == 1 ? 8 : 4;
   p.ncv = p.n_out / V;
-  const int tpr = quant_threads_per_row(p.ncv, R, kEpiQuantMaxTpr);
-  const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
-  const int64_t grid = (p.M + rows_blk - 1) / rows_blk;
-  LYRA_CHECK_ARG(grid < (1ll << 31), fn, "M too large");
-  linear_epilogue_quant_kernel<TA, TO, V, R>
-      <<<static_cast<unsigned>(grid), dim3(tpr, rows_blk), 0, s>>>(chain, inv, q, scale, p, kind);
+  const RowLaunch l = row_launch(p.M, p.ncv, R, kEpiQuantMaxTpr, fn);
+  linear_epilogue_quant_kernel<TA, TO, V, R><<<l.grid, l.block, 0, s>>>(chain, inv, q, scale, p, kind);
   LYRA_CHECK_LAUNCH(fn);
 }
 

@@ -49,12 +49,8 @@ template <typename T, int V, int R>
 void launch_qr(const T* x, const float* inv, uint8_t* q, float* scale, QRParams p,
                cudaStream_t s) {
   p.nvec = p.K / V;
-  const int tpr = quant_threads_per_row(p.nvec, R, kQuantMaxTpr);
-  const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
-  const int64_t grid = (p.M + rows_blk - 1) / rows_blk;
-  LYRA_CHECK_ARG(grid < (1ll << 31), "quantize_rows", "M too large");
-  quantize_rows_kernel<T, V, R><<<static_cast<unsigned>(grid), dim3(tpr, rows_blk), 0, s>>>(
-      x, inv, q, scale, p);
+  const RowLaunch l = row_launch(p.M, p.nvec, R, kQuantMaxTpr, "quantize_rows");
+  quantize_rows_kernel<T, V, R><<<l.grid, l.block, 0, s>>>(x, inv, q, scale, p);
   LYRA_CHECK_LAUNCH("quantize_rows");
 }
 

@@ -246,4 +246,18 @@ inline int quant_threads_per_row(int64_t nvec, int R, int max_tpr) {
   return static_cast<int>(tpr);
 }
 
+// The launch shape of the row-quantising kernels (row_group's layout): quant_threads_per_row
+// threads a row, rows packed into blocks of 128 threads where a row takes fewer.
+struct RowLaunch {
+  dim3 grid, block;
+};
+
+inline RowLaunch row_launch(int64_t rows, int64_t nvec, int R, int max_tpr, const char* fn) {
+  const int tpr = quant_threads_per_row(nvec, R, max_tpr);
+  const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
+  const int64_t grid = (rows + rows_blk - 1) / rows_blk;
+  LYRA_CHECK_ARG(grid < (1ll << 31), fn, "M too large");
+  return {dim3(static_cast<unsigned>(grid)), dim3(tpr, rows_blk)};
+}
+
 }  // namespace lyra
