@@ -275,6 +275,7 @@ def _fp8_res_ok(C, xq, xs, qweight, wscale, bias, res, out, k) -> bool:
     an SM90 GPU, fast fp8 accumulation on (the kernel's only mode), 16-byte rows and pointers,
     and a contiguous residual."""
     from .. import config
+    from .gated_gemm import _aligned
 
     if getattr(C, "gemm_fp8_res", None) is None or not C.gemm_gated_available():
         return False
@@ -282,7 +283,7 @@ def _fp8_res_ok(C, xq, xs, qweight, wscale, bias, res, out, k) -> bool:
         return False
     if k % 16 or qweight.shape[0] % 8 or not res.is_contiguous() or res.shape != out.shape:
         return False
-    return all(t is None or t.data_ptr() % 16 == 0 for t in (xq, xs, qweight, wscale, bias, res, out))
+    return _aligned(xq, xs, qweight, wscale, bias, res, out)
 
 
 def shape_unsupported(n: int, k: int, kind: str) -> Optional[str]:
