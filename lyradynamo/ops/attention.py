@@ -27,12 +27,17 @@ def _to_bhld(t: Tensor, layout: str) -> Tensor:
     return t if layout == "bhld" else t.transpose(1, 2)
 
 
+def _from_bhld(out: Tensor, layout: str) -> Tensor:
+    """A (B, H, L, D) result in `layout`, contiguous in blhd (as the projections' layout is)."""
+    return out if layout == "bhld" else out.transpose(1, 2).contiguous()
+
+
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                         scale: Optional[float], is_causal: bool, layout: str) -> Tensor:
     out = F.scaled_dot_product_attention(
         _to_bhld(q, layout), _to_bhld(k, layout), _to_bhld(v, layout),
         attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale)
-    return out if layout == "bhld" else out.transpose(1, 2).contiguous()
+    return _from_bhld(out, layout)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:

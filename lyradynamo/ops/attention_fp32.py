@@ -44,9 +44,10 @@ def wanted(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_caus
         return False
     if attn_mask is not None or is_causal or not q.is_cuda:
         return False
-    b, h = (q.shape[0], q.shape[1]) if layout == "bhld" else (q.shape[0], q.shape[2])
-    lq, lk = q.shape[2 if layout == "bhld" else 1], k.shape[2 if layout == "bhld" else 1]
-    return b * h * lq * lk * (q.shape[3] + v.shape[3]) >= _MIN_MACS
+    from .attention import _to_bhld
+
+    b, h, lq, d = _to_bhld(q, layout).shape
+    return b * h * lq * _to_bhld(k, layout).shape[2] * (d + v.shape[3]) >= _MIN_MACS
 
 
 @contextlib.contextmanager
@@ -79,10 +80,11 @@ def tf32_hi(x: Tensor) -> Tensor:
 def attention_tf32(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], layout: str, mode: str) -> Tensor:
     """softmax(q k^T * scale) v for fp32 q, k, v in `layout` ("bhld" or "blhd"); the output in
     the same layout, contiguous (as attention_reference). `mode` is "tf32x3" or "tf32"."""
+    from .attention import _from_bhld, _to_bhld
+
     if mode not in ("tf32x3", "tf32"):
         raise ValueError(f"lyra::attention: fp32 mode {mode!r} is not tf32x3 or tf32")
-    to_bhld = (lambda t: t) if layout == "bhld" else (lambda t: t.transpose(1, 2))
-    qb, kb, vb = to_bhld(q), to_bhld(k), to_bhld(v)
+    qb, kb, vb = (_to_bhld(t, layout) for t in (q, k, v))
     b, h, lq, d = qb.shape
     lk, dv = kb.shape[2], vb.shape[3]
     s = scale if scale is not None else d ** -0.5
@@ -113,5 +115,4 @@ def attention_tf32(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], layo
                 out[:, start:start + rows] = oc
             else:
                 out[:, start:start + rows] = torch.bmm(p, v3)
-    out = out.view(b, h, lq, dv)
-    return out if layout == "bhld" else out.transpose(1, 2).contiguous()
+    return _from_bhld(out.view(b, h, lq, dv), layout)
