@@ -118,6 +118,11 @@ def parse_args(argv=None):
                    help="also compile the VAE decoder (vae.decode) in the compiled modes, with the mode's own "
                         "compiler (Inductor, Inductor + CUDA graphs, lyra without quantisation); eager rows "
                         "decode eagerly. Rows say which in their `vae` field")
+    p.add_argument("--skip-guard-eval", action="store_true",
+                   help="timed runs of the compiled modes under torch.compiler.set_stance("
+                        "skip_guard_eval_unsafe=True): Dynamo runs only the guards that tell its compiled "
+                        "graphs apart. UNSAFE (torch's docs): a change the skipped guards would have caught "
+                        "runs the stale graph. Measures what the guards cost per image; rows say so in a note")
     p.add_argument("--progress", choices=("auto", "tqdm", "plain", "none"), default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; --quick: 1, tiny models gain nothing from more)")
@@ -700,16 +705,24 @@ def measure(args, row, fn, hook, wl, ref, count, c_mode0, cuda, prog, label):
         steady0 = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     totals, loops, decodes = [], [], []
-    for _ in range(args.runs):
-        ev = _events(cuda)
-        image = wl.run(fn, hook, events=ev)
-        ev[2].synchronize()
-        totals.append(ev[0].elapsed_time(ev[2]) / 1000.0)
-        loops.append(ev[0].elapsed_time(ev[1]) / 1000.0)
-        decodes.append(ev[1].elapsed_time(ev[2]) / 1000.0)
-        steps_done += 1
-        row["_steps_done"] = steps_done
-        prog.step(f"{label} {totals[-1]:.3f}s")
+    skip_guards = args.skip_guard_eval and row["mode"] != "eager"
+    if skip_guards:
+        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        _add_note(row, "timed with skip_guard_eval_unsafe=True (Dynamo guards skipped: unsafe)")
+    try:
+        for _ in range(args.runs):
+            ev = _events(cuda)
+            image = wl.run(fn, hook, events=ev)
+            ev[2].synchronize()
+            totals.append(ev[0].elapsed_time(ev[2]) / 1000.0)
+            loops.append(ev[0].elapsed_time(ev[1]) / 1000.0)
+            decodes.append(ev[1].elapsed_time(ev[2]) / 1000.0)
+            steps_done += 1
+            row["_steps_done"] = steps_done
+            prog.step(f"{label} {totals[-1]:.3f}s")
+    finally:
+        if skip_guards:
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=False)
     _sync(cuda)
     if cuda:
         steady = torch.cuda.max_memory_allocated()

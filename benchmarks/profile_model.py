@@ -2,6 +2,10 @@
 """Where a model call spends its GPU time: top CUDA kernels under torch.profiler.
 
     python benchmarks/profile_model.py --model sd15 --modes eager,lyra [--size 512x512] [--out f.json]
+    python benchmarks/profile_model.py --model sdxl --modes lyra-fp8,lyra-fp8@fp8_attention=on
+
+A lyra mode may carry lyradynamo.config options after "@" (KEY=VALUE, "@"-separated), set for
+that mode only.
 
 Builds the full-size model (random weights, the real config), runs one denoiser call per mode
 (lyra without CUDA graphs so each kernel is visible; kernel times are the same) after a
@@ -22,6 +26,7 @@ import torch  # noqa: E402
 
 import lyradynamo  # noqa: E402
 from lyradynamo import zoo  # noqa: E402
+from bench import parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
 
 
 def kernel_table(prof, top: int):
@@ -68,6 +73,11 @@ def main(argv=None):
               "modes": {}}
     for mode in args.modes.split(","):
         torch._dynamo.reset()
+        mode, *options = mode.split("@")
+        label = "@".join([mode, *options])
+        saved = lyradynamo.config.snapshot()
+        for k, v in parse_lyra_config(options).items():
+            setattr(lyradynamo.config, k, v)
         if mode == "eager":
             fn = model
         elif mode.startswith("lyra"):
@@ -94,19 +104,19 @@ def main(argv=None):
                 fn(**inputs)
                 torch.cuda.synchronize()
         total, rows = kernel_table(prof, args.top)
-        result["modes"][mode] = {"call_ms": wall, "kernel_ms": total / 1e3, "top": rows,
+        result["modes"][label] = {"call_ms": wall, "kernel_ms": total / 1e3, "top": rows,
                                  "fallbacks": {f"{k[0]}: {k[1]}": v for k, v in
                                                lyradynamo.ops.fallback_counts().items()}}
-        print(f"\n== {args.model} {w}x{h} batch {batch} {mode}: call {wall:.2f} ms, kernels {total / 1e3:.2f} ms")
+        print(f"\n== {args.model} {w}x{h} batch {batch} {label}: call {wall:.2f} ms, kernels {total / 1e3:.2f} ms")
         for r in rows:
             print(f"{r['ms']:8.3f} ms {r['pct']:5.1f}% {r['calls']:5d}  {r['kernel']}")
         if args.ops:
             print(f"-- top {args.ops} aten ops by CUDA time, with input shapes")
             print(op_table(prof, args.ops))
-        if result["modes"][mode]["fallbacks"]:
-            print("fallbacks:", result["modes"][mode]["fallbacks"])
-        lyradynamo.config.cuda_graphs = True
-        lyradynamo.config.quant = "none"
+        if result["modes"][label]["fallbacks"]:
+            print("fallbacks:", result["modes"][label]["fallbacks"])
+        for k, v in saved.items():
+            setattr(lyradynamo.config, k, v)
         if mode.startswith("lyra-"):
             from lyradynamo import quant
             quant.restore(model)
