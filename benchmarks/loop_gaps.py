@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Where a denoising loop's time goes between the model's GPU work (GPU only).
+
+    python benchmarks/loop_gaps.py --model sd15 --mode lyra [--steps 6] [--out f.json]
+
+Builds the full-size model, its VAE and scheduler as bench.py does, runs the loop once to warm
+up (compile, capture), then profiles one more loop (torch.profiler, CPU and CUDA activity).
+Per step it splits the wall time into the GPU ops of the model call (a CUDA-graph replay under
+lyra), the other GPU ops (the pipeline's and the scheduler's small kernels), and the time the
+GPU had nothing to run; for the idle stretches it lists the host functions that ran meanwhile
+(profiler CPU events overlapping them, by total overlap), i.e. what a faster host path must cut.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import denoise  # noqa: E402
+import lyradynamo  # noqa: E402
+from lyradynamo import zoo  # noqa: E402
+
+QUANT = {"eager": None, "lyra": "none", "lyra-fp8": "fp8"}
+
+
+def _gpu_ops(prof) -> list:
+    """(start_us, end_us, name) of every CUDA kernel / memset / memcpy, in start order."""
+    ops = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.time_range.end > ev.time_range.start:
+            ops.append((ev.time_range.start, ev.time_range.end, ev.name))
+    return sorted(ops)
+
+
+def _idle(ops: list, lo: float, hi: float) -> list:
+    """Stretches of [lo, hi] with no GPU op running: [(start, end)]."""
+    gaps, t = [], lo
+    for s, e, _ in ops:
+        if e <= lo or s >= hi:
+            continue
+        if s > t:
+            gaps.append((t, s))
+        t = max(t, e)
+    if hi > t:
+        gaps.append((t, hi))
+    return gaps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd15")
+    p.add_argument("--mode", default="lyra", choices=sorted(QUANT))
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default=None)
+    p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (a smoke test of this script)")
+    args = p.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    dtype = zoo.default_dtype(args.model, device)
+    model = zoo.build_denoiser(args.model, tiny=args.tiny, dtype=dtype, device=device)
+    vae = denoise.build_vae(args.model, tiny=args.tiny, dtype=dtype, device=device)
+    scheduler = denoise.build_scheduler(args.model)
+    h, w = zoo.default_size(args.model, tiny=args.tiny)
+    loop = denoise.Workload(args.model, model, vae, scheduler, height=h, width=w, steps=args.steps)
+    fn = model
+    if QUANT[args.mode] is not None:
+        lyradynamo.config.quant = QUANT[args.mode]
+        fn = torch.compile(model, backend="lyra")
+    calls = []  # host (start, end) of each model call, microseconds on the profiler's clock
+
+    def timed(*a, **k):
+        with torch.profiler.record_function("model_call"):
+            return fn(*a, **k)
+
+    with torch.no_grad():
+        loop.denoise(fn)
+        loop.denoise(fn)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as prof:
+            loop.denoise(timed)
+            sync()
+    events = list(prof.events())
+    calls = sorted((ev.time_range.start, ev.time_range.end) for ev in events
+                   if ev.name == "model_call" and ev.device_type == torch.autograd.DeviceType.CPU)
+    ops = _gpu_ops(prof)
+    if not ops:  # --tiny on the CPU: the aten ops stand in for GPU ops
+        ops = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in events
+                     if ev.name.startswith("aten::") and ev.cpu_parent is None)
+    cpu = [ev for ev in events if ev.device_type == torch.autograd.DeviceType.CPU and ev.name != "model_call"]
+    # A step runs from one model call's host start to the next one's (the last: to the last GPU op).
+    rows, idle_by_host = [], collections.Counter()
+    for i, (c0, c1) in enumerate(calls):
+        s_end = calls[i + 1][0] if i + 1 < len(calls) else max(e for _, e, _ in ops)
+        in_step = [(s, e, n) for s, e, n in ops if c0 <= s < s_end]
+        if not in_step:
+            continue
+        busy = sum(e - s for s, e, _ in in_step)
+        gaps = _idle(in_step, in_step[0][0], s_end)
+        for g0, g1 in gaps:
+            for ev in cpu:
+                lo, hi = max(g0, ev.time_range.start), min(g1, ev.time_range.end)
+                if hi > lo:
+                    idle_by_host[ev.name[:90]] += hi - lo
+        rows.append({"step": i, "wall_ms": (s_end - c0) / 1e3, "gpu_busy_ms": busy / 1e3,
+                     "gpu_idle_ms": sum(g1 - g0 for g0, g1 in gaps) / 1e3,
+                     "call_host_ms": (c1 - c0) / 1e3, "gpu_ops": len(in_step)})
+    steady = rows[1:-1] if len(rows) > 3 else rows
+    med = {k: round(statistics.median(r[k] for r in steady), 3) for k in ("wall_ms", "gpu_busy_ms", "gpu_idle_ms",
+                                                                           "call_host_ms")}
+    print(f"== {args.model} {args.mode} {w}x{h}, {len(rows)} steps profiled; median of the middle steps: {med}")
+    for r in rows:
+        print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    n = max(len(steady), 1)
+    print(f"-- host functions running while the GPU was idle (ms per step, over {len(rows)} steps; nested "
+          f"events overlap, so the rows do not add up)")
+    top = idle_by_host.most_common(args.top)
+    for name, us in top:
+        print(f"  {us / 1e3 / len(rows):8.3f}  {name}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "mode": args.mode, "size": f"{w}x{h}",
+                       "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                       "median": med, "steps": rows, "n_middle": n,
+                       "idle_host_ms_per_step": {k: v / 1e3 / len(rows) for k, v in top}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
