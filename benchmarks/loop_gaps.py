@@ -29,7 +29,7 @@ import denoise  # noqa: E402
 import lyradynamo  # noqa: E402
 from lyradynamo import zoo  # noqa: E402
 
-QUANT = {"eager": None, "lyra": "none", "lyra-fp8": "fp8"}
+QUANT = {"eager": None, "lyra": "none", "lyra-fp8": "fp8", "inductor-cg": None}
 
 
 def _gpu_ops(prof) -> list:
@@ -55,6 +55,46 @@ def _idle(ops: list, lo: float, hi: float) -> list:
     return gaps
 
 
+def _event_timed_loop(loop, fn, device: str) -> tuple[list, list]:
+    """One more loop without the profiler: GPU time of each model call (CUDA events around it:
+    the replay plus its input copies and output clone) and of each whole step, in ms."""
+    if device != "cuda":
+        return [], []
+    marks = []
+
+    def timed(*a, **k):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        out = fn(*a, **k)
+        e1.record()
+        marks.append((e0, e1))
+        return out
+
+    loop.denoise(timed)
+    torch.cuda.synchronize()
+    calls = [a.elapsed_time(b) for a, b in marks]
+    steps = [marks[i][0].elapsed_time(marks[i + 1][0]) for i in range(len(marks) - 1)]
+    return calls, steps
+
+
+def _busy_blocks(ops: list, lo: float, hi: float, join_us: float = 20.0) -> list:
+    """Lengths (us) of the stretches of [lo, hi] where GPU ops follow each other with gaps
+    under join_us: the longest one of a step is its model call's replay."""
+    blocks, start, end = [], None, None
+    for s, e, _ in ops:
+        if e <= lo or s >= hi:
+            continue
+        if start is None or s - end > join_us:
+            if start is not None:
+                blocks.append(end - start)
+            start, end = s, e
+        else:
+            end = max(end, e)
+    if start is not None:
+        blocks.append(end - start)
+    return blocks
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15")
@@ -72,7 +112,9 @@ def main() -> None:
     h, w = zoo.default_size(args.model, tiny=args.tiny)
     loop = denoise.Workload(args.model, model, vae, scheduler, height=h, width=w, steps=args.steps)
     fn = model
-    if QUANT[args.mode] is not None:
+    if args.mode == "inductor-cg":
+        fn = torch.compile(model, mode="reduce-overhead")
+    elif QUANT[args.mode] is not None:
         lyradynamo.config.quant = QUANT[args.mode]
         fn = torch.compile(model, backend="lyra")
     calls = []  # host (start, end) of each model call, microseconds on the profiler's clock
@@ -92,6 +134,7 @@ def main() -> None:
         with torch.profiler.profile(activities=acts) as prof:
             loop.denoise(timed)
             sync()
+        call_ms, step_ms = _event_timed_loop(loop, fn, device)
     events = list(prof.events())
     calls = sorted((ev.time_range.start, ev.time_range.end) for ev in events
                    if ev.name == "model_call" and ev.device_type == torch.autograd.DeviceType.CPU)
@@ -114,12 +157,17 @@ def main() -> None:
                 lo, hi = max(g0, ev.time_range.start), min(g1, ev.time_range.end)
                 if hi > lo:
                     idle_by_host[ev.name[:90]] += hi - lo
-        rows.append({"step": i, "wall_ms": (s_end - c0) / 1e3, "gpu_busy_ms": busy / 1e3,
+        blocks = _busy_blocks(in_step, in_step[0][0], s_end)
+        rows.append({"step": i, "wall_ms": (s_end - c0) / 1e3, "gpu_busy_ms": busy / 1e3,  # overlapping ops count twice
+                     "longest_busy_block_ms": max(blocks) / 1e3,
                      "gpu_idle_ms": sum(g1 - g0 for g0, g1 in gaps) / 1e3,
                      "call_host_ms": (c1 - c0) / 1e3, "gpu_ops": len(in_step)})
     steady = rows[1:-1] if len(rows) > 3 else rows
-    med = {k: round(statistics.median(r[k] for r in steady), 3) for k in ("wall_ms", "gpu_busy_ms", "gpu_idle_ms",
-                                                                           "call_host_ms")}
+    med = {k: round(statistics.median(r[k] for r in steady), 3)
+           for k in ("wall_ms", "gpu_busy_ms", "longest_busy_block_ms", "gpu_idle_ms", "call_host_ms")}
+    if call_ms:
+        med["no_profiler_call_gpu_ms"] = round(statistics.median(call_ms[1:-1] or call_ms), 3)
+        med["no_profiler_step_gpu_ms"] = round(statistics.median(step_ms[1:-1] or step_ms), 3)
     print(f"== {args.model} {args.mode} {w}x{h}, {len(rows)} steps profiled; median of the middle steps: {med}")
     for r in rows:
         print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
