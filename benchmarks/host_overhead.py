@@ -62,7 +62,7 @@ def _instrument(marks: _Marks):
     return undo
 
 
-def measure(model_name: str, mode: str, calls: int) -> dict:
+def measure(model_name: str, mode: str, calls: int, skip_guards: bool = False) -> dict:
     dtype = zoo.default_dtype(model_name, "cuda")
     model = zoo.build_denoiser(model_name, tiny=False, dtype=dtype, device="cuda")
     inputs = zoo.denoiser_inputs(model_name, model, batch=2 if model_name in ("sd15", "sdxl") else 1)
@@ -73,6 +73,8 @@ def measure(model_name: str, mode: str, calls: int) -> dict:
         for _ in range(3):
             compiled(**inputs)
         undo = _instrument(marks)
+        if skip_guards:  # UNSAFE (torch's docs): only the guards telling compiled graphs apart run
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         try:
             for _ in range(calls):
                 torch.cuda.synchronize()
@@ -86,12 +88,15 @@ def measure(model_name: str, mode: str, calls: int) -> dict:
                 parts["after"].append(t1 - marks.replay1)
         finally:
             undo()
+            if skip_guards:
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=False)
         torch.cuda.synchronize()
     n_params = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
     del compiled, model
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return {"model": model_name, "mode": mode, "gpu": torch.cuda.get_device_name(), "calls": calls,
+            "skip_guard_eval_unsafe": skip_guards,
             "parameters_and_buffers": n_params,
             **{f"{k}_us": round(statistics.median(v) * 1e6, 1) for k, v in parts.items()}}
 
@@ -102,10 +107,13 @@ def main() -> None:
     p.add_argument("--mode", default="lyra", choices=sorted(QUANT))
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--out", default=None)
+    p.add_argument("--skip-guard-eval", action="store_true",
+                   help="also measure under torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
     args = p.parse_args()
     rows = []
-    for name in args.models.split(","):
-        row = measure(name, args.mode, args.calls)
+    for name, skip in [(n, s) for n in args.models.split(",") for s in ((False, True) if args.skip_guard_eval
+                                                                           else (False,))]:
+        row = measure(name, args.mode, args.calls, skip)
         rows.append(row)
         print("== " + json.dumps(row), flush=True)
     if args.out:

@@ -102,6 +102,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
+    p.add_argument("--skip-guard-eval", action="store_true",
+                   help="after the warm-up loops, run under torch.compiler.set_stance(skip_guard_eval_unsafe=True) "
+                        "(UNSAFE: what Dynamo's guards cost per step)")
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (a smoke test of this script)")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -126,6 +129,8 @@ def main() -> None:
     with torch.no_grad():
         loop.denoise(fn)
         loop.denoise(fn)
+        if args.skip_guard_eval:
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         sync()
         acts = [torch.profiler.ProfilerActivity.CPU]
