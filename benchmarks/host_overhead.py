@@ -62,7 +62,23 @@ def _instrument(marks: _Marks):
     return undo
 
 
-def measure(model_name: str, mode: str, calls: int, skip_guards: bool = False) -> dict:
+def _cprofile_calls(compiled, inputs: dict, calls: int, top: int) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        prof.enable()
+        compiled(**inputs)
+        prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    print(f"-- cProfile over {calls} calls (per-call times: divide by {calls})\n" + buf.getvalue(), flush=True)
+
+
+def measure(model_name: str, mode: str, calls: int, skip_guards: bool = False, cprofile: int = 0) -> dict:
     dtype = zoo.default_dtype(model_name, "cuda")
     model = zoo.build_denoiser(model_name, tiny=False, dtype=dtype, device="cuda")
     inputs = zoo.denoiser_inputs(model_name, model, batch=2 if model_name in ("sd15", "sdxl") else 1)
@@ -72,6 +88,8 @@ def measure(model_name: str, mode: str, calls: int, skip_guards: bool = False) -
         compiled = torch.compile(model, backend="lyra")
         for _ in range(3):
             compiled(**inputs)
+        if cprofile:  # where the host time of the calls goes, by function (after the timed calls)
+            _cprofile_calls(compiled, inputs, calls, cprofile)
         undo = _instrument(marks)
         if skip_guards:  # UNSAFE (torch's docs): only the guards telling compiled graphs apart run
             torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
@@ -107,13 +125,14 @@ def main() -> None:
     p.add_argument("--mode", default="lyra", choices=sorted(QUANT))
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--out", default=None)
+    p.add_argument("--cprofile", type=int, default=0, help="also print the top N functions (cProfile) of the calls")
     p.add_argument("--skip-guard-eval", action="store_true",
                    help="also measure under torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
     args = p.parse_args()
     rows = []
     for name, skip in [(n, s) for n in args.models.split(",") for s in ((False, True) if args.skip_guard_eval
                                                                            else (False,))]:
-        row = measure(name, args.mode, args.calls, skip)
+        row = measure(name, args.mode, args.calls, skip, args.cprofile if not skip else 0)
         rows.append(row)
         print("== " + json.dumps(row), flush=True)
     if args.out:
