@@ -112,7 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--report", default=None, help="regenerate this markdown file from --out at the end (report.py)")
     p.add_argument("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
                    help="a lyradynamo.config option for the lyra modes (repeatable), e.g. fp8_attention=off, "
-                        "passes=-shared_input (a tuple option less one name) "
+                        "passes=-shared_input (a tuple option less one name), quant_exclude=+REGEX (one more) "
                         "(the rows' lyra_config shows the options in force)")
     p.add_argument("--compile-vae", action="store_true",
                    help="also compile the VAE decoder (vae.decode) in the compiled modes, with the mode's own "
@@ -421,9 +421,13 @@ def parse_lyra_config(items) -> dict:
         if not sep or key not in lyradynamo.config.snapshot():
             raise SystemExit(f"--lyra-config {item!r}: expected KEY=VALUE with KEY a lyradynamo.config option")
         current = lyradynamo.config.snapshot()[key]
-        if isinstance(current, (tuple, list)):  # passes=-shared_input: all but; a,b,c: exactly these
-            out[key] = (tuple(v for v in current if v != value[1:]) if value.startswith("-")
-                        else tuple(v for v in value.split(",") if v))
+        if isinstance(current, (tuple, list)):  # passes=-shared_input: all but; +x: all and x; a,b,c: exactly these
+            if value.startswith("-"):
+                out[key] = tuple(v for v in current if v != value[1:])
+            elif value.startswith("+"):
+                out[key] = (*current, value[1:])
+            else:
+                out[key] = tuple(v for v in value.split(",") if v)
         elif isinstance(current, int) and not isinstance(current, bool):
             out[key] = int(value)
         else:
