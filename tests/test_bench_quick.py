@@ -177,6 +177,52 @@ def test_cli_helpers():
     assert err in (None, bench.ERR_QUANT)
 
 
+def test_lyra_config_arguments():
+    """--lyra-config KEY=VALUE: a tuple option takes -NAME (all but), +NAME (all and), or a list."""
+    import lyradynamo
+
+    bench = _load("lyra_bench_cfg", BENCH)
+    default = lyradynamo.config.snapshot()["quant_exclude"]
+    got = bench.parse_lyra_config([r"quant_exclude=+\.attn[12]\.to_out\.", "fp8_attention=on", "gemm_autotune=0",
+                                   "cuda_graphs=false"])
+    assert got["quant_exclude"] == (*default, r"\.attn[12]\.to_out\.")
+    assert got["fp8_attention"] == "on" and got["gemm_autotune"] == 0 and got["cuda_graphs"] is False
+    passes = lyradynamo.config.snapshot()["passes"]
+    assert bench.parse_lyra_config(["passes=-shared_input"])["passes"] == tuple(p for p in passes if p != "shared_input")
+    assert bench.parse_lyra_config(["passes=layout,linear"])["passes"] == ("layout", "linear")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench.parse_lyra_config(["no_such_option=1"])
+
+
+def test_skip_guard_eval_rows(tmp_path):
+    """--skip-guard-eval: the compiled rows' timed runs under skip_guard_eval_unsafe, said in
+    their note; eager rows untouched; torch's stance restored afterwards (the quality call and
+    later modes run with guards)."""
+    out = tmp_path / "skip.jsonl"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, BENCH, "--quick", "--model", "sd15", "--modes", "eager,lyra", "--skip-guard-eval",
+           "--sizes", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0", "--progress", "none",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "skip_guard_eval_unsafe" not in (rows["eager"]["notes"] or "")
+    assert "skip_guard_eval_unsafe" in rows["lyra"]["notes"], rows["lyra"]
+    assert rows["lyra"]["error"] is None and rows["lyra"]["psnr_db"] > 60
+
+
+def test_loop_gaps_smoke():
+    """benchmarks/loop_gaps.py runs end to end (tiny configs on the CPU)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "loop_gaps.py"), "--model", "sd15",
+                           "--mode", "lyra", "--tiny", "--steps", "2"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "median of the middle steps" in proc.stdout
+
+
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "flux"])
 def test_loop_matches_diffusers_pipeline(name):
     """benchmarks/denoise.py's loop + decode gives the diffusers pipeline's image (same latents/embeddings)."""
