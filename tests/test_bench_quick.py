@@ -37,15 +37,20 @@ def _load(name, path):
 def quick_rows(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "quick.jsonl"
+    stdout = _run_bench(tmp, out, "--model", "sd15,flux", "--modes", "eager,lyra", "--sizes", "64x64")
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return tmp, out, rows, stdout
+
+
+def _run_bench(cwd, out, *args) -> str:
+    """bench.py --quick (2 steps, 1 run, no warm-up) with `args` in a subprocess; its stdout."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, BENCH, "--quick", "--model", "sd15,flux", "--modes", "eager,lyra",
-           "--sizes", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0", "--progress", "none",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=str(tmp), env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, BENCH, "--quick", *args, "--steps", "2", "--runs", "1", "--warmup", "0",
+           "--progress", "none", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    return tmp, out, rows, proc.stdout
+    return proc.stdout
 
 
 def test_quick_rows(quick_rows):
@@ -80,13 +85,7 @@ def test_compile_vae_rows(tmp_path):
     """--compile-vae: compiled rows decode through a compiled vae.decode (one more compilation,
     same image as eager's to the quality bar), eager rows through the plain one."""
     out = tmp_path / "vae.jsonl"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, BENCH, "--quick", "--model", "sdxl", "--modes", "eager,lyra", "--compile-vae",
-           "--sizes", "64x64,64x96", "--steps", "2", "--runs", "1", "--warmup", "0", "--progress", "none",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_bench(tmp_path, out, "--model", "sdxl", "--modes", "eager,lyra", "--compile-vae", "--sizes", "64x64,64x96")
     rows = {(r["mode"], r["size"]): r for r in map(json.loads, out.read_text().splitlines())}
     assert [r["vae"] for r in rows.values()] == ["eager", "eager", "compiled", "compiled"]
     lyra = rows[("lyra", "64x64")], rows[("lyra", "64x96")]
@@ -199,13 +198,7 @@ def test_skip_guard_eval_rows(tmp_path):
     their note; eager rows untouched; torch's stance restored afterwards (the quality call and
     later modes run with guards)."""
     out = tmp_path / "skip.jsonl"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, BENCH, "--quick", "--model", "sd15", "--modes", "eager,lyra", "--skip-guard-eval",
-           "--sizes", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0", "--progress", "none",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_bench(tmp_path, out, "--model", "sd15", "--modes", "eager,lyra", "--skip-guard-eval", "--sizes", "64x64")
     rows = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert "skip_guard_eval_unsafe" not in (rows["eager"]["notes"] or "")
     assert "skip_guard_eval_unsafe" in rows["lyra"]["notes"], rows["lyra"]
