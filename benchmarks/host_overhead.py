@@ -88,7 +88,7 @@ def measure(model_name: str, mode: str, calls: int, skip_guards: bool = False, c
         compiled = torch.compile(model, backend="lyra")
         for _ in range(3):
             compiled(**inputs)
-        if cprofile:  # where the host time of the calls goes, by function (after the timed calls)
+        if cprofile:  # where the host time of the calls goes, by function (before the timed calls)
             _cprofile_calls(compiled, inputs, calls, cprofile)
         undo = _instrument(marks)
         if skip_guards:  # UNSAFE (torch's docs): only the guards telling compiled graphs apart run

@@ -3,12 +3,16 @@
 
     python benchmarks/loop_gaps.py --model sd15 --mode lyra [--steps 6] [--out f.json]
 
-Builds the full-size model, its VAE and scheduler as bench.py does, runs the loop once to warm
-up (compile, capture), then profiles one more loop (torch.profiler, CPU and CUDA activity).
-Per step it splits the wall time into the GPU ops of the model call (a CUDA-graph replay under
-lyra), the other GPU ops (the pipeline's and the scheduler's small kernels), and the time the
-GPU had nothing to run; for the idle stretches it lists the host functions that ran meanwhile
-(profiler CPU events overlapping them, by total overlap), i.e. what a faster host path must cut.
+Builds the full-size model, its VAE and scheduler as bench.py does, runs the loop twice to warm
+up (compile, capture), profiles one more loop (torch.profiler, CPU and CUDA activity), then runs
+one without the profiler with CUDA events around each model call. Per step (one model call's
+host start to the next one's) it reports the wall time, the GPU ops' summed durations (ops that
+overlap count twice), the longest stretch of back-to-back GPU ops (the model call's replay under
+lyra), the time the GPU had nothing to run, the host time of the model call, and, from the
+events, the GPU time of each call and step (a call's includes the GPU waiting for the host to
+launch its work: after a scheduler's host sync the queue is empty). For the idle stretches it
+lists the host functions that ran meanwhile (profiler CPU events overlapping them, by total
+overlap): what a faster host path must cut.
 """
 from __future__ import annotations
 
@@ -156,7 +160,9 @@ def main() -> None:
         if not in_step:
             continue
         busy = sum(e - s for s, e, _ in in_step)
-        gaps = _idle(in_step, in_step[0][0], s_end)
+        # idle from the host's call on (the guards and the runner run before the first GPU op of
+        # the step), counting any earlier op still running then as busy
+        gaps = _idle(ops, c0, s_end)
         for g0, g1 in gaps:
             for ev in cpu:
                 lo, hi = max(g0, ev.time_range.start), min(g1, ev.time_range.end)
