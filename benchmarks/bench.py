@@ -711,9 +711,8 @@ def measure(args, row, fn, hook, wl, ref, count, c_mode0, cuda, prog, label):
     totals, loops, decodes = [], [], []
     skip_guards = args.skip_guard_eval and row["mode"] != "eager"
     if skip_guards:
-        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         _add_note(row, "timed with skip_guard_eval_unsafe=True (Dynamo guards skipped: unsafe)")
-    try:
+    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
         for _ in range(args.runs):
             ev = _events(cuda)
             image = wl.run(fn, hook, events=ev)
@@ -724,9 +723,6 @@ def measure(args, row, fn, hook, wl, ref, count, c_mode0, cuda, prog, label):
             steps_done += 1
             row["_steps_done"] = steps_done
             prog.step(f"{label} {totals[-1]:.3f}s")
-    finally:
-        if skip_guards:
-            torch.compiler.set_stance("default", skip_guard_eval_unsafe=False)
     _sync(cuda)
     if cuda:
         steady = torch.cuda.max_memory_allocated()

@@ -91,23 +91,21 @@ def measure(model_name: str, mode: str, calls: int, skip_guards: bool = False, c
         if cprofile:  # where the host time of the calls goes, by function (before the timed calls)
             _cprofile_calls(compiled, inputs, calls, cprofile)
         undo = _instrument(marks)
-        if skip_guards:  # UNSAFE (torch's docs): only the guards telling compiled graphs apart run
-            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        # skip_guards is UNSAFE (torch's docs): only the guards telling compiled graphs apart run
         try:
-            for _ in range(calls):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                compiled(**inputs)
-                t1 = time.perf_counter()
-                parts["total"].append(t1 - t0)
-                parts["dynamo"].append(marks.enter - t0)
-                parts["runner"].append(marks.replay0 - marks.enter)
-                parts["replay"].append(marks.replay1 - marks.replay0)
-                parts["after"].append(t1 - marks.replay1)
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
+                for _ in range(calls):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    compiled(**inputs)
+                    t1 = time.perf_counter()
+                    parts["total"].append(t1 - t0)
+                    parts["dynamo"].append(marks.enter - t0)
+                    parts["runner"].append(marks.replay0 - marks.enter)
+                    parts["replay"].append(marks.replay1 - marks.replay0)
+                    parts["after"].append(t1 - marks.replay1)
         finally:
             undo()
-            if skip_guards:
-                torch.compiler.set_stance("default", skip_guard_eval_unsafe=False)
         torch.cuda.synchronize()
     n_params = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
     del compiled, model

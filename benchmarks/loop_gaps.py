@@ -32,17 +32,9 @@ import torch  # noqa: E402
 import denoise  # noqa: E402
 import lyradynamo  # noqa: E402
 from lyradynamo import zoo  # noqa: E402
+from profile_gaps import QUANT, gpu_ops  # noqa: E402  (benchmarks/ is this script's folder)
 
-QUANT = {"eager": None, "lyra": "none", "lyra-fp8": "fp8", "inductor-cg": None}
-
-
-def _gpu_ops(prof) -> list:
-    """(start_us, end_us, name) of every CUDA kernel / memset / memcpy, in start order."""
-    ops = []
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.time_range.end > ev.time_range.start:
-            ops.append((ev.time_range.start, ev.time_range.end, ev.name))
-    return sorted(ops)
+MODES = {"eager": None, "inductor-cg": None, **QUANT}  # mode -> lyradynamo.config.quant (None: not lyra)
 
 
 def _idle(ops: list, lo: float, hi: float) -> list:
@@ -102,7 +94,7 @@ def _busy_blocks(ops: list, lo: float, hi: float, join_us: float = 20.0) -> list
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15")
-    p.add_argument("--mode", default="lyra", choices=sorted(QUANT))
+    p.add_argument("--mode", default="lyra", choices=sorted(MODES))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
@@ -121,10 +113,9 @@ def main() -> None:
     fn = model
     if args.mode == "inductor-cg":
         fn = torch.compile(model, mode="reduce-overhead")
-    elif QUANT[args.mode] is not None:
-        lyradynamo.config.quant = QUANT[args.mode]
+    elif MODES[args.mode] is not None:
+        lyradynamo.config.quant = MODES[args.mode]
         fn = torch.compile(model, backend="lyra")
-    calls = []  # host (start, end) of each model call, microseconds on the profiler's clock
 
     def timed(*a, **k):
         with torch.profiler.record_function("model_call"):
@@ -145,9 +136,10 @@ def main() -> None:
             sync()
         call_ms, step_ms = _event_timed_loop(loop, fn, device)
     events = list(prof.events())
+    # host (start, end) of each model call, microseconds on the profiler's clock
     calls = sorted((ev.time_range.start, ev.time_range.end) for ev in events
                    if ev.name == "model_call" and ev.device_type == torch.autograd.DeviceType.CPU)
-    ops = _gpu_ops(prof)
+    ops = gpu_ops(prof)
     if not ops:  # --tiny on the CPU: the aten ops stand in for GPU ops
         ops = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in events
                      if ev.name.startswith("aten::") and ev.cpu_parent is None)
