@@ -49,6 +49,9 @@ void gemm_gated(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t gate, uintpt
 void gemm_fp8_res(uintptr_t a, uintptr_t w, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
                   uintptr_t residual, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda,
                   int64_t ldb, int dtype, int variant, uintptr_t stream);
+void gemm_int8_scaled(uintptr_t a, uintptr_t w, uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias,
+                      uintptr_t residual, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t lda,
+                      int64_t ldb, int dtype, int variant, uintptr_t stream);
 bool gemm_gated_available();
 void gemm_glu(uintptr_t a, uintptr_t w, uintptr_t bias, uintptr_t src, uintptr_t out, int64_t M, int64_t N,
               int64_t K, int64_t lda, int64_t ldb, int act, int dtype, int variant, uintptr_t stream);
@@ -200,6 +203,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("gate"), py::arg("residual"),
         py::arg("out"), py::arg("M"), py::arg("L"), py::arg("N"), py::arg("K"), py::arg("lda"),
         py::arg("ldb"), py::arg("gate_bstride"), py::arg("dtype"), py::arg("variant"), py::arg("stream"));
+  m.def("gemm_int8_scaled", &lyra::gemm_int8_scaled, release(),
+        "out (M, N) = a_scale[m] b_scale[n] (a @ w^T) + bias (+ residual), a / w int8 with exact int32 "
+        "sums, scales, bias and residual in one CUTLASS sm90 GEMM's epilogue (gemm_int8_scaled.cu), "
+        "rounded once to dtype (1 fp16, 2 bf16); residual 0: none. variant 0 cooperative "
+        "128x256x128, 2 ping-pong 128x128x128. out may alias residual.",
+        py::arg("a"), py::arg("w"), py::arg("a_scale"), py::arg("b_scale"), py::arg("bias"),
+        py::arg("residual"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("lda"),
+        py::arg("ldb"), py::arg("dtype"), py::arg("variant"), py::arg("stream"));
   m.def("gemm_fp8_res", &lyra::gemm_fp8_res, release(),
         "out (M, N) = a_scale[m] b_scale[n] (a @ w^T) + bias + residual, a / w fp8 e4m3, one CUTLASS "
         "sm90 GEMM with the residual in its TMA epilogue (gemm_fp8_res.cu), fast fp8 accumulation, "

@@ -28,41 +28,15 @@ namespace lyra {
 namespace sm90 {
 namespace {
 
-// a_scale[m] (a column broadcast: one value per row) and b_scale[n] (a row broadcast).
-template <typename Tile>
-using RowScale = fusion::Sm90ColBroadcast<0, Tile, float, float, Stride<_1, _0, int64_t>, 4>;
-template <typename Tile>
-using ColScale = fusion::Sm90RowBroadcast<0, Tile, float, float, Stride<_0, _1, int64_t>, 4>;
-// (acc * a_scale[m]) * b_scale[n] + bias[n], in float.
-template <typename T, typename Tile>
-using ScaledPlusBias = fusion::Sm90EVT<
-    fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
-    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>,
-                    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>,
-                                    fusion::Sm90AccFetch, RowScale<Tile>>,
-                    ColScale<Tile>>,
-    ColumnVector<T, Tile>>;
-// ... + residual, rounded once to T.
-template <typename T, typename Tile>
-using ScaledResidual = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, T, float, kRound>,
-                                       ScaledPlusBias<T, Tile>, fusion::Sm90SrcFetch<T>>;
-
 template <typename T>
 void run_fp8_res(const char* fn, int variant, const DeviceInfo& dev, uintptr_t a, uintptr_t w,
                  uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias, uintptr_t residual, uintptr_t out,
                  int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, cudaStream_t s) {
   auto thread = [=](auto* fusion) {
     using Fusion = std::remove_pointer_t<decltype(fusion)>;
-    return typename Fusion::Arguments{
-        {                                                                                  // scaled + bias
-         {                                                                                 // scaled
-          {{}, {reinterpret_cast<const float*>(a_scale), 0.f, {_1{}, _0{}, int64_t(0)}}, {}},  // acc * a_scale
-          {reinterpret_cast<const float*>(b_scale), 0.f, {_0{}, _1{}, int64_t(0)}},          // * b_scale
-          {}},
-         {reinterpret_cast<const T*>(bias), T(0), {_0{}, _1{}, int64_t(0)}},  // + bias (null: 0)
-         {}},
-        {},  // + residual (C)
-        {}};
+    return typename Fusion::Arguments{scaled_plus_bias_args<T, FirstChildArgs<Fusion>>(a_scale, b_scale, bias),
+                                      {},  // + residual (C)
+                                      {}};
   };
   using cutlass::gemm::PersistentScheduler;
   if (variant == 0) {

@@ -1,5 +1,5 @@
 // sm90_evt_gemm.cuh: what the CUTLASS sm90 GEMMs with a fused epilogue share (gemm_gated.cu,
-// gemm_glu.cu, gemm_qk_norm_rope.cu): the kernel type for an epilogue visitor tree (EVT), the
+// gemm_glu.cu, gemm_qk_norm_rope.cu, gemm_fp8_res.cu, gemm_int8_scaled.cu): the kernel type for an epilogue visitor tree (EVT), the
 // argument checks, the tile-scheduler workspace and the launch.
 //
 // The GEMM: out (L * M, N) = epilogue(acc = a @ w^T, src), a (L * M, K) row-major with row
@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #if defined(LYRA_HAVE_CUTLASS)
 #include "cute/tensor.hpp"
@@ -84,15 +85,23 @@ using ClusterShape = Shape<_2, _1, _1>;
 //   2 ping-pong 128 x 128 tiles, persistent: the two consumer warp groups take turns on two
 //     tiles, so one's epilogue (loading src, storing out) overlaps the other's mainloop:
 //     for short K loops (SDXL's GEGLU at K 640-1280) the epilogue is a large part of a tile.
-// Input: the element type of a and w (void: the output's type T); the epilogue reads src (C).
-template <typename In, typename TileShape, typename Kernel, typename Epi>
+// Input: the element type of a and w (void: the output's type T); Acc: the accumulator (fp32,
+// or int32 for int8 inputs: exact sums, converted to fp32 by the epilogue's first node); the
+// epilogue reads src (C).
+template <typename In, typename TileShape, typename Kernel, typename Epi, typename Acc = float>
 struct EvtConfig {
   using Input = In;
+  using Accumulator = Acc;
   using Tile = TileShape;
   using KernelSchedule = Kernel;
   using EpilogueSchedule = Epi;
   using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
   static constexpr bool kReadsSource = true;  // src (C) is an operand of the epilogue
+};
+// The same configuration without src (C = void: no C buffers in shared memory).
+template <typename Config>
+struct NoSource : Config {
+  static constexpr bool kReadsSource = false;
 };
 using Cooperative = EvtConfig<void, Shape<_128, _256, _64>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                               cutlass::epilogue::TmaWarpSpecializedCooperative>;
@@ -105,6 +114,11 @@ using CooperativeFp8 = EvtConfig<cutlass::float_e4m3_t, Shape<_128, _256, _128>,
 using PingPongFp8 = EvtConfig<cutlass::float_e4m3_t, Shape<_128, _128, _128>,
                               cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum,
                               cutlass::epilogue::TmaWarpSpecialized>;
+// int8 a and w, exact int32 accumulation, 128-deep K tiles (gemm_int8_scaled.cu).
+using CooperativeInt8 = EvtConfig<int8_t, Shape<_128, _256, _128>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                                  cutlass::epilogue::TmaWarpSpecializedCooperative, int32_t>;
+using PingPongInt8 = EvtConfig<int8_t, Shape<_128, _128, _128>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                               cutlass::epilogue::TmaWarpSpecialized, int32_t>;
 
 // A per-column vector (bias, or a gate with a batch stride) of T read as float; null reads 0.
 template <typename T, typename Tile>
@@ -113,6 +127,45 @@ using ColumnVector = fusion::Sm90RowBroadcast<0, Tile, T, float, Stride<_0, _1, 
 template <typename T, typename Tile>
 using AccPlusBias = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
                                     fusion::Sm90AccFetch, ColumnVector<T, Tile>>;
+
+// W8A8 (fp8 or int8) scales: a_scale[m] (a column broadcast: one value per row of out) and
+// b_scale[n] (a row broadcast: one value per column), float32.
+template <typename Tile>
+using RowScale = fusion::Sm90ColBroadcast<0, Tile, float, float, Stride<_1, _0, int64_t>, 4>;
+template <typename Tile>
+using ColScale = fusion::Sm90RowBroadcast<0, Tile, float, float, Stride<_0, _1, int64_t>, 4>;
+// (acc * a_scale[m]) * b_scale[n] + bias[n], in float (an int32 acc converted exactly first).
+template <typename T, typename Tile>
+using ScaledPlusBias = fusion::Sm90EVT<
+    fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
+    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>,
+                    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>,
+                                    fusion::Sm90AccFetch, RowScale<Tile>>,
+                    ColScale<Tile>>,
+    ColumnVector<T, Tile>>;
+// ScaledPlusBias rounded to T (no src).
+template <typename T, typename Tile>
+using ScaledOut = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::epilogue::thread::Identity, T, float, kRound>,
+                                  ScaledPlusBias<T, Tile>>;
+// ScaledPlusBias + residual (src), rounded once to T.
+template <typename T, typename Tile>
+using ScaledResidual = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, T, float, kRound>,
+                                       ScaledPlusBias<T, Tile>, fusion::Sm90SrcFetch<T>>;
+
+// The arguments of a ScaledPlusBias subtree (pointers as uintptr_t; a null bias reads 0). Args:
+// its Arguments type, that of the first child of the tree above it (FirstChildArgs).
+template <typename Fusion>
+using FirstChildArgs = decltype(std::declval<typename Fusion::Arguments>().op_0);
+template <typename T, typename Args>
+Args scaled_plus_bias_args(uintptr_t a_scale, uintptr_t b_scale, uintptr_t bias) {
+  return Args{
+      {                                                                                  // scaled
+       {{}, {reinterpret_cast<const float*>(a_scale), 0.f, {_1{}, _0{}, int64_t(0)}}, {}},  // acc * a_scale
+       {reinterpret_cast<const float*>(b_scale), 0.f, {_0{}, _1{}, int64_t(0)}},          // * b_scale
+       {}},
+      {reinterpret_cast<const T*>(bias), T(0), {_0{}, _1{}, int64_t(0)}},  // + bias (null: 0)
+      {}};
+}
 
 // The element type of a and w: the configuration's Input, or T.
 template <typename T, typename Config>
@@ -124,15 +177,16 @@ struct EvtGemm {
   using LayoutW = cutlass::layout::ColumnMajor;  // w (N, K) row-major is B (K, N) column-major
   using Tile = typename Config::Tile;
   using ElementC = std::conditional_t<Config::kReadsSource, T, void>;  // void: no C buffers in smem
+  using Acc = typename Config::Accumulator;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape,
-      typename Config::EpilogueTile, float, float, ElementC, Layout, kAlign, T, Layout,
+      typename Config::EpilogueTile, Acc, float, ElementC, Layout, kAlign, T, Layout,
       kAlign, typename Config::EpilogueSchedule, Fusion>::CollectiveOp;
   using TIn = InputOf<T, Config>;
   static constexpr int kAlignIn = 16 / static_cast<int>(sizeof(TIn));  // 16-byte TMA rows
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TIn, Layout, kAlignIn, TIn, LayoutW, kAlignIn,
-      float, Tile, ClusterShape,
+      Acc, Tile, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       typename Config::KernelSchedule>::CollectiveOp;

@@ -14,7 +14,7 @@ outer-vector scales): an int32/fp32 GEMM and one scaled epilogue kernel doing al
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -132,13 +132,65 @@ def qgemm_cuda(C, xq: Tensor, xs: Tensor, out_dtype: torch.dtype, qweight: Tenso
         y = torch.empty((m, n_y), dtype=out_dtype, device=xq.device)
         _gemm_fp8(C, xq, xs, qweight, wscale, bias, None, y, m, n_y, k, code, stream)
         return epilogue_cuda(C, y, xq, act, glu, gate, residual).view(out_shape)
-    acc, acc_code = _unscaled_accumulators(C, xq, qweight, m, n_y, k, kind, stream)
-    rows_per_batch, gstride, res = epilogue_args(xq, m, n_out, gate, residual)
-    out = torch.empty((m, n_out), dtype=out_dtype, device=xq.device)
-    C.scaled_epilogue(ptr(acc), acc_code, ptr(xs), ptr(wscale), ptr(bias),
-                      ptr(gate), ptr(res), ptr(out), m, n_out, _ACT_CODES[act], glu, rows_per_batch,
-                      gstride, code, stream)
-    return out.view(out_shape)
+
+    def unscaled() -> Tensor:  # int32 / fp32 sums, then one kernel for scales, bias and the rest
+        acc, acc_code = _unscaled_accumulators(C, xq, qweight, m, n_y, k, kind, stream_handle(xq))
+        rows_per_batch, gstride, res = epilogue_args(xq, m, n_out, gate, residual)
+        out = torch.empty((m, n_out), dtype=out_dtype, device=xq.device)
+        C.scaled_epilogue(ptr(acc), acc_code, ptr(xs), ptr(wscale), ptr(bias),
+                          ptr(gate), ptr(res), ptr(out), m, n_out, _ACT_CODES[act], glu, rows_per_batch,
+                          gstride, code, stream_handle(xq))
+        return out
+
+    if kind == "int8":
+        return _int8(C, xq, xs, qweight, wscale, bias, act, glu, gate, residual, out_dtype, m, n_y, k,
+                     unscaled).view(out_shape)
+    return unscaled().view(out_shape)
+
+
+def _int8(C, xq, xs, qweight, wscale, bias, act, glu, gate, residual, out_dtype, m, n, k,
+          unscaled: Callable[[], Tensor]) -> Tensor:
+    """An int8 linear: cuBLASLt's int32 sums + the scaled epilogue kernel (`unscaled`), or one
+    CUTLASS sm90 GEMM with the scales, bias and a residual in its epilogue
+    (csrc/gemm_int8_scaled.cu: no int32 round trip through memory), any activation / GLU / gate
+    then applied by the 16-bit epilogue kernel as in the fp8 path. config.gated_gemm chooses:
+    auto times the paths on each shape's first call outside capture (gated_gemm.dispatch)."""
+    from .. import config
+    from . import gated_gemm
+
+    mode = config.gated_gemm
+    plain = act == "none" and not glu and gate is None
+    res = None if residual is None or not plain else residual.reshape(m, n)
+    if res is not None and not res.is_contiguous():
+        res = res.contiguous()
+    if mode == "cublaslt" or not _int8_evt_ok(C, xq, xs, qweight, wscale, bias, res, k):
+        return unscaled()
+    code = DTYPE_CODES[out_dtype]
+
+    def cutlass(variant: int):
+        def call() -> Tensor:
+            out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+            C.gemm_int8_scaled(ptr(xq), ptr(qweight), ptr(xs), ptr(wscale), ptr(bias), ptr(res), ptr(out),
+                               m, n, k, k, k, code, variant, stream_handle(xq))
+            return out if plain else epilogue_cuda(C, out, xq, act, glu, gate, residual)
+        return call
+
+    key = ("int8", xq.device.index, out_dtype, m, n, k, bias is not None, act, glu, gate is not None,
+           residual is not None)
+    return gated_gemm.dispatch(mode, key, {"cutlass": cutlass(0), "cutlass-pingpong": cutlass(2),
+                                           "cublaslt": unscaled})
+
+
+def _int8_evt_ok(C, xq, xs, qweight, wscale, bias, res, k) -> bool:
+    """Whether csrc/gemm_int8_scaled.cu can run this call: a build with it and the CUTLASS
+    headers, an SM90 GPU, 16-byte rows and pointers."""
+    from .gated_gemm import _aligned
+
+    if getattr(C, "gemm_int8_scaled", None) is None or not C.gemm_gated_available():
+        return False
+    if torch.cuda.get_device_capability(xq.device)[0] != 9 or k % 16 or qweight.shape[0] % 8:
+        return False
+    return _aligned(xq, xs, qweight, wscale, bias, res)
 
 
 def _unscaled_accumulators(C, xq, qweight, m, n, k, kind, stream) -> tuple[Tensor, int]:
