@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..quant import numerics
 from ._common import DTYPE_CODES, csrc, ptr, record_fallback, stream_handle, unsupported_reason
+from .gated_gemm import _aligned
 from .linear import (_ACT_CODES, ACTIVATIONS, _out_dtype, epilogue_args, epilogue_cuda,
                      epilogue_reference, epilogue_unsupported)
 
@@ -184,13 +185,15 @@ def _int8(C, xq, xs, qweight, wscale, bias, act, glu, gate, residual, out_dtype,
 def _int8_evt_ok(C, xq, xs, qweight, wscale, bias, res, k) -> bool:
     """Whether csrc/gemm_int8_scaled.cu can run this call: a build with it and the CUTLASS
     headers, an SM90 GPU, 16-byte rows and pointers."""
-    from .gated_gemm import _aligned
+    return _w8a8_evt_ok(C, "gemm_int8_scaled", xq, qweight, k) and _aligned(xq, xs, qweight, wscale, bias, res)
 
-    if getattr(C, "gemm_int8_scaled", None) is None or not C.gemm_gated_available():
+
+def _w8a8_evt_ok(C, entry: str, xq: Tensor, qweight: Tensor, k: int) -> bool:
+    """What the CUTLASS W8A8 GEMMs (gemm_fp8_res, gemm_int8_scaled) share: a build with `entry`
+    and the CUTLASS headers, an SM90 GPU, 16-byte rows of K and N multiple of 8."""
+    if getattr(C, entry, None) is None or not C.gemm_gated_available():
         return False
-    if torch.cuda.get_device_capability(xq.device)[0] != 9 or k % 16 or qweight.shape[0] % 8:
-        return False
-    return _aligned(xq, xs, qweight, wscale, bias, res)
+    return torch.cuda.get_device_capability(xq.device)[0] == 9 and k % 16 == 0 and qweight.shape[0] % 8 == 0
 
 
 def _unscaled_accumulators(C, xq, qweight, m, n, k, kind, stream) -> tuple[Tensor, int]:
@@ -327,13 +330,10 @@ def _fp8_res_ok(C, xq, xs, qweight, wscale, bias, res, out, k) -> bool:
     an SM90 GPU, fast fp8 accumulation on (the kernel's only mode), 16-byte rows and pointers,
     and a contiguous residual."""
     from .. import config
-    from .gated_gemm import _aligned
 
-    if getattr(C, "gemm_fp8_res", None) is None or not C.gemm_gated_available():
+    if not config.quant_fast_accum or not _w8a8_evt_ok(C, "gemm_fp8_res", xq, qweight, k):
         return False
-    if not config.quant_fast_accum or torch.cuda.get_device_capability(xq.device)[0] != 9:
-        return False
-    if k % 16 or qweight.shape[0] % 8 or not res.is_contiguous() or res.shape != out.shape:
+    if not res.is_contiguous() or res.shape != out.shape:
         return False
     return _aligned(xq, xs, qweight, wscale, bias, res, out)
 
