@@ -80,19 +80,69 @@ _OP_INTERNAL_FILES = (
 )
 
 
-@contextlib.contextmanager
-def policy_context() -> Iterator[None]:
-    """Dynamo + symbolic-shape settings for tracing a lyra-compiled frame."""
-    global _active
-    with torch._dynamo.config.patch(**_DYNAMO_POLICY), _fx_config.patch(**_FX_POLICY):
+class policy_context:  # noqa: N801 - used as `backend_ctx_ctor`, a context-manager factory
+    """Marks a lyra-compiled frame as running (Dynamo enters it around *every* call of the
+    frame, traced or not). The settings themselves (_DYNAMO_POLICY, _FX_POLICY) are applied
+    only while Dynamo compiles inside such a frame (`_on_compile_start`): patching torch's
+    config on each call cost ~50 us a call, on the critical path of every denoising step.
+    Where torch has no compile callbacks, the settings are patched around the call instead."""
+
+    __slots__ = ("_per_call",)
+
+    def __enter__(self) -> None:
+        global _active
         _active += 1
-        try:
-            yield
-        finally:
-            _active -= 1
+        self._per_call = not _compile_hooks_registered()
+        if self._per_call:
+            _enter_settings()
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        global _active
+        if self._per_call:
+            _exit_settings()
+        _active -= 1
 
 
 _active = 0  # >0 while a lyra frame runs (policy_context entered)
+_settings: list[contextlib.ExitStack] = []  # the config patches entered, innermost last
+_compiles_patched: list[bool] = []  # per compilation in progress: did it enter the settings
+_callbacks = getattr(torch._dynamo, "callback_handler", None)  # Dynamo's compile callbacks
+
+
+def _enter_settings() -> None:
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(**_DYNAMO_POLICY))
+    stack.enter_context(_fx_config.patch(**_FX_POLICY))
+    _settings.append(stack)
+
+
+def _exit_settings() -> None:
+    _settings.pop().close()
+
+
+def _on_compile_start(args) -> None:  # noqa: ANN001 - torch's CallbackArgs
+    # Dynamo runs the start callbacks once per outermost compilation (nested ones are counted,
+    # not re-run), before it traces; the end callbacks when it finishes or fails.
+    _compiles_patched.append(bool(_active))
+    if _active:
+        _enter_settings()
+
+
+def _on_compile_end(args) -> None:  # noqa: ANN001
+    if _compiles_patched and _compiles_patched.pop():
+        _exit_settings()
+
+
+def _compile_hooks_registered() -> bool:
+    """Whether `_on_compile_start` / `_end` are registered with Dynamo, registering them if
+    not (torch._dynamo.reset() clears them). False where this torch has no such hooks."""
+    starts = getattr(_callbacks, "start_callbacks", None)
+    if not isinstance(starts, list) or not hasattr(_callbacks, "register_end_callback"):
+        return False
+    if _on_compile_start not in starts:
+        _callbacks.register_start_callback(_on_compile_start)
+        _callbacks.register_end_callback(_on_compile_end)
+    return True
 
 
 _installed = False

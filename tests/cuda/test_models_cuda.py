@@ -62,3 +62,24 @@ def test_param_patch_seen_by_replay_and_graphs_off():
             c = first(compiled(**inp))
         assert err(c, ref) < 2e-2
     assert lyradynamo.compile_count() == 1
+
+
+def test_replaced_parameter_seen_by_the_next_call():
+    """A parameter replaced by a new tensor (a new Parameter object, or `.data =` on the old
+    one) moves its address: the runner's address check (torch's C++ check where available)
+    sees it and recaptures, so the next call reads the new weights."""
+    model = zoo.build_denoiser("sd15", dtype=torch.float16, device="cuda")
+    compiled = torch.compile(model, backend="lyra")
+    inp = zoo.denoiser_inputs("sd15", model, batch=2)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        before = first(compiled(**inp)).clone()
+        first(compiled(**inp))  # a replay
+        linears[0].weight = torch.nn.Parameter(linears[0].weight * 3.0)
+        out = first(compiled(**inp))
+        ref = first(model(**inp))
+        assert err(out, before) > 1e-3 and err(out, ref) < 2e-2
+        linears[-1].weight.data = linears[-1].weight.data * -2.0
+        out2 = first(compiled(**inp))
+        ref2 = first(model(**inp))
+        assert err(out2, out) > 1e-3 and err(out2, ref2) < 2e-2

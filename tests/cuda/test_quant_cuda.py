@@ -108,8 +108,10 @@ QL_SHAPES = [((1, 1, 64), 48), ((3, 77, 96), 40), ((1, 4099, 256), 136)]
 QL_EPILOGUES = [("none", False, False, False), ("gelu_tanh", False, True, True),
                 ("gelu", True, False, False), ("silu", False, False, True)]
 # (kind, GEMM path): fp8 through cuBLASLt OUTER_VEC scales (the default where supported), fp8
-# through an fp32 accumulator + scaled_epilogue (forced), int8 through an int32 accumulator.
-QL_PATHS = [("fp8", "outer_vec"), ("fp8", "f32_acc"), ("int8", "i32_acc")]
+# through an fp32 accumulator + scaled_epilogue (forced), int8 through cuBLASLt's int32 accumulator
+# + scaled_epilogue (config.gated_gemm "cublaslt"), int8 through the CUTLASS GEMM with the scales in
+# its epilogue (csrc/gemm_int8_scaled.cu; "cutlass"; auto times both per shape).
+QL_PATHS = [("fp8", "outer_vec"), ("fp8", "f32_acc"), ("int8", "i32_acc"), ("int8", "i8_epi")]
 
 
 def _x(shape):
@@ -126,7 +128,13 @@ def _force_path(monkeypatch, C, path, dtype):
         pytest.skip(f"cuBLASLt has no FP8 OUTER_VEC scales for {dtype} on this GPU")
     if path == "f32_acc":
         monkeypatch.setitem(ql._outer_vec_ok, (dev, dtype), False)
-    names = ("quantize_rows", "gemm_fp8", "gemm_fp8_ex", "gemm_fp8_unscaled", "gemm_int8", "scaled_epilogue")
+    if path == "i8_epi" and not (getattr(C, "gemm_int8_scaled", None) and C.gemm_gated_available()
+                                 and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the CUTLASS int8 GEMM needs an SM90 GPU and a build with CUTLASS")
+    if path in ("i32_acc", "i8_epi"):
+        monkeypatch.setattr(lyradynamo.config, "gated_gemm", "cublaslt" if path == "i32_acc" else "cutlass")
+    names = ("quantize_rows", "gemm_fp8", "gemm_fp8_ex", "gemm_fp8_unscaled", "gemm_int8", "gemm_int8_scaled",
+             "scaled_epilogue")
     return {n: spy(monkeypatch, C, n) for n in names}
 
 
@@ -135,11 +143,10 @@ def _check_path(calls, path):
     # outer_vec: gemm_fp8_ex (gemm_fp8 + residual through C + fast accumulation); one call, as no
     # case here has an un-activated gated output (that one runs a GEMM per sample)
     expect = {"outer_vec": ("gemm_fp8_ex",), "f32_acc": ("gemm_fp8_unscaled", "scaled_epilogue"),
-              "i32_acc": ("gemm_int8", "scaled_epilogue")}[path]
-    for name in ("gemm_fp8", "gemm_fp8_ex", "gemm_fp8_unscaled", "gemm_int8"):
-        assert len(calls[name]) == (1 if name in expect else 0), (path, name, len(calls[name]))
-    if path != "outer_vec":
-        assert len(calls["scaled_epilogue"]) == 1
+              "i32_acc": ("gemm_int8", "scaled_epilogue"), "i8_epi": ("gemm_int8_scaled",)}[path]
+    for name in ("gemm_fp8", "gemm_fp8_ex", "gemm_fp8_unscaled", "gemm_int8", "gemm_int8_scaled", "scaled_epilogue"):
+        if name != "scaled_epilogue" or path != "outer_vec":
+            assert len(calls[name]) == (1 if name in expect else 0), (path, name, len(calls[name]))
 
 
 @pytest.mark.parametrize("dtype", DT, ids=IDS.get)
