@@ -42,3 +42,42 @@ def test_context_alone_patches_nothing_while_hooked():
         assert torch._dynamo.config.assume_static_by_default is True
         assert shape_policy._active == 1
     assert shape_policy._active == 0
+
+
+def test_changed_submodule_state_is_seen_with_dict_tag_guards():
+    """The policy checks unchanged submodules by their dicts' version tags: a Python attribute
+    set on one, or a submodule replaced, must still be seen (the next call matches eager)."""
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+            self.scale = 1.0
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    m = M()
+    compiled = torch.compile(m, backend="lyra")
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), m(x))
+        torch.testing.assert_close(compiled(x), m(x))
+        m.blocks[1].scale = 2.5  # a Python attribute on an unchanged-looking subtree
+        torch.testing.assert_close(compiled(x), m(x))
+        m.blocks[2].lin = torch.nn.Linear(8, 8)  # a submodule replaced
+        torch.testing.assert_close(compiled(x), m(x))
+        with torch.no_grad():
+            m.blocks[0].lin.weight.mul_(-1.0)  # in place: read by the graph, no guard needed
+        torch.testing.assert_close(compiled(x), m(x))
