@@ -124,13 +124,24 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--out", default=None)
     p.add_argument("--cprofile", type=int, default=0, help="also print the top N functions (cProfile) of the calls")
+    p.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of the shape policy's Dynamo settings for this run (an A/B of a "
+                        "setting in one call, e.g. use_recursive_dict_tags_for_guards=False)")
     p.add_argument("--skip-guard-eval", action="store_true",
                    help="also measure under torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
     args = p.parse_args()
+    from lyradynamo import shape_policy
+
+    for item in args.policy:  # e.g. use_recursive_dict_tags_for_guards=False
+        key, _, value = item.partition("=")
+        if key not in shape_policy._DYNAMO_POLICY:
+            p.error(f"--policy {key}: not one of the shape policy's settings {sorted(shape_policy._DYNAMO_POLICY)}")
+        shape_policy._DYNAMO_POLICY[key] = {"True": True, "False": False}.get(value, value)
     rows = []
     for name, skip in [(n, s) for n in args.models.split(",") for s in ((False, True) if args.skip_guard_eval
                                                                            else (False,))]:
         row = measure(name, args.mode, args.calls, skip, args.cprofile if not skip else 0)
+        row["policy_overrides"] = args.policy
         rows.append(row)
         print("== " + json.dumps(row), flush=True)
     if args.out:
