@@ -195,10 +195,11 @@ def erase_unused(graph: fx.Graph, nodes: Iterable[Node]) -> None:
             changed = True
 
 
-def fake_run(target: Callable, args: tuple, fake_mode: Any, cache: bool = True) -> Any:
-    """target(*args) on the nodes' fake values. cache=False skips the fake-tensor dispatch cache:
-    building an entry costs more (~4 ms with symbolic sizes) than the call itself for calls that
-    never repeat (each with its own offsets)."""
+def fake_run(target: Callable, args: tuple, fake_mode: Any, cache: bool = False) -> Any:
+    """target(*args) on the nodes' fake values, by default without the fake-tensor dispatch
+    cache: with symbolic sizes, building an entry costs more (~4 ms) than the call itself, and
+    even a hit rebuilds the outputs' symbolic sizes (lyra::quantize on a (s0, s1, 640) input, CPU
+    machine: 931 us a call with hits, 782 us without the cache)."""
     fake_args = fx.node.map_arg(args, val)
     if fake_mode is None:
         return None

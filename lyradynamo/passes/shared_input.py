@@ -205,11 +205,11 @@ def _rewrite(graph: fx.Graph, nodes: list, fake_mode) -> None:
         target = _QLINEAR_Q_GROUP
         args = (xq, xs, [n.args[2] for n in nodes], [n.args[3] for n in nodes],
                 [n.args[4] for n in nodes] if b0 is not None else [], act, kind, out_dtype)
-    value = m.fake_run(target, args, fake_mode, cache=False)  # first: a failure leaves the graph as it was
+    value = m.fake_run(target, args, fake_mode)  # first: a failure leaves the graph as it was
     slices, off = [], 0
     for n in nodes:
         width = m.val(n).shape[-1]
-        slices.append((off, width, m.fake_run(torch.narrow, (value, -1, off, width), fake_mode, cache=False)))
+        slices.append((off, width, m.fake_run(torch.narrow, (value, -1, off, width), fake_mode)))
         off += width
     for a in args[2:4] if target is _QLINEAR_Q_GROUP else ():
         for attr in a:  # get_attr nodes (no inputs) made just before each sibling: move up

@@ -98,6 +98,42 @@ def check_auto_decision(decided: dict, flops: float) -> None:
     assert all(decided[f"{p}_us"] >= floor for p in FUSED_PATHS), (decided, f"floor {floor:.1f} us")
 
 
+W8A8_PATHS = ("cutlass", "cutlass-pingpong", "cublaslt")  # the fp8-residual / int8 GEMMs' paths
+W8A8_PEAK_PER_US = 2.4e9  # above the H100 / H200 dense fp8 and int8 rates (~1980 TFLOP/s, TOP/s)
+
+
+def check_w8a8_decision(decided: dict, m: int, n: int, k: int) -> None:
+    """As check_auto_decision, for the W8A8 GEMMs (gemm_fp8_res, gemm_int8_scaled)."""
+    assert decided["path"] in W8A8_PATHS, decided
+    floor = 2.0 * m * n * k / W8A8_PEAK_PER_US
+    assert all(decided[f"{p}_us"] >= floor for p in W8A8_PATHS), (decided, f"floor {floor:.1f} us")
+
+
+def check_w8a8_refusals(C, entry: str, xq, xs, wq, ws, b, r, out, null: str) -> None:
+    """A W8A8 entry point of the library (64 x 128 x 64 operands, fp16 out) refuses a bad variant,
+    K not a multiple of 16, a non-16-bit output, a null `null` pointer and a misaligned scale, each
+    with a ValueError naming the problem."""
+    import pytest
+
+    def call(**kw):
+        a = dict(a=xq.data_ptr(), w=wq.data_ptr(), a_scale=xs.data_ptr(), b_scale=ws.data_ptr(), bias=b.data_ptr(),
+                 residual=r.data_ptr(), out=out.data_ptr(), M=64, N=128, K=64, lda=64, ldb=64, dtype=1,
+                 variant=0, stream=stream())
+        a.update(kw)
+        getattr(C, entry)(**a)
+
+    with pytest.raises(ValueError, match="variant"):
+        call(variant=1)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        call(K=56, lda=56, ldb=56)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        call(dtype=0)
+    with pytest.raises(ValueError, match="non-null"):
+        call(**{null: 0})
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        call(a_scale=xs.data_ptr() + 4)
+
+
 def capture_after_warmup(fn):
     """(graph, out): fn run once on a side stream (as the runner's warm-up call), then captured
     into a CUDA graph whose replays rewrite `out`."""

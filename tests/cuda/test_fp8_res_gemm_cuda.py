@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import lyradynamo
-from kernel_helpers import capture_after_warmup, need_cutlass, norm_err
+from kernel_helpers import (capture_after_warmup, check_w8a8_decision, check_w8a8_refusals, need_cutlass, norm_err,
+                            stream)
 from lyradynamo.ops import gated_gemm
 from lyradynamo.quant import numerics as qn
 
@@ -18,10 +19,6 @@ lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
 CODES = {torch.float16: 1, torch.bfloat16: 2}
 SDXL_SHAPES = [(2048, 1280, 1280), (2048, 1280, 5120), (8192, 640, 640)]  # to_out, ff2, level-1 to_out
-
-
-def _stream():
-    return torch.cuda.current_stream().cuda_stream
 
 
 def _operands(m, n, k, dtype, bias):
@@ -47,7 +44,7 @@ def _kernel(C, xq, xs, wq, ws, b, r, out, variant):
     m, k = xq.shape
     n = wq.shape[0]
     C.gemm_fp8_res(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0 if b is None else b.data_ptr(),
-                   r.data_ptr(), out.data_ptr(), m, n, k, k, k, CODES[out.dtype], variant, _stream())
+                   r.data_ptr(), out.data_ptr(), m, n, k, k, k, CODES[out.dtype], variant, stream())
     return out
 
 
@@ -55,7 +52,7 @@ def _cublaslt(C, xq, xs, wq, ws, b, r, out):
     m, k = xq.shape
     n = wq.shape[0]
     C.gemm_fp8_ex(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0 if b is None else b.data_ptr(),
-                  r.data_ptr(), out.data_ptr(), m, n, k, k, n, CODES[out.dtype], True, _stream())
+                  r.data_ptr(), out.data_ptr(), m, n, k, k, n, CODES[out.dtype], True, stream())
     return out
 
 
@@ -112,31 +109,10 @@ def test_qlinear_paths_agree(mode, seed_from_test_id, caplog):
     assert norm_err(out, _reference(xq, xs, wq, ws, b, r)) < 2e-3
     if mode == "auto":
         key = ("fp8res", torch.cuda.current_device(), torch.float16, m, n, k, True)
-        decided = gated_gemm.choices()[key]
-        assert decided["path"] in ("cutlass", "cutlass-pingpong", "cublaslt"), decided
-        floor = 2.0 * m * n * k / 2.4e9  # an fp8 peak of 2400 TFLOP/s: a timing under it missed its GEMM
-        assert all(decided[f"{p}_us"] >= floor for p in ("cutlass", "cutlass-pingpong", "cublaslt")), decided
+        check_w8a8_decision(gated_gemm.choices()[key], m, n, k)
 
 
 def test_bad_operands_are_refused(seed_from_test_id):
     C = need_cutlass()
     xq, xs, wq, ws, b, r = _operands(64, 128, 64, torch.float16, True)
-    out = torch.empty_like(r)
-
-    def call(**kw):
-        a = dict(a=xq.data_ptr(), w=wq.data_ptr(), a_scale=xs.data_ptr(), b_scale=ws.data_ptr(), bias=b.data_ptr(),
-                 residual=r.data_ptr(), out=out.data_ptr(), M=64, N=128, K=64, lda=64, ldb=64, dtype=1,
-                 variant=0, stream=_stream())
-        a.update(kw)
-        C.gemm_fp8_res(**a)
-
-    with pytest.raises(ValueError, match="variant"):
-        call(variant=1)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        call(K=56, lda=56, ldb=56)
-    with pytest.raises(ValueError, match="float16 or bfloat16"):
-        call(dtype=0)
-    with pytest.raises(ValueError, match="non-null"):
-        call(residual=0)
-    with pytest.raises(ValueError, match="16-byte aligned"):
-        call(a_scale=xs.data_ptr() + 4)
+    check_w8a8_refusals(C, "gemm_fp8_res", xq, xs, wq, ws, b, r, torch.empty_like(r), null="residual")
