@@ -58,14 +58,8 @@ void gemm_fp8_res(uintptr_t a, uintptr_t w, uintptr_t a_scale, uintptr_t b_scale
   const char* fn = "gemm_fp8_res";
   LYRA_CHECK_ARG(a != 0 && w != 0 && a_scale != 0 && b_scale != 0 && residual != 0 && out != 0, fn,
                  "a, w, a_scale, b_scale, residual and out must be non-null device pointers");
-  LYRA_CHECK_ARG(variant == 0 || variant == 2, fn,
-                 "variant must be 0 (cooperative) or 2 (ping-pong), got " + std::to_string(variant));
-  check_evt_gemm_args(fn, M, 1, N, K, lda, ldb, dtype, variant, {a, w, bias, residual, out});
-  LYRA_CHECK_ARG(K % 16 == 0 && lda % 16 == 0 && ldb % 16 == 0, fn,
-                 "K, lda and ldb must be multiples of 16 (16-byte fp8 rows), got K=" + std::to_string(K) +
-                     " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb));
-  LYRA_CHECK_ARG(aligned_to(a_scale, 16) && aligned_to(b_scale, 16), fn,
-                 "a_scale and b_scale must be 16-byte aligned");
+  check_w8a8_gemm_args(fn, "fp8", M, N, K, lda, ldb, dtype, variant, a_scale, b_scale,
+                       {a, w, bias, residual, out});
 #if defined(LYRA_HAVE_CUTLASS)
   const DeviceInfo dev = sm90::sm90_device(fn);
   cudaStream_t s = as_stream(stream);

@@ -63,6 +63,21 @@ inline void check_evt_gemm_args(const char* fn, int64_t M, int64_t L, int64_t N,
                  std::string("dtype must be float16 or bfloat16, got ") + dtype_name(dtype));
 }
 
+// The W8A8 GEMMs' (gemm_fp8_res, gemm_int8_scaled) checks beyond check_evt_gemm_args: variant 0 or
+// 2 only, 16-byte rows of 1-byte inputs, 16-byte aligned float scales. `inputs` names them.
+inline void check_w8a8_gemm_args(const char* fn, const char* inputs, int64_t M, int64_t N, int64_t K,
+                                 int64_t lda, int64_t ldb, int dtype, int variant, uintptr_t a_scale,
+                                 uintptr_t b_scale, std::initializer_list<uintptr_t> aligned_pointers) {
+  LYRA_CHECK_ARG(variant == 0 || variant == 2, fn,
+                 "variant must be 0 (cooperative) or 2 (ping-pong), got " + std::to_string(variant));
+  check_evt_gemm_args(fn, M, 1, N, K, lda, ldb, dtype, variant, aligned_pointers);
+  LYRA_CHECK_ARG(K % 16 == 0 && lda % 16 == 0 && ldb % 16 == 0, fn,
+                 "K, lda and ldb must be multiples of 16 (16-byte " + std::string(inputs) + " rows), got K=" +
+                     std::to_string(K) + " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb));
+  LYRA_CHECK_ARG(aligned_to(a_scale, 16) && aligned_to(b_scale, 16), fn,
+                 "a_scale and b_scale must be 16-byte aligned");
+}
+
 // What an entry point of a build without the CUTLASS headers does.
 [[noreturn]] inline void throw_no_cutlass(const char* fn) {
   throw std::invalid_argument(std::string(fn) + ": this build has no CUTLASS kernels (configure with "
