@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Iterator
 
 import sympy
 import torch
