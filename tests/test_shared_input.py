@@ -150,6 +150,31 @@ def test_quantised_siblings_share_one_buffer_and_one_gemm():
     assert joined([e.qweight for e in es]) is not None and joined([e.wscale for e in es]) is not None
 
 
+def test_second_quant_kind_on_one_model_still_groups_its_siblings():
+    """A model compiled with fp8, restored, then compiled again with int8 (as benchmarks/bench.py
+    does per mode): the int8 copies replace the fp8 ones and are allocated jointly again, so the
+    second compilation runs the same grouped GEMMs as a fresh one (before: none, "the quantised
+    weights were not allocated jointly"), and matches a fresh int8 compilation bit for bit."""
+    fresh = zoo.build_denoiser("sdxl", seed=0)
+    with config.patch(quant="int8", quant_master="gpu"):
+        ref = _run("sdxl", torch.compile(fresh, backend="lyra"))
+    (rec_fresh,) = lyradynamo.compiled_graphs()
+    fused_fresh = sorted(tuple(g["nodes"]) for g in rec_fresh.summary["shared_input"] if g["fused"])
+    assert fused_fresh
+    torch._dynamo.reset()
+    lyradynamo.reset_stats()
+    model = zoo.build_denoiser("sdxl", seed=0)
+    with config.patch(quant="fp8", quant_master="gpu"):
+        _run("sdxl", torch.compile(model, backend="lyra"))
+    torch._dynamo.reset()
+    lyradynamo.quant.restore(model)
+    with config.patch(quant="int8", quant_master="gpu"):
+        out = _run("sdxl", torch.compile(model, backend="lyra"))
+    rec = lyradynamo.compiled_graphs()[-1]
+    assert sorted(tuple(g["nodes"]) for g in rec.summary["shared_input"] if g["fused"]) == fused_fresh
+    assert torch.equal(out, ref)
+
+
 def test_sibling_groups_found_in_flux_single_and_double_blocks():
     model = zoo.build_denoiser("flux", seed=0)
     _run("flux", torch.compile(model, backend="lyra"))

@@ -133,22 +133,27 @@ def quantize_weight(name: str, param: Tensor, kind: str, smooth: Optional[Tensor
 def quantize_jointly(names: list, params: list, kind: str) -> bool:
     """Whole-weight, unsmoothed quantised copies of `params` (same K), allocated as adjacent rows
     of one qweight buffer and one wscale buffer, in this order, so that one GEMM can read them
-    all. False (nothing done) when any of them already has a quantised copy."""
+    all. False (nothing done) when any of them already has a quantised copy of this kind (an
+    earlier graph's, reused as it is). Copies of another kind (an earlier compilation with
+    another config.quant) are replaced, as quantize_weight replaces them: the new copies derive
+    from the same master (the host copy, where the Parameter is a placeholder)."""
     if len({p.shape[1] for p in params}) != 1 or len({p.device for p in params}) != 1:
         return False
     with _lock:
-        if any(_by_param.get(p) for p in params):
+        groups = [_by_param.get(p) or {} for p in params]
+        if any(e.kind == kind for g in groups for e in g.values()):
             return False
         rows = sum(p.shape[0] for p in params)
         k, device = params[0].shape[1], params[0].device
         qall = torch.empty((rows, k), dtype=numerics.QDTYPE[kind], device=device)
         sall = torch.empty((rows,), dtype=torch.float32, device=device)
         off = 0
-        for name, p in zip(names, params):
+        for name, p, group in zip(names, params, groups):
             n = p.shape[0]
-            entry = QuantWeight(name, kind, p, p, qall[off:off + n], sall[off:off + n], None, None)
+            master = next(iter(group.values())).master if group else p
+            entry = QuantWeight(name, kind, p, master, qall[off:off + n], sall[off:off + n], None, None)
             entry.derive()
-            _by_param[p] = {None: entry}
+            _by_param[p] = {**group, None: entry}
             off += n
     return True
 
