@@ -66,15 +66,15 @@ def make_runner(gm: fx.GraphModule, example_inputs: list, record) -> Callable:  
 
 
 class _Capture:
-    __slots__ = ("graph", "static_inputs", "buffers", "buffer_inputs", "outputs", "param_ptrs")
+    __slots__ = ("graph", "buffers", "buffer_inputs", "host_inputs", "outputs", "param_ptrs")
 
     def __init__(self) -> None:
         self.graph = None
-        self.static_inputs: list = []  # (input index, its static buffer)
-        # the static buffers on the graph's device and their input indices: one _foreach_copy_
-        # per replay (host scalars, 0-d CPU tensors, are copied one by one: static_inputs)
+        # the static input buffers on the graph's device and their input indices: refilled by one
+        # _foreach_copy_ per replay
         self.buffers: list = []
         self.buffer_inputs: list = []
+        self.host_inputs: list = []  # (input index, its buffer) of host scalars (0-d CPU tensors)
         self.outputs: Any = None
         self.param_ptrs: list = []  # by input index: the address of a parameter / buffer, else None
 
@@ -151,10 +151,8 @@ class CudaGraphRunner:
             return self.gm(*args)
         if cap.buffers:
             torch._foreach_copy_(cap.buffers, [args[i] for i in cap.buffer_inputs], non_blocking=True)
-        if len(cap.buffers) != len(cap.static_inputs):
-            for i, buf in cap.static_inputs:
-                if buf.device != self.device:
-                    buf.copy_(args[i])
+        for i, buf in cap.host_inputs:
+            buf.copy_(args[i])
         cap.graph.replay()
         return _clone_out(cap.outputs)
 
@@ -168,10 +166,11 @@ class CudaGraphRunner:
                 buf = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
                 buf.copy_(a)
                 static_args[i] = buf
-                cap.static_inputs.append((i, buf))
                 if buf.device == self.device:
                     cap.buffers.append(buf)
                     cap.buffer_inputs.append(i)
+                else:
+                    cap.host_inputs.append((i, buf))
         # Warm up on a side stream: lazy inits (cuBLAS handles, csrc workspaces) stay out of the capture.
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

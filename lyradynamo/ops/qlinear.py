@@ -135,12 +135,13 @@ def qgemm_cuda(C, xq: Tensor, xs: Tensor, out_dtype: torch.dtype, qweight: Tenso
         return epilogue_cuda(C, y, xq, act, glu, gate, residual).view(out_shape)
 
     def unscaled() -> Tensor:  # int32 / fp32 sums, then one kernel for scales, bias and the rest
-        acc, acc_code = _unscaled_accumulators(C, xq, qweight, m, n_y, k, kind, stream_handle(xq))
+        s = stream_handle(xq)  # read per call: gated_gemm.dispatch times the paths on a side stream
+        acc, acc_code = _unscaled_accumulators(C, xq, qweight, m, n_y, k, kind, s)
         rows_per_batch, gstride, res = epilogue_args(xq, m, n_out, gate, residual)
         out = torch.empty((m, n_out), dtype=out_dtype, device=xq.device)
         C.scaled_epilogue(ptr(acc), acc_code, ptr(xs), ptr(wscale), ptr(bias),
                           ptr(gate), ptr(res), ptr(out), m, n_out, _ACT_CODES[act], glu, rows_per_batch,
-                          gstride, code, stream_handle(xq))
+                          gstride, code, s)
         return out
 
     if kind == "int8":
