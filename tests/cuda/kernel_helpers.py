@@ -98,6 +98,28 @@ def check_auto_decision(decided: dict, flops: float) -> None:
     assert all(decided[f"{p}_us"] >= floor for p in FUSED_PATHS), (decided, f"floor {floor:.1f} us")
 
 
+def w8a8_operands(m, n, k, dtype, bias, kind):
+    """(xq, xs, wq, ws, b, r) for the W8A8 GEMMs: x (m, k) and w (n, k) in `dtype` quantised per
+    row to `kind` ("fp8" / "int8"), a bias (n,) or None, a residual (m, n)."""
+    from lyradynamo.quant import numerics
+
+    x = torch.randn(m, k, device=DEV)
+    w = torch.randn(n, k, device=DEV) / k ** 0.5
+    xq, xs = numerics.quantize_rows(x.to(dtype), kind)
+    wq, ws = numerics.quantize_rows(w.to(dtype), kind)
+    b = torch.randn(n, device=DEV, dtype=dtype) if bias else None
+    r = torch.randn(m, n, device=DEV, dtype=dtype)
+    return xq, xs, wq, ws, b, r
+
+
+def w8a8_reference(xq, xs, wq, ws, b, r):
+    """xs[m] ws[n] (xq @ wq^T) + b (+ r) in float64 from the quantised operands; r None: none."""
+    y = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double()[None, :]
+    if b is not None:
+        y = y + b.double()
+    return y if r is None else y + r.double()
+
+
 W8A8_PATHS = ("cutlass", "cutlass-pingpong", "cublaslt")  # the fp8-residual / int8 GEMMs' paths
 W8A8_PEAK_PER_US = 2.4e9  # above the H100 / H200 dense fp8 and int8 rates (~1980 TFLOP/s, TOP/s)
 

@@ -9,42 +9,25 @@ import pytest
 import torch
 
 import lyradynamo
-from kernel_helpers import (capture_after_warmup, check_w8a8_decision, check_w8a8_refusals, need_cutlass, norm_err,
-                            stream)
+from kernel_helpers import (CODE, capture_after_warmup, check_w8a8_decision, check_w8a8_refusals, need_cutlass,
+                            norm_err, stream, w8a8_operands, w8a8_reference)
 from lyradynamo.ops import gated_gemm
-from lyradynamo.quant import numerics as qn
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]
 lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
-CODES = {torch.float16: 1, torch.bfloat16: 2}
 SDXL_SHAPES = [(2048, 1280, 1280), (2048, 1280, 5120), (8192, 640, 640)]  # to_out, ff2, level-1 to_out
 
 
 def _operands(m, n, k, dtype, bias):
-    x = torch.randn(m, k, device="cuda")
-    w = torch.randn(n, k, device="cuda") / k ** 0.5
-    xq, xs = qn.quantize_rows(x.to(dtype), "fp8")
-    wq, ws = qn.quantize_rows(w.to(dtype), "fp8")
-    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-    r = torch.randn(m, n, device="cuda", dtype=dtype)
-    return xq, xs, wq, ws, b, r
-
-
-def _reference(xq, xs, wq, ws, b, r):
-    """The same sum in float64 from the quantised operands (the kernel's only rounding is the
-    final one, plus fast accumulation's partial sums)."""
-    y = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double()[None, :]
-    if b is not None:
-        y = y + b.double()
-    return y + r.double()
+    return w8a8_operands(m, n, k, dtype, bias, "fp8")
 
 
 def _kernel(C, xq, xs, wq, ws, b, r, out, variant):
     m, k = xq.shape
     n = wq.shape[0]
     C.gemm_fp8_res(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0 if b is None else b.data_ptr(),
-                   r.data_ptr(), out.data_ptr(), m, n, k, k, k, CODES[out.dtype], variant, stream())
+                   r.data_ptr(), out.data_ptr(), m, n, k, k, k, CODE[out.dtype], variant, stream())
     return out
 
 
@@ -52,7 +35,7 @@ def _cublaslt(C, xq, xs, wq, ws, b, r, out):
     m, k = xq.shape
     n = wq.shape[0]
     C.gemm_fp8_ex(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(), 0 if b is None else b.data_ptr(),
-                  r.data_ptr(), out.data_ptr(), m, n, k, k, n, CODES[out.dtype], True, stream())
+                  r.data_ptr(), out.data_ptr(), m, n, k, k, n, CODE[out.dtype], True, stream())
     return out
 
 
@@ -67,7 +50,7 @@ def test_kernel_against_reference(dtype, m, n, k, bias, variant, seed_from_test_
     _kernel(C, *ops, out, variant)
     lt = _cublaslt(C, *ops, torch.empty_like(out))
     torch.cuda.synchronize()
-    ref = _reference(*ops)
+    ref = w8a8_reference(*ops)
     assert torch.isfinite(out).all()
     # one rounding to dtype after fast fp8 accumulation, as cuBLASLt's path: at most twice as
     # far as it from the float64 sum
@@ -80,7 +63,7 @@ def test_in_place_and_capture(variant, seed_from_test_id):
     replay it)."""
     C = need_cutlass()
     ops = _operands(515, 640, 640, torch.float16, True)
-    ref = _reference(*ops)
+    ref = w8a8_reference(*ops)
     r = ops[5].clone()
     _kernel(C, *ops[:5], r, r, variant)
     torch.cuda.synchronize()
@@ -106,7 +89,7 @@ def test_qlinear_paths_agree(mode, seed_from_test_id, caplog):
         out = lyra.qlinear_q(xq, xs, wq, ws, b, "none", False, None, r, "fp8", torch.float16)
     torch.cuda.synchronize()
     assert "captured nothing" not in caplog.text
-    assert norm_err(out, _reference(xq, xs, wq, ws, b, r)) < 2e-3
+    assert norm_err(out, w8a8_reference(xq, xs, wq, ws, b, r)) < 2e-3
     if mode == "auto":
         key = ("fp8res", torch.cuda.current_device(), torch.float16, m, n, k, True)
         check_w8a8_decision(gated_gemm.choices()[key], m, n, k)

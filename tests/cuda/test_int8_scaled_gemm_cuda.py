@@ -11,35 +11,19 @@ import pytest
 import torch
 
 import lyradynamo
-from kernel_helpers import (capture_after_warmup, check_w8a8_decision, check_w8a8_refusals, need_cutlass, norm_err,
-                            stream)
+from kernel_helpers import (CODE, capture_after_warmup, check_w8a8_decision, check_w8a8_refusals, need_cutlass,
+                            norm_err, stream, w8a8_operands, w8a8_reference)
 from lyradynamo.ops import gated_gemm
 from lyradynamo.ops.qlinear import qlinear_q_reference
-from lyradynamo.quant import numerics as qn
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]
 lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
-CODES = {torch.float16: 1, torch.bfloat16: 2}
 SDXL_SHAPES = [(2048, 1280, 1280), (2048, 1280, 5120), (8192, 640, 640), (8192, 5120, 640)]
 
 
 def _operands(m, n, k, dtype, bias):
-    x = torch.randn(m, k, device="cuda")
-    w = torch.randn(n, k, device="cuda") / k ** 0.5
-    xq, xs = qn.quantize_rows(x.to(dtype), "int8")
-    wq, ws = qn.quantize_rows(w.to(dtype), "int8")
-    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-    r = torch.randn(m, n, device="cuda", dtype=dtype)
-    return xq, xs, wq, ws, b, r
-
-
-def _reference(xq, xs, wq, ws, b, r):
-    """The same sum in float64 from the quantised operands (int32 sums are exact)."""
-    y = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double()[None, :]
-    if b is not None:
-        y = y + b.double()
-    return y if r is None else y + r.double()
+    return w8a8_operands(m, n, k, dtype, bias, "int8")
 
 
 def _kernel(C, xq, xs, wq, ws, b, r, out, variant):
@@ -47,7 +31,7 @@ def _kernel(C, xq, xs, wq, ws, b, r, out, variant):
     n = wq.shape[0]
     C.gemm_int8_scaled(xq.data_ptr(), wq.data_ptr(), xs.data_ptr(), ws.data_ptr(),
                        0 if b is None else b.data_ptr(), 0 if r is None else r.data_ptr(), out.data_ptr(),
-                       m, n, k, k, k, CODES[out.dtype], variant, stream())
+                       m, n, k, k, k, CODE[out.dtype], variant, stream())
     return out
 
 
@@ -63,7 +47,7 @@ def test_kernel_against_reference(dtype, m, n, k, bias, residual, variant, seed_
     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
     _kernel(C, xq, xs, wq, ws, b, r, out, variant)
     torch.cuda.synchronize()
-    ref = _reference(xq, xs, wq, ws, b, r)
+    ref = w8a8_reference(xq, xs, wq, ws, b, r)
     assert torch.isfinite(out).all()
     # exact int32 sums, fp32 scaling, one rounding to dtype: within dtype's half ulp (+ fp32's)
     eps = {torch.float16: 2 ** -11, torch.bfloat16: 2 ** -8}[dtype]
@@ -76,7 +60,7 @@ def test_in_place_and_capture(variant, seed_from_test_id):
     replay it)."""
     C = need_cutlass()
     xq, xs, wq, ws, b, r = _operands(515, 640, 640, torch.float16, True)
-    ref = _reference(xq, xs, wq, ws, b, r)
+    ref = w8a8_reference(xq, xs, wq, ws, b, r)
     r2 = r.clone()
     _kernel(C, xq, xs, wq, ws, b, r2, r2, variant)
     torch.cuda.synchronize()
@@ -85,7 +69,7 @@ def test_in_place_and_capture(variant, seed_from_test_id):
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    assert norm_err(out, _reference(xq, xs, wq, ws, b, None)) < 1e-3
+    assert norm_err(out, w8a8_reference(xq, xs, wq, ws, b, None)) < 1e-3
 
 
 @pytest.mark.parametrize("mode", ["cutlass", "cublaslt", "auto"])
