@@ -117,6 +117,13 @@ def format_summary(s: dict) -> str:
                      f"kept in high precision: {len(q['kept'])}")
         for name, why in list(q["kept"].items())[:20]:
             lines.append(f"  kept {name}: {why}")
+        att = q.get("attention") or {}
+        if att.get("fp8") or att.get("rows") or att.get("kept"):
+            lines.append(f"attention outputs quantised by the attention kernel: {att.get('fp8', 0)} fp8 attention, "
+                         f"{att.get('rows', 0)} short-KV rows; left to the out-projection's quantise pass: "
+                         f"{len(att.get('kept', {}))}")
+            for why, n in collections.Counter(att.get("kept", {}).values()).most_common(5):
+                lines.append(f"  attention x{n}: {why}")
         sliced = [name for name in q["quantized"] if name.endswith("]")]  # column slices (split_cat)
         for name in sliced[:20]:
             lines.append(f"  quantized column slice {name}")
