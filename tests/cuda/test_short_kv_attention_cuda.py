@@ -129,6 +129,6 @@ def test_argument_errors_name_the_problem(C):
                           (dict(dtype=0), "dtype must be 1"), (dict(kind=2), "kind must be"),
                           (dict(q_rs=127), "even"), (dict(kind=0), "scale must be a non-null"),
                           (dict(inv_smooth=out.data_ptr()), "inv_smooth is only taken"),
-                          (dict(H=48), "H \\* D must be")):
+                          (dict(H=49), "H \\* D must be")):
         with pytest.raises(ValueError, match=match):
             C.attention_short_kv(**{**base, **change})
