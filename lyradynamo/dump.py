@@ -54,7 +54,11 @@ def kernel_paths(gm: fx.GraphModule, device: str) -> dict[str, str]:
     paths = {}
     for op in sorted(used):
         if op == "attention":
-            paths[op] = "torch SDPA backends (cuDNN/flash/efficient) or flash_attn"
+            paths[op] = ("at most 128 keys: attention_short_kv.cu (config.short_kv_attention); otherwise torch "
+                         "SDPA backends (cuDNN/flash/efficient) or flash_attn")
+        elif op == "attention_quant" and status == "built":
+            paths[op] = ("attention_short_kv.cu, rows quantised as written; past 128 keys (a longer prompt than "
+                         "traced) torch SDPA + quantize_rows, logged as a fallback")
         elif status == "built":
             paths[op] = "csrc CUDA kernel (shapes/dtypes it cannot take fall back to the reference, logged)"
             if op == "group_norm":

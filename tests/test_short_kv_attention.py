@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lyradynamo
+from lyradynamo import dump
 from lyradynamo.ops import attention_short_kv as skv
 from lyradynamo.ops.attention import attention_reference
 from lyradynamo.quant import numerics
@@ -95,6 +96,8 @@ def test_rewrite_quantises_cross_attention_output_in_the_op(head_dim, kind):
     n_attn = 6  # down: 1 transformer block, up: 2 (one per resnet); self + cross each
     assert att["rows"] == n_attn and not att["kept"], att
     assert hist.get("lyra::attention_quant") == n_attn and "lyra::attention" not in hist
+    text = dump.format_summary(lyradynamo.compiled_graphs()[0].summary)
+    assert f"0 fp8 attention, {n_attn} short-KV rows; left to the out-projection's quantise pass: 0" in text
     off, att_off, hist_off = _compile_run(model, inputs, quant=kind, short_kv_attention="off")
     assert att_off["rows"] == 0 and hist_off.get("lyra::attention") == n_attn
     assert all("short_kv_attention = 'off'" in why for why in att_off["kept"].values())
@@ -109,6 +112,8 @@ def test_long_self_attention_keeps_its_quantise_pass_and_says_why():
     out, att, hist = _compile_run(model, _inputs(size=16))
     assert att["rows"] == 3 and len(att["kept"]) == 3, att
     assert all("256 keys in the traced call" in why for why in att["kept"].values())
+    text = dump.format_summary(lyradynamo.compiled_graphs()[0].summary)
+    assert "left to the out-projection's quantise pass: 3" in text and "short-KV: 256 keys in the traced" in text
     assert hist.get("lyra::attention") == 3 and hist.get("lyra::attention_quant") == 3
 
 
