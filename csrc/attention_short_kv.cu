@@ -8,12 +8,15 @@
 //   16-bit output the same call writes with kind = -1 (optionally times inv_smooth (H * D)).
 //
 // A block takes R = 16 * MT query rows of one batch and every head (a row's scale needs all of
-// them); each warp takes heads warp, warp + nwarps, ... For one head it computes S = Q K^T with
-// mma.sync m16n8k16 (all Lk keys at once: no online softmax), the softmax in fp32 (exp2), P in
-// the storage type, O = P V, divides by the row sums and stages O rounded to T in shared memory.
-// After a barrier each warp copies or quantises whole rows from the stage (16-byte accesses).
-// K and V fragments are read straight from global memory (L1 / L2: they are the same for every
-// block of a batch); nothing but the stage is in shared memory.
+// them); each warp takes heads warp, warp + nwarps, ... For one head it copies K and V (all Lk
+// rows, zero-filled to a multiple of 16) into its own shared-memory buffers with 16-byte
+// cp.async (one L2 round trip per head, Q's fragments loaded meanwhile), then computes
+// S = Q K^T with ldmatrix + mma.sync m16n8k16 (all keys at once: no online softmax), the softmax
+// in fp32 (exp2), P in the storage type, O = P V (V's fragments by ldmatrix.trans), divides by
+// the row sums and stages O rounded to T in shared memory. After a barrier each warp copies or
+// quantises whole rows from the stage (16-byte accesses).
+// (Session 19 run B: a first form read K / V fragments with 2- and 4-byte global loads; it was
+// 1.2-3x slower than cuDNN, every warp waiting an L2 round trip per few loads.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -61,12 +64,35 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
   }
 }
 
-// Two consecutive 16-bit values (4-byte aligned) / one 16-bit value, through the read-only path.
+// Two consecutive 16-bit values (4-byte aligned), through the read-only path.
 __device__ __forceinline__ uint32_t ld_pair(const uint16_t* p) {
   return __ldg(reinterpret_cast<const unsigned int*>(p));
 }
-__device__ __forceinline__ uint32_t ld_one(const uint16_t* p) {
-  return static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(p)));
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, zero-filled when !valid (nothing is read then).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(smem_addr(p))
+               : "memory");
 }
 
 // (a, b) rounded to T, a in the low half (the mma operand order).
@@ -93,14 +119,57 @@ __device__ __forceinline__ float quad_sum(float v) {
 // One head for the block's R rows: S, softmax, P V, O / l staged (rounded to T).
 // Fragment layouts (PTX mma.m16n8k16): lane = 4 g + t; A: (g, 2t..2t+1), (g+8, ..),
 // (g, 2t+8..), (g+8, 2t+8..); B: (k 2t..2t+1, n g), (k 2t+8.., n g); C: (g, 2t..2t+1), (g+8, ..).
+// Row stride (elements) of a warp's K / V buffers: 16 bytes of padding put the 8 rows of an
+// ldmatrix 8x8 load in 8 different bank quads.
+template <int D>
+__host__ __device__ constexpr int kv_ld() { return D + 8; }
+
+template <int D, int KCH>
+__host__ __device__ constexpr int kv_warp_elems() { return 2 * KCH * 16 * kv_ld<D>(); }  // K then V
+
 template <typename T, int D, int KCH, int MT>
 __device__ __forceinline__ void one_head(const SkvParams& p, const uint16_t* qb, const uint16_t* kb,
-                                         const uint16_t* vb, int h, int row0, T* stage, int ld) {
+                                         const uint16_t* vb, int h, int row0, T* stage, int ld,
+                                         uint16_t* ks_buf) {
   constexpr int KS = (D + 15) / 16;  // k-steps of Q K^T (a last half step is zero-filled)
   constexpr int NT = 2 * KCH;        // 8-key tiles of S
   constexpr int ND = D / 8;          // 8-column tiles of O
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
+
+  constexpr int LDK = kv_ld<D>();
+  constexpr int KROWS = KCH * 16;
+  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  uint16_t* ks_s = ks_buf;                 // K rows: KROWS x LDK
+  uint16_t* vs_s = ks_buf + KROWS * LDK;   // V rows: KROWS x LDK
+  // K and V of head h: rows past Lk zero-filled (their scores are masked; V's must be finite)
+  for (int i = lane; i < KROWS * CPR; i += 32) {
+    const int row = i / CPR, ch = i % CPR;
+    const bool ok = row < p.Lk;
+    const int64_t src_row = ok ? row : 0;
+    cp_async16(ks_s + row * LDK + ch * 8, kb + src_row * p.k_rs + h * D + ch * 8, ok);
+    cp_async16(vs_s + row * LDK + ch * 8, vb + src_row * p.v_rs + h * D + ch * 8, ok);
+  }
+  // Q's fragments meanwhile (straight from global: each is used once)
+  uint32_t a[MT][KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int c0 = ks * 16 + 2 * t;
+    const bool hi_ok = ks * 16 + 8 < D;  // the step's upper 8 columns exist (D % 16 == 8: not on the last)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int r = row0 + mt * 16 + g;
+      const uint16_t* q0 = qb + static_cast<int64_t>(r) * p.q_rs + h * D + c0;
+      const uint16_t* q1 = q0 + 8 * p.q_rs;
+      const bool ok0 = r < p.Lq, ok1 = r + 8 < p.Lq;
+      a[mt][ks][0] = ok0 ? ld_pair(q0) : 0u;
+      a[mt][ks][1] = ok1 ? ld_pair(q1) : 0u;
+      a[mt][ks][2] = ok0 && hi_ok ? ld_pair(q0 + 8) : 0u;
+      a[mt][ks][3] = ok1 && hi_ok ? ld_pair(q1 + 8) : 0u;
+    }
+  }
+  cp_async_wait_all();
+  __syncwarp();
 
   float s[MT][NT][4];
 #pragma unroll
@@ -110,31 +179,27 @@ __device__ __forceinline__ void one_head(const SkvParams& p, const uint16_t* qb,
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
 
+  // ldmatrix.x4 for tiles (j, j + 1) of k-step ks: lanes 0-7 / 8-15 / 16-23 / 24-31 address rows
+  // 8j + r of columns 16ks / 16ks + 8, then rows 8j + 8 + r of the same: b0, b1 of j, then of j + 1
+  const int k_lrow = (lane & 7) + ((lane >> 4) << 3);
+  const int k_lcol = ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
-    const int c0 = ks * 16 + 2 * t;
-    const bool hi_ok = ks * 16 + 8 < D;  // the step's upper 8 columns exist (D % 16 == 8: not on the last)
-    uint32_t a[MT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int r = row0 + mt * 16 + g;
-      const uint16_t* q0 = qb + static_cast<int64_t>(r) * p.q_rs + h * D + c0;
-      const uint16_t* q1 = q0 + 8 * p.q_rs;
-      const bool ok0 = r < p.Lq, ok1 = r + 8 < p.Lq;
-      a[mt][0] = ok0 ? ld_pair(q0) : 0u;
-      a[mt][1] = ok1 ? ld_pair(q1) : 0u;
-      a[mt][2] = ok0 && hi_ok ? ld_pair(q0 + 8) : 0u;
-      a[mt][3] = ok1 && hi_ok ? ld_pair(q1 + 8) : 0u;
-    }
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t b[4];
+      if (ks * 16 + 8 < D) {
+        ldsm_x4(b, ks_s + (j * 8 + k_lrow) * LDK + ks * 16 + k_lcol);
+      } else {  // D % 16 == 8, last step: the upper half is zero (Q's is too)
+        ldsm_x4(b, ks_s + (j * 8 + k_lrow) * LDK + ks * 16);
+        b[1] = 0u;
+        b[3] = 0u;
+      }
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int key = j * 8 + g;
-      const bool ok = key < p.Lk;
-      const uint16_t* kp = kb + static_cast<int64_t>(key) * p.k_rs + h * D + c0;
-      const uint32_t b0 = ok ? ld_pair(kp) : 0u;
-      const uint32_t b1 = ok && hi_ok ? ld_pair(kp + 8) : 0u;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma16816<T>(s[mt][j], a[mt], b0, b1);
+      for (int mt = 0; mt < MT; ++mt) {
+        mma16816<T>(s[mt][j], a[mt][ks], b[0], b[1]);
+        mma16816<T>(s[mt][j + 1], a[mt][ks], b[2], b[3]);
+      }
     }
   }
 
@@ -186,20 +251,20 @@ __device__ __forceinline__ void one_head(const SkvParams& p, const uint16_t* qb,
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[mt][n][e] = 0.f;
 
+  // V as B (k = key, n = dim) by ldmatrix.trans: lanes 0-7 address keys 16c + r, lanes 8-15 keys
+  // 16c + 8 + r, at dims 8n: b0 = (V[16c + 2t][8n + g], V[16c + 2t + 1][..]), b1 the same 8 keys on
+  const int v_lrow = lane & 15;
 #pragma unroll
   for (int c = 0; c < KCH; ++c) {
-    const int k0 = c * 16 + 2 * t;  // this lane's keys: k0, k0 + 1 (b0), k0 + 8, k0 + 9 (b1)
-    const bool ok0 = k0 < p.Lk, ok1 = k0 + 1 < p.Lk, ok8 = k0 + 8 < p.Lk, ok9 = k0 + 9 < p.Lk;
-    const uint16_t* v0 = vb + static_cast<int64_t>(k0) * p.v_rs + h * D + g;
 #pragma unroll
     for (int n = 0; n < ND; ++n) {
-      const uint16_t* vp = v0 + n * 8;
-      const uint32_t b0 = (ok0 ? ld_one(vp) : 0u) | ((ok1 ? ld_one(vp + p.v_rs) : 0u) << 16);
-      const uint32_t b1 = (ok8 ? ld_one(vp + 8 * p.v_rs) : 0u) | ((ok9 ? ld_one(vp + 9 * p.v_rs) : 0u) << 16);
+      uint32_t b0, b1;
+      ldsm_x2_trans(b0, b1, vs_s + (c * 16 + v_lrow) * LDK + n * 8);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) mma16816<T>(o[mt][n], pa[mt][c], b0, b1);
     }
   }
+  __syncwarp();  // every lane is done with K / V before the next head's copy overwrites them
 
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -226,7 +291,8 @@ __global__ void __launch_bounds__(kSkvMaxWarps * 32) short_kv_kernel(SkvParams p
   const uint16_t* kb = p.k + b * p.k_bs;
   const uint16_t* vb = p.v + b * p.v_bs;
 
-  for (int h = warp; h < p.H; h += nw) one_head<T, D, KCH, MT>(p, qb, kb, vb, h, row0, stage, ld);
+  uint16_t* kv = reinterpret_cast<uint16_t*>(skv_smem) + R * ld + warp * kv_warp_elems<D, KCH>();
+  for (int h = warp; h < p.H; h += nw) one_head<T, D, KCH, MT>(p, qb, kb, vb, h, row0, stage, ld, kv);
   __syncthreads();
 
   const int nvec = p.HD / 8;
@@ -264,17 +330,28 @@ __global__ void __launch_bounds__(kSkvMaxWarps * 32) short_kv_kernel(SkvParams p
   }
 }
 
-// Largest divisor of H that is at most kSkvMaxWarps: every warp gets the same number of heads.
-int warps_for_heads(int H) {
-  for (int w = kSkvMaxWarps; w > 1; --w)
+constexpr size_t kSkvSmemBudget = 200 * 1024;  // of the H100's 227 KB per block
+
+// Warps per block: the largest divisor of H (every warp gets the same number of heads) up to
+// kSkvMaxWarps whose K / V buffers fit next to the stage, else the most that fit; 0 if none.
+int warps_for_heads(int H, size_t stage_bytes, size_t warp_bytes) {
+  int fit = 0;
+  for (int w = kSkvMaxWarps; w >= 1; --w) {
+    if (stage_bytes + w * warp_bytes > kSkvSmemBudget) continue;
+    if (fit == 0) fit = w < H ? w : H;
     if (H % w == 0) return w;
-  return H < kSkvMaxWarps ? H : kSkvMaxWarps;
+  }
+  return fit;
 }
 
 template <typename T, int D, int KCH, int MT>
 void launch_skv(const SkvParams& p, int B, cudaStream_t s, const char* fn) {
   constexpr int R = 16 * MT;
-  const size_t smem = static_cast<size_t>(R) * (p.HD + 8) * sizeof(T);
+  const size_t stage = static_cast<size_t>(R) * (p.HD + 8) * sizeof(T);
+  const size_t per_warp = kv_warp_elems<D, KCH>() * sizeof(uint16_t);
+  const int warps = warps_for_heads(p.H, stage, per_warp);
+  LYRA_CHECK_ARG(warps > 0, fn, "H * D = " + std::to_string(p.HD) + " leaves no shared memory for K / V");
+  const size_t smem = stage + warps * per_warp;
   auto* kernel = short_kv_kernel<T, D, KCH, MT>;
   static std::atomic<size_t> opted{48 * 1024};  // dynamic shared memory this instance may use
   if (smem > opted.load()) {
@@ -283,7 +360,7 @@ void launch_skv(const SkvParams& p, int B, cudaStream_t s, const char* fn) {
     opted.store(smem);
   }
   const dim3 grid((p.Lq + R - 1) / R, B);
-  kernel<<<grid, warps_for_heads(p.H) * 32, smem, s>>>(p);
+  kernel<<<grid, warps * 32, smem, s>>>(p);
   LYRA_CHECK_LAUNCH(fn);
 }
 
@@ -325,8 +402,10 @@ void attention_short_kv(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
   LYRA_CHECK_ARG(H >= 1 && H * D <= 3072, fn,
                  "H * D must be in [D, 3072] (the staged rows live in shared memory), got H=" + std::to_string(H) + " D=" + std::to_string(D));
   LYRA_CHECK_ARG(q && k && v && out, fn, "q, k, v and out must be non-null device pointers");
-  LYRA_CHECK_ARG(aligned_to(q, 4) && aligned_to(k, 4) && aligned_to(v, 4), fn,
-                 "q, k and v must be 4-byte aligned");
+  LYRA_CHECK_ARG(aligned_to(q, 4) && aligned_to(k, 16) && aligned_to(v, 16), fn,
+                 "q must be 4-byte aligned, k and v 16-byte aligned (they are copied in 16-byte pieces)");
+  for (int64_t st : {k_bs, k_rs, v_bs, v_rs})
+    LYRA_CHECK_ARG(st % 8 == 0, fn, "k / v strides must be multiples of 8 elements, got " + std::to_string(st));
   LYRA_CHECK_ARG(aligned_to(out, 16), fn, "out must be 16-byte aligned");
   for (int64_t st : {q_bs, q_rs, k_bs, k_rs, v_bs, v_rs})
     LYRA_CHECK_ARG(st % 2 == 0 && st >= 0, fn, "batch and row strides must be even and >= 0, got " + std::to_string(st));

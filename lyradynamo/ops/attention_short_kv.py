@@ -52,11 +52,12 @@ def unsupported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = N
         return f"head dim {D} (the kernel has {HEAD_DIMS})"
     if H * D > MAX_WIDTH or B > 65535 or Lq < 1:
         return f"shape {tuple(q.shape)} (H * D <= {MAX_WIDTH}, 1 <= B <= 65535, Lq >= 1)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(3) != 1 or (H > 1 and t.stride(2) != D) or t.data_ptr() % 4 \
-                or (t.shape[1] > 1 and (t.stride(1) % 2 or t.stride(1) < H * D)) \
-                or (t.shape[0] > 1 and t.stride(0) % 2):
-            return f"{name}'s strides {t.stride()} (heads D apart, D unit-stride, even row strides)"
+    for name, t, align in (("q", q, 2), ("k", k, 8), ("v", v, 8)):  # elements (k / v: 16-byte copies)
+        if t.stride(3) != 1 or (H > 1 and t.stride(2) != D) or t.data_ptr() % (2 * align) \
+                or (t.shape[1] > 1 and (t.stride(1) % align or t.stride(1) < H * D)) \
+                or (t.shape[0] > 1 and t.stride(0) % align):
+            return (f"{name}'s strides {t.stride()} or address (heads D apart, D unit-stride, rows and "
+                    f"address aligned to {align} elements)")
     return None
 
 

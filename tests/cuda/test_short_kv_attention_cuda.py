@@ -127,7 +127,7 @@ def test_argument_errors_name_the_problem(C):
     C.attention_short_kv(**base)
     for change, match in ((dict(D=48), "head dim must be one of"), (dict(Lk=129), "Lk \\(keys\\)"),
                           (dict(dtype=0), "dtype must be 1"), (dict(kind=2), "kind must be"),
-                          (dict(q_rs=127), "even"), (dict(kind=0), "scale must be a non-null"),
+                          (dict(q_rs=127), "even"), (dict(k_rs=130), "multiples of 8"), (dict(kind=0), "scale must be a non-null"),
                           (dict(inv_smooth=out.data_ptr()), "inv_smooth is only taken"),
                           (dict(H=49), "H \\* D must be")):
         with pytest.raises(ValueError, match=match):
