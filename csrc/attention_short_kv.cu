@@ -107,6 +107,16 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
   }
 }
 
+template <int A, int B>
+__device__ __forceinline__ void zero_tiles(float (&acc)[A][B][4]) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+}
+
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -172,12 +182,7 @@ __device__ __forceinline__ void one_head(const SkvParams& p, const uint16_t* qb,
   __syncwarp();
 
   float s[MT][NT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+  zero_tiles(s);
 
   // ldmatrix.x4 for tiles (j, j + 1) of k-step ks: lanes 0-7 / 8-15 / 16-23 / 24-31 address rows
   // 8j + r of columns 16ks / 16ks + 8, then rows 8j + 8 + r of the same: b0, b1 of j, then of j + 1
@@ -244,12 +249,7 @@ __device__ __forceinline__ void one_head(const SkvParams& p, const uint16_t* qb,
   }
 
   float o[MT][ND][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int n = 0; n < ND; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[mt][n][e] = 0.f;
+  zero_tiles(o);
 
   // V as B (k = key, n = dim) by ldmatrix.trans: lanes 0-7 address keys 16c + r, lanes 8-15 keys
   // 16c + 8 + r, at dims 8n: b0 = (V[16c + 2t][8n + g], V[16c + 2t + 1][..]), b1 the same 8 keys on

@@ -47,25 +47,32 @@ _IDENTITY = object()  # a view that keeps dims 0, 1 (B, L): the row scales stay 
 def quantise_attention(gm: fx.GraphModule) -> dict:
     """Rewrite every eligible lyra::attention of gm; returns {"fp8": n, "kept": {node: why}}
     (the dump's quant section)."""
+    done, kept = rewrite_each_attention(gm, _unsupported, consumers, _rewrite)
+    return {"fp8": done, "kept": kept}
+
+
+def rewrite_each_attention(gm: fx.GraphModule, unsupported, find_consumers, rewrite) -> tuple[int, dict]:
+    """For each lyra::attention of gm: why it stays (unsupported(node), else find_consumers(node)
+    when it returns a reason), or rewrite(gm, node, (chain, leaves)). Returns (rewritten, {node: why})."""
     done, kept = 0, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not _ATTENTION:
             continue
-        why = _unsupported(node)
+        why = unsupported(node)
         chain = None
         if why is None:
-            chain = consumers(node)
+            chain = find_consumers(node)
             why = chain if isinstance(chain, str) else None
         if why is not None:
             kept[node.name] = why
             continue
         try:
-            _rewrite(gm, node, chain)
+            rewrite(gm, node, chain)
         except Exception as exc:  # noqa: BLE001 - raised while planning: the graph is unchanged
             kept[node.name] = f"the rewrite failed ({str(exc)[:120]})"
             continue
         done += 1
-    return {"fp8": done, "kept": kept}
+    return done, kept
 
 
 def _unsupported(node: fx.Node) -> Optional[str]:

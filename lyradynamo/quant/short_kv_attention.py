@@ -27,30 +27,14 @@ from ..ops import attention_short_kv as kernel
 from ..passes import matcher as m
 from . import attention as fp8_attention
 
-_ATTENTION = torch.ops.lyra.attention.default
 _ATTENTION_QUANT = torch.ops.lyra.attention_quant.default
 
 
 def quantise_short_kv_attention(gm: fx.GraphModule, kind: str) -> dict:
     """Rewrite every eligible lyra::attention of gm; returns {"rows": n, "kept": {node: why}}."""
-    done, kept = 0, {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not _ATTENTION:
-            continue
-        why = _unsupported(node)
-        chain = None
-        if why is None:
-            chain = fp8_attention.consumers(node, kind, smoothed=True)
-            why = chain if isinstance(chain, str) else None
-        if why is not None:
-            kept[node.name] = why
-            continue
-        try:
-            _rewrite(gm, node, chain, kind)
-        except Exception as exc:  # noqa: BLE001 - raised while planning: the graph is unchanged
-            kept[node.name] = f"the rewrite failed ({str(exc)[:120]})"
-            continue
-        done += 1
+    done, kept = fp8_attention.rewrite_each_attention(
+        gm, _unsupported, lambda node: fp8_attention.consumers(node, kind, smoothed=True),
+        lambda gm_, node, chain: _rewrite(gm_, node, chain, kind))
     return {"rows": done, "kept": kept}
 
 
