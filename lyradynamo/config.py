@@ -158,15 +158,6 @@ _OPTIONS: dict[str, _Option] = {
         "cudnn, flash (torch SDPA flash), flash_attn (the flash_attn package), math.",
         choices=("auto", "sdpa", "cudnn", "flash", "flash_attn", "math"),
     ),
-    "short_kv_attention": _Option(
-        "auto",
-        "Attention over at most 128 keys (cross-attention on text tokens: SD / SDXL / PixArt) in "
-        "lyra's own kernel (csrc/attention_short_kv.cu, head dims 40, 64, 80, 128, 160, blhd, no "
-        "mask): auto = there for 16-bit outputs when attention_backend is auto, and with quant "
-        "on for an output that only quantised linears read, which it then writes quantised per "
-        "row (no separate quantise pass); off = torch SDPA / flash_attn as attention_backend says.",
-        choices=("auto", "off"),
-    ),
     "fp32_attention": _Option(
         "tf32x3",
         "float32 attention on CUDA with at least 2^30 multiply-adds and no mask (the VAE "

@@ -54,11 +54,7 @@ def kernel_paths(gm: fx.GraphModule, device: str) -> dict[str, str]:
     paths = {}
     for op in sorted(used):
         if op == "attention":
-            paths[op] = ("at most 128 keys: attention_short_kv.cu (config.short_kv_attention); otherwise torch "
-                         "SDPA backends (cuDNN/flash/efficient) or flash_attn")
-        elif op == "attention_quant" and status == "built":
-            paths[op] = ("attention_short_kv.cu, rows quantised as written; past 128 keys (a longer prompt than "
-                         "traced) torch SDPA + quantize_rows, logged as a fallback")
+            paths[op] = "torch SDPA backends (cuDNN/flash/efficient) or flash_attn"
         elif status == "built":
             paths[op] = "csrc CUDA kernel (shapes/dtypes it cannot take fall back to the reference, logged)"
             if op == "group_norm":
@@ -122,10 +118,9 @@ def format_summary(s: dict) -> str:
         for name, why in list(q["kept"].items())[:20]:
             lines.append(f"  kept {name}: {why}")
         att = q.get("attention") or {}
-        if att.get("fp8") or att.get("rows") or att.get("kept"):
-            lines.append(f"attention outputs quantised by the attention kernel: {att.get('fp8', 0)} fp8 attention, "
-                         f"{att.get('rows', 0)} short-KV rows; left to the out-projection's quantise pass: "
-                         f"{len(att.get('kept', {}))}")
+        if att.get("fp8") or att.get("kept"):
+            lines.append(f"attention outputs quantised by the attention kernel (fp8 attention): {att.get('fp8', 0)}; "
+                         f"left to the out-projection's quantise pass: {len(att.get('kept', {}))}")
             for why, n in collections.Counter(att.get("kept", {}).values()).most_common(5):
                 lines.append(f"  attention x{n}: {why}")
         sliced = [name for name in q["quantized"] if name.endswith("]")]  # column slices (split_cat)

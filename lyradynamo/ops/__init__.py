@@ -4,7 +4,7 @@ Each op has: a schema (torch.library.custom_op), a fake implementation for symbo
 shapes that adds no guards, a PyTorch reference (the CPU kernel and the test oracle), and
 a CUDA implementation that calls csrc (`lyradynamo._C`).
 """
-from . import (adaln, attention, attention_fp8, attention_short_kv, bias_residual, group_norm, linear, linear_group,  # noqa: F401  (registration)
+from . import (adaln, attention, attention_fp8, bias_residual, group_norm, linear, linear_group,  # noqa: F401  (registration)
                qkv_projection, qlinear, quantize, rope)
 from ._common import csrc_status, fallback_counts, reset_fallback_counts  # noqa: F401
 

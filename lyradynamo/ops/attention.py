@@ -3,9 +3,7 @@
 layout="bhld": q, k, v and the output are (B, H, L, D), as F.scaled_dot_product_attention.
 layout="blhd": they are (B, L, H, D), the layout a linear projection produces after
 `unflatten(-1, (H, D))`, so the pass removes the head transposes around the call.
-Attention over at most 128 keys (cross-attention on text tokens) runs lyra's own kernel
-(attention_short_kv.py, `lyradynamo.config.short_kv_attention`). Otherwise on CUDA the call goes
-to torch's SDPA backends (cuDNN / flash / efficient), chosen by
+On CUDA the call goes to torch's SDPA backends (cuDNN / flash / efficient), chosen by
 `lyradynamo.config.attention_backend`, or to the `flash_attn` package when importable; long
 float32 attentions (VAE decoders) to TF32 tensor-core GEMMs (attention_fp32.py,
 `lyradynamo.config.fp32_attention`).
@@ -19,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import attention_fp32, attention_short_kv
-from ._common import csrc, record_fallback, unsupported_reason
+from . import attention_fp32
+from ._common import record_fallback, unsupported_reason
 
 LAYOUTS = ("bhld", "blhd")
 
@@ -89,10 +87,6 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
     if attention_fp32.wanted(q, k, v, attn_mask, is_causal, layout, config.fp32_attention):
         return attention_fp32.attention_tf32(q, k, v, scale, layout, config.fp32_attention)
     choice = config.attention_backend
-    if choice == "auto" and config.short_kv_attention == "auto" and k.shape[1] <= attention_short_kv.MAX_KEYS:
-        C = csrc()
-        if attention_short_kv.unsupported(q, k, v, attn_mask, is_causal, layout, C) is None:
-            return attention_short_kv.run(C, q, k, v, scale, None)
     if choice in ("auto", "flash_attn") and attn_mask is None and q.dtype != torch.float32:
         out = _flash_attn(q, k, v, scale, is_causal, layout)
         if out is not None:

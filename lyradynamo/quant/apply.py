@@ -26,7 +26,7 @@ import torch.fx as fx
 from .. import config
 from ..ops.qlinear import shape_unsupported
 from . import attention as quant_attention
-from . import calibration, short_kv_attention, weights
+from . import calibration, weights
 
 _LINEAR = torch.ops.lyra.linear.default
 _QLINEAR = torch.ops.lyra.qlinear.default
@@ -165,13 +165,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     for n in list(gm.graph.nodes):  # slices now read through their quantised copies: dead
         if not n.users and _column_slice(n)[1] is not None:
             gm.graph.erase_node(n)
-    attention = quant_attention.quantise_attention(gm) if quantized and kind == "fp8" else {"fp8": 0, "kept": {}}
-    if quantized:
-        rows = short_kv_attention.quantise_short_kv_attention(gm, kind)
-        attention["rows"] = rows["rows"]
-        fp8_kept = attention["kept"]  # left by the fp8 rewrite, then seen by the short-KV one
-        attention["kept"] = {name: (f"{fp8_kept[name]}; short-KV: {why}" if name in fp8_kept else why)
-                             for name, why in rows["kept"].items()}
+    attention = quant_attention.quantise_attention(gm) if quantized and kind == "fp8" else {"fp8": 0}
     activation = _share_activation_quant(gm, kind) if quantized else {}
     if quantized:
         activation["fused_into_producer"] = _quantise_activated_outputs(gm, kind)

@@ -47,32 +47,25 @@ _IDENTITY = object()  # a view that keeps dims 0, 1 (B, L): the row scales stay 
 def quantise_attention(gm: fx.GraphModule) -> dict:
     """Rewrite every eligible lyra::attention of gm; returns {"fp8": n, "kept": {node: why}}
     (the dump's quant section)."""
-    done, kept = rewrite_each_attention(gm, _unsupported, consumers, _rewrite)
-    return {"fp8": done, "kept": kept}
-
-
-def rewrite_each_attention(gm: fx.GraphModule, unsupported, find_consumers, rewrite) -> tuple[int, dict]:
-    """For each lyra::attention of gm: why it stays (unsupported(node), else find_consumers(node)
-    when it returns a reason), or rewrite(gm, node, (chain, leaves)). Returns (rewritten, {node: why})."""
     done, kept = 0, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not _ATTENTION:
             continue
-        why = unsupported(node)
+        why = _unsupported(node)
         chain = None
         if why is None:
-            chain = find_consumers(node)
+            chain = _consumers(node)
             why = chain if isinstance(chain, str) else None
         if why is not None:
             kept[node.name] = why
             continue
         try:
-            rewrite(gm, node, chain)
+            _rewrite(gm, node, chain)
         except Exception as exc:  # noqa: BLE001 - raised while planning: the graph is unchanged
             kept[node.name] = f"the rewrite failed ({str(exc)[:120]})"
             continue
         done += 1
-    return done, kept
+    return {"fp8": done, "kept": kept}
 
 
 def _unsupported(node: fx.Node) -> Optional[str]:
@@ -105,16 +98,15 @@ def _rms_normed(node) -> bool:
             and len(node.users) == 1 and node.args[2] == "rms" and bool(node.args[1]))
 
 
-def consumers(attn: fx.Node, kind: str = "fp8", smoothed: bool = False):
+def _consumers(attn: fx.Node):
     """(chain nodes in graph order, qlinear leaves) from attn's output to the quantised linears
-    of `kind` reading it, or why not. smoothed: leaves may take smoothing factors (one node,
-    or None, shared by all of them: the quantiser applies it once per row)."""
+    reading it, or why not."""
     chain, leaves, stack = [], [], [attn]
     while stack:
         n = stack.pop()
         for u in n.users:
             if (u.op == "call_function" and u.target is _QLINEAR and u.args[0] is n
-                    and n not in u.args[1:] and u.args[8] == kind and (smoothed or u.args[9] is None)):
+                    and n not in u.args[1:] and u.args[8] == "fp8" and u.args[9] is None):
                 leaves.append(u)
             elif _row_view(u, n) is not None:
                 chain.append(u)
@@ -123,8 +115,6 @@ def consumers(attn: fx.Node, kind: str = "fp8", smoothed: bool = False):
                 return f"its output is read by {u.format_node()[:80]}"
     if not leaves:
         return "no quantised linear reads its output"
-    if len({id(leaf.args[9]) for leaf in leaves}) > 1:
-        return "the quantised linears reading it smooth it differently"
     order = {n: i for i, n in enumerate(attn.graph.nodes)}
     return sorted(set(chain), key=order.get), leaves
 
@@ -157,7 +147,7 @@ def _row_view(u: fx.Node, parent: fx.Node):
     return None
 
 
-def insert_before(graph: fx.Graph, where: fx.Node, target, args: tuple, value) -> fx.Node:
+def _insert(graph: fx.Graph, where: fx.Node, target, args: tuple, value) -> fx.Node:
     with graph.inserting_before(where):
         new = graph.call_function(target, args)
     new.meta["example_value"] = value
@@ -180,7 +170,7 @@ def _operand(node: fx.Node, which: int):
     return [node], [], ([node], [], "none", 0.0, None, None)
 
 
-def fake_value(mode, fn, *args, **kwargs):
+def _fake(mode, fn, *args, **kwargs):
     """fn on fake values: graph nodes stand for their example values."""
     def value(a):
         return m.val(a) if isinstance(a, fx.Node) else a
@@ -208,35 +198,27 @@ def _plan(attn: fx.Node, chain, leaves, operands, fused: bool, mode) -> dict:
     """Every new node's fake value, computed before the graph changes: a failure here leaves the
     graph as it was (the rewrite below only inserts and rewires)."""
     q, k, v, _mask, scale, is_causal, _layout = attn.args
-    plan = {"scales": fake_value(mode, _SCALES, operands[0][0], operands[1][0], operands[2][0],
+    plan = {"scales": _fake(mode, _SCALES, operands[0][0], operands[1][0], operands[2][0],
                             operands[0][1], operands[1][1])}
     if fused:
         (qp, qw, qn, qe, qc, qs), (kp, kw, *_), (vp, *_) = (op[2] for op in operands)
-        plan["qkv"] = fake_value(mode, _QKV_QUANT3, qp, kp, vp, qw, kw, qn, qe, qc, qs, plan["scales"])
+        plan["qkv"] = _fake(mode, _QKV_QUANT3, qp, kp, vp, qw, kw, qn, qe, qc, qs, plan["scales"])
     else:
-        plan["qkv"] = tuple(fake_value(mode, _QKV_QUANT, *op[2], plan["scales"], i) for i, op in enumerate(operands))
-    plan["pair"] = fake_value(mode, _ATTENTION_FP8, *plan["qkv"], plan["scales"], scale, is_causal)
-    plan.update(plan_chain(attn, chain, leaves, plan["pair"], "fp8", mode))
-    return plan
-
-
-def plan_chain(attn: fx.Node, chain, leaves, pair, kind: str, mode) -> dict:
-    """The fake values of the chain (vals), of its mirror on the row scales (svals) and of the
-    qlinear_q leaves, for attn's output replaced by pair = (quantised output, (B, L) scales)."""
-    plan = {}
-    vals, svals = {attn: pair[0]}, {attn: pair[1]}
+        plan["qkv"] = tuple(_fake(mode, _QKV_QUANT, *op[2], plan["scales"], i) for i, op in enumerate(operands))
+    plan["pair"] = _fake(mode, _ATTENTION_FP8, *plan["qkv"], plan["scales"], scale, is_causal)
+    vals, svals = {attn: plan["pair"][0]}, {attn: plan["pair"][1]}
     for u in chain:  # graph order: parents first
         parent = u.args[0]
-        vals[u] = fake_value(mode, lambda *a, **kw: _call(u, *a, **kw), vals[parent], *u.args[1:], **u.kwargs)
+        vals[u] = _fake(mode, lambda *a, **kw: _call(u, *a, **kw), vals[parent], *u.args[1:], **u.kwargs)
         how = _row_view(u, parent)
         if how is _IDENTITY:
             svals[u] = svals[parent]
         else:
             op, target, extra = how
-            svals[u] = fake_value(mode, lambda t, *a: _method(t, target, *a) if op == "call_method" else target(t, *a),
+            svals[u] = _fake(mode, lambda t, *a: _method(t, target, *a) if op == "call_method" else target(t, *a),
                              svals[parent], *extra)
     out_dtype = m.val(attn).dtype
-    plan["leaves"] = [fake_value(mode, _QLINEAR_Q, vals[leaf.args[0]], svals[leaf.args[0]], *leaf.args[1:8], kind,
+    plan["leaves"] = [_fake(mode, _QLINEAR_Q, vals[leaf.args[0]], svals[leaf.args[0]], *leaf.args[1:8], "fp8",
                             out_dtype) for leaf in leaves]
     plan.update(vals=vals, svals=svals, out_dtype=out_dtype)
     return plan
@@ -252,24 +234,15 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
     fused = (len(qp) == len(kp) == len(vp) and (qn, qe, qc, qs) == (kn, ke, kc, ks) and vn == "none"
              and not vw and vc is None)  # one pass over q, k and v
     plan = _plan(attn, chain, leaves, operands, fused, mode)
-    scales = insert_before(graph, attn, _SCALES, (operands[0][0], operands[1][0], operands[2][0],
+    scales = _insert(graph, attn, _SCALES, (operands[0][0], operands[1][0], operands[2][0],
                                             operands[0][1], operands[1][1]), plan["scales"])
     if fused:
-        node = insert_before(graph, attn, _QKV_QUANT3, (qp, kp, vp, qw, kw, qn, qe, qc, qs, scales), plan["qkv"])
+        node = _insert(graph, attn, _QKV_QUANT3, (qp, kp, vp, qw, kw, qn, qe, qc, qs, scales), plan["qkv"])
         quantised = m.getitems(graph, node, 3)
     else:
-        quantised = [insert_before(graph, attn, _QKV_QUANT, (*op[2], scales, i), plan["qkv"][i])
+        quantised = [_insert(graph, attn, _QKV_QUANT, (*op[2], scales, i), plan["qkv"][i])
                      for i, op in enumerate(operands)]
-    pair = insert_before(graph, attn, _ATTENTION_FP8, (*quantised, scales, scale, is_causal), plan["pair"])
-    rewire_chain(graph, attn, chain, leaves, pair, plan, "fp8 attention output")
-    for n in (q, k, v):  # the high-precision producers the quantising ones replaced
-        if isinstance(n, fx.Node) and not n.users and n.op == "call_function":
-            graph.erase_node(n)
-
-
-def rewire_chain(graph: fx.Graph, attn: fx.Node, chain, leaves, pair: fx.Node, plan: dict, label: str) -> None:
-    """attn's readers read pair's quantised output instead; the chain's views are mirrored on
-    its row scales and each qlinear leaf becomes a qlinear_q of the views; attn is erased."""
+    pair = _insert(graph, attn, _ATTENTION_FP8, (*quantised, scales, scale, is_causal), plan["pair"])
     o8, o_scale = m.getitems(graph, pair, 2)
     attn.replace_all_uses_with(o8)
     row_scale = {o8: o_scale}
@@ -286,10 +259,13 @@ def rewire_chain(graph: fx.Graph, attn: fx.Node, chain, leaves, pair: fx.Node, p
         u.meta["example_value"] = plan["vals"][u]
     for leaf, value in zip(leaves, plan["leaves"]):
         x, qw_, ws, bias, act, glu, gate, residual, kind, _inv = leaf.args
-        new = insert_before(graph, leaf, _QLINEAR_Q, (x, row_scale[x], qw_, ws, bias, act, glu, gate, residual, kind,
+        new = _insert(graph, leaf, _QLINEAR_Q, (x, row_scale[x], qw_, ws, bias, act, glu, gate, residual, kind,
                                                 plan["out_dtype"]), value)
         new.meta.update({key: leaf.meta[key] for key in ("stack_trace", "nn_module_stack") if key in leaf.meta})
-        new.meta["lyra"] = leaf.meta.get("lyra", "qlinear") + "+" + label
+        new.meta["lyra"] = leaf.meta.get("lyra", "qlinear") + "+fp8 attention output"
         leaf.replace_all_uses_with(new)
         graph.erase_node(leaf)
     graph.erase_node(attn)
+    for n in (q, k, v):  # the high-precision producers the quantising ones replaced
+        if isinstance(n, fx.Node) and not n.users and n.op == "call_function":
+            graph.erase_node(n)
