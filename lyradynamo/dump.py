@@ -119,8 +119,9 @@ def format_summary(s: dict) -> str:
             lines.append(f"  kept {name}: {why}")
         att = q.get("attention") or {}
         if att.get("fp8") or att.get("kept"):
-            lines.append(f"attention outputs quantised by the attention kernel (fp8 attention): {att.get('fp8', 0)}; "
-                         f"left to the out-projection's quantise pass: {len(att.get('kept', {}))}")
+            # kept: 16-bit attention; a quantised out-projection then quantises its input itself
+            lines.append(f"attention in fp8 (its output quantised by the kernel): {att.get('fp8', 0)}; "
+                         f"left in 16-bit: {len(att.get('kept', {}))}")
             for why, n in collections.Counter(att.get("kept", {}).values()).most_common(5):
                 lines.append(f"  attention x{n}: {why}")
         sliced = [name for name in q["quantized"] if name.endswith("]")]  # column slices (split_cat)

@@ -130,7 +130,7 @@ def test_rewrite_quantises_attention_read_by_quantised_linears(name, n_attn, mod
         _, att_auto, _ = _compile_run(name, model, inputs)
         assert att_auto["fp8"] == 0 and all("not RMS-normalised" in why for why in att_auto["kept"].values())
         text = dump.format_summary(lyradynamo.compiled_graphs()[0].summary)
-        assert f"(fp8 attention): 0; left to the out-projection's quantise pass: {n_attn}" in text
+        assert f"attention in fp8 (its output quantised by the kernel): 0; left in 16-bit: {n_attn}" in text
         assert f"attention x{n_attn}: q / k are not RMS-normalised" in text
     off, att_off, hist_off = _compile_run(name, model, inputs, fp8_attention="off")
     assert att_off["fp8"] == 0 and set(att_off["kept"].values()) == {"config.fp8_attention = 'off'"}
