@@ -89,13 +89,13 @@ FUSED_PATHS = ("cutlass", "cutlass-streamk", "cutlass-pingpong", "cublaslt")  # 
 PEAK_FLOP_PER_US = 1.2e9
 
 
-def check_auto_decision(decided: dict, flops: float) -> None:
-    """gated_gemm auto chose one of its paths after timing every one of them, each time no
-    shorter than the path's `flops` at peak rate: a path whose launches missed the timing
-    capture (gone to another stream) times too short and fails this."""
-    assert decided["path"] in FUSED_PATHS, decided
-    floor = flops / PEAK_FLOP_PER_US
-    assert all(decided[f"{p}_us"] >= floor for p in FUSED_PATHS), (decided, f"floor {floor:.1f} us")
+def check_auto_decision(decided: dict, flops: float, paths=FUSED_PATHS, peak_per_us=PEAK_FLOP_PER_US) -> None:
+    """gated_gemm auto chose one of its `paths` after timing every one of them, each time no
+    shorter than the path's `flops` at the `peak_per_us` rate: a path whose launches missed the
+    timing capture (gone to another stream) times too short and fails this."""
+    assert decided["path"] in paths, decided
+    floor = flops / peak_per_us
+    assert all(decided[f"{p}_us"] >= floor for p in paths), (decided, f"floor {floor:.1f} us")
 
 
 def w8a8_operands(m, n, k, dtype, bias, kind):
@@ -125,10 +125,8 @@ W8A8_PEAK_PER_US = 2.4e9  # above the H100 / H200 dense fp8 and int8 rates (~198
 
 
 def check_w8a8_decision(decided: dict, m: int, n: int, k: int) -> None:
-    """As check_auto_decision, for the W8A8 GEMMs (gemm_fp8_res, gemm_int8_scaled)."""
-    assert decided["path"] in W8A8_PATHS, decided
-    floor = 2.0 * m * n * k / W8A8_PEAK_PER_US
-    assert all(decided[f"{p}_us"] >= floor for p in W8A8_PATHS), (decided, f"floor {floor:.1f} us")
+    """check_auto_decision for the W8A8 GEMMs (gemm_fp8_res, gemm_int8_scaled): their paths and rate."""
+    check_auto_decision(decided, 2.0 * m * n * k, W8A8_PATHS, W8A8_PEAK_PER_US)
 
 
 def check_w8a8_refusals(C, entry: str, xq, xs, wq, ws, b, r, out, null: str) -> None:
