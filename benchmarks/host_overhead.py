@@ -78,13 +78,32 @@ def _cprofile_calls(compiled, inputs: dict, calls: int, top: int) -> None:
     print(f"-- cProfile over {calls} calls (per-call times: divide by {calls})\n" + buf.getvalue(), flush=True)
 
 
-def measure(model_name: str, mode: str, calls: int, skip_guards: bool = False, cprofile: int = 0) -> dict:
+def guard_tree_stats(model) -> dict:
+    """Size of the guard tree of model's newest compilation: managers, those not tag safe (checked
+    guard by guard on every call), tag-safe roots (checked by dict tags), and the nodes lyra's
+    extension marked (lyradynamo/guard_tags.py)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from lyradynamo import guard_tags
+
+    try:
+        entries = _debug_get_cache_entry_list(type(model).forward.__code__)
+        nodes = [n for _, n, _ in guard_tags._walk(entries[0].guard_manager.root)]
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only
+        return {"guard_tree_error": str(exc)[:200]}
+    return {"guard_managers": len(nodes), "not_tag_safe": sum(not n.is_tag_safe() for n in nodes),
+            "tag_safe_roots": sum(n.is_tag_safe_root() for n in nodes),
+            "marked_by_lyra": guard_tags.last_marked}
+
+
+def measure(model_name: str, mode: str, calls: int, skip_guards: bool = False, cprofile: int = 0,
+            lyra_config: dict | None = None) -> dict:
     dtype = zoo.default_dtype(model_name, "cuda")
     model = zoo.build_denoiser(model_name, tiny=False, dtype=dtype, device="cuda")
     inputs = zoo.denoiser_inputs(model_name, model, batch=2 if model_name in ("sd15", "sdxl") else 1)
     marks = _Marks()
     parts = {"total": [], "dynamo": [], "runner": [], "replay": [], "after": []}
-    with torch.no_grad(), lyradynamo.config.patch(quant=QUANT[mode]):
+    with torch.no_grad(), lyradynamo.config.patch(quant=QUANT[mode], **(lyra_config or {})):
         compiled = torch.compile(model, backend="lyra")
         for _ in range(3):
             compiled(**inputs)
@@ -107,13 +126,14 @@ def measure(model_name: str, mode: str, calls: int, skip_guards: bool = False, c
         finally:
             undo()
         torch.cuda.synchronize()
+    tree = guard_tree_stats(model)
     n_params = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
     del compiled, model
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return {"model": model_name, "mode": mode, "gpu": torch.cuda.get_device_name(), "calls": calls,
             "skip_guard_eval_unsafe": skip_guards,
-            "parameters_and_buffers": n_params,
+            "parameters_and_buffers": n_params, "lyra_config": lyra_config or {}, **tree,
             **{f"{k}_us": round(statistics.median(v) * 1e6, 1) for k, v in parts.items()}}
 
 
@@ -129,8 +149,18 @@ def main() -> None:
                         "setting in one call, e.g. use_recursive_dict_tags_for_guards=False)")
     p.add_argument("--skip-guard-eval", action="store_true",
                    help="also measure under torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
+    p.add_argument("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a lyradynamo.config option for the calls (as bench.py's)")
+    p.add_argument("--ab", default=None, metavar="KEY",
+                   help="a boolean lyradynamo.config option measured on, off, on again per model, in this "
+                        "process (an A/B/A on one host), e.g. extended_dict_tags")
     args = p.parse_args()
+    from bench import parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
     from lyradynamo import shape_policy
+
+    lyra_config = parse_lyra_config(args.lyra_config)
+    settings = [dict(lyra_config)] if not args.ab else [
+        {**lyra_config, args.ab: value} for value in (True, False, True)]
 
     for item in args.policy:  # e.g. use_recursive_dict_tags_for_guards=False
         key, _, value = item.partition("=")
@@ -138,9 +168,10 @@ def main() -> None:
             p.error(f"--policy {key}: not one of the shape policy's settings {sorted(shape_policy._DYNAMO_POLICY)}")
         shape_policy._DYNAMO_POLICY[key] = {"True": True, "False": False}.get(value, value)
     rows = []
-    for name, skip in [(n, s) for n in args.models.split(",") for s in ((False, True) if args.skip_guard_eval
-                                                                           else (False,))]:
-        row = measure(name, args.mode, args.calls, skip, args.cprofile if not skip else 0)
+    runs = [(n, s, cfg) for n in args.models.split(",") for cfg in settings
+            for s in ((False, True) if args.skip_guard_eval else (False,))]
+    for name, skip, cfg in runs:
+        row = measure(name, args.mode, args.calls, skip, args.cprofile if not skip else 0, cfg)
         row["policy_overrides"] = args.policy
         rows.append(row)
         print("== " + json.dumps(row), flush=True)

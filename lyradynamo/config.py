@@ -181,6 +181,12 @@ _OPTIONS: dict[str, _Option] = {
         "tracing (not the model's), so batch size 1 does not recompile. See shape_policy.py.",
         kind=bool,
     ),
+    "extended_dict_tags": _Option(
+        True,
+        "Let Dynamo check attention processors and modules read through __dict__ by their dicts' "
+        "version tags (host time per call; see guard_tags.py). False: torch's own rules only.",
+        kind=bool,
+    ),
     "use_csrc": _Option(
         True, "Use the compiled CUDA library where it is built; False forces the reference ops.",
         kind=bool,

@@ -187,9 +187,10 @@ def install() -> None:
     _install_batch_only_duck()
     _install_input_floats()
     _install_call_method_hooks()
-    from . import fake_shortcuts
+    from . import fake_shortcuts, guard_tags
 
     fake_shortcuts.install()
+    guard_tags.install()
     _installed = True
 
 

@@ -1,0 +1,157 @@
+"""Extended dict-tag guards (lyradynamo/guard_tags.py): attention processors and modules read
+through `__dict__` are checked by dict version tags in lyra compilations, and every change that
+the full guards would see is still seen (each call below is compared with eager)."""
+import logging
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+import lyradynamo
+from lyradynamo import guard_tags
+
+
+class ScaledProcessor(AttnProcessor2_0):
+    """A processor with state of its own, read at every call."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        return super().__call__(attn, hidden_states, *args, **kwargs) * self.scale
+
+
+class Blocks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attns = torch.nn.ModuleList(Attention(query_dim=16, heads=2, dim_head=8) for _ in range(2))
+        self.attns[1].set_processor(ScaledProcessor(0.5))
+
+    def forward(self, x):  # noqa: ANN001
+        for attn in self.attns:
+            x = x + attn(x)
+        return x
+
+
+def _guard_nodes(fn_code) -> list:
+    (entry, *_) = _debug_get_cache_entry_list(fn_code)  # the newest compilation first
+    return [node for _, node, _ in guard_tags._walk(entry.guard_manager.root)]
+
+
+def _processor_nodes(nodes) -> list:
+    return [n for n in nodes if n.get_source().endswith(".processor")]
+
+
+@pytest.fixture
+def model():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    return Blocks().eval()
+
+
+def _check(compiled, model, x) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_processors_are_tag_safe_under_lyra_only(model):
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(model, backend="lyra")
+    _check(compiled, model, x)
+    nodes = _guard_nodes(Blocks.forward.__code__)
+    procs = _processor_nodes(nodes)
+    assert len(procs) == 2 and all(n.is_tag_safe() for n in procs)
+    assert guard_tags.last_marked > 0
+    roots = [n for n in nodes if n.is_tag_safe_root()]
+    # one root above both attentions (torch alone: a root per linear inside each of them)
+    assert len(roots) == 1 and all(p.get_source().startswith(roots[0].get_source()) for p in procs)
+
+    # another backend: torch's rules only (the processors stay on full guards)
+    torch._dynamo.reset()
+    eager_compiled = torch.compile(model, backend="eager")
+    _check(eager_compiled, model, x)
+    assert not any(n.is_tag_safe() for n in _processor_nodes(_guard_nodes(Blocks.forward.__code__)))
+
+
+def test_option_off_keeps_torchs_rules(model):
+    x = torch.randn(2, 5, 16)
+    with lyradynamo.config.patch(extended_dict_tags=False):
+        compiled = torch.compile(model, backend="lyra")
+        _check(compiled, model, x)
+    assert not any(n.is_tag_safe() for n in _processor_nodes(_guard_nodes(Blocks.forward.__code__)))
+
+
+def test_changes_behind_the_tags_are_seen(model):
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(model, backend="lyra")
+    _check(compiled, model, x)
+    _check(compiled, model, x)  # the tags are recorded by now
+    model.attns[1].processor.scale = 2.0  # the processor's own state
+    _check(compiled, model, x)
+    model.attns[0].set_processor(ScaledProcessor(3.0))  # another processor class
+    _check(compiled, model, x)
+    model.attns[0].set_processor(ScaledProcessor(-1.0))  # same class, another instance
+    _check(compiled, model, x)
+    model.attns[1].scale = 0.1  # an attribute of the Attention module the processor reads
+    _check(compiled, model, x)
+
+    original = ScaledProcessor.__call__
+
+    def doubled(self, attn, hidden_states, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        return 2.0 * original(self, attn, hidden_states, *args, **kwargs)
+
+    ScaledProcessor.__call__ = doubled  # a method rebound on the class
+    try:
+        _check(compiled, model, x)
+    finally:
+        ScaledProcessor.__call__ = original
+    _check(compiled, model, x)
+
+
+def test_torch_api_mismatch_falls_back_with_a_warning(model, monkeypatch, caplog):
+    def broken(*args):  # noqa: ANN002
+        raise AttributeError("no such accessor method")
+
+    monkeypatch.setattr(guard_tags, "_qualifies", broken)
+    monkeypatch.setattr(guard_tags, "_warned", False)
+    x = torch.randn(2, 5, 16)
+    with caplog.at_level(logging.WARNING, logger="lyradynamo"):
+        compiled = torch.compile(model, backend="lyra")
+        _check(compiled, model, x)
+    assert "extended dict-tag guards off" in caplog.text and guard_tags.last_marked == 0
+    model.attns[1].processor.scale = 2.0
+    _check(compiled, model, x)
+
+
+def test_unet_processor_method_rebound_on_its_class_is_seen():
+    """In a UNet, Dynamo reads `type(processor).__call__` without guarding the class's dict; the
+    extension adds that dict to the tree, or a rebound method would run the stale graph."""
+    from lyradynamo import zoo
+
+    torch._dynamo.reset()
+    unet = zoo.build_denoiser("sd15", tiny=True)
+    inputs = zoo.denoiser_inputs("sd15", unet, batch=2, height=64, width=64)
+    compiled = torch.compile(unet, backend="lyra")
+    run = torch.no_grad()(lambda m: m(**inputs).sample)
+    before = run(unet)
+    # compiled calls only until the change (the tags are recorded on the first, used on the second)
+    torch.testing.assert_close(run(compiled), before)
+    torch.testing.assert_close(run(compiled), before)
+    procs = _processor_nodes(_guard_nodes(type(unet).forward.__code__))
+    assert procs and all(n.is_tag_safe() for n in procs)
+
+    original = AttnProcessor2_0.__call__
+
+    def halved(self, attn, hidden_states, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        return 0.5 * original(self, attn, hidden_states, *args, **kwargs)
+
+    AttnProcessor2_0.__call__ = halved
+    try:
+        after = run(compiled)
+        torch.testing.assert_close(after, run(unet))
+    finally:
+        AttnProcessor2_0.__call__ = original
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(run(compiled), before)
