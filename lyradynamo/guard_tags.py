@@ -102,14 +102,18 @@ def premark(root) -> int:  # noqa: ANN001
     copy = root.clone_manager(lambda _mgr: True)
     shadow = types.SimpleNamespace(root=copy)
     chosen: dict[tuple, Any] = {}
+    pending = None  # nodes not yet tag safe (tag safety only grows: later rounds look at these)
     for _ in range(_MAX_ROUNDS):
         _original(shadow)
-        new = {path: how for path, node, cls in _walk(copy)
-               if path not in chosen and (how := _qualifies(node, cls)) is not None}
+        if pending is None:
+            pending = [(path, node, cls) for path, node, cls in _walk(copy) if not node.is_tag_safe()]
+        pending = [item for item in pending if not item[1].is_tag_safe()]
+        new = {path: how for path, node, cls in pending if (how := _qualifies(node, cls)) is not None}
         if not new:
             break
-        for path in new:
-            _at(copy, path).mark_tag_safe()
+        for path, node, _ in pending:
+            if path in new:
+                node.mark_tag_safe()
         chosen.update(new)
     for path, cls in chosen.items():
         node = _at(root, path)

@@ -155,3 +155,31 @@ def test_unet_processor_method_rebound_on_its_class_is_seen():
         AttnProcessor2_0.__call__ = original
     assert not torch.allclose(after, before)
     torch.testing.assert_close(run(compiled), before)
+
+
+def test_unet_level_switches_after_compilation_are_seen():
+    """What users switch on a compiled UNet between calls: FreeU (attributes on the up blocks),
+    all processors at once, and back. Each compiled call matches eager."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from lyradynamo import zoo
+
+    torch._dynamo.reset()
+    unet = zoo.build_denoiser("sd15", tiny=True)
+    inputs = zoo.denoiser_inputs("sd15", unet, batch=2, height=64, width=64)
+    compiled = torch.compile(unet, backend="lyra")
+    run = torch.no_grad()(lambda m: m(**inputs).sample)
+    plain = run(unet)
+    torch.testing.assert_close(run(compiled), plain)
+    torch.testing.assert_close(run(compiled), plain)
+    steps = [
+        lambda: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
+        lambda: unet.disable_freeu(),
+        lambda: unet.set_attn_processor(AttnProcessor()),
+        lambda: unet.set_attn_processor(ScaledProcessor(0.25)),
+    ]
+    for step in steps:
+        step()
+        got = run(compiled)  # before any eager call, so the tags recorded by compiled calls decide
+        torch.testing.assert_close(got, run(unet))
+    assert not torch.allclose(got, plain)
