@@ -115,18 +115,18 @@ def premark(root) -> int:  # noqa: ANN001
             if path in new:
                 node.mark_tag_safe()
         chosen.update(new)
-    for path, cls in chosen.items():
+    added = []
+    for path, what in chosen.items():
         node = _at(root, path)
         if node.get_source() != _at(copy, path).get_source():
             raise RuntimeError(f"guard tree copy differs at {node.get_source()}")
-        if cls is not _OBJECT:
-            _record_class_dict(node, cls)
-    for path in chosen:  # after every class dict is added: a failure above marks nothing
+        if what is not _NOTHING:
+            added += _record_mro_dicts(node, what)
+    for mgr in added:  # after every dict is added: a failure above marks nothing
+        mgr.mark_tag_safe()
+    for path in chosen:
         _at(root, path).mark_tag_safe()
     return len(chosen)
-
-
-_OBJECT = object()  # _qualifies' answer for an object node (a class node answers its class)
 
 
 def _children(node) -> list:  # noqa: ANN001
@@ -188,8 +188,10 @@ def _at(root, path: tuple):  # noqa: ANN001, ANN202
 
 
 def _qualifies(node, cls: Optional[type]) -> Optional[Any]:  # noqa: ANN001
-    """_OBJECT or the class for a node the rules above allow; None otherwise (also for a node
-    already tag safe, or one with a child that is not). `cls`: the class a class node guards."""
+    """What marking `node` needs, for a node the rules above allow: _NOTHING, or
+    ("class", C) / ("object", C): the dicts of C's MRO must be added to the tree (attributes read
+    off a class, or off an object's class). None for a node that does not qualify, is already
+    tag safe, or has a child that is not. `cls`: the class a class node guards, if known."""
     from torch._C._dynamo import guards as G
 
     if node.is_tag_safe() or hasattr(node, "get_key_value_managers"):
@@ -198,24 +200,27 @@ def _qualifies(node, cls: Optional[type]) -> Optional[Any]:  # noqa: ANN001
         return None
     value_type = node.get_type_of_guarded_value()
     accessors = node.get_accessors()
-    if value_type is type:  # a class: its own attributes, read through its dict's tag
+    if value_type is type:  # a class: attributes read off it depend on its MRO's dicts
         if cls is None or type(cls) is not type:
             return None
         for acc in accessors:
             if isinstance(acc, (G.TypeDictGuardAccessor, G.TypeMROGuardAccessor)):
                 continue
-            if isinstance(acc, G.GetAttrGuardAccessor) and _own_class_attr(cls, acc.get_attr_name()):
+            name = acc.get_attr_name() if isinstance(acc, G.GetAttrGuardAccessor) else None
+            if name is not None and _class_attr(cls, name) and not _is_data_descriptor_of_type(name):
                 continue
             return None
-        return cls
+        return ("class", cls)
     if value_type is property:  # fget / fset / fdel of a property cannot be rebound
         ok = all(isinstance(acc, G.GetAttrGuardAccessor) and acc.get_attr_name() in ("fget", "fset", "fdel")
                  for acc in accessors)
-        return _OBJECT if ok else None
+        return _NOTHING if ok else None
     if not (issubclass(value_type, torch.nn.Module) or _plain_class(value_type)):
         return None
+    if value_type.__getattribute__ is not object.__getattribute__:
+        return None
     reads_dict = any(isinstance(acc, G.GetGenericDictGuardAccessor) for acc in accessors)
-    reads_class = any(isinstance(acc, G.TypeGuardAccessor) for acc in accessors)
+    needs_mro = False
     for acc in accessors:
         if isinstance(acc, (G.GetGenericDictGuardAccessor, G.TypeGuardAccessor)):
             continue
@@ -223,14 +228,17 @@ def _qualifies(node, cls: Optional[type]) -> Optional[Any]:  # noqa: ANN001
             name = acc.get_attr_name()
             if name == "__dict__" and _standard_instance_dict(value_type):
                 continue
-            # a plain object's attribute: its instance dict and its class's dict are both recorded
-            if (reads_dict and reads_class and _plain_class(value_type)
-                    and _instance_attr(value_type, name)):
+            if name == "__class__":  # type(obj), as the type accessor reads it
+                continue
+            # obj.<name> through the instance dict (recorded) and the class's MRO (recorded below)
+            if reads_dict and _class_attr(value_type, name, or_instance=_plain_class(value_type)):
+                needs_mro = True
                 continue
         return None
-    return _OBJECT
+    return ("object", value_type) if needs_mro else _NOTHING
 
 
+_NOTHING = ("nothing", None)
 _NOT_PLAIN = (dict, list, tuple, set, frozenset, str, bytes, bytearray, type, torch.Tensor,
               types.ModuleType, types.FunctionType, types.MethodType, BaseException)
 
@@ -249,35 +257,55 @@ def _standard_instance_dict(cls: type) -> bool:
     return False
 
 
-def _instance_attr(cls: type, name: str) -> bool:
-    """`obj.<name>` comes from obj's own dict or else cls's own dict: no class of the MRO but cls
-    itself defines it, and not as a data descriptor (a property runs code of its own)."""
+def _class_attr(cls: type, name: str, or_instance: bool = False) -> bool:
+    """`<cls or its instance>.<name>` is a plain entry of a dict of cls's MRO: the first class
+    that defines it does not make it a data descriptor (a property runs code of its own), and
+    for a class, `type` has no data descriptor of that name (`__doc__`, `__dict__`, ...).
+    `or_instance`: a name no class defines is an instance attribute (in the instance dict)."""
     for klass in cls.__mro__:
         if name in klass.__dict__:
             attr = klass.__dict__[name]
-            if klass is not cls or hasattr(type(attr), "__set__") or hasattr(type(attr), "__delete__"):
-                return False
-    return True
+            return not (hasattr(type(attr), "__set__") or hasattr(type(attr), "__delete__"))
+    return or_instance
 
 
-def _own_class_attr(cls: type, name: str) -> bool:
-    """`cls.<name>` is the entry of cls's own dict: defined there, and not overridden by a data
-    descriptor of the metaclass (`type`'s `__doc__`, `__dict__`, ...)."""
-    if name not in cls.__dict__:
-        return False
-    meta_attr = type.__dict__.get(name)
-    return meta_attr is None or not hasattr(type(meta_attr), "__set__")
+def _is_data_descriptor_of_type(name: str) -> bool:
+    attr = type.__dict__.get(name)
+    return attr is not None and hasattr(type(attr), "__set__")
 
 
-def _record_class_dict(node, cls: type) -> None:  # noqa: ANN001
-    """Add cls's own dict below its class node, so the tags record it (a method rebound on the
-    class changes it). The dict behind the class's mappingproxy is the one CPython updates."""
+def _real_dict(cls: type) -> dict:
+    """The dict behind cls's mappingproxy: the one CPython updates (and versions)."""
+    (real,) = [d for d in gc.get_referents(cls.__dict__) if isinstance(d, dict)]
+    return real
+
+
+def _record_mro_dicts(node, what) -> list:  # noqa: ANN001
+    """Add the dicts of the MRO of `what`'s class below `node` (the class's node, or for an
+    object, its type(obj) node, added if missing), so that their version tags are recorded:
+    rebinding or adding an attribute on any class of the MRO is then seen. Builtin classes are
+    left out (their dicts cannot change). Returns the managers it added or reused."""
     from torch._C._dynamo import guards as G
     from torch._dynamo.guards import GuardManagerType
 
-    if any(isinstance(acc, G.TypeDictGuardAccessor) for acc in node.get_accessors()):
-        return  # Dynamo guards the class's dict already
-    (real,) = [d for d in gc.get_referents(cls.__dict__) if isinstance(d, dict)]
-    child = node.type_dict_manager(source=f"{node.get_source()}.__dict__", example_value=real,
-                                   guard_manager_enum=GuardManagerType.GUARD_MANAGER)
-    child.mark_tag_safe()
+    kind, cls = what
+    enum = GuardManagerType.GUARD_MANAGER
+    made = []
+    if kind == "object":
+        node = node.type_manager(source=f"type({node.get_source()})", example_value=cls,
+                                 guard_manager_enum=enum)
+        made.append(node)
+    src = node.get_source()
+    if not any(isinstance(acc, G.TypeDictGuardAccessor) for acc in node.get_accessors()):
+        made.append(node.type_dict_manager(source=f"{src}.__dict__", example_value=_real_dict(cls),
+                                           guard_manager_enum=enum))
+    bases = [(i, klass) for i, klass in enumerate(cls.__mro__) if i and klass.__module__ != "builtins"]
+    if bases:
+        mro = node.type_mro_manager(source=f"{src}.__mro__", example_value=cls.__mro__, guard_manager_enum=enum)
+        made.append(mro)
+        for i, klass in bases:
+            item = mro.tuple_getitem_manager(i, f"{src}.__mro__[{i}]", klass, enum)
+            made.append(item)
+            made.append(item.type_dict_manager(source=f"{src}.__mro__[{i}].__dict__",
+                                               example_value=_real_dict(klass), guard_manager_enum=enum))
+    return made

@@ -23,6 +23,15 @@ class ScaledProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, *args, **kwargs) * self.scale
 
 
+class FactorBase(AttnProcessor2_0):
+    factor = 1.0  # a class attribute of a base class, read through the instance
+
+
+class FactorProcessor(FactorBase):
+    def __call__(self, attn, hidden_states, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        return super().__call__(attn, hidden_states, *args, **kwargs) * self.factor
+
+
 class Blocks(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -183,3 +192,21 @@ def test_unet_level_switches_after_compilation_are_seen():
         got = run(compiled)  # before any eager call, so the tags recorded by compiled calls decide
         torch.testing.assert_close(got, run(unet))
     assert not torch.allclose(got, plain)
+
+
+def test_class_attribute_of_a_base_class_changed_is_seen(model):
+    """obj.factor comes from a base class's dict: the MRO's dicts are added to the tree."""
+    model.attns[0].set_processor(FactorProcessor())
+    x = torch.randn(2, 5, 16)
+    compiled = torch.no_grad()(torch.compile(model, backend="lyra"))
+    before = compiled(x)
+    compiled(x)  # the tags are recorded by now
+    assert all(n.is_tag_safe() for n in _processor_nodes(_guard_nodes(Blocks.forward.__code__)))
+    FactorBase.factor = 3.0
+    try:
+        after = compiled(x)  # compiled first: the recorded tags decide
+        with torch.no_grad():
+            torch.testing.assert_close(after, model(x))
+    finally:
+        FactorBase.factor = 1.0
+    assert not torch.allclose(after, before)
