@@ -4,33 +4,37 @@ Dynamo checks its guards before every call of a compiled frame: under CUDA graph
 sits on the critical path of each denoising step wherever the scheduler syncs (SD's PNDM).
 torch's recursive dict tags (`use_recursive_dict_tags_for_guards`, turned on by the shape policy)
 let a submodule be checked by the version tags of its dicts instead of guard by guard, but only
-where every guarded object below it is an `nn.Module`, a dict, a tensor, a constant or a function.
-Two things stop that in every diffusers attention model, so each `Attention` module and all of
-its parents up to the model stay on full guard evaluation (SD1.5: 410 of 5451 guard managers,
-about half of Dynamo's time per call):
+where every guarded object below it is an `nn.Module` read through its `__dict__`, a dict, a
+tensor, a constant or a function. In diffusers models that stops at:
 
-  * the attention processor is a plain object (`AttnProcessor2_0`), and its call is guarded
-    through its class (`type(processor).__call__`: an attribute read off the class);
-  * `Transformer2DModel` and the UNet are also read through `module.__dict__` (diffusers'
-    config access), an accessor torch's rule for modules does not list.
+  * the attention processor, a plain object (`AttnProcessor2_0`) whose call is read off its class
+    (`type(processor).__call__`);
+  * modules also read through `module.__dict__` (`Transformer2DModel`, the UNet: config access);
+  * attributes read off a module's class (torch 2.11: `ModuleList.__iter__`, `call_super_init`).
 
-For a compilation of a lyra frame, `install()` wraps torch's search for tag-safe nodes so that,
-before torch's own rules run, these are marked tag safe when everything below them is:
+So every `Attention` module and all of its parents stay on full guard evaluation (full-size
+SD1.5: ~400-500 of ~5500 guard managers; most of Dynamo's time per call). For a compilation of a
+lyra frame, `install()` wraps torch's search for tag-safe nodes so that, before torch's own rules
+run, these nodes are marked tag safe when everything below them is:
 
-  * a plain object (not a container, type or tensor; a normal instance `__dict__`, no custom
-    `__getattribute__`) whose guards go only through its `__dict__` and its class, as torch
-    allows for modules;
-  * a module or such object also read through `__dict__`, when `__dict__` is the standard
-    instance-dict descriptor (the same dict torch already follows);
-  * a class reached from such an object whose guards read attributes defined in the class's own
-    dict (`__call__`): the class's dict is then added to the guard tree, so its version tag is
-    recorded and a method rebound on the class is seen.
+  * a module or a plain object (not a container, type or tensor; a normal instance `__dict__`;
+    no custom `__getattribute__`) read through its `__dict__` (the standard descriptor), its class
+    (`type(obj)` or `obj.__class__`), and attributes that its instance dict or its class's MRO
+    answers without running code (no data descriptor, e.g. no property);
+  * a class whose attributes read are plain entries of its MRO's dicts (not data descriptors,
+    nor `type`'s own: `__doc__`, `__dict__`, ...);
+  * a property (its fget / fset / fdel cannot be rebound).
 
-What the tags then skip is what they skip for modules: rebinding an attribute, a processor, a
-method on the class, or a submodule changes a recorded dict's tag, and that call runs the full
-guards (and recompiles where needed). Like torch's rule, it does not see `obj.__class__`
-reassigned in place. `lyradynamo.config.extended_dict_tags = False` leaves torch's rules alone.
-If torch's guard API differs from what this expects, it logs once and leaves torch's result.
+Wherever an attribute is read off a class, the dicts of the class's whole MRO (builtins left out)
+are added to the guard tree, so their version tags are recorded too. What the tags then skip is
+what they skip for modules: rebinding or adding an attribute on the object, a processor, a method
+or class attribute anywhere in the MRO, or a submodule changes a recorded dict's tag, and that
+call runs the full guards (and recompiles where needed). Like torch's rules it does not see a
+function's `__code__` replaced in place (`assume_dunder_attributes_remain_unchanged`) or
+`obj.__class__` reassigned. `lyradynamo.config.extended_dict_tags = False` leaves torch's rules
+alone. Which nodes qualify depends on torch's verdict below them, so the search runs on a copy of
+the tree first (`premark`). If torch's guard API differs from what this expects, it logs once
+and leaves torch's result.
 """
 from __future__ import annotations
 
