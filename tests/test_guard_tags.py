@@ -134,9 +134,9 @@ def test_torch_api_mismatch_falls_back_with_a_warning(model, monkeypatch, caplog
     _check(compiled, model, x)
 
 
-def test_unet_processor_method_rebound_on_its_class_is_seen():
-    """In a UNet, Dynamo reads `type(processor).__call__` without guarding the class's dict; the
-    extension adds that dict to the tree, or a rebound method would run the stale graph."""
+def _tiny_unet_compiled():
+    """A tiny SD1.5 UNet, its lyra compilation, a no-grad call and eager's output; the compiled
+    model is called twice (its tags are recorded on the first call and used on the second)."""
     from lyradynamo import zoo
 
     torch._dynamo.reset()
@@ -144,12 +144,19 @@ def test_unet_processor_method_rebound_on_its_class_is_seen():
     inputs = zoo.denoiser_inputs("sd15", unet, batch=2, height=64, width=64)
     compiled = torch.compile(unet, backend="lyra")
     run = torch.no_grad()(lambda m: m(**inputs).sample)
-    before = run(unet)
-    # compiled calls only until the change (the tags are recorded on the first, used on the second)
-    torch.testing.assert_close(run(compiled), before)
-    torch.testing.assert_close(run(compiled), before)
+    plain = run(unet)
+    torch.testing.assert_close(run(compiled), plain)
+    torch.testing.assert_close(run(compiled), plain)
     procs = _processor_nodes(_guard_nodes(type(unet).forward.__code__))
     assert procs and all(n.is_tag_safe() for n in procs)
+    return unet, compiled, run, plain
+
+
+def test_unet_processor_method_rebound_on_its_class_is_seen():
+    """A method rebound on the processors' class, seen by the next compiled call (the compiled
+    calls come first, so the tags recorded by them decide). The class's dict is in the tree:
+    Dynamo guards it at one of the UNet's eight processors, the extension adds it at the others."""
+    unet, compiled, run, before = _tiny_unet_compiled()
 
     original = AttnProcessor2_0.__call__
 
@@ -171,16 +178,7 @@ def test_unet_level_switches_after_compilation_are_seen():
     all processors at once, and back. Each compiled call matches eager."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    from lyradynamo import zoo
-
-    torch._dynamo.reset()
-    unet = zoo.build_denoiser("sd15", tiny=True)
-    inputs = zoo.denoiser_inputs("sd15", unet, batch=2, height=64, width=64)
-    compiled = torch.compile(unet, backend="lyra")
-    run = torch.no_grad()(lambda m: m(**inputs).sample)
-    plain = run(unet)
-    torch.testing.assert_close(run(compiled), plain)
-    torch.testing.assert_close(run(compiled), plain)
+    unet, compiled, run, plain = _tiny_unet_compiled()
     steps = [
         lambda: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
         lambda: unet.disable_freeu(),
@@ -195,7 +193,8 @@ def test_unet_level_switches_after_compilation_are_seen():
 
 
 def test_class_attribute_of_a_base_class_changed_is_seen(model):
-    """obj.factor comes from a base class's dict: the MRO's dicts are added to the tree."""
+    """obj.factor comes from a base class's dict (the extension adds the MRO's dicts to the tree;
+    Dynamo's own guards on the class also see this change): the next compiled call sees it."""
     model.attns[0].set_processor(FactorProcessor())
     x = torch.randn(2, 5, 16)
     compiled = torch.no_grad()(torch.compile(model, backend="lyra"))
