@@ -183,8 +183,9 @@ _OPTIONS: dict[str, _Option] = {
     ),
     "extended_dict_tags": _Option(
         True,
-        "Let Dynamo check attention processors and modules read through __dict__ by their dicts' "
-        "version tags (host time per call; see guard_tags.py). False: torch's own rules only.",
+        "Let Dynamo check attention processors, attributes read off classes and modules read "
+        "through __dict__ by their dicts' version tags, as torch does for plain modules (host time "
+        "per call; see guard_tags.py). False: torch's own rules only.",
         kind=bool,
     ),
     "use_csrc": _Option(

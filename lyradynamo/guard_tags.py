@@ -51,7 +51,7 @@ _MAX_ROUNDS = 16  # torch's pass and ours alternate up the tree: one round per l
 _installed = False
 _original = None  # torch's GuardManagerWrapper.find_tag_safe_roots
 _warned = False
-last_marked = 0  # nodes marked by the last lyra compilation (tests, dump)
+last_marked = 0  # nodes marked by the last lyra compilation (tests, host_overhead's rows)
 
 
 def install() -> None:
