@@ -209,3 +209,32 @@ def test_class_attribute_of_a_base_class_changed_is_seen(model):
     finally:
         FactorBase.factor = 1.0
     assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_dit_processor_swap_after_compilation_is_seen(name):
+    """A DiT's processors replaced after compilation (their own class, scaled): the next compiled
+    call matches eager."""
+    from lyradynamo import zoo
+
+    torch._dynamo.reset()
+    model = zoo.build_denoiser(name, tiny=True)
+    inputs = zoo.denoiser_inputs(name, model, batch=1, height=64, width=64)
+    compiled = torch.compile(model, backend="lyra")
+    run = torch.no_grad()(lambda m: m(**inputs).sample)
+    plain = run(model)
+    torch.testing.assert_close(run(compiled), plain)
+    torch.testing.assert_close(run(compiled), plain)
+    procs = _processor_nodes(_guard_nodes(type(model).forward.__code__))
+    assert procs and all(n.is_tag_safe() for n in procs)
+    base = type(next(iter(model.attn_processors.values())))
+
+    class Halved(base):
+        def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            out = super().__call__(*args, **kwargs)
+            return tuple(0.5 * o for o in out) if isinstance(out, tuple) else 0.5 * out
+
+    model.set_attn_processor(Halved())
+    got = run(compiled)
+    torch.testing.assert_close(got, run(model))
+    assert not torch.allclose(got, plain)
