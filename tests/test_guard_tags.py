@@ -134,29 +134,30 @@ def test_torch_api_mismatch_falls_back_with_a_warning(model, monkeypatch, caplog
     _check(compiled, model, x)
 
 
-def _tiny_unet_compiled():
-    """A tiny SD1.5 UNet, its lyra compilation, a no-grad call and eager's output; the compiled
-    model is called twice (its tags are recorded on the first call and used on the second)."""
+def _tiny_compiled(name: str = "sd15", batch: int = 2):
+    """A tiny model (SD1.5's UNet by default), its lyra compilation, a no-grad call and eager's
+    output; the compiled model is called twice (its tags are recorded on the first call and used
+    on the second), and its processors are checked by tags."""
     from lyradynamo import zoo
 
     torch._dynamo.reset()
-    unet = zoo.build_denoiser("sd15", tiny=True)
-    inputs = zoo.denoiser_inputs("sd15", unet, batch=2, height=64, width=64)
-    compiled = torch.compile(unet, backend="lyra")
+    model = zoo.build_denoiser(name, tiny=True)
+    inputs = zoo.denoiser_inputs(name, model, batch=batch, height=64, width=64)
+    compiled = torch.compile(model, backend="lyra")
     run = torch.no_grad()(lambda m: m(**inputs).sample)
-    plain = run(unet)
+    plain = run(model)
     torch.testing.assert_close(run(compiled), plain)
     torch.testing.assert_close(run(compiled), plain)
-    procs = _processor_nodes(_guard_nodes(type(unet).forward.__code__))
+    procs = _processor_nodes(_guard_nodes(type(model).forward.__code__))
     assert procs and all(n.is_tag_safe() for n in procs)
-    return unet, compiled, run, plain
+    return model, compiled, run, plain
 
 
 def test_unet_processor_method_rebound_on_its_class_is_seen():
     """A method rebound on the processors' class, seen by the next compiled call (the compiled
     calls come first, so the tags recorded by them decide). The class's dict is in the tree:
     Dynamo guards it at one of the UNet's eight processors, the extension adds it at the others."""
-    unet, compiled, run, before = _tiny_unet_compiled()
+    unet, compiled, run, before = _tiny_compiled()
 
     original = AttnProcessor2_0.__call__
 
@@ -178,7 +179,7 @@ def test_unet_level_switches_after_compilation_are_seen():
     all processors at once, and back. Each compiled call matches eager."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    unet, compiled, run, plain = _tiny_unet_compiled()
+    unet, compiled, run, plain = _tiny_compiled()
     steps = [
         lambda: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
         lambda: unet.disable_freeu(),
@@ -215,18 +216,7 @@ def test_class_attribute_of_a_base_class_changed_is_seen(model):
 def test_dit_processor_swap_after_compilation_is_seen(name):
     """A DiT's processors replaced after compilation (their own class, scaled): the next compiled
     call matches eager."""
-    from lyradynamo import zoo
-
-    torch._dynamo.reset()
-    model = zoo.build_denoiser(name, tiny=True)
-    inputs = zoo.denoiser_inputs(name, model, batch=1, height=64, width=64)
-    compiled = torch.compile(model, backend="lyra")
-    run = torch.no_grad()(lambda m: m(**inputs).sample)
-    plain = run(model)
-    torch.testing.assert_close(run(compiled), plain)
-    torch.testing.assert_close(run(compiled), plain)
-    procs = _processor_nodes(_guard_nodes(type(model).forward.__code__))
-    assert procs and all(n.is_tag_safe() for n in procs)
+    model, compiled, run, plain = _tiny_compiled(name, batch=1)
     base = type(next(iter(model.attn_processors.values())))
 
     class Halved(base):
