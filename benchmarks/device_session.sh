@@ -26,7 +26,10 @@
 #   TEST_PATHS      test files / folders to run (default tests/cuda)
 #   BUNDLE=1        pack $OUT into $OUT.tgz at the end (one returned file per session)
 #   SESSION_BUDGET_S  seconds from the start after which nothing new is started and running
-#                   benchmarks are interrupted (rows kept)  (default 540: a run call has 600)
+#                   benchmarks are interrupted (rows kept)  (default 540: a run call has 600).
+#                   It counts from this script's start: the build (~100-130 s on a fresh machine),
+#                   the wheels and the environment report (~10-15 s) come out of it, and the bench
+#                   keeps 20 s back; a lyra first call alone takes 17-35 s (SD1.5 to FLUX).
 set -u
 OUT=${OUT:-./device_out}
 mkdir -p "$OUT"
