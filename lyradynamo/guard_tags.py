@@ -268,14 +268,17 @@ def _class_attr(cls: type, name: str, or_instance: bool = False) -> bool:
     `or_instance`: a name no class defines is an instance attribute (in the instance dict)."""
     for klass in cls.__mro__:
         if name in klass.__dict__:
-            attr = klass.__dict__[name]
-            return not (hasattr(type(attr), "__set__") or hasattr(type(attr), "__delete__"))
+            return not _is_data_descriptor(klass.__dict__[name])
     return or_instance
 
 
+def _is_data_descriptor(attr) -> bool:  # noqa: ANN001
+    """A data descriptor (a property, a getset): reading it runs code, not a dict lookup."""
+    return hasattr(type(attr), "__set__") or hasattr(type(attr), "__delete__")
+
+
 def _is_data_descriptor_of_type(name: str) -> bool:
-    attr = type.__dict__.get(name)
-    return attr is not None and hasattr(type(attr), "__set__")
+    return name in type.__dict__ and _is_data_descriptor(type.__dict__[name])
 
 
 def _real_dict(cls: type) -> dict:
