@@ -85,7 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True,
                    help="sd15, sdxl or flux; a comma list runs them one after the other")
     p.add_argument("--modes", default=None,
-                   help=f"comma list of {','.join(ALL_MODES)} (default {DEFAULT_MODES}; --quick: {QUICK_MODES})")
+                   help=f"comma list of {','.join(ALL_MODES)} (default {DEFAULT_MODES}; --quick: {QUICK_MODES}); "
+                        "a lyra mode may add its own lyradynamo.config options, e.g. "
+                        "lyra@params_as_attributes=false (an A/B in one process)")
     p.add_argument("--sizes", default=None,
                    help="comma list of WxH (default: the model's native size; sweep: "
                         f"{SWEEP_SIZES}; --quick: {QUICK_SIZES}, sweep {QUICK_SWEEP_SIZES})")
@@ -153,9 +155,11 @@ def resolve(args):
     if args.modes is None:
         args.modes = QUICK_MODES if args.quick else DEFAULT_MODES
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ALL_MODES]
+    bad = [m for m in modes if m.split("@")[0] not in ALL_MODES or ("@" in m and not m.startswith("lyra"))]
     if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; known: {ALL_MODES}")
+        raise SystemExit(f"unknown mode(s) {bad}; known: {ALL_MODES} (lyra modes may add @KEY=VALUE)")
+    for m in modes:
+        split_mode(m)  # a bad @KEY=VALUE stops here, before any work
     # eager first (the reference), torchao-fp8 last (quantizes the shared model in place).
     args.mode_list = sorted(dict.fromkeys(modes), key=lambda m: (m != "eager", m == "torchao-fp8", modes.index(m)))
     if args.runs is None:
@@ -397,6 +401,7 @@ def quant_implemented(q: str) -> bool:
 
 def mode_unavailable(mode: str):
     """Error text when the mode cannot run here (checked before any work), else None."""
+    mode = mode.split("@")[0]
     if mode in QUANT_MODES and not quant_implemented(QUANT_MODES[mode]):
         return ERR_QUANT
     if mode == "torchao-fp8":
@@ -435,8 +440,16 @@ def parse_lyra_config(items) -> dict:
     return out
 
 
+def split_mode(mode: str) -> tuple[str, dict]:
+    """'lyra@params_as_attributes=false' -> ('lyra', {'params_as_attributes': False}): a lyra mode
+    with lyradynamo.config options of its own on top of --lyra-config (an A/B in one process)."""
+    base, *items = mode.split("@")
+    return base, parse_lyra_config(items)
+
+
 def make_fn(mode: str, model):
     """(callable used as the denoiser, per-call hook or None, context manager kept open while it runs)."""
+    mode, own_config = split_mode(mode)
     if mode == "eager":
         return model, None, contextlib.nullcontext()
     if mode == "inductor":
@@ -444,10 +457,11 @@ def make_fn(mode: str, model):
     if mode == "inductor-cg":
         return torch.compile(model, mode="reduce-overhead"), torch.compiler.cudagraph_mark_step_begin, contextlib.nullcontext()
     if mode == "lyra":
-        return torch.compile(model, backend="lyra"), None, lyradynamo.config.patch(**{**LYRA_CONFIG, "quant": "none"})
+        return (torch.compile(model, backend="lyra"), None,
+                lyradynamo.config.patch(**{**LYRA_CONFIG, **own_config, "quant": "none"}))
     if mode in QUANT_MODES:
         return (torch.compile(model, backend="lyra"), None,
-                lyradynamo.config.patch(**{**LYRA_CONFIG, "quant": QUANT_MODES[mode]}))
+                lyradynamo.config.patch(**{**LYRA_CONFIG, **own_config, "quant": QUANT_MODES[mode]}))
     if mode == "torchao-fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -654,7 +668,7 @@ def run_in_process(args, model_name, env, writer, scenario):
                     wl.decode_fn = None
                 del fn
                 torch._dynamo.reset()
-                if mode in QUANT_MODES:  # bring the high-precision weights back for later modes
+                if mode.split("@")[0] in QUANT_MODES:  # bring the high-precision weights back for later modes
                     lyradynamo.quant.restore(model)
                 cleanup(cuda)
     finally:

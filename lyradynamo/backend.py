@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from . import config, runtime, shape_policy
+from . import config, params, runtime, shape_policy
 from .passes import attention as attention_pass
 from .passes import qkv_projection as qkv_projection_pass
 from .passes import shared_input as shared_input_pass
@@ -43,6 +43,8 @@ class CompiledGraph:
     dynamic_inputs: int  # SymInt inputs: >0 means the graph serves many shapes
     dump_path: str | None = None
     recompile_reason: str | None = None  # the guard that failed, when this is a recompilation
+    frame_inputs: int = 0  # inputs the compiled frame gathers per call (Dynamo's example_inputs)
+    params_lifted: int = 0  # parameters / buffers Dynamo kept as graph attributes (params.py)
     summary: dict = dataclasses.field(default_factory=dict)  # dump.summary_dict(), always filled
 
 
@@ -164,6 +166,10 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
         log.warning("lyradynamo: backend options %s are ignored; use lyradynamo.config", sorted(kwargs))
     start = time.perf_counter()
     fake_mode = _fake_mode_of(gm, example_inputs)
+    # parameters installed as graph attributes (config.params_as_attributes): placeholders again
+    # for the passes; the returned callable passes them after the caller's inputs
+    frame_inputs = len(example_inputs)
+    gm, example_inputs, lifted = params.lift(gm, example_inputs)
     policy = shape_policy.policy_active()
     if not policy:
         log.warning("lyradynamo: this graph was traced without lyra's shape policy (the backend was "
@@ -191,16 +197,17 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
             index=len(_compiled), seconds=0.0, report=report, policy_active=policy, device=device,
             num_nodes=len(gm.graph.nodes),
             dynamic_inputs=sum(isinstance(t, torch.SymInt) for t in example_inputs),
-            recompile_reason=reason,
+            recompile_reason=reason, frame_inputs=frame_inputs, params_lifted=len(lifted),
         )
         _compiled.append(record)
     from . import dump  # lazy: keeps `python -m lyradynamo.dump` free of a double import
 
     t = time.perf_counter()
-    runner = runtime.make_runner(gm, example_inputs, record)
+    runner = runtime.make_runner(gm, example_inputs, record, n_lifted=len(lifted))
     report.phases_s["runner"] = time.perf_counter() - t
     if quant_entries:
         runner = _with_weight_refresh(runner, quant_entries)
+    runner = params.with_params(runner, lifted)
     record.seconds = time.perf_counter() - start
     record.summary = dump.summary_dict(record, gm)
     if config.dump_dir:

@@ -80,6 +80,8 @@ def summary_dict(record, gm: fx.GraphModule) -> dict:
         "device": record.device,
         "nodes": record.num_nodes,
         "dynamic_inputs": record.dynamic_inputs,
+        "frame_inputs": record.frame_inputs,
+        "params_lifted": record.params_lifted,
         "shape_policy_active": record.policy_active,
         "backend_seconds": round(record.seconds, 4),
         "recompile_reason": record.recompile_reason,
@@ -91,7 +93,9 @@ def summary_dict(record, gm: fx.GraphModule) -> dict:
 
 def format_summary(s: dict) -> str:
     lines = [f"graph {s['graph']}: {s['nodes']} nodes on {s['device']}, {s['dynamic_inputs']} dynamic size inputs, "
-             f"shape policy {'on' if s['shape_policy_active'] else 'OFF'}"]
+             f"shape policy {'on' if s['shape_policy_active'] else 'OFF'}",
+             f"inputs gathered per call: {s.get('frame_inputs', '?')}; parameters / buffers passed by lyra: "
+             f"{s.get('params_lifted', 0)}"]
     if s.get("recompile_reason"):
         lines.append(f"RECOMPILED because: {s['recompile_reason']}")
     lines.append("anchor ops rewritten:")

@@ -58,10 +58,14 @@ def input_device(example_inputs: list) -> torch.device:
     return torch.device("cpu")
 
 
-def make_runner(gm: fx.GraphModule, example_inputs: list, record) -> Callable:  # noqa: ANN001
+def make_runner(gm: fx.GraphModule, example_inputs: list, record, n_lifted: int = 0) -> Callable:  # noqa: ANN001
+    """The callable for gm; its last n_lifted inputs are parameters / buffers lyra passes itself
+    (params.py): model state, read in place like the parameters Dynamo passes."""
     device = input_device(example_inputs)
     if device.type == "cuda" and config.cuda_graphs:
-        return CudaGraphRunner(gm, _static_input_indices(gm, example_inputs), device, record)
+        static = _static_input_indices(gm, example_inputs)
+        static.update(range(len(example_inputs) - n_lifted, len(example_inputs)))
+        return CudaGraphRunner(gm, static, device, record)
     return gm.forward
 
 

@@ -119,7 +119,9 @@ _callbacks = getattr(torch._dynamo, "callback_handler", None)  # Dynamo's compil
 
 def _enter_settings() -> None:
     stack = contextlib.ExitStack()
-    stack.enter_context(torch._dynamo.config.patch(**_DYNAMO_POLICY))
+    from . import params
+
+    stack.enter_context(torch._dynamo.config.patch(**_DYNAMO_POLICY, **params.dynamo_settings()))
     stack.enter_context(_fx_config.patch(**_FX_POLICY))
     _settings.append(stack)
 
@@ -187,10 +189,11 @@ def install() -> None:
     _install_batch_only_duck()
     _install_input_floats()
     _install_call_method_hooks()
-    from . import fake_shortcuts, guard_tags
+    from . import fake_shortcuts, guard_tags, params
 
     fake_shortcuts.install()
     guard_tags.install()
+    params.install()
     _installed = True
 
 
@@ -439,7 +442,14 @@ def _is_input_source(source) -> bool:  # noqa: ANN001
 
 
 def _prepare_input(t, source) -> None:  # noqa: ANN001
-    """Re-lay a parameter out (layout.py) before Dynamo records its strides."""
+    """Before Dynamo records a tensor: re-lay a parameter out (layout.py), and freeze it.
+
+    lyra compiles for inference: parameters become requires_grad=False, as diffusers' own LoRA
+    loading does (Dynamo guards requires_grad, so a LoRA load on the compiled model would
+    otherwise recompile). Done here, before the guards record it, and again in the backend
+    (backend._freeze_parameters) for parameters this hook did not see."""
+    if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+        t.requires_grad_(False)
     try:
         from . import layout
 

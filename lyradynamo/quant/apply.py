@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.fx as fx
 
-from .. import config
+from .. import config, params
 from ..ops.qlinear import shape_unsupported
 from . import attention as quant_attention
 from . import calibration, weights
@@ -38,10 +38,13 @@ _QLINEAR_Q_QOUT = torch.ops.lyra.qlinear_q_qout.default
 
 
 def module_path(node: fx.Node) -> str:
-    """'transformer_blocks.0.attn.to_q.weight' for a placeholder Dynamo made from that Parameter."""
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    name = getattr(source, "name", None)
-    name = name() if callable(name) else name
+    """'transformer_blocks.0.attn.to_q.weight' for a placeholder Dynamo made from that Parameter
+    (or lyra lifted from a graph attribute: params.py)."""
+    name = node.meta.get(params.SOURCE_META)
+    if name is None:
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = getattr(source, "name", None)
+        name = name() if callable(name) else name
     if not isinstance(name, str):
         return node.name
     keys = [k for k in re.findall(r"\['([^']*)'\]", name) if k not in ("_modules", "_parameters", "_buffers")]
