@@ -69,6 +69,14 @@ void qk_norm_rope(uintptr_t x, uintptr_t weight, uintptr_t cos, uintptr_t sin, u
                   int64_t y_stride_h, double eps, bool has_norm, int64_t rope_l_offset,
                   int64_t rope_len, int dtype, uintptr_t out_inv_scale, uintptr_t stream);
 
+// Attention over few keys, 16-bit output (attention_short_kv.cu).
+bool attention_short_kv_head_dim_ok(int64_t D);
+int64_t attention_short_kv_max_keys();
+void attention_short_kv(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t Lq,
+                        int64_t Lk, int64_t H, int64_t D, int64_t q_bs, int64_t q_rs, int64_t k_bs,
+                        int64_t k_rs, int64_t v_bs, int64_t v_rs, double scale, int dtype,
+                        uintptr_t stream);
+
 // W8A8 quantisation (quant.cu, norm_modulate.cu, epilogue.cu, gemm.cu).
 void quantize_rows(uintptr_t x, uintptr_t inv_smooth, uintptr_t q, uintptr_t scale, int64_t M,
                    int64_t K, int64_t ld_x, int dtype, int kind, uintptr_t stream);
@@ -284,6 +292,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sin"), py::arg("inv"), py::arg("B"), py::arg("L"), py::arg("H"), py::arg("D"),
         py::arg("rope_l_offset"), py::arg("rope_len"), py::arg("eps"), py::arg("dtype"),
         py::arg("stream"));
+
+  m.def("attention_short_kv", &lyra::attention_short_kv, release(),
+        "out = softmax(q k^T * scale) v over Lk <= attention_short_kv_max_keys() keys, fp32 scores "
+        "and softmax, P and out rounded to dtype (1 fp16, 2 bf16); q (B, Lq, H, D), k / v (B, Lk, "
+        "H, D) with element strides per batch (*_bs) and row (*_rs), heads D apart, D unit-stride; "
+        "out (B, Lq, H * D) contiguous. One launch, no workspace.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("B"), py::arg("Lq"),
+        py::arg("Lk"), py::arg("H"), py::arg("D"), py::arg("q_bs"), py::arg("q_rs"), py::arg("k_bs"),
+        py::arg("k_rs"), py::arg("v_bs"), py::arg("v_rs"), py::arg("scale"), py::arg("dtype"),
+        py::arg("stream"));
+  m.def("attention_short_kv_head_dim_ok", &lyra::attention_short_kv_head_dim_ok,
+        "Whether attention_short_kv has a kernel for head dim D.", py::arg("D"));
+  m.def("attention_short_kv_max_keys", &lyra::attention_short_kv_max_keys,
+        "The most keys attention_short_kv takes.");
 
   m.def("quantize_rows", &lyra::quantize_rows, release(),
         "Per-row quantisation: xs = x * inv_smooth (if not 0), scale[m] = max(amax|xs[m]| / QMAX, "

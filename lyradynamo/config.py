@@ -158,6 +158,17 @@ _OPTIONS: dict[str, _Option] = {
         "cudnn, flash (torch SDPA flash), flash_attn (the flash_attn package), math.",
         choices=("auto", "sdpa", "cudnn", "flash", "flash_attn", "math"),
     ),
+    "short_kv_attention": _Option(
+        "auto",
+        "16-bit attention over at most 128 keys (cross-attention on text tokens) in lyra's own "
+        "kernel (csrc/attention_short_kv.cu: fp16 / bf16, head dims 40, 64, 80, 128, 160, blhd, no "
+        "mask, not causal; one launch, no memset), on CUDA with attention_backend = auto. auto = "
+        "where it measured at least as fast as cuDNN on an H100: at most 2^16 (query row, head) "
+        "pairs per call, B * Lq * H (SD1.5's cross-attentions and SDXL's second level at batch 2, "
+        "not SDXL's first; ops/attention.py has the table); off = never (torch SDPA / flash_attn as "
+        "attention_backend says).",
+        choices=("auto", "off"),
+    ),
     "fp32_attention": _Option(
         "tf32x3",
         "float32 attention on CUDA with at least 2^30 multiply-adds and no mask (the VAE "

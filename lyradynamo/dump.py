@@ -55,6 +55,11 @@ def kernel_paths(gm: fx.GraphModule, device: str) -> dict[str, str]:
     for op in sorted(used):
         if op == "attention":
             paths[op] = "torch SDPA backends (cuDNN/flash/efficient) or flash_attn"
+            from . import config
+
+            if status == "built" and config.short_kv_attention == "auto" and config.attention_backend == "auto":
+                paths[op] = ("16-bit, at most 128 keys and 2^16 (query row, head) pairs: attention_short_kv.cu "
+                             "(config.short_kv_attention); otherwise " + paths[op])
         elif status == "built":
             paths[op] = "csrc CUDA kernel (shapes/dtypes it cannot take fall back to the reference, logged)"
             if op == "group_norm":

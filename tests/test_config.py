@@ -30,6 +30,7 @@ def test_module_level_set_and_patch_block():
     ("attention_backend", "xformers", "attention_backend"),
     ("cuda_graphs", "yes", "expected bool"),
     ("gated_gemm", "triton", "allowed values: 'auto', 'cutlass', 'cublaslt'"),
+    ("short_kv_attention", "on", "allowed values: 'auto', 'off'"),
     ("passes", ("linear", "conv"), "unknown pass"),
     ("no_such_option", 1, "has no option"),
 ])

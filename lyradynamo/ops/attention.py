@@ -6,7 +6,9 @@ layout="blhd": they are (B, L, H, D), the layout a linear projection produces af
 On CUDA the call goes to torch's SDPA backends (cuDNN / flash / efficient), chosen by
 `lyradynamo.config.attention_backend`, or to the `flash_attn` package when importable; long
 float32 attentions (VAE decoders) to TF32 tensor-core GEMMs (attention_fp32.py,
-`lyradynamo.config.fp32_attention`).
+`lyradynamo.config.fp32_attention`); 16-bit attention over at most 128 keys (cross-attention on
+text tokens) of the sizes where it measured faster, to lyra's own kernel (attention_short_kv.py,
+`lyradynamo.config.short_kv_attention`).
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import attention_fp32
-from ._common import record_fallback, unsupported_reason
+from . import attention_fp32, attention_short_kv
+from ._common import csrc, record_fallback, unsupported_reason
 
 LAYOUTS = ("bhld", "blhd")
 
@@ -87,6 +89,10 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
     if attention_fp32.wanted(q, k, v, attn_mask, is_causal, layout, config.fp32_attention):
         return attention_fp32.attention_tf32(q, k, v, scale, layout, config.fp32_attention)
     choice = config.attention_backend
+    if choice == "auto":
+        out = _short_kv(q, k, v, attn_mask, scale, is_causal, layout, config.short_kv_attention)
+        if out is not None:
+            return out
     if choice in ("auto", "flash_attn") and attn_mask is None and q.dtype != torch.float32:
         out = _flash_attn(q, k, v, scale, is_causal, layout)
         if out is not None:
@@ -100,6 +106,39 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
 
     with sdpa_kernel(backends):
         return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)
+
+
+# short_kv_attention = "auto": the kernel where it measured at least as fast as cuDNN. Session 19
+# run F (benchmarks/results/h100-2026-11-27-s19-runF-short-kv-probe-v3.json; benchmarks/
+# short_kv_probe.py): H100, fp16, 77 keys, k / v out of one grouped buffer, us per call in a CUDA
+# graph of 50 calls:
+#
+#   shape      (B, Lq, H, D)       B*Lq*H   sdpa (cuDNN)   short_kv
+#   sdxl-l1    (2, 4096, 10, 64)    81920      14.97        18.91    slower: cuDNN
+#   sdxl-l2    (2, 1024, 20, 64)    40960      10.95        10.57
+#   sd15-l1    (2, 4096,  8, 40)    65536      14.42        14.29
+#   sd15-l2    (2, 1024,  8, 80)    16384       8.25         7.60
+#   sd15-l3    (2,  256,  8, 160)    4096       8.79         6.33
+#   sd15-mid   (2,   64,  8, 160)    1024       8.31         5.85
+#
+# Rule: at most AUTO_MAX_ROW_HEADS = 2^16 (query row, head) pairs per call, B * Lq * H: the
+# kernel's grid is B * ceil(Lq / 64) * H blocks, each copying its head's K / V before its math,
+# and its margin over cuDNN shrinks as that grid grows (1024 blocks at sd15-l1: even; 1280 at
+# sdxl-l1: 26 % slower). Rows per (batch, head) alone cannot split the table (sdxl-l1 and sd15-l1
+# both have 4096). Only 77 keys, batch 2 and fp16 were measured: other key counts (up to 128),
+# batch sizes and bf16 follow the same rule unmeasured (short_kv_probe.py --keys / --dtype).
+def _short_kv(q, k, v, attn_mask, scale, is_causal, layout, setting: str) -> Optional[Tensor]:
+    """lyra's short-KV kernel for this call where `setting` and the rule above want it and the
+    tensors suit it (attention_short_kv.unsupported); None: the caller runs SDPA as before (not a
+    fallback: the kernel is an option for some shapes, not the op's main path)."""
+    if layout != "blhd" or k.shape[1] > attention_short_kv.MAX_KEYS:
+        return None
+    if not attention_short_kv.prefer(setting, q.shape[0], q.shape[1], q.shape[2]):
+        return None
+    C = csrc()
+    if attention_short_kv.unsupported(q, k, v, attn_mask, is_causal, layout, C) is not None:
+        return None
+    return attention_short_kv.run(C, q, k, v, scale)
 
 
 @functools.lru_cache(maxsize=None)
