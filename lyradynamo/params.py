@@ -91,7 +91,7 @@ def lift(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list
             anchor = ph
         node.replace_all_uses_with(by_target[target])
         graph.erase_node(node)
-    lifted_gm = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    lifted_gm = _graph_module_like(gm, graph)
     lifted_gm.meta.update(gm.meta)
     log.debug("lyradynamo: %d parameters / buffers lifted from graph attributes", len(lifted))
     return lifted_gm, list(example_inputs) + lifted, lifted
@@ -108,6 +108,18 @@ def with_params(runner: Callable, lifted: list) -> Callable:
 
     run.runner = getattr(runner, "runner", runner)  # type: ignore[attr-defined]
     return run
+
+
+def _graph_module_like(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule over graph with gm's attributes, lazy like Dynamo's own where gm is: its code
+    is generated once, when it first runs, not at each of the passes' recompile() calls (~0.3 s
+    each for a full-size UNet on the CI machine)."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:
+        _LazyGraphModule = None
+    cls = _LazyGraphModule if _LazyGraphModule is not None and isinstance(gm, _LazyGraphModule) else fx.GraphModule
+    return cls(gm, graph, class_name=type(gm).__name__)
 
 
 def _attr(gm: fx.GraphModule, target: str):
@@ -154,9 +166,38 @@ def _install_identity_guards() -> None:
     _installed.append(True)
 
 
+def _install_quiet_bypass_print() -> None:
+    """Skip one eager print of the whole graph in lyra compilations.
+
+    When the graph Dynamo built holds parameters (here: always), torch renders it in full with
+    every symbolic size and stride (`gm.print_readable(include_stride=True, ...)`) as an argument
+    of `bypass_package`, a note for compile packages (precompile), whether or not one is being
+    saved: ~1 s of a full-size SD1.5 first call on the CI machine, almost all sympy printing.
+    Inside lyra compilations that one call, and only a call made directly from
+    `compile_and_call_fx_graph`, returns a short note instead. Torch's logging of the graph
+    (TORCH_LOGS=graph_code, TORCH_TRACE) prints from other frames and is unchanged."""
+    import sys
+
+    from . import shape_policy
+
+    original = getattr(fx.GraphModule, "print_readable", None)
+    if original is None:
+        return
+
+    def print_readable(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if shape_policy._active and sys._getframe(1).f_code.co_name == "compile_and_call_fx_graph":
+            return "<graph not printed: lyradynamo skips this eager print (lyradynamo/params.py)>"
+        return original(self, *args, **kwargs)
+
+    print_readable.__wrapped__ = original  # type: ignore[attr-defined]
+    fx.GraphModule.print_readable = print_readable
+
+
 _installed: list = []
 
 
 def install() -> None:
     if not _installed:
         _install_identity_guards()
+        if _installed:
+            _install_quiet_bypass_print()

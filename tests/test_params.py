@@ -100,3 +100,13 @@ def test_same_result_with_the_option_on_and_off(on):
     with lyradynamo.config.patch(params_as_attributes=on):
         compiled = torch.compile(model, backend="lyra")
         _check(compiled, model, _inputs(model))
+
+
+def test_graph_printing_outside_the_compile_is_unchanged():
+    """params.py skips one eager print inside lyra compilations only (the graph handed to
+    Dynamo's compile-package note); a GraphModule printed elsewhere prints in full."""
+    model = _unet()
+    _compiled_ok(model)
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    text = gm.print_readable(print_output=False)
+    assert "def forward" in text and "lyradynamo" not in text
