@@ -72,8 +72,10 @@ def _device_of(example_inputs) -> str:
 
 def _freeze_parameters(example_inputs: list) -> None:
     """lyra compiles for inference: parameters become requires_grad=False, as diffusers' own
-    LoRA loading does. Dynamo guards on requires_grad (guards are built after the backend
-    returns), so without this a LoRA load/fuse on the compiled model would recompile."""
+    LoRA loading does. Dynamo guards on requires_grad, so without this a LoRA load/fuse on the
+    compiled model would recompile. Most parameters were already frozen before Dynamo recorded
+    them (shape_policy._prepare_input: needed for graph attributes, params.py, whose guards
+    record the value at trace time); this catches parameters passed as frame inputs."""
     frozen = 0
     for t in example_inputs:
         if isinstance(t, torch.nn.Parameter) and t.requires_grad:
