@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
+import os
+import sys
 
 import torch
 
-import lyradynamo  # noqa: F401  (registers lyra::)
-from lyradynamo.ops import attention_short_kv as skv
-from lyradynamo.ops._common import csrc
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lyradynamo  # noqa: F401, E402  (registers lyra::)
+from kernels_bench import time_us  # noqa: E402
+from lyradynamo.ops import attention_short_kv as skv  # noqa: E402
+from lyradynamo.ops._common import csrc  # noqa: E402
 
 SHAPES = {  # name: (B, Lq, Lk, H, D)
     "sdxl-l1": (2, 4096, 77, 10, 64), "sdxl-l2": (2, 1024, 77, 20, 64),
@@ -35,27 +39,9 @@ def _inputs(b, lq, lk, h, d, dtype):
     return q, kv[:, :, 0].unflatten(-1, (h, d)), kv[:, :, 1].unflatten(-1, (h, d))
 
 
-def _time_us(fn, reps=50, replays=7) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / reps)
-    return statistics.median(times)
+def _time_us(fn) -> float:
+    """Median us per call: 50 calls captured in one CUDA graph, 7 replays (kernels_bench.time_us)."""
+    return time_us(fn, warmup=1, iters=7, graph_reps=50)
 
 
 def main() -> None:
