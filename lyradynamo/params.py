@@ -67,12 +67,14 @@ def lift(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list
     placeholders after the backend returns (one per input it passes). The copy does not hold the
     attributes: the tensors reach the graph as arguments.
     """
-    if not any(n.op == "get_attr" and isinstance(_attr(gm, n.target), torch.Tensor) for n in gm.graph.nodes):
+    tensors = {n.target: _attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    tensors = {target: t for target, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if not tensors:
         return gm, list(example_inputs), []
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    attrs = [n for n in graph.nodes if n.op == "get_attr" and isinstance(_attr(gm, n.target), torch.Tensor)]
+    attrs = [n for n in graph.nodes if n.op == "get_attr" and n.target in tensors]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     sources = _source_names()
     lifted, by_target = [], {}
@@ -87,7 +89,7 @@ def lift(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list
             if target in sources:
                 ph.meta[SOURCE_META] = sources[target]
             by_target[target] = ph
-            lifted.append(_attr(gm, target))
+            lifted.append(tensors[target])
             anchor = ph
         node.replace_all_uses_with(by_target[target])
         graph.erase_node(node)
