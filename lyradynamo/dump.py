@@ -124,8 +124,18 @@ def format_summary(s: dict) -> str:
     if q:
         lines.append(f"quantized ({q['kind']}, master on {q['master']}): {len(q['quantized'])} linear(s); "
                      f"kept in high precision: {len(q['kept'])}")
-        for name, why in list(q["kept"].items())[:20]:
-            lines.append(f"  kept {name}: {why}")
+        by_reason: dict = {}
+        for name, why in q["kept"].items():
+            by_reason.setdefault(why, []).append(name)
+        for why, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+            lines.append(f"  kept x{len(names)} ({shown}): {why}")
+        passes = (q.get("activation_quant") or {}).get("separate_passes") or {}
+        if q.get("input_pass"):
+            lines.append(f"activations quantised by a separate pass (config.quant_input_pass = {q['input_pass']!r}): "
+                         f"{sum(passes.values())}" + (" (produced by " + ", ".join(
+                             f"{k} x{v}" for k, v in sorted(passes.items(), key=lambda kv: -kv[1])) + ")"
+                                                      if passes else ""))
         att = q.get("attention") or {}
         if att.get("fp8") or att.get("kept"):
             # kept: 16-bit attention; a quantised out-projection then quantises its input itself

@@ -26,7 +26,7 @@ import torch.fx as fx
 from .. import config, params
 from ..ops.qlinear import shape_unsupported
 from . import attention as quant_attention
-from . import calibration, weights
+from . import calibration, input_pass, weights
 
 _LINEAR = torch.ops.lyra.linear.default
 _QLINEAR = torch.ops.lyra.qlinear.default
@@ -87,6 +87,11 @@ def _decider(real: dict, kind: str):
             decisions[w_node] = _Decision(param, src, cols, path, _reason(param, path, cols, kind))
         return decisions[w_node]
 
+    def keep(w_node, reason: str) -> None:
+        """w_node stays in high precision for `reason` (a decision made on the graph, not the name)."""
+        decisions[w_node] = decide(w_node)._replace(reason=reason)
+
+    decide.keep = keep
     return decide
 
 
@@ -122,6 +127,8 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     real = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
     quantized, kept, entries, attrs = [], {}, {}, {}
     decide = _decider(real, kind)
+    for node, why in input_pass.unfused_linears(gm, lambda n: not decide(n.args[1]).reason, kind).items():
+        decide.keep(node.args[1], why)
     # report.phases_s: wall seconds of weight quantisation and host offload (no device sync of its
     # own: a quantisation kernel still running is counted in the offload, whose copy waits for it)
     t_quant = t_offload = 0.0
@@ -172,11 +179,13 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     activation = _share_activation_quant(gm, kind) if quantized else {}
     if quantized:
         activation["fused_into_producer"] = _quantise_activated_outputs(gm, kind)
+        activation["separate_passes"] = input_pass.separate_passes(gm)
     gm.graph.lint()
     gm.recompile()
     report.phases_s.update(quant_weights=t_quant, quant_offload=t_offload)
     report.quant = {"kind": kind, "quantized": quantized, "kept": kept,
-                    "master": config.quant_master, "activation_quant": activation, "attention": attention}
+                    "master": config.quant_master, "activation_quant": activation, "attention": attention,
+                    "input_pass": input_pass.policy(kind)}
     return list(entries.values())
 
 

@@ -98,15 +98,26 @@ def _rms_normed(node) -> bool:
             and len(node.users) == 1 and node.args[2] == "rms" and bool(node.args[1]))
 
 
-def _consumers(attn: fx.Node):
+def would_rewrite(attn: fx.Node, quantised_reader) -> bool:
+    """Whether quantise_attention will rewrite attn once the linears that quantised_reader(u, n)
+    accepts are quantised (asked before the linears are rewritten: quant/input_pass.py)."""
+    return _unsupported(attn) is None and not isinstance(_consumers(attn, quantised_reader), str)
+
+
+def _fp8_qlinear_reader(u: fx.Node, n: fx.Node) -> bool:
+    """u is an fp8 lyra::qlinear reading n as its (unsmoothed) input only."""
+    return (u.op == "call_function" and u.target is _QLINEAR and u.args[0] is n
+            and n not in u.args[1:] and u.args[8] == "fp8" and u.args[9] is None)
+
+
+def _consumers(attn: fx.Node, quantised_reader=_fp8_qlinear_reader):
     """(chain nodes in graph order, qlinear leaves) from attn's output to the quantised linears
     reading it, or why not."""
     chain, leaves, stack = [], [], [attn]
     while stack:
         n = stack.pop()
         for u in n.users:
-            if (u.op == "call_function" and u.target is _QLINEAR and u.args[0] is n
-                    and n not in u.args[1:] and u.args[8] == "fp8" and u.args[9] is None):
+            if quantised_reader(u, n):
                 leaves.append(u)
             elif _row_view(u, n) is not None:
                 chain.append(u)

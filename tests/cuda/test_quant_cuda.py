@@ -240,7 +240,8 @@ def test_quantized_model_cuda(name, kind, min_db):
     q = summary["quant"]
     assert q["kind"] == kind and q["master"] == "host" and q["quantized"], q
     assert reported_weights(q["quantized"]) | reported_weights(q["kept"]) == _linear_weights(model)
-    assert all("config.quant_exclude" in why or "not a multiple" in why for why in q["kept"].values()), q["kept"]
+    assert all("config.quant_exclude" in why or "not a multiple" in why or "quant_input_pass" in why
+               for why in q["kept"].values()), q["kept"]
     hist = summary["op_histogram"]
     assert quantised_linear_ops(summary) >= len(q["quantized"]), hist
     assert quant_fallbacks() == {}, quant_fallbacks()
