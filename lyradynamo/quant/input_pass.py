@@ -3,11 +3,13 @@
 A quantised linear reads its activation in fp8 / int8 with a scale per row (token). Where the
 kernel producing that activation can write it so (a norm / adaLN, a GELU or GEGLU epilogue, fp8
 attention), no extra pass runs. Some producers cannot: a row's scale needs the row's amax, and
-these kernels split a row over blocks that never meet:
+these kernels write a row from blocks that never meet:
 
   - 16-bit attention (cuDNN, flash, lyra's short-KV kernel): one block per (rows, head);
-  - GroupNorm: one block (cluster) per group of channels;
-  - a GEMM whose epilogue is a bias or a residual: one block per (rows, column tile).
+  - GroupNorm: group_norm.cu runs one block (cluster) per group of channels (group_norm_rows.cu's
+    apply pass reads whole rows and could quantise them, but has no quantised output today);
+  - a GEMM whose epilogue is at most a bias, a residual or a gate: one block per (rows, column
+    tile). (A GELU / GEGLU epilogue runs as a pass over the GEMM's output that can quantise.)
 
 A linear reading such a producer (through views) quantises its input with a separate pass
 (lyra::quantize_rows over the whole activation) when config.quant_input_pass = "allow". With
@@ -91,13 +93,13 @@ def _cannot_quantise(src: fx.Node, quantised_reader: Callable) -> Optional[str]:
             return None  # fp8 attention: its kernel writes the rows quantised
         return "16-bit attention (its kernel writes a row's heads from different blocks)"
     if src.target is _GROUP_NORM:
-        return "GroupNorm (its kernel writes a row's channel groups from different blocks)"
+        return "GroupNorm (lyra's GroupNorm kernels write 16-bit rows)"
     if src.target is _LINEAR:
         _x, _w, _b, act, glu, gate, residual = src.args
         if gate is not None or residual is not None:
             return "a GEMM with a residual / gate epilogue (a row's columns come from different blocks)"
         if act == "none" and not glu:
-            return "a GEMM with a bias epilogue (a row's columns come from different blocks)"
+            return "a GEMM without an activation epilogue (a row's columns come from different blocks)"
     return None
 
 
