@@ -156,6 +156,7 @@ class CudaGraphRunner:
         # after the launch (see the module docstring): a replaced parameter was read from its old
         # storage, which cap keeps alive; recapture with the new one and replay again
         if self._params_moved(cap, args):
+            stale = cap  # noqa: F841 - holds the old storages until the new replay is enqueued
             log.info("lyradynamo: a parameter was replaced (new address); recapturing")
             self.record.summary["recaptures_after_replacement"] = \
                 self.record.summary.get("recaptures_after_replacement", 0) + 1
