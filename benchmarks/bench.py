@@ -401,7 +401,7 @@ def quant_implemented(q: str) -> bool:
 
 def mode_unavailable(mode: str):
     """Error text when the mode cannot run here (checked before any work), else None."""
-    mode = mode.split("@")[0]
+    mode = split_mode(mode)[0]
     if mode in QUANT_MODES and not quant_implemented(QUANT_MODES[mode]):
         return ERR_QUANT
     if mode == "torchao-fp8":
@@ -668,7 +668,7 @@ def run_in_process(args, model_name, env, writer, scenario):
                     wl.decode_fn = None
                 del fn
                 torch._dynamo.reset()
-                if mode.split("@")[0] in QUANT_MODES:  # bring the high-precision weights back for later modes
+                if split_mode(mode)[0] in QUANT_MODES:  # bring the high-precision weights back for later modes
                     lyradynamo.quant.restore(model)
                 cleanup(cuda)
     finally:

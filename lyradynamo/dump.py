@@ -138,7 +138,8 @@ def format_summary(s: dict) -> str:
                                                       if passes else ""))
         att = q.get("attention") or {}
         if att.get("fp8") or att.get("kept"):
-            # kept: 16-bit attention; a quantised out-projection then quantises its input itself
+            # kept: 16-bit attention; its out-projection stays 16-bit or quantises its input in a pass
+            # of its own (config.quant_input_pass)
             lines.append(f"attention in fp8 (its output quantised by the kernel): {att.get('fp8', 0)}; "
                          f"left in 16-bit: {len(att.get('kept', {}))}")
             for why, n in collections.Counter(att.get("kept", {}).values()).most_common(5):

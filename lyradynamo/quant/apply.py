@@ -4,8 +4,9 @@
  -> lyra::qlinear(x, Wq, Ws, b, act, glu, gate, residual, kind, inv_smooth)
 with Wq / Ws (and inv_smooth) buffers of the graph module, derived from W by weights.py.
 Layers stay in high precision by name (config.quant_exclude, regexes on the module path such
-as "transformer_blocks.0.attn.to_q.weight") or because their shape does not fit the quantised
-GEMM; the report lists every layer with its decision. With config.quant_master = "host" the
+as "transformer_blocks.0.attn.to_q.weight"), because their shape does not fit the quantised
+GEMM, or because no kernel can hand them their input quantised (quant/input_pass.py,
+config.quant_input_pass); the report lists every layer with its decision. With config.quant_master = "host" the
 high-precision copy of a weight used only by quantised linears leaves the GPU.
 
 A weight may also arrive as column slices, `narrow(W, 1, offset, width)` (passes/split_cat.py:
