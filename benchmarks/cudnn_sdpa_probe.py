@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""What a new attention shape costs through torch's cuDNN SDPA against the cuDNN frontend's own
+graphs with dynamic shapes and a kernel cache, and whether their kernels run as fast (GPU only).
+
+    python benchmarks/cudnn_sdpa_probe.py [--dtype fp16] [--out f.json]
+
+A first call at a new image size builds one cuDNN SDPA graph per new attention shape inside
+torch (~70 ms each: the engine compiles its kernel at runtime); torch's cache is per thread and
+knows no kernel cache. The frontend can mark a graph "dynamic shape" and give it a kernel cache,
+so a second shape of the same topology binds the kernel compiled for the first. Per SDXL
+attention shape (batch 2, the layouts lyra passes: q / k / v strided views of one projection
+buffer, (B, L, H, D)), in the order a 1024 -> 768 -> 512 sweep meets them, this reports:
+- torch: the first call's wall time (graph build) and the steady time per call;
+- frontend, dynamic + kernel cache: the build time and the steady time, and the largest
+  difference from torch's output;
+- frontend, static (no cache): the build time;
+and checks that a frontend execution can be captured in a CUDA graph and replayed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from lyradynamo.ops import cudnn_attention  # noqa: E402  (loads the frontend with torch's libcudnn)
+
+
+def sdxl_shapes(sizes):
+    """(name, B, Lq, Lk, H, D, packed) in sweep order: self-attention (q / k / v from one qkv
+    buffer) and cross-attention (77 text tokens) at SDXL's two attention levels."""
+    out = []
+    for s in sizes:
+        lat = s // 8
+        for level, heads in ((2, 10), (4, 20)):
+            L = (lat // level) ** 2
+            out.append((f"{s}-self-L{L}", 2, L, L, heads, 64, True))
+            out.append((f"{s}-cross-L{L}", 2, L, 77, heads, 64, False))
+    return out
+
+
+def make_qkv(B, Lq, Lk, H, D, packed, dtype):
+    if packed:
+        buf = torch.randn(B, Lq, 3, H, D, device="cuda", dtype=dtype)
+        return buf[:, :, 0], buf[:, :, 1], buf[:, :, 2]
+    q = torch.randn(B, Lq, H, D, device="cuda", dtype=dtype)
+    kv = torch.randn(B, Lk, 2, H, D, device="cuda", dtype=dtype)
+    return q, kv[:, :, 0], kv[:, :, 1]
+
+
+def torch_sdpa(q, k, v):
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return o.transpose(1, 2)
+
+
+def fe_graph(cudnn, handle, q, k, v, dynamic, cache):
+    B, Lq, H, D = q.shape
+    dt = cudnn.data_type.HALF if q.dtype == torch.float16 else cudnn.data_type.BFLOAT16
+    kw = dict(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
+              compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    if dynamic:
+        kw.update(is_dynamic_shape_enabled=True, kernel_cache=cache)
+    g = cudnn.pygraph(**kw)
+
+    def bhld(name, t):
+        return g.tensor(name=name, dim=[t.shape[0], t.shape[2], t.shape[1], t.shape[3]],
+                        stride=[t.stride(0), t.stride(2), t.stride(1), t.stride(3)], data_type=dt)
+
+    tq, tk, tv = bhld("q", q), bhld("k", k), bhld("v", v)
+    o, _ = g.sdpa(q=tq, k=tk, v=tv, is_inference=True, attn_scale=D ** -0.5)
+    o.set_output(True).set_dim([B, H, Lq, D]).set_stride([Lq * H * D, D, H * D, 1]).set_data_type(dt)
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    return g, (tq, tk, tv, o)
+
+
+def fe_run(cudnn, handle, built, q, k, v, out, ws):
+    g, tensors = built
+    cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
+    g.execute(dict(zip(tensors, (q, k, v, out))), ws, handle=handle)
+
+
+def timed_wall(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    r = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, r
+
+
+def steady_us(fn, n=50):
+    """us per call of fn, replayed from one CUDA graph of n calls (host cost excluded)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / n)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    p.add_argument("--sizes", default="1024,768,512")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    cudnn = cudnn_attention._load_frontend()
+    if cudnn is None:
+        raise SystemExit(f"cuDNN frontend unavailable: {cudnn_attention._frontend['reason']}")
+    handle = cudnn_attention._handle(cudnn, torch.device("cuda"))
+    cache = cudnn.create_kernel_cache()
+    torch.manual_seed(0)
+    rows = []
+    for name, B, Lq, Lk, H, D, packed in sdxl_shapes([int(s) for s in args.sizes.split(",")]):
+        q, k, v = make_qkv(B, Lq, Lk, H, D, packed, dtype)
+        t_torch_first, ref = timed_wall(lambda: torch_sdpa(q, k, v))
+        t_dyn_build, built = timed_wall(lambda: fe_graph(cudnn, handle, q, k, v, True, cache))
+        t_static_build, _ = timed_wall(lambda: fe_graph(cudnn, handle, q, k, v, False, None))
+        ws = torch.empty(max(built[0].get_workspace_size(), 1), dtype=torch.uint8, device="cuda")
+        out = torch.empty(B, Lq, H, D, device="cuda", dtype=dtype)
+        fe_run(cudnn, handle, built, q, k, v, out, ws)
+        torch.cuda.synchronize()
+        diff = (out.float() - ref.float()).abs().max().item()
+        row = {"shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D, "packed_qkv": packed,
+               "torch_first_call_ms": round(t_torch_first * 1e3, 2),
+               "fe_dynamic_cached_build_ms": round(t_dyn_build * 1e3, 2),
+               "fe_static_build_ms": round(t_static_build * 1e3, 2),
+               "torch_steady_us": round(steady_us(lambda: torch_sdpa(q, k, v)), 2),
+               "fe_dynamic_steady_us": round(steady_us(lambda: fe_run(cudnn, handle, built, q, k, v, out, ws)), 2),
+               "max_abs_diff_vs_torch": diff, "workspace_bytes": ws.numel(),
+               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "cudnn_backend": cudnn.backend_version(), "dtype": args.dtype}
+        rows.append(row)
+        print("== " + json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
