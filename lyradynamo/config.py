@@ -18,7 +18,7 @@ import sys
 import types
 from typing import Any, Iterator
 
-ALL_PASSES = ("layout", "group_norm", "conv_bias", "adaln", "rope", "attention", "linear", "split_cat",
+ALL_PASSES = ("layout", "group_norm", "conv1x1", "conv_bias", "adaln", "rope", "attention", "linear", "split_cat",
               "shared_input")
 
 

@@ -130,6 +130,9 @@ def format_summary(s: dict) -> str:
         for why, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
             shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
             lines.append(f"  kept x{len(names)} ({shown}): {why}")
+        if q.get("conv1x1_16bit"):
+            lines.append(f"1x1 convolutions run as 16-bit GEMMs (passes/conv1x1.py; no convolution is quantised): "
+                         f"{len(q['conv1x1_16bit'])}")
         passes = (q.get("activation_quant") or {}).get("separate_passes") or {}
         if q.get("input_pass"):
             lines.append(f"activations quantised by a separate pass (config.quant_input_pass = {q['input_pass']!r}): "

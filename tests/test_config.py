@@ -7,7 +7,7 @@ from lyradynamo import config
 def test_defaults_and_describe():
     assert config.quant == "none"
     assert config.cuda_graphs is True
-    assert set(config.passes) == {"layout", "linear", "attention", "group_norm", "conv_bias", "adaln", "rope", "split_cat",
+    assert set(config.passes) == {"layout", "conv1x1", "linear", "attention", "group_norm", "conv_bias", "adaln", "rope", "split_cat",
                                    "shared_input"}
     text = config.describe()
     for name in ("passes", "quant", "cuda_graphs", "attention_backend", "dump_dir"):

@@ -15,13 +15,14 @@ import traceback
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers the lyra:: ops)
-from . import adaln, attention, canonicalize, conv_bias, group_norm, layout, linear, rope, split_cat
+from . import adaln, attention, canonicalize, conv1x1, conv_bias, group_norm, layout, linear, rope, split_cat
 from .report import GraphReport, count_anchors
 
 log = logging.getLogger("lyradynamo")
 
 PASSES = {
     "layout": layout.run,
+    "conv1x1": conv1x1.run,
     "split_cat": split_cat.run,
     "linear": linear.run,
     "attention": attention.run,
@@ -42,8 +43,10 @@ def run_passes(gm: fx.GraphModule, names, fake_mode) -> tuple[fx.GraphModule, Gr
     # group_norm and adaln first: their patterns start at a norm and must see the mul/add
     # epilogues before the linear pass could claim a neighbouring add as a residual; rope
     # folds the q/k RMSNorms adaln produced. conv_bias folds convolution biases into the
-    # lyra::group_norm ops group_norm made.
-    order = [n for n in ("layout", "group_norm", "conv_bias", "adaln", "rope", "attention", "linear",
+    # lyra::group_norm ops group_norm made; conv1x1 runs between the two: after group_norm (whose
+    # lyra::group_norm keeps NHWC, which conv1x1 follows) and before conv_bias, so that a 1x1
+    # convolution's bias goes into its GEMM's epilogue instead.
+    order = [n for n in ("layout", "group_norm", "conv1x1", "conv_bias", "adaln", "rope", "attention", "linear",
                          "split_cat")
              if n in names]
     for name in order:

@@ -5,7 +5,8 @@
 with Wq / Ws (and inv_smooth) buffers of the graph module, derived from W by weights.py.
 Layers stay in high precision by name (config.quant_exclude, regexes on the module path such
 as "transformer_blocks.0.attn.to_q.weight"), because their shape does not fit the quantised
-GEMM, or because no kernel can hand them their input quantised (quant/input_pass.py,
+GEMM, because they are 1x1 convolutions run as GEMMs (passes/conv1x1.py; no convolution is
+quantised), or because no kernel can hand them their input quantised (quant/input_pass.py,
 config.quant_input_pass); the report lists every layer with its decision. With config.quant_master = "host" the
 high-precision copy of a weight used only by quantised linears leaves the GPU.
 
@@ -26,6 +27,7 @@ import torch.fx as fx
 
 from .. import config, params
 from ..ops.qlinear import shape_unsupported
+from ..passes import conv1x1
 from . import attention as quant_attention
 from . import calibration, input_pass, weights
 
@@ -63,6 +65,16 @@ def _column_slice(w_node):
     return w_node, None
 
 
+# a 1x1 convolution that passes/conv1x1.py turned into a lyra::linear: not a linear layer of the
+# model, so not in the report's "kept" list but in its own ("conv1x1_16bit")
+CONV1X1_REASON = "a 1x1 convolution run as a GEMM (passes/conv1x1.py): convolutions stay 16-bit"
+
+
+def _conv_weight(src) -> bool:
+    return (isinstance(src, fx.Node) and bool(src.meta.get(conv1x1.CONV_WEIGHT_META))
+            and isinstance(src.args[0], fx.Node))
+
+
 class _Decision(NamedTuple):
     param: Optional[torch.Tensor]  # the model Parameter, or None (a weight computed in the graph)
     source: object  # the graph input W (or whatever the weight is when it is not one)
@@ -85,7 +97,10 @@ def _decider(real: dict, kind: str):
             is_node = isinstance(src, fx.Node)
             param = real.get(src) if is_node else None
             path = module_path(src) if is_node else str(src)
-            decisions[w_node] = _Decision(param, src, cols, path, _reason(param, path, cols, kind))
+            reason = None
+            if _conv_weight(src):
+                path, reason = module_path(src.args[0]), CONV1X1_REASON
+            decisions[w_node] = _Decision(param, src, cols, path, reason or _reason(param, path, cols, kind))
         return decisions[w_node]
 
     def keep(w_node, reason: str) -> None:
@@ -126,7 +141,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     kind = config.quant
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
-    quantized, kept, entries, attrs = [], {}, {}, {}
+    quantized, kept, entries, attrs, convs = [], {}, {}, {}, []
     decide = _decider(real, kind)
     for node, why in input_pass.unfused_linears(gm, lambda n: not decide(n.args[1]).reason, kind).items():
         decide.keep(node.args[1], why)
@@ -142,6 +157,9 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
         if not (node.op == "call_function" and node.target is _LINEAR):
             continue
         d = decide(node.args[1])
+        if d.reason == CONV1X1_REASON:
+            convs.append(d.name)
+            continue
         if d.reason:
             kept[d.name] = d.reason
             continue
@@ -184,7 +202,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     gm.graph.lint()
     gm.recompile()
     report.phases_s.update(quant_weights=t_quant, quant_offload=t_offload)
-    report.quant = {"kind": kind, "quantized": quantized, "kept": kept,
+    report.quant = {"kind": kind, "quantized": quantized, "kept": kept, "conv1x1_16bit": convs,
                     "master": config.quant_master, "activation_quant": activation, "attention": attention,
                     "input_pass": input_pass.policy(kind)}
     return list(entries.values())
