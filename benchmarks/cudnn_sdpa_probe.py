@@ -2,7 +2,7 @@
 """What a new attention shape costs through torch's cuDNN SDPA against the cuDNN frontend's own
 graphs with dynamic shapes and a kernel cache, and whether their kernels run as fast (GPU only).
 
-    python benchmarks/cudnn_sdpa_probe.py [--dtype fp16] [--out f.json]
+    python benchmarks/cudnn_sdpa_probe.py [--dtype fp16] [--variant all] [--out f.json]
 
 A first call at a new image size builds one cuDNN SDPA graph per new attention shape inside
 torch (~70 ms each: the engine compiles its kernel at runtime); torch's cache is per thread and
@@ -15,12 +15,19 @@ buffer, (B, L, H, D)), in the order a 1024 -> 768 -> 512 sweep meets them, this 
   difference from torch's output;
 - frontend, static (no cache): the build time;
 and checks that a frontend execution can be captured in a CUDA graph and replayed.
+
+--variant picks the frontend graphs that are built and run: dynamic-cache (dynamic shapes, one
+kernel cache), dynamic (dynamic shapes, no cache), static; "all" runs each in a process of its
+own (session 23's run A: dynamic-cache's second shape, cross-attention over 77 keys, ended in an
+illegal memory access, which leaves the process's CUDA context unusable). torch and cuDNN are
+warmed up on another shape first, so a first call's time is the new shape's graph build alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -123,44 +130,73 @@ def steady_us(fn, n=50):
     return sorted(times)[len(times) // 2]
 
 
+VARIANTS = ("dynamic-cache", "dynamic", "static")
+
+
+def run_variants(args) -> list:
+    """Each variant in a process of its own; a crashed one is a row saying so."""
+    rows = []
+    for variant in VARIANTS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--dtype", args.dtype, "--sizes", args.sizes,
+               "--variant", variant]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = [json.loads(line[3:]) for line in proc.stdout.splitlines() if line.startswith("== ")]
+        rows += got
+        print(proc.stdout, end="", flush=True)
+        if proc.returncode:
+            rows.append({"variant": variant, "error": proc.stderr.strip().splitlines()[-1:] or ["?"],
+                         "rc": proc.returncode, "shapes_done": len(got)})
+            print("== " + json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     p.add_argument("--sizes", default="1024,768,512")
+    p.add_argument("--variant", default="all", choices=("all", *VARIANTS))
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    rows = run_variants(args) if args.variant == "all" else probe(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def probe(args) -> list:
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     cudnn = cudnn_attention._load_frontend()
     if cudnn is None:
         raise SystemExit(f"cuDNN frontend unavailable: {cudnn_attention._frontend['reason']}")
     handle = cudnn_attention._handle(cudnn, torch.device("cuda"))
-    cache = cudnn.create_kernel_cache()
+    dynamic, cache = args.variant != "static", None
+    if args.variant == "dynamic-cache":
+        cache = cudnn.create_kernel_cache()
     torch.manual_seed(0)
+    warm = make_qkv(1, 192, 192, 2, 64, True, dtype)  # library loads and handles, off the clock
+    torch_sdpa(*warm)
+    fe_graph(cudnn, handle, *warm, False, None)
     rows = []
     for name, B, Lq, Lk, H, D, packed in sdxl_shapes([int(s) for s in args.sizes.split(",")]):
         q, k, v = make_qkv(B, Lq, Lk, H, D, packed, dtype)
         t_torch_first, ref = timed_wall(lambda: torch_sdpa(q, k, v))
-        t_dyn_build, built = timed_wall(lambda: fe_graph(cudnn, handle, q, k, v, True, cache))
-        t_static_build, _ = timed_wall(lambda: fe_graph(cudnn, handle, q, k, v, False, None))
+        t_build, built = timed_wall(lambda: fe_graph(cudnn, handle, q, k, v, dynamic, cache))
         ws = torch.empty(max(built[0].get_workspace_size(), 1), dtype=torch.uint8, device="cuda")
         out = torch.empty(B, Lq, H, D, device="cuda", dtype=dtype)
         fe_run(cudnn, handle, built, q, k, v, out, ws)
         torch.cuda.synchronize()
         diff = (out.float() - ref.float()).abs().max().item()
-        row = {"shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D, "packed_qkv": packed,
-               "torch_first_call_ms": round(t_torch_first * 1e3, 2),
-               "fe_dynamic_cached_build_ms": round(t_dyn_build * 1e3, 2),
-               "fe_static_build_ms": round(t_static_build * 1e3, 2),
+        row = {"variant": args.variant, "shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D,
+               "packed_qkv": packed, "torch_first_call_ms": round(t_torch_first * 1e3, 2),
+               "fe_build_ms": round(t_build * 1e3, 2),
                "torch_steady_us": round(steady_us(lambda: torch_sdpa(q, k, v)), 2),
-               "fe_dynamic_steady_us": round(steady_us(lambda: fe_run(cudnn, handle, built, q, k, v, out, ws)), 2),
+               "fe_steady_us": round(steady_us(lambda: fe_run(cudnn, handle, built, q, k, v, out, ws)), 2),
                "max_abs_diff_vs_torch": diff, "workspace_bytes": ws.numel(),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "cudnn_backend": cudnn.backend_version(), "dtype": args.dtype}
         rows.append(row)
         print("== " + json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
