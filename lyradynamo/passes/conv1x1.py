@@ -40,9 +40,7 @@ import torch.nn.functional as F
 from . import matcher as m
 from .report import GraphReport
 
-CONV2D = {torch.conv2d, torch.nn.functional.conv2d}
 _DTYPES = (torch.float16, torch.bfloat16)
-_META_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack")
 # set on the linear's weight node (w.flatten(1)): quant/apply.py names why it stays 16-bit
 CONV_WEIGHT_META = "lyra_conv1x1_weight"
 CL = torch.channels_last
@@ -80,7 +78,7 @@ def runtime_nhwc(graph: fx.Graph) -> set:
             out.add(node)
         elif node.op != "call_function":
             continue
-        elif m.is_fn(node, CONV2D):
+        elif m.is_fn(node, m.CONV2D):
             w = m.arg(node, 1, "weight")
             if m.arg(node, 0, "input") in out or _traced_nhwc(m.val(w)):
                 out.add(node)
@@ -139,27 +137,13 @@ def _residual(conv: fx.Node, nhwc: set) -> Optional[tuple[fx.Node, fx.Node]]:
     if not (isinstance(r, fx.Node) and r is not conv and r in nhwc and _same_shape_dtype(m.val(r), yv)
             and _same_shape_dtype(m.val(add), yv)):
         return None
-    if m.is_fn(r, CONV2D):
+    if m.is_fn(r, m.CONV2D):
         return None  # conv_bias folds the add into r's bias pass (and r's bias joins it)
     nxt = m.only_user(add)
     if nxt is not None and (m.is_fn(nxt, m.MUL | {operator.truediv, torch.div})
                             and any(isinstance(a, numbers.Number) for a in nxt.args)):
         return None  # a scale follows: conv_bias's bias_residual takes it
     return add, r
-
-
-class _Emitter:
-    def __init__(self, graph: fx.Graph, like: fx.Node) -> None:
-        self.graph, self.like = graph, like
-        self.nodes: list = []
-
-    def __call__(self, target, args: tuple, value) -> fx.Node:
-        """A new call target(*args) whose traced value is `value`."""
-        node = self.graph.call_function(target, args)
-        node.meta.update({k: v for k, v in self.like.meta.items() if k in _META_KEYS})
-        node.meta["example_value"] = value
-        self.nodes.append(node)
-        return node
 
 
 def _values(x: fx.Node, w: fx.Node, root: fx.Node, fake_mode) -> tuple:
@@ -188,7 +172,9 @@ def _rewrite(graph: fx.Graph, conv: fx.Node, nhwc: set, fake_mode) -> str:
     res = _residual(conv, nhwc)
     root = res[0] if res is not None else conv
     x_val, w_val, out_val, y_val = _values(x, w, root, fake_mode)  # first: a failure changes nothing
-    emit = _Emitter(graph, conv)
+    def emit(target, args, value):
+        return m.emit(graph, target, args, {}, value, conv)
+
     with graph.inserting_before(root):
         x_rows = emit(torch.permute, (x, (0, 2, 3, 1)), x_val)
         w_rows = emit(torch.flatten, (w, 1), w_val)
@@ -209,7 +195,7 @@ def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
         return
     nhwc = runtime_nhwc(graph)
     for conv in list(graph.nodes):
-        if not m.is_fn(conv, CONV2D):
+        if not m.is_fn(conv, m.CONV2D):
             continue
         why = unsupported(conv, nhwc)
         if why is None:

@@ -36,10 +36,8 @@ from . import group_norm as group_norm_pass
 from . import matcher as m
 from .report import GraphReport
 
-CONV2D = {torch.conv2d, torch.nn.functional.conv2d}
 _GN = torch.ops.lyra.group_norm.default
 _BIAS_RESIDUAL = torch.ops.lyra.bias_residual.default
-_META_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 
 # ---- facts about nodes (no guards: sizes compared with known_eq, strides by hint) ---------
@@ -135,7 +133,7 @@ def _match_residual(conv: fx.Node, y: torch.Tensor):
             and _same_tensor_meta(rv, y) and _same_tensor_meta(out, y)):
         return None
     r_conv = None
-    if (m.is_fn(r, CONV2D) and m.only_user(r) is add and _conv_out(r) is not None
+    if (m.is_fn(r, m.CONV2D) and m.only_user(r) is add and _conv_out(r) is not None
             and _bias_ok(_bias(r), y)):
         r_conv = r
     scale_node, scale = None, 1.0
@@ -168,18 +166,10 @@ def _unbiased(conv: fx.Node) -> tuple[tuple, dict]:
     return tuple(args), kwargs
 
 
-def _emit(graph: fx.Graph, target, args: tuple, kwargs: dict, value: Any, like: fx.Node) -> fx.Node:
-    """A new call (at the graph's current insertion point) with its traced value."""
-    node = graph.call_function(target, args, kwargs)
-    node.meta.update({k: v for k, v in like.meta.items() if k in _META_KEYS})
-    node.meta["example_value"] = value
-    return node
-
-
 def _emit_unbiased(graph: fx.Graph, conv: fx.Node, value: Any) -> fx.Node:
     args, kwargs = _unbiased(conv)
     with graph.inserting_before(conv):
-        return _emit(graph, conv.target, args, kwargs, value, conv)
+        return m.emit(graph, conv.target, args, kwargs, value, conv)
 
 
 def _fake_unbiased(conv: fx.Node, fake_mode) -> Any:
@@ -212,8 +202,8 @@ def _rewrite_group_norm(graph, conv, b, adds, vecs, gn, fake_mode) -> str:
     pre_bias = b
     with graph.inserting_before(gn):
         for t, f_val, s_val in zip(vecs, flat_vals, sum_vals):
-            flat = _emit(graph, torch.flatten, (t, -3), {}, f_val, gn)  # (B, C) or (C,): a view
-            pre_bias = flat if pre_bias is None else _emit(graph, operator.add, (pre_bias, flat), {}, s_val, gn)
+            flat = m.emit(graph, torch.flatten, (t, -3), {}, f_val, gn)  # (B, C) or (C,): a view
+            pre_bias = flat if pre_bias is None else m.emit(graph, operator.add, (pre_bias, flat), {}, s_val, gn)
     label = "conv" + ("+bias" if b is not None else "") + "+add" * len(adds) + "->group_norm"
     rw = m.Rewrite(gn, _GN, (y_new, *gn.args[1:], pre_bias), [gn, *adds, conv], label,
                    same_value=group_norm_pass.same_value(y_val, m.val(gn), gn.args[6]))
@@ -237,7 +227,7 @@ def _rewrite_residual(graph, conv, b, match, fake_mode) -> str:
     if r_conv is not None:
         residual = _emit_unbiased(graph, r_conv, res_val)
         with graph.inserting_before(root):
-            bias = _emit(graph, operator.add, (b, b2), {}, bias_val, root)  # (C,): both biases
+            bias = m.emit(graph, operator.add, (b, b2), {}, bias_val, root)  # (C,): both biases
     label = "conv+bias+residual" + ("(conv+bias)" if r_conv is not None else "")
     label += "+scale" if scale_node is not None else ""
     matched = [n for n in (conv, add, scale_node, r_conv) if n is not None]
@@ -258,7 +248,7 @@ def _rewrite_plain(graph, conv, b, fake_mode) -> str:
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
     done: set = set()  # convolutions consumed (as a residual) by an earlier rewrite
     for conv in list(graph.nodes):
-        if conv in done or not m.is_fn(conv, CONV2D) or not conv.users:
+        if conv in done or not m.is_fn(conv, m.CONV2D) or not conv.users:
             continue
         y = _conv_out(conv)
         if y is None:

@@ -28,6 +28,9 @@ MUL = {operator.mul, torch.mul}
 ADD = {operator.add, torch.add}
 RSQRT = {torch.rsqrt}
 DROPOUT = {F.dropout}
+CONV2D = {torch.conv2d, F.conv2d}
+# what a rewritten node inherits from the node it stands for (the dump and error messages read them)
+META_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 
 def is_fn(node: Any, targets: set) -> bool:
@@ -171,13 +174,21 @@ def apply(graph: fx.Graph, rw: Rewrite, fake_mode: Any) -> Node:
     value = _value_for(rw, fake_mode)  # first: a failure leaves the graph as it was
     with graph.inserting_after(rw.root):
         new = graph.call_function(rw.target, rw.args)
-    new.meta.update({k: v for k, v in rw.root.meta.items() if k in ("stack_trace", "nn_module_stack",
-                                                                     "source_fn_stack")})
+    new.meta.update({k: v for k, v in rw.root.meta.items() if k in META_KEYS})
     new.meta["example_value"] = value
     new.meta["lyra"] = rw.label
     rw.root.replace_all_uses_with(new)
     erase_unused(graph, rw.matched)
     return new
+
+
+def emit(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict, value: Any, like: Node) -> Node:
+    """A new call (at the graph's current insertion point) with its traced value `value` and
+    like's META_KEYS."""
+    node = graph.call_function(target, args, kwargs)
+    node.meta.update({k: v for k, v in like.meta.items() if k in META_KEYS})
+    node.meta["example_value"] = value
+    return node
 
 
 def erase_unused(graph: fx.Graph, nodes: Iterable[Node]) -> None:
