@@ -19,14 +19,17 @@ namespace py = pybind11;
 namespace lyra {
 void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N, int64_t C,
                 int64_t HW, int64_t groups, double eps, bool silu, bool channels_last, int dtype,
-                uintptr_t stream, uintptr_t pre_bias, int64_t pre_bias_bstride);
+                uintptr_t stream, uintptr_t pre_bias, int64_t pre_bias_bstride,
+                uintptr_t pre_bias2, int64_t pre_bias2_bstride);
 int64_t group_norm_rows_workspace(int64_t N, int64_t C, int64_t HW, int64_t groups, int dtype,
                                   uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t bias,
-                                  uintptr_t pre_bias, int64_t pre_bias_bstride);
+                                  uintptr_t pre_bias, int64_t pre_bias_bstride,
+                                  uintptr_t pre_bias2, int64_t pre_bias2_bstride);
 void group_norm_rows(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N,
                      int64_t C, int64_t HW, int64_t groups, double eps, bool silu, int dtype,
                      uintptr_t stream, uintptr_t pre_bias, int64_t pre_bias_bstride,
-                     uintptr_t workspace, int64_t workspace_floats);
+                     uintptr_t workspace, int64_t workspace_floats, uintptr_t pre_bias2,
+                     int64_t pre_bias2_bstride);
 void bias_residual(uintptr_t y, uintptr_t bias, uintptr_t residual, uintptr_t out, int64_t N,
                    int64_t C, int64_t HW, bool channels_last, double scale, int dtype,
                    uintptr_t stream);
@@ -137,11 +140,12 @@ PYBIND11_MODULE(_C, m) {
         "GroupNorm (+SiLU) over (C/groups x HW) per (sample, group); x, y are (N, C, HW) or, "
         "with channels_last, (N, HW, C). weight/bias (C,) may be 0. pre_bias (0 = none): "
         "normalise x + pre_bias[n * pre_bias_bstride + c] (fp32, statistics included); "
-        "pre_bias_bstride 0 = one (C,) row for every sample.",
+        "pre_bias_bstride 0 = one (C,) row for every sample. pre_bias2 (0 = none), the same "
+        "way: x + (pre_bias + pre_bias2), the sum in fp32.",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("C"),
         py::arg("HW"), py::arg("groups"), py::arg("eps"), py::arg("silu"),
         py::arg("channels_last"), py::arg("dtype"), py::arg("stream"), py::arg("pre_bias") = 0,
-        py::arg("pre_bias_bstride") = 0);
+        py::arg("pre_bias_bstride") = 0, py::arg("pre_bias2") = 0, py::arg("pre_bias2_bstride") = 0);
 
   m.def("group_norm_rows_workspace", &lyra::group_norm_rows_workspace, release(),
         "float32 elements of workspace group_norm_rows needs for this channels_last shape and "
@@ -149,7 +153,7 @@ PYBIND11_MODULE(_C, m) {
         "not take it (C / vector width over 512 threads, C*HW >= 2^31, N > 65535).",
         py::arg("N"), py::arg("C"), py::arg("HW"), py::arg("groups"), py::arg("dtype"), py::arg("x"),
         py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("pre_bias") = 0,
-        py::arg("pre_bias_bstride") = 0);
+        py::arg("pre_bias_bstride") = 0, py::arg("pre_bias2") = 0, py::arg("pre_bias2_bstride") = 0);
   m.def("group_norm_rows", &lyra::group_norm_rows, release(),
         "group_norm for channels_last (N, HW, C) over whole rows (coalesced when a group's "
         "channel run is narrower than a cache line): statistics pass, finalize, apply pass; "
@@ -158,7 +162,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("C"),
         py::arg("HW"), py::arg("groups"), py::arg("eps"), py::arg("silu"), py::arg("dtype"),
         py::arg("stream"), py::arg("pre_bias"), py::arg("pre_bias_bstride"), py::arg("workspace"),
-        py::arg("workspace_floats"));
+        py::arg("workspace_floats"), py::arg("pre_bias2") = 0, py::arg("pre_bias2_bstride") = 0);
 
   m.def("bias_residual", &lyra::bias_residual, release(),
         "out = (y + bias[c] + residual) * scale, fp32 math, one rounding; y, residual, out "

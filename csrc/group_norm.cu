@@ -2,9 +2,11 @@
 //
 // y = (x - mean_g) * rstd_g * weight[c] + bias[c], then SiLU when requested,
 // statistics per (sample, group) over (C/groups channels x HW positions).
-// With a pre-bias pb (C per sample, or one row for all samples), x is read as
-// x + pb[n, c] in fp32 (statistics included): a convolution's bias and a
-// time-embedding add folded into the norm instead of two passes over x.
+// With pre-biases pb and pb2 (each C per sample, or one row for all samples;
+// either may be absent), x is read as x + (pb[n, c] + pb2[n, c]) in fp32
+// (statistics included): a convolution's bias and a time-embedding add folded
+// into the norm instead of passes over x and over the (N, C) sum. Each block
+// stages its group's fp32 sum in shared memory once (C/groups floats).
 //
 // Scheme: one kernel, read-stats-then-apply. A (sample, group) is split over a
 // thread-block *cluster* of K blocks (K in {1,2,4,8}); each block computes
@@ -23,6 +25,7 @@
 #include <cooperative_groups.h>
 
 #include <array>
+#include <utility>
 
 #include "common.cuh"
 
@@ -36,9 +39,12 @@ constexpr int kGNMaxCluster = 8;
 // With __launch_bounds__(256, 4) (<= 64 registers, 4 blocks per SM) these
 // are the largest counts that compile without spills (sm_90a, nvcc 13.0),
 // except with a pre-bias (PB): there 2-wide vectors keep 4 in flight (8
-// spill), and bf16 8-wide spills 2 bytes (kept: 2 in flight would cost more).
+// spill).
 template <int V, bool PB>
 __host__ __device__ constexpr int unroll() { return V >= 8 ? 3 : (V >= 4 || PB ? 4 : 8); }
+// Largest C/groups with a pre-bias: the staged row is cpg floats of dynamic
+// shared memory, kept under the 48 KB every launch may take without opt-in.
+constexpr int kGNMaxPreBiasCpg = 12288;
 
 // silu_fast (common.cuh): this pass is instruction-bound, not memory-bound, at SD shapes.
 
@@ -53,21 +59,29 @@ struct GNParams {
   int nhwc;
   int silu;
   int64_t pb_bstride;     // pre-bias elements between samples (0: one row for all)
+  int64_t pb2_bstride;    // the same for the second pre-bias
   float eps;
 };
 
-// v += pre-bias of the vector at (row r, column-vector cv) of group g's view:
-// V consecutive channels (NHWC) or one channel for the whole vector (NCHW).
-template <int V, typename T>
-__device__ __forceinline__ void add_pre_bias(float (&v)[V], const T* __restrict__ pb, int nhwc,
-                                             int c0, int r, int cv) {
+// v += the staged pre-bias (s_pb: the group's channels, fp32) of the vector at
+// (row r, column-vector cv) of the group's view: V consecutive channels (NHWC)
+// or one channel for the whole vector (NCHW).
+template <int V>
+__device__ __forceinline__ void add_pre_bias(float (&v)[V], const float* s_pb, int nhwc, int r,
+                                             int cv) {
   if (nhwc) {
-    float t[V];
-    load_vec<V>(pb + c0 + cv * V, t);
+    if constexpr (V % 4 == 0) {  // 16-byte shared loads (s_pb is 16-byte aligned, cv * V % 4 == 0)
 #pragma unroll
-    for (int e = 0; e < V; ++e) v[e] += t[e];
+      for (int e = 0; e < V; e += 4) {
+        const float4 t = *reinterpret_cast<const float4*>(s_pb + cv * V + e);
+        v[e] += t.x; v[e + 1] += t.y; v[e + 2] += t.z; v[e + 3] += t.w;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] += s_pb[cv * V + e];
+    }
   } else {
-    const float t = to_float(pb[c0 + r]);
+    const float t = s_pb[r];
 #pragma unroll
     for (int e = 0; e < V; ++e) v[e] += t;
   }
@@ -76,13 +90,15 @@ __device__ __forceinline__ void add_pre_bias(float (&v)[V], const T* __restrict_
 template <typename T, int V, bool PB>
 __global__ void __launch_bounds__(kGNThreads, 4)
 group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b,
-                  const T* __restrict__ pre_bias, T* y, GNParams p) {
+                  const T* __restrict__ pre_bias, const T* __restrict__ pre_bias2, T* y,
+                  GNParams p) {
   // x and y are not __restrict__: in-place (y == x) is allowed, since every
   // element is read before it is written, by the same thread.
   constexpr int kU = unroll<V, PB>();
   __shared__ float s_warp[3][kGNThreads / 32];
   __shared__ float s_part[3];   // this block's (n, mean, m2): read by cluster peers
   __shared__ float s_stats[2];  // (mean, rstd) of the whole group
+  extern __shared__ __align__(16) float s_pb[];  // PB: the group's pre-bias sum (cpg floats)
 
   const int K = p.cluster;
   const int rank = blockIdx.x % K;
@@ -96,8 +112,17 @@ group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b,
   const T* xg = x + base;
   T* yg = y + base;
   const int c0 = g * p.cpg;
-  // This sample's pre-bias row (unused unless PB).
-  [[maybe_unused]] const T* pb = PB ? pre_bias + static_cast<int64_t>(n) * p.pb_bstride : nullptr;
+  if constexpr (PB) {
+    // This sample's pre-bias rows, summed in fp32 (pb alone: x + pb, as before pb2 existed).
+    const T* r1 = pre_bias + static_cast<int64_t>(n) * p.pb_bstride + c0;
+    const T* r2 = pre_bias2 ? pre_bias2 + static_cast<int64_t>(n) * p.pb2_bstride + c0 : nullptr;
+    for (int j = threadIdx.x; j < p.cpg; j += blockDim.x) {
+      float t = to_float(r1[j]);
+      if (r2) t += to_float(r2[j]);
+      s_pb[j] = t;
+    }
+    __syncthreads();
+  }
 
   // This block's slice [v0, v1) of the group's R*wv vectors.
   const int64_t nv = static_cast<int64_t>(p.rows) * p.wv;
@@ -136,7 +161,7 @@ group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b,
           float v[V];
           unpack(raw[u], v);
           if constexpr (PB) {
-            add_pre_bias<V>(v, pb, p.nhwc, c0, pr, pc);
+            add_pre_bias<V>(v, s_pb, p.nhwc, pr, pc);
             advance(pr, pc);
           }
           wf.add_batch<V>(v);
@@ -200,7 +225,7 @@ group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b,
       if (i + u * bs >= v1) break;
       float v[V], sc[V], sh[V];
       unpack(raw[u], v);
-      if constexpr (PB) add_pre_bias<V>(v, pb, p.nhwc, c0, rr[u], cc[u]);
+      if constexpr (PB) add_pre_bias<V>(v, s_pb, p.nhwc, rr[u], cc[u]);
       if (p.nhwc) {  // channel = column: V consecutive channels
         const int c = c0 + cc[u] * V;
         if (w) { load_vec<V>(w + c, sc); } else {
@@ -231,12 +256,12 @@ group_norm_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ b,
   }
 }
 
-cudaLaunchConfig_t cluster_config(unsigned grid, int K, cudaStream_t stream,
+cudaLaunchConfig_t cluster_config(unsigned grid, int K, size_t smem, cudaStream_t stream,
                                   cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(kGNThreads);
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   attr->id = cudaLaunchAttributeClusterDimension;
   attr->val.clusterDim.x = K;
@@ -249,14 +274,16 @@ cudaLaunchConfig_t cluster_config(unsigned grid, int K, cudaStream_t stream,
 
 // How many clusters of K = 2, 4, 8 blocks of this kernel can be resident at
 // once (index log2 K); queried once per instantiation (first call, before
-// any graph capture in practice; the queries enqueue nothing anyway).
+// any graph capture in practice; the queries enqueue nothing anyway). Asked
+// without dynamic shared memory: the staged pre-bias is a few hundred bytes at
+// UNet sizes (cpg <= 80), far from the 4 blocks per SM the registers allow.
 template <typename T, int V, bool PB>
 const int* cluster_capacity() {
   static const std::array<int, 4> caps = [] {
     std::array<int, 4> c{0, 0, 0, 0};
     for (int i = 1; i < 4; ++i) {
       cudaLaunchAttribute attr;
-      cudaLaunchConfig_t cfg = cluster_config(1u << i, 1 << i, nullptr, &attr);
+      cudaLaunchConfig_t cfg = cluster_config(1u << i, 1 << i, 0, nullptr, &attr);
       int n = 0;
       if (cudaOccupancyMaxActiveClusters(&n, group_norm_kernel<T, V, PB>, &cfg) != cudaSuccess) {
         (void)cudaGetLastError();  // not fatal: just no clusters of this size
@@ -270,8 +297,8 @@ const int* cluster_capacity() {
 }
 
 template <typename T, int V, bool PB>
-void launch_gn(const T* x, const T* w, const T* b, const T* pb, T* y, GNParams p, int64_t ng,
-               const DeviceInfo& dev, cudaStream_t stream) {
+void launch_gn(const T* x, const T* w, const T* b, const T* pb, const T* pb2, T* y, GNParams p,
+               int64_t ng, const DeviceInfo& dev, cudaStream_t stream) {
   // Cluster size K: the largest of 8, 4, 2 whose ng clusters are all resident
   // in one wave (a partial second wave would cost a whole extra pass), with at
   // least ~2K elements per block; else one block per group.
@@ -286,13 +313,14 @@ void launch_gn(const T* x, const T* w, const T* b, const T* pb, T* y, GNParams p
   p.cluster = K;
   p.wv /= V;
   const unsigned grid = static_cast<unsigned>(ng * K);
+  const size_t smem = PB ? static_cast<size_t>(p.cpg) * sizeof(float) : 0;
   if (K > 1) {
     cudaLaunchAttribute attr;
-    cudaLaunchConfig_t cfg = cluster_config(grid, K, stream, &attr);
-    LYRA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, group_norm_kernel<T, V, PB>, x, w, b, pb, y, p),
+    cudaLaunchConfig_t cfg = cluster_config(grid, K, smem, stream, &attr);
+    LYRA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, group_norm_kernel<T, V, PB>, x, w, b, pb, pb2, y, p),
                     "group_norm");
   } else {
-    group_norm_kernel<T, V, PB><<<grid, kGNThreads, 0, stream>>>(x, w, b, pb, y, p);
+    group_norm_kernel<T, V, PB><<<grid, kGNThreads, smem, stream>>>(x, w, b, pb, pb2, y, p);
   }
   LYRA_CHECK_LAUNCH("group_norm");
 }
@@ -300,14 +328,14 @@ void launch_gn(const T* x, const T* w, const T* b, const T* pb, T* y, GNParams p
 // Picks the instantiation for the runtime vector width v (a power of two that
 // is <= 16 bytes); `if constexpr` keeps 8-wide fp32 from being instantiated.
 template <typename T, bool PB>
-void dispatch_gn(int v, const T* x, const T* w, const T* b, const T* pb, T* y, GNParams p,
-                 int64_t ng, const DeviceInfo& dev, cudaStream_t s) {
+void dispatch_gn(int v, const T* x, const T* w, const T* b, const T* pb, const T* pb2, T* y,
+                 GNParams p, int64_t ng, const DeviceInfo& dev, cudaStream_t s) {
   if constexpr (vec16<T>() >= 8) {
-    if (v == 8) return launch_gn<T, 8, PB>(x, w, b, pb, y, p, ng, dev, s);
+    if (v == 8) return launch_gn<T, 8, PB>(x, w, b, pb, pb2, y, p, ng, dev, s);
   }
-  if (v == 4) return launch_gn<T, 4, PB>(x, w, b, pb, y, p, ng, dev, s);
-  if (v == 2) return launch_gn<T, 2, PB>(x, w, b, pb, y, p, ng, dev, s);
-  launch_gn<T, 1, PB>(x, w, b, pb, y, p, ng, dev, s);
+  if (v == 4) return launch_gn<T, 4, PB>(x, w, b, pb, pb2, y, p, ng, dev, s);
+  if (v == 2) return launch_gn<T, 2, PB>(x, w, b, pb, pb2, y, p, ng, dev, s);
+  launch_gn<T, 1, PB>(x, w, b, pb, pb2, y, p, ng, dev, s);
 }
 
 }  // namespace
@@ -315,7 +343,7 @@ void dispatch_gn(int v, const T* x, const T* w, const T* b, const T* pb, T* y, G
 void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N,
                 int64_t C, int64_t HW, int64_t groups, double eps, bool silu,
                 bool channels_last, int dtype, uintptr_t stream, uintptr_t pre_bias,
-                int64_t pre_bias_bstride) {
+                int64_t pre_bias_bstride, uintptr_t pre_bias2, int64_t pre_bias2_bstride) {
   const char* fn = "group_norm";
   LYRA_CHECK_ARG(x != 0, fn, "x must be a non-null device pointer");
   LYRA_CHECK_ARG(y != 0, fn, "y must be a non-null device pointer");
@@ -331,6 +359,16 @@ void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int6
   LYRA_CHECK_ARG(pre_bias_bstride == 0 || (pre_bias != 0 && pre_bias_bstride >= C), fn,
                  "pre_bias_bstride must be 0 (one row for all samples) or >= C with a pre_bias, "
                  "got " + std::to_string(pre_bias_bstride));
+  LYRA_CHECK_ARG(pre_bias2_bstride == 0 || (pre_bias2 != 0 && pre_bias2_bstride >= C), fn,
+                 "pre_bias2_bstride must be 0 (one row for all samples) or >= C with a pre_bias2, "
+                 "got " + std::to_string(pre_bias2_bstride));
+  if (!pre_bias) {  // one pre-bias given as the second: the same as the first
+    std::swap(pre_bias, pre_bias2);
+    std::swap(pre_bias_bstride, pre_bias2_bstride);
+  }
+  LYRA_CHECK_ARG(!pre_bias || C / groups <= kGNMaxPreBiasCpg, fn,
+                 "a pre_bias needs C/groups <= " + std::to_string(kGNMaxPreBiasCpg) + ", got " +
+                     std::to_string(C / groups));
 
   GNParams p;
   p.cpg = static_cast<int>(C / groups);
@@ -343,6 +381,7 @@ void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int6
   p.row_stride = channels_last ? C : HW;
   p.silu = silu ? 1 : 0;
   p.pb_bstride = pre_bias_bstride;
+  p.pb2_bstride = pre_bias2_bstride;
   p.eps = static_cast<float>(eps);
 
   const DeviceInfo dev = current_device_info(fn);
@@ -356,10 +395,7 @@ void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int6
       const size_t bytes = es * v;
       bool ok = W % v == 0 && p.row_stride % v == 0 && aligned_to(x, bytes) &&
                 aligned_to(y, bytes);
-      if (channels_last) {
-        ok = ok && aligned_to(weight, bytes) && aligned_to(bias, bytes) &&
-             aligned_to(pre_bias, bytes) && pre_bias_bstride % v == 0;
-      }
+      if (channels_last) ok = ok && aligned_to(weight, bytes) && aligned_to(bias, bytes);
       if (ok) return v;
     }
     return 1;
@@ -371,11 +407,12 @@ void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int6
     const auto* wp = as_ptr<const scalar_t>(weight);
     const auto* bp = as_ptr<const scalar_t>(bias);
     const auto* pbp = as_ptr<const scalar_t>(pre_bias);
+    const auto* pb2p = as_ptr<const scalar_t>(pre_bias2);
     auto* yp = as_ptr<scalar_t>(y);
     if (pre_bias) {
-      dispatch_gn<scalar_t, true>(v, xp, wp, bp, pbp, yp, p, ng, dev, as_stream(stream));
+      dispatch_gn<scalar_t, true>(v, xp, wp, bp, pbp, pb2p, yp, p, ng, dev, as_stream(stream));
     } else {
-      dispatch_gn<scalar_t, false>(v, xp, wp, bp, pbp, yp, p, ng, dev, as_stream(stream));
+      dispatch_gn<scalar_t, false>(v, xp, wp, bp, pbp, pb2p, yp, p, ng, dev, as_stream(stream));
     }
   });
 }

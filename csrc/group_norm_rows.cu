@@ -12,11 +12,13 @@
 //                (Chan, fixed order) and writes (n, mean, m2) per group to the workspace.
 //   2. finalize: grid N; one warp per group merges the nblk partials, then per channel
 //                scale = w * rstd, shift = b - mean * scale (+ pre_bias * scale): the apply
-//                pass reads two floats per channel and never the pre-bias.
+//                pass reads two floats per channel and never the pre-bias. Two pre-biases
+//                (pb, pb2) are read as their fp32 sum, x + (pb + pb2), as in group_norm.cu.
 //   3. apply:    grid (nblk, N), the same rows as pass 1: y = x * scale + shift (+ SiLU).
 // Traffic: x read twice, y written once, as in group_norm.cu; the workspace (partials + 2 x
 // N x C floats) comes from the caller (under CUDA graphs: the graph's pool).
 #include <algorithm>
+#include <utility>
 
 #include "common.cuh"
 
@@ -39,6 +41,7 @@ struct RowsParams {
   int nblk;  // blocks per sample
   int silu;
   int64_t pb_bstride;
+  int64_t pb2_bstride;
   float eps;
 };
 
@@ -50,8 +53,8 @@ __device__ __forceinline__ void block_rows(const RowsParams& p, int blk, int& r0
 
 template <typename T, int V, bool PB>
 __global__ void __launch_bounds__(kRowsThreads)
-gn_rows_stats(const T* __restrict__ x, const T* __restrict__ pb, float* __restrict__ part,
-              RowsParams p) {
+gn_rows_stats(const T* __restrict__ x, const T* __restrict__ pb, const T* __restrict__ pb2,
+              float* __restrict__ part, RowsParams p) {
   __shared__ float s_n[kRowsThreads], s_mean[kRowsThreads], s_m2[kRowsThreads];
   const int n = blockIdx.y, blk = blockIdx.x;
   const int tc = threadIdx.x % p.tr, slot = threadIdx.x / p.tr;
@@ -63,7 +66,14 @@ gn_rows_stats(const T* __restrict__ x, const T* __restrict__ pb, float* __restri
   float bias[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) bias[e] = 0.f;
-  if constexpr (PB) load_vec<V>(pb + static_cast<int64_t>(n) * p.pb_bstride + c, bias);
+  if constexpr (PB) {
+    load_vec<V>(pb + static_cast<int64_t>(n) * p.pb_bstride + c, bias);
+    if (pb2) {
+      const T* r2 = pb2 + static_cast<int64_t>(n) * p.pb2_bstride + c;
+#pragma unroll
+      for (int e = 0; e < V; ++e) bias[e] += to_float(r2[e]);
+    }
+  }
 
   // Shifted sums (shift = the thread's first value): no division per element, and exact
   // enough while the shift is near the mean, which any value of the group is at these sizes.
@@ -125,8 +135,8 @@ gn_rows_stats(const T* __restrict__ x, const T* __restrict__ pb, float* __restri
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads)
 gn_rows_finalize(const float* __restrict__ part, const T* __restrict__ w, const T* __restrict__ b,
-                 const T* __restrict__ pb, float* __restrict__ scale, float* __restrict__ shift,
-                 RowsParams p) {
+                 const T* __restrict__ pb, const T* __restrict__ pb2, float* __restrict__ scale,
+                 float* __restrict__ shift, RowsParams p) {
   const int n = blockIdx.y;
   const int lane = threadIdx.x & 31;
   const int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -143,7 +153,11 @@ gn_rows_finalize(const float* __restrict__ part, const T* __restrict__ w, const 
   for (int c = g * p.cpg + lane; c < (g + 1) * p.cpg; c += 32) {
     const float a = (w ? to_float(w[c]) : 1.f) * rstd;
     float sh = (b ? to_float(b[c]) : 0.f) - mean * a;
-    if (pb) sh = fmaf(to_float(pb[static_cast<int64_t>(n) * p.pb_bstride + c]), a, sh);
+    if (pb) {
+      float t = to_float(pb[static_cast<int64_t>(n) * p.pb_bstride + c]);
+      if (pb2) t += to_float(pb2[static_cast<int64_t>(n) * p.pb2_bstride + c]);
+      sh = fmaf(t, a, sh);
+    }
     scale[static_cast<int64_t>(n) * p.C + c] = a;
     shift[static_cast<int64_t>(n) * p.C + c] = sh;
   }
@@ -203,7 +217,7 @@ struct RowsPlan {
 
 RowsPlan plan_rows(int64_t N, int64_t C, int64_t HW, int64_t groups, int dtype, uintptr_t x,
                    uintptr_t y, uintptr_t w, uintptr_t b, uintptr_t pb, int64_t pb_bstride,
-                   const char* fn) {
+                   uintptr_t pb2, int64_t pb2_bstride, const char* fn) {
   RowsPlan plan;
   if (N <= 0 || C <= 0 || HW <= 0 || groups <= 0 || C % groups) return plan;
   if (C * HW >= (1ll << 31) || N > 65535) return plan;  // N: the grids' y
@@ -213,7 +227,8 @@ RowsPlan plan_rows(int64_t N, int64_t C, int64_t HW, int64_t groups, int dtype, 
   for (; v > 1; v /= 2) {
     const size_t bytes = es * v;
     if (cpg % v == 0 && aligned_to(x, bytes) && aligned_to(y, bytes) && aligned_to(w, bytes) &&
-        aligned_to(b, bytes) && aligned_to(pb, bytes) && pb_bstride % v == 0)
+        aligned_to(b, bytes) && aligned_to(pb, bytes) && pb_bstride % v == 0 &&
+        aligned_to(pb2, bytes) && pb2_bstride % v == 0)
       break;
   }
   const int64_t tr = C / v;
@@ -240,21 +255,21 @@ RowsPlan plan_rows(int64_t N, int64_t C, int64_t HW, int64_t groups, int dtype, 
 
 template <typename T, int V>
 void launch_rows(const RowsPlan& plan, int64_t N, const T* x, const T* w, const T* b, const T* pb,
-                 T* y, float* ws, cudaStream_t stream) {
+                 const T* pb2, T* y, float* ws, cudaStream_t stream) {
   const RowsParams& p = plan.p;
   float* part = ws;
   float* scale = ws + plan.part_floats;
   float* shift = scale + N * p.C;
   const dim3 grid(static_cast<unsigned>(p.nblk), static_cast<unsigned>(N));
   if (pb) {
-    gn_rows_stats<T, V, true><<<grid, plan.threads, 0, stream>>>(x, pb, part, p);
+    gn_rows_stats<T, V, true><<<grid, plan.threads, 0, stream>>>(x, pb, pb2, part, p);
   } else {
-    gn_rows_stats<T, V, false><<<grid, plan.threads, 0, stream>>>(x, pb, part, p);
+    gn_rows_stats<T, V, false><<<grid, plan.threads, 0, stream>>>(x, pb, pb2, part, p);
   }
   LYRA_CHECK_LAUNCH("group_norm_rows");
   constexpr int kWarps = kFinalizeThreads / 32;  // groups per block
   const dim3 fgrid(static_cast<unsigned>((p.groups + kWarps - 1) / kWarps), static_cast<unsigned>(N));
-  gn_rows_finalize<T><<<fgrid, kFinalizeThreads, 0, stream>>>(part, w, b, pb, scale, shift, p);
+  gn_rows_finalize<T><<<fgrid, kFinalizeThreads, 0, stream>>>(part, w, b, pb, pb2, scale, shift, p);
   LYRA_CHECK_LAUNCH("group_norm_rows");
   gn_rows_apply<T, V><<<grid, plan.threads, 0, stream>>>(x, scale, shift, y, p);
   LYRA_CHECK_LAUNCH("group_norm_rows");
@@ -264,23 +279,31 @@ void launch_rows(const RowsPlan& plan, int64_t N, const T* x, const T* w, const 
 
 int64_t group_norm_rows_workspace(int64_t N, int64_t C, int64_t HW, int64_t groups, int dtype,
                                   uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t bias,
-                                  uintptr_t pre_bias, int64_t pre_bias_bstride) {
+                                  uintptr_t pre_bias, int64_t pre_bias_bstride,
+                                  uintptr_t pre_bias2, int64_t pre_bias2_bstride) {
   return plan_rows(N, C, HW, groups, dtype, x, y, weight, bias, pre_bias, pre_bias_bstride,
-                   "group_norm_rows_workspace")
+                   pre_bias2, pre_bias2_bstride, "group_norm_rows_workspace")
       .workspace_floats;
 }
 
 void group_norm_rows(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t N,
                      int64_t C, int64_t HW, int64_t groups, double eps, bool silu, int dtype,
                      uintptr_t stream, uintptr_t pre_bias, int64_t pre_bias_bstride,
-                     uintptr_t workspace, int64_t workspace_floats) {
+                     uintptr_t workspace, int64_t workspace_floats, uintptr_t pre_bias2,
+                     int64_t pre_bias2_bstride) {
   const char* fn = "group_norm_rows";
   LYRA_CHECK_ARG(x != 0 && y != 0, fn, "x and y must be non-null device pointers");
   LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
   LYRA_CHECK_ARG(pre_bias_bstride == 0 || (pre_bias != 0 && pre_bias_bstride >= C), fn,
                  "pre_bias_bstride must be 0 (one row for all samples) or >= C with a pre_bias");
+  LYRA_CHECK_ARG(pre_bias2_bstride == 0 || (pre_bias2 != 0 && pre_bias2_bstride >= C), fn,
+                 "pre_bias2_bstride must be 0 (one row for all samples) or >= C with a pre_bias2");
+  if (!pre_bias) {  // one pre-bias given as the second: the same as the first
+    std::swap(pre_bias, pre_bias2);
+    std::swap(pre_bias_bstride, pre_bias2_bstride);
+  }
   RowsPlan plan = plan_rows(N, C, HW, groups, dtype, x, y, weight, bias, pre_bias,
-                            pre_bias_bstride, fn);
+                            pre_bias_bstride, pre_bias2, pre_bias2_bstride, fn);
   const int64_t need = plan.workspace_floats;
   LYRA_CHECK_ARG(need > 0, fn,
                  "shape not supported by the rows path (N=" + std::to_string(N) + " C=" +
@@ -291,6 +314,7 @@ void group_norm_rows(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y,
                      std::to_string(need) + " elements, got " + std::to_string(workspace_floats));
   plan.p.silu = silu ? 1 : 0;
   plan.p.pb_bstride = pre_bias_bstride;
+  plan.p.pb2_bstride = pre_bias2_bstride;
   plan.p.eps = static_cast<float>(eps);
   float* ws = as_ptr<float>(workspace);
   LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
@@ -298,15 +322,16 @@ void group_norm_rows(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y,
     const auto* wp = as_ptr<const scalar_t>(weight);
     const auto* bp = as_ptr<const scalar_t>(bias);
     const auto* pbp = as_ptr<const scalar_t>(pre_bias);
+    const auto* pb2p = as_ptr<const scalar_t>(pre_bias2);
     auto* yp = as_ptr<scalar_t>(y);
     cudaStream_t s = as_stream(stream);
     switch (plan.v) {
       case 8:
-        if constexpr (vec16<scalar_t>() >= 8) return launch_rows<scalar_t, 8>(plan, N, xp, wp, bp, pbp, yp, ws, s);
+        if constexpr (vec16<scalar_t>() >= 8) return launch_rows<scalar_t, 8>(plan, N, xp, wp, bp, pbp, pb2p, yp, ws, s);
         break;
-      case 4: return launch_rows<scalar_t, 4>(plan, N, xp, wp, bp, pbp, yp, ws, s);
-      case 2: return launch_rows<scalar_t, 2>(plan, N, xp, wp, bp, pbp, yp, ws, s);
-      default: return launch_rows<scalar_t, 1>(plan, N, xp, wp, bp, pbp, yp, ws, s);
+      case 4: return launch_rows<scalar_t, 4>(plan, N, xp, wp, bp, pbp, pb2p, yp, ws, s);
+      case 2: return launch_rows<scalar_t, 2>(plan, N, xp, wp, bp, pbp, pb2p, yp, ws, s);
+      default: return launch_rows<scalar_t, 1>(plan, N, xp, wp, bp, pbp, pb2p, yp, ws, s);
     }
   });
 }

@@ -58,6 +58,13 @@ def _biased_convs_into_group_norm(graph):
     return bad
 
 
+def _adds_into_pre_bias(graph):
+    """add nodes whose output is a lyra::group_norm's pre-bias: with one time embedding per
+    norm, the conv's bias and the embedding reach the norm as its two pre-biases, no add."""
+    return [a.name for n in graph.nodes if n.target is lyra.group_norm.default
+            for a in n.args[7:] if isinstance(a, torch.fx.Node) and a.target in (torch.add, operator.add)]
+
+
 # ---- whole models ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,channels_last", [("sd15", False), ("sd15", True), ("sdxl", False)])
@@ -80,6 +87,7 @@ def test_unet_one_compilation_matches_eager(name, channels_last, graphs):
     assert hits.get("conv+bias+residual", 0) > 0  # conv2 + input, proj_out + residual
     (graph,) = graphs
     assert _biased_convs_into_group_norm(graph) == []
+    assert _adds_into_pre_bias(graph) == []
     convs = [n for n in graph.nodes if n.op == "call_function" and n.target in CONV2D]
     assert convs and all(n.args[2] is None for n in convs)  # every bias moved out of the conv
     # one rewrite per convolution, two convolutions where the residual is a biased conv too
@@ -137,6 +145,12 @@ def test_block_patterns(channels_last, graphs):
     hits = lyradynamo.compiled_graphs()[0].summary["matched"]["conv_bias"]
     assert hits == {"conv+bias+add->group_norm": 2, "conv+bias+residual(conv+bias)+scale": 1, "conv+bias": 1}
     assert _biased_convs_into_group_norm(graphs[0]) == []
+    assert _adds_into_pre_bias(graphs[0]) == []
+    # conv1 + temb -> norm2: the (B, C) embedding and conv1's (C,) bias as the two pre-biases
+    # (and norm3's (C, 1, 1) shift with conv3's bias, both (C,))
+    pre = {n.args[0].name: [(a.meta["example_value"].dim(), int(a.meta["example_value"].shape[-1])) for a in n.args[7:]]
+           for n in graphs[0].nodes if n.target is lyra.group_norm.default and len(n.args) > 7}
+    assert sorted(pre.values()) == [[(1, 12), (1, 12)], [(2, 12), (1, 12)]], pre  # (dims, C)
 
 
 def test_residual_of_another_layout_is_not_fused(graphs):
@@ -208,6 +222,27 @@ def test_group_norm_pre_bias_low_precision_rounds_once(dtype, channels_last):
     torch.testing.assert_close(out, f32.to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kinds", [("NC", "C"), ("C", "NC"), ("1C", "C")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_two_pre_biases(kinds, channels_last):
+    """x + (pre_bias + pre_bias2), the sum in fp32; a lone pre_bias2 acts as a lone pre_bias."""
+    x = rnd(2, 12, 5, 7).contiguous(memory_format=fmt(channels_last))
+    w, b = rnd(12), rnd(12)
+    pb, pb2 = (_pre_bias(k, 2, 12) * 3 for k in kinds)
+    args = (x, 3, w, b, 1e-5, "silu", channels_last, pb, pb2)
+    torch.library.opcheck(lyra.group_norm.default, args)
+    ref = F.silu(F.group_norm(x + pb.reshape(-1, 12, 1, 1) + pb2.reshape(-1, 12, 1, 1), 3, w, b, 1e-5))
+    torch.testing.assert_close(lyra.group_norm(*args), ref, rtol=1e-5, atol=1e-5)
+    alone = lyra.group_norm(x, 3, w, b, 1e-5, "silu", channels_last, None, pb2)
+    torch.testing.assert_close(alone, lyra.group_norm(x, 3, w, b, 1e-5, "silu", channels_last, pb2), rtol=0, atol=0)
+    # half precision: the two pre-biases summed in fp32 and added to x there, one rounding
+    xh, wh, bh, pbh, pb2h = (t.half() for t in (x, w, b, pb, pb2))
+    f32 = F.silu(F.group_norm(xh.float() + (pbh.float().reshape(-1, 12, 1, 1) + pb2h.float().reshape(-1, 12, 1, 1)),
+                              3, wh.float(), bh.float(), 1e-5))
+    out = lyra.group_norm(xh, 3, wh, bh, 1e-5, "silu", channels_last, pbh, pb2h)
+    torch.testing.assert_close(out, f32.half(), rtol=0, atol=0)
+
+
 def test_group_norm_pre_bias_bad_shape_names_it():
     x = rnd(2, 8, 3, 3)
     with pytest.raises(ValueError, match="pre_bias"):
@@ -216,6 +251,8 @@ def test_group_norm_pre_bias_bad_shape_names_it():
         lyra.group_norm(x, 2, None, None, 1e-5, "none", False, rnd(7))
     with pytest.raises(ValueError, match="pre_bias"):
         lyra.group_norm(x, 2, None, None, 1e-5, "none", False, rnd(2, 8, 1))
+    with pytest.raises(ValueError, match="pre_bias2"):
+        lyra.group_norm(x, 2, None, None, 1e-5, "none", False, rnd(8), rnd(3, 8))
 
 
 # ---- lyra::bias_residual ----------------------------------------------------------------------

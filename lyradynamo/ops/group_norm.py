@@ -3,7 +3,10 @@
 With `pre_bias` ((C,) or (N, C)) it normalises x + pre_bias (broadcast over the spatial dims;
 statistics included): a convolution's bias and a time-embedding add folded into the norm
 (passes/conv_bias.py), so the activation is not read and written once per add. x + pre_bias
-is formed in fp32 and not rounded to x's dtype: one rounding, of the result.
+is formed in fp32 and not rounded to x's dtype: one rounding, of the result. A second
+`pre_bias2` (same shapes) is added the same way, as x + (pre_bias + pre_bias2) with the sum in
+fp32: a ResNet block's `conv1.bias` (C,) and its time embedding (N, C) reach the kernel
+separately, so their (N, C) sum is not a kernel of its own.
 
 The output keeps the input's memory format, decided on the real tensor at run time, so a
 UNet kept in channels_last never pays a layout copy between its convolutions and norms (and
@@ -50,15 +53,24 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.float()
 
 
+def _pre_bias_sum(pre_bias: Optional[Tensor], pre_bias2: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """pre_bias + pre_bias2 in fp32, broadcast-ready against x (None when both are None)."""
+    views = [_pre_bias_view(t.float(), x) for t in (pre_bias, pre_bias2) if t is not None]
+    if not views:
+        return None
+    return views[0] if len(views) == 1 else views[0] + views[1]
+
+
 def group_norm_reference(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                          eps: float, act: str, channels_last: bool,
-                         pre_bias: Optional[Tensor] = None) -> Tensor:
+                         pre_bias: Optional[Tensor] = None, pre_bias2: Optional[Tensor] = None) -> Tensor:
+    pre_bias = _pre_bias_sum(pre_bias, pre_bias2, x)
     if pre_bias is None:
         y = F.group_norm(x, num_groups, weight, bias, eps)
         if act == "silu":
             y = F.silu(y)
     else:  # fp32 throughout, one rounding at the end (what the kernel does)
-        y = F.group_norm(x.float() + _pre_bias_view(pre_bias.float(), x), num_groups, _f32(weight),
+        y = F.group_norm(x.float() + pre_bias, num_groups, _f32(weight),
                          _f32(bias), eps)
         if act == "silu":
             y = F.silu(y)
@@ -66,66 +78,66 @@ def group_norm_reference(x: Tensor, num_groups: int, weight: Optional[Tensor], b
     return y.contiguous(memory_format=output_format(x, channels_last))
 
 
-def _check(x: Tensor, num_groups: int, act: str, pre_bias: Optional[Tensor] = None) -> None:
+def _check(x: Tensor, num_groups: int, act: str, pre_bias: Optional[Tensor] = None,
+           pre_bias2: Optional[Tensor] = None) -> None:
     if act not in ACTS:
         raise ValueError(f"lyra::group_norm: act={act!r} is not one of {ACTS}")
     if x.dim() < 2:
         raise ValueError(f"lyra::group_norm: x must be (N, C, ...), got shape {tuple(x.shape)}")
     if num_groups <= 0:
         raise ValueError(f"lyra::group_norm: num_groups must be positive, got {num_groups}")
-    if pre_bias is not None and pre_bias.dim() not in (1, 2):
-        raise ValueError(f"lyra::group_norm: pre_bias must be (C,) or (N, C), got shape {tuple(pre_bias.shape)}")
+    for name, t in (("pre_bias", pre_bias), ("pre_bias2", pre_bias2)):
+        if t is not None and t.dim() not in (1, 2):
+            raise ValueError(f"lyra::group_norm: {name} must be (C,) or (N, C), got shape {tuple(t.shape)}")
 
 
-def _check_pre_bias_sizes(x: Tensor, pre_bias: Optional[Tensor]) -> None:
+def _check_pre_bias_sizes(x: Tensor, pre_bias: Optional[Tensor], pre_bias2: Optional[Tensor] = None) -> None:
     """Sizes of a real pre_bias (not in the fake: comparing symbolic sizes would add guards)."""
-    if pre_bias is None:
-        return
     n, c = x.shape[0], x.shape[1]
-    ok = pre_bias.shape[-1] == c and (pre_bias.dim() == 1 or pre_bias.shape[0] in (1, n))
-    if not ok:
-        raise ValueError(f"lyra::group_norm: pre_bias must be (C,) or (N or 1, C) = ({c},) or ({n}, {c}), "
-                         f"got shape {tuple(pre_bias.shape)}")
+    for name, t in (("pre_bias", pre_bias), ("pre_bias2", pre_bias2)):
+        if t is not None and not (t.shape[-1] == c and (t.dim() == 1 or t.shape[0] in (1, n))):
+            raise ValueError(f"lyra::group_norm: {name} must be (C,) or (N or 1, C) = ({c},) or ({n}, {c}), "
+                             f"got shape {tuple(t.shape)}")
 
 
 @torch.library.custom_op("lyra::group_norm", mutates_args=())
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-               eps: float, act: str, channels_last: bool, pre_bias: Optional[Tensor] = None) -> Tensor:
-    _check(x, num_groups, act, pre_bias)
-    _check_pre_bias_sizes(x, pre_bias)
-    return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last, pre_bias)
+               eps: float, act: str, channels_last: bool, pre_bias: Optional[Tensor] = None,
+               pre_bias2: Optional[Tensor] = None) -> Tensor:
+    _check(x, num_groups, act, pre_bias, pre_bias2)
+    _check_pre_bias_sizes(x, pre_bias, pre_bias2)
+    return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last, pre_bias, pre_bias2)
 
 
 @group_norm.register_fake
-def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
-    _check(x, num_groups, act, pre_bias)
+def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None, pre_bias2=None):
+    _check(x, num_groups, act, pre_bias, pre_bias2)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device,
                        memory_format=output_format(x, channels_last))
 
 
 @group_norm.register_kernel("cuda")
-def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None):
-    _check(x, num_groups, act, pre_bias)
-    _check_pre_bias_sizes(x, pre_bias)
+def _(x, num_groups, weight, bias, eps, act, channels_last, pre_bias=None, pre_bias2=None):
+    _check(x, num_groups, act, pre_bias, pre_bias2)
+    _check_pre_bias_sizes(x, pre_bias, pre_bias2)
     C = csrc()
-    reason = "csrc not built" if C is None else _cuda_unsupported(x, num_groups, weight, bias, pre_bias)
+    reason = "csrc not built" if C is None else _cuda_unsupported(x, num_groups, weight, bias, pre_bias, pre_bias2)
     if reason:
         record_fallback("group_norm", reason)
-        return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last, pre_bias)
+        return group_norm_reference(x, num_groups, weight, bias, eps, act, channels_last, pre_bias, pre_bias2)
     n, c = x.shape[0], x.shape[1]
     hw = x.numel() // max(n * c, 1)
     fmt = output_format(x, channels_last)
     x = x.contiguous(memory_format=fmt)  # no-op unless x had neither layout
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     if x.numel():
-        # pre_bias row b of sample n at pre_bias[n * stride]: stride 0 when one row serves all
-        pb_stride = 0 if pre_bias is None else row_vector_stride(pre_bias, n, c, 2)
-        if fmt is torch.channels_last and _rows_path(C, x, y, n, c, hw, num_groups, weight, bias, eps, act,
-                                                     pre_bias, pb_stride):
+        # pre-bias rows: sample n's at pre_bias[n * stride]; stride 0 when one row serves all
+        pbs = {"pre_bias": ptr(pre_bias), "pre_bias_bstride": _row_stride(pre_bias, n, c),
+               "pre_bias2": ptr(pre_bias2), "pre_bias2_bstride": _row_stride(pre_bias2, n, c)}
+        if fmt is torch.channels_last and _rows_path(C, x, y, n, c, hw, num_groups, weight, bias, eps, act, pbs):
             return y
         C.group_norm(ptr(x), ptr(weight), ptr(bias), ptr(y), n, c, hw, num_groups, float(eps),
-                     act == "silu", fmt is torch.channels_last, DTYPE_CODES[x.dtype], stream_handle(x),
-                     pre_bias=ptr(pre_bias), pre_bias_bstride=pb_stride)
+                     act == "silu", fmt is torch.channels_last, DTYPE_CODES[x.dtype], stream_handle(x), **pbs)
     return y
 
 
@@ -153,7 +165,11 @@ def prefer_rows(setting, n: int, c: int, hw: int, num_groups: int, element_size:
             or size >= ROWS_AUTO_ANY_BYTES)
 
 
-def _rows_path(C, x, y, n, c, hw, num_groups, weight, bias, eps, act, pre_bias, pb_stride) -> bool:
+def _row_stride(pre_bias: Optional[Tensor], n: int, c: int) -> int:
+    return 0 if pre_bias is None else row_vector_stride(pre_bias, n, c, 2)
+
+
+def _rows_path(C, x, y, n, c, hw, num_groups, weight, bias, eps, act, pbs: dict) -> bool:
     """config.group_norm_rows: a channels_last group narrower than a 128-byte line runs through
     csrc/group_norm_rows.cu (whole rows per block) when prefer_rows says so, the build has it
     and the shape fits; returns whether it ran (else group_norm.cu's per-group path runs)."""
@@ -164,28 +180,35 @@ def _rows_path(C, x, y, n, c, hw, num_groups, weight, bias, eps, act, pre_bias, 
     if not hasattr(C, "group_norm_rows"):
         return False
     code = DTYPE_CODES[x.dtype]
-    need = C.group_norm_rows_workspace(n, c, hw, num_groups, code, ptr(x), ptr(y), ptr(weight), ptr(bias),
-                                       ptr(pre_bias), pb_stride)
+    need = C.group_norm_rows_workspace(n, c, hw, num_groups, code, ptr(x), ptr(y), ptr(weight), ptr(bias), **pbs)
     if not need:
         return False
     ws = torch.empty(need, dtype=torch.float32, device=x.device)
     C.group_norm_rows(ptr(x), ptr(weight), ptr(bias), ptr(y), n, c, hw, num_groups, float(eps), act == "silu",
-                      code, stream_handle(x), ptr(pre_bias), pb_stride, ptr(ws), need)
+                      code, stream_handle(x), workspace=ptr(ws), workspace_floats=need, **pbs)
     return True
 
 
-def _cuda_unsupported(x, num_groups, weight, bias, pre_bias=None) -> Optional[str]:
-    reason = unsupported_reason(x=x, weight=weight, bias=bias, pre_bias=pre_bias)
+# Largest C / num_groups with a pre-bias on CUDA (csrc/group_norm.cu stages the group's pre-bias
+# in shared memory: kGNMaxPreBiasCpg); wider groups run the reference, logged as a fallback.
+MAX_PRE_BIAS_CPG = 12288
+
+
+def _cuda_unsupported(x, num_groups, weight, bias, pre_bias=None, pre_bias2=None) -> Optional[str]:
+    reason = unsupported_reason(x=x, weight=weight, bias=bias, pre_bias=pre_bias, pre_bias2=pre_bias2)
     if reason:
         return reason
     if x.shape[1] % num_groups:
         return f"channels {x.shape[1]} not divisible by num_groups {num_groups}"
-    for name, t in (("weight", weight), ("bias", bias), ("pre_bias", pre_bias)):
+    for name, t in (("weight", weight), ("bias", bias), ("pre_bias", pre_bias), ("pre_bias2", pre_bias2)):
         if t is not None and t.dtype != x.dtype:
             return f"{name} must have x's dtype {x.dtype}, got {t.dtype}"
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and not t.is_contiguous():
             return f"{name} must be contiguous"
-    if pre_bias is not None and row_vector_stride(pre_bias, x.shape[0], x.shape[1], 2) is None:
-        return "pre_bias rows must have unit stride along C"
+    for name, t in (("pre_bias", pre_bias), ("pre_bias2", pre_bias2)):
+        if t is not None and row_vector_stride(t, x.shape[0], x.shape[1], 2) is None:
+            return f"{name} rows must have unit stride along C"
+    if (pre_bias is not None or pre_bias2 is not None) and x.shape[1] // num_groups > MAX_PRE_BIAS_CPG:
+        return f"a pre_bias needs channels per group <= {MAX_PRE_BIAS_CPG}, got {x.shape[1] // num_groups}"
     return None

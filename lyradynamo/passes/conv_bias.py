@@ -7,9 +7,10 @@ the activation per convolution. For each y = conv2d(x, w, b), in this order:
   (a) y [+ t_1 ... + t_k] -> lyra::group_norm(., ...)
         t_i per channel: (C, 1, 1), (1, C, 1, 1) or (B, C, 1, 1) (a time embedding
         `temb[:, :, None, None]`); y and every add single-use, the last one the norm's input
-      => lyra::group_norm(conv2d(x, w, None), ..., pre_bias=b + t_1' + ... + t_k')
-        t_i' = t_i.flatten(-3): (C,) or (B, C); the sum is a few (B, C) elements, the norm
-        adds it in fp32 while it reads the activation for its statistics
+      => lyra::group_norm(conv2d(x, w, None), ..., pre_bias=t_1' + ... + t_k', pre_bias2=b)
+        t_i' = t_i.flatten(-3): (C,) or (B, C); the norm adds the two pre-biases in fp32 while
+        it reads the activation for its statistics. With one t (a ResNet block's time
+        embedding) no add is left in the graph; more t's are summed there (a few B*C elements)
   (b) y + r (or r + y) [/ c or * c]
         r y's shape, dtype and strides, c a Python number; y and the add single-use
       => lyra::bias_residual(conv2d(x, w, None), b', r', scale)
@@ -192,20 +193,24 @@ def _rewrite_group_norm(graph, conv, b, adds, vecs, gn, fake_mode) -> str:
     # Every traced value first: a failure leaves the graph as it was.
     y_val = _fake_unbiased(conv, fake_mode)
     flat_vals = [_fake(torch.flatten, (t, -3), {}, fake_mode) for t in vecs]
-    sum_vals, acc = [], m.val(b) if b is not None else None
+    sum_vals, acc = [], None
     for f in flat_vals:
         acc = f if acc is None else _fake(operator.add, (acc, f), {}, fake_mode)
         sum_vals.append(acc)
-    _validate(_GN, (y_val, *gn.args[1:], acc), fake_mode)
+    # the conv's bias rides as the second pre-bias (the only one when no t was added)
+    b_val = m.val(b) if b is not None else None
+    pre_vals = (acc, b_val) if acc is not None else (b_val, None)
+    _validate(_GN, (y_val, *gn.args[1:], *pre_vals), fake_mode)
 
     y_new = _emit_unbiased(graph, conv, y_val)
-    pre_bias = b
+    pre_bias = None
     with graph.inserting_before(gn):
         for t, f_val, s_val in zip(vecs, flat_vals, sum_vals):
             flat = m.emit(graph, torch.flatten, (t, -3), {}, f_val, gn)  # (B, C) or (C,): a view
             pre_bias = flat if pre_bias is None else m.emit(graph, operator.add, (pre_bias, flat), {}, s_val, gn)
+    pre_biases = (pre_bias, b) if pre_bias is not None else (b, None)
     label = "conv" + ("+bias" if b is not None else "") + "+add" * len(adds) + "->group_norm"
-    rw = m.Rewrite(gn, _GN, (y_new, *gn.args[1:], pre_bias), [gn, *adds, conv], label,
+    rw = m.Rewrite(gn, _GN, (y_new, *gn.args[1:], *pre_biases), [gn, *adds, conv], label,
                    same_value=group_norm_pass.same_value(y_val, m.val(gn), gn.args[6]))
     m.apply(graph, rw, fake_mode)
     return label

@@ -113,6 +113,84 @@ def test_group_norm_pre_bias_strided_and_misaligned(dtype, channels_last):
         check(out, exact, eager, dtype, f"group_norm pre_bias strides {pb.stride()}")
 
 
+def _gn_expected_two(x, groups, w, b, act, pb, pb2):
+    """(float64 result, eager in x's dtype: (x + pb) + pb2 rounded after each add, the norm, SiLU)."""
+    view = lambda t: t.reshape(-1, x.shape[1], 1, 1)  # noqa: E731
+    exact = F.group_norm(x.double() + view(pb.double()) + view(pb2.double()), groups, w.double(), b.double(), 1e-5)
+    eager = F.group_norm(x + view(pb) + view(pb2), groups, w, b, 1e-5)
+    if act == "silu":
+        exact, eager = F.silu(exact), F.silu(eager)
+    return exact, eager
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("rows", [False, True], ids=["clusters", "rows"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("kinds", [("NC", "C"), ("C", "NC"), ("1C", "C"), ("NC", "NC")], ids="+".join)
+@pytest.mark.parametrize("case", GN_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"g{c[1]}")
+def test_group_norm_two_pre_biases(case, kinds, channels_last, rows, dtype):
+    """pre_bias + pre_bias2 (a ResNet block's time embedding and conv1's bias): the kernel
+    reads x + (pb + pb2) in fp32, on group_norm.cu's clusters and on the rows path."""
+    if rows and not channels_last:
+        pytest.skip("the rows path is channels_last only")
+    shape, groups = case
+    n, c = shape[:2]
+    x = rand(*shape, dtype=dtype, scale=2.0, shift=0.5).contiguous(memory_format=fmt(channels_last))
+    w, b = rand(c, dtype=dtype, scale=0.3, shift=1.0), rand(c, dtype=dtype)
+    pb, pb2 = (_pre_bias(k, n, c, dtype) for k in kinds)
+    with lyradynamo.config.patch(group_norm_rows=rows):
+        out = lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, pb, pb2)
+        only_second = lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, None, pb2)
+        only_first = lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, pb2)
+    assert out.stride() == x.stride()
+    exact, eager = _gn_expected_two(x, groups, w, b, "silu", pb, pb2)
+    check(out, exact, eager, dtype, f"group_norm {shape} pre_biases {kinds}")
+    close_to_reference(out, gn_op.group_norm_reference(x, groups, w, b, 1e-5, "silu", channels_last, pb, pb2), dtype)
+    # a lone second pre-bias is the same as a lone first one, bit for bit
+    torch.testing.assert_close(only_second, only_first, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_two_pre_biases_strided_misaligned_in_a_graph(channels_last):
+    """The second pre-bias as rows of a wider tensor and at an odd offset (the rows path's
+    vectors narrow; the cluster path stages it in shared memory), and a CUDA-graph replay
+    that reads new pre-bias values in place."""
+    dtype, n, c, groups = torch.float16, 2, 320, 32
+    x = rand(n, c, 16, 12, dtype=dtype, scale=2.0).contiguous(memory_format=fmt(channels_last))
+    w, b = rand(c, dtype=dtype, shift=1.0), rand(c, dtype=dtype)
+    pb = rand(n, 2 * c, dtype=dtype, scale=3.0)[:, 7: 7 + c]
+    pb2 = rand(c + 1, dtype=dtype, scale=3.0)[1:]
+    for rows in (False, True):
+        with lyradynamo.config.patch(group_norm_rows=rows):
+            out = lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, pb, pb2)
+            exact, eager = _gn_expected_two(x, groups, w, b, "silu", pb, pb2)
+            check(out, exact, eager, dtype, f"strided pre-biases rows={rows}")
+            graph = torch.cuda.CUDAGraph()
+            lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, pb, pb2)  # warm-up
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                y = lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, pb, pb2)
+            pb2.mul_(-1.5)  # patched in place: the replay reads the new values
+            graph.replay()
+            exact, eager = _gn_expected_two(x, groups, w, b, "silu", pb, pb2)
+            check(y, exact, eager, dtype, f"replay after an in-place pre-bias change rows={rows}")
+
+
+def test_group_norm_wide_groups_with_pre_bias_fall_back_recorded():
+    """C / groups over the staged row's limit: the reference runs, logged as a fallback."""
+    c = 2 * gn_op.MAX_PRE_BIAS_CPG + 2
+    x = rand(1, c, 1, 2, dtype=torch.float16)
+    pb = rand(c, dtype=torch.float16)
+    _common.reset_fallback_counts()
+    out = lyra.group_norm(x, 1, None, None, 1e-5, "none", False, pb)
+    assert any(op == "group_norm" and "channels per group" in why for op, why in _common.fallback_counts())
+    _common.reset_fallback_counts()
+    ref = gn_op.group_norm_reference(x, 1, None, None, 1e-5, "none", False, pb)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_group_norm_pre_bias_dtype_mismatch_falls_back_recorded():
     x = rand(2, 16, 4, 4, dtype=torch.float16)
     pb = rand(2, 16, dtype=torch.float32)

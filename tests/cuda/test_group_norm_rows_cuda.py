@@ -110,7 +110,7 @@ def test_op_takes_rows_path_under_config(C, dtype, monkeypatch, no_fallback):
 
     calls = []
     real = C.group_norm_rows
-    monkeypatch.setattr(C, "group_norm_rows", lambda *a: (calls.append(a[4:8]), real(*a))[1])
+    monkeypatch.setattr(C, "group_norm_rows", lambda *a, **k: (calls.append(a[4:8]), real(*a, **k))[1])
     with lyradynamo.config.patch(group_norm_rows=True):
         for Ch, cl in ((320, True), (128, True), (320, False), (2560, True)):
             x = randn(2, Ch, 12, 12, dtype=dtype, scale=2.0)
