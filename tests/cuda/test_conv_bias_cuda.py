@@ -66,12 +66,15 @@ def _pre_bias(kind, n, c, dtype):
     return rand(*shape, dtype=dtype, scale=3.0)
 
 
-def _gn_expected(x, groups, w, b, act, pb):
-    """(float64 result, eager in x's dtype: x + pre_bias rounded, then the norm, then SiLU)."""
-    view = (lambda t: t.reshape(-1, x.shape[1], 1, 1)) if pb is not None else None
-    x64 = x.double() + (view(pb.double()) if pb is not None else 0)
+def _gn_expected(x, groups, w, b, act, *pre_biases):
+    """(float64 result, eager in x's dtype: x + each pre-bias in turn, rounded after each add,
+    then the norm, then SiLU); None pre-biases are skipped."""
+    x64, xe = x.double(), x
+    for pb in (t for t in pre_biases if t is not None):
+        x64 = x64 + pb.double().reshape(-1, x.shape[1], 1, 1)
+        xe = xe + pb.reshape(-1, x.shape[1], 1, 1)
     exact = F.group_norm(x64, groups, w.double(), b.double(), 1e-5)
-    eager = F.group_norm(x + view(pb) if pb is not None else x, groups, w, b, 1e-5)
+    eager = F.group_norm(xe, groups, w, b, 1e-5)
     if act == "silu":
         exact, eager = F.silu(exact), F.silu(eager)
     return exact, eager
@@ -113,16 +116,6 @@ def test_group_norm_pre_bias_strided_and_misaligned(dtype, channels_last):
         check(out, exact, eager, dtype, f"group_norm pre_bias strides {pb.stride()}")
 
 
-def _gn_expected_two(x, groups, w, b, act, pb, pb2):
-    """(float64 result, eager in x's dtype: (x + pb) + pb2 rounded after each add, the norm, SiLU)."""
-    view = lambda t: t.reshape(-1, x.shape[1], 1, 1)  # noqa: E731
-    exact = F.group_norm(x.double() + view(pb.double()) + view(pb2.double()), groups, w.double(), b.double(), 1e-5)
-    eager = F.group_norm(x + view(pb) + view(pb2), groups, w, b, 1e-5)
-    if act == "silu":
-        exact, eager = F.silu(exact), F.silu(eager)
-    return exact, eager
-
-
 @pytest.mark.usefixtures("no_fallback")
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("rows", [False, True], ids=["clusters", "rows"])
@@ -144,7 +137,7 @@ def test_group_norm_two_pre_biases(case, kinds, channels_last, rows, dtype):
         only_second = lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, None, pb2)
         only_first = lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, pb2)
     assert out.stride() == x.stride()
-    exact, eager = _gn_expected_two(x, groups, w, b, "silu", pb, pb2)
+    exact, eager = _gn_expected(x, groups, w, b, "silu", pb, pb2)
     check(out, exact, eager, dtype, f"group_norm {shape} pre_biases {kinds}")
     close_to_reference(out, gn_op.group_norm_reference(x, groups, w, b, 1e-5, "silu", channels_last, pb, pb2), dtype)
     # a lone second pre-bias is the same as a lone first one, bit for bit
@@ -165,7 +158,7 @@ def test_group_norm_two_pre_biases_strided_misaligned_in_a_graph(channels_last):
     for rows in (False, True):
         with lyradynamo.config.patch(group_norm_rows=rows):
             out = lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, pb, pb2)
-            exact, eager = _gn_expected_two(x, groups, w, b, "silu", pb, pb2)
+            exact, eager = _gn_expected(x, groups, w, b, "silu", pb, pb2)
             check(out, exact, eager, dtype, f"strided pre-biases rows={rows}")
             graph = torch.cuda.CUDAGraph()
             lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, pb, pb2)  # warm-up
@@ -174,32 +167,28 @@ def test_group_norm_two_pre_biases_strided_misaligned_in_a_graph(channels_last):
                 y = lyra.group_norm(x, groups, w, b, 1e-5, "silu", channels_last, pb, pb2)
             pb2.mul_(-1.5)  # patched in place: the replay reads the new values
             graph.replay()
-            exact, eager = _gn_expected_two(x, groups, w, b, "silu", pb, pb2)
+            exact, eager = _gn_expected(x, groups, w, b, "silu", pb, pb2)
             check(y, exact, eager, dtype, f"replay after an in-place pre-bias change rows={rows}")
+
+
+def _falls_back_recorded(x, groups, pb, reason_part):
+    """lyra::group_norm(x, pre_bias=pb) runs the reference, counted as a fallback naming why."""
+    _common.reset_fallback_counts()
+    out = lyra.group_norm(x, groups, None, None, 1e-5, "none", False, pb)
+    assert any(op == "group_norm" and reason_part in why for op, why in _common.fallback_counts())
+    _common.reset_fallback_counts()
+    ref = gn_op.group_norm_reference(x, groups, None, None, 1e-5, "none", False, pb)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_group_norm_wide_groups_with_pre_bias_fall_back_recorded():
     """C / groups over the staged row's limit: the reference runs, logged as a fallback."""
     c = 2 * gn_op.MAX_PRE_BIAS_CPG + 2
-    x = rand(1, c, 1, 2, dtype=torch.float16)
-    pb = rand(c, dtype=torch.float16)
-    _common.reset_fallback_counts()
-    out = lyra.group_norm(x, 1, None, None, 1e-5, "none", False, pb)
-    assert any(op == "group_norm" and "channels per group" in why for op, why in _common.fallback_counts())
-    _common.reset_fallback_counts()
-    ref = gn_op.group_norm_reference(x, 1, None, None, 1e-5, "none", False, pb)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    _falls_back_recorded(rand(1, c, 1, 2, dtype=torch.float16), 1, rand(c, dtype=torch.float16), "channels per group")
 
 
 def test_group_norm_pre_bias_dtype_mismatch_falls_back_recorded():
-    x = rand(2, 16, 4, 4, dtype=torch.float16)
-    pb = rand(2, 16, dtype=torch.float32)
-    _common.reset_fallback_counts()
-    out = lyra.group_norm(x, 4, None, None, 1e-5, "none", False, pb)
-    assert any(op == "group_norm" and "pre_bias" in why for op, why in _common.fallback_counts())
-    _common.reset_fallback_counts()
-    ref = gn_op.group_norm_reference(x, 4, None, None, 1e-5, "none", False, pb)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    _falls_back_recorded(rand(2, 16, 4, 4, dtype=torch.float16), 4, rand(2, 16, dtype=torch.float32), "pre_bias")
 
 
 # ---- lyra::bias_residual ----------------------------------------------------------------------
