@@ -43,8 +43,9 @@ constexpr int kGNMaxCluster = 8;
 template <int V, bool PB>
 __host__ __device__ constexpr int unroll() { return V >= 8 ? 3 : (V >= 4 || PB ? 4 : 8); }
 // Largest C/groups with a pre-bias: the staged row is cpg floats of dynamic
-// shared memory, kept under the 48 KB every launch may take without opt-in.
-constexpr int kGNMaxPreBiasCpg = 12288;
+// shared memory, which with the kernel's own 128 static bytes stays under the
+// 48 KB every launch may take without opt-in (ops/group_norm.py: MAX_PRE_BIAS_CPG).
+constexpr int kGNMaxPreBiasCpg = 12000;
 
 // silu_fast (common.cuh): this pass is instruction-bound, not memory-bound, at SD shapes.
 

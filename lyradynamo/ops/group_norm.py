@@ -191,7 +191,7 @@ def _rows_path(C, x, y, n, c, hw, num_groups, weight, bias, eps, act, pbs: dict)
 
 # Largest C / num_groups with a pre-bias on CUDA (csrc/group_norm.cu stages the group's pre-bias
 # in shared memory: kGNMaxPreBiasCpg); wider groups run the reference, logged as a fallback.
-MAX_PRE_BIAS_CPG = 12288
+MAX_PRE_BIAS_CPG = 12000
 
 
 def _cuda_unsupported(x, num_groups, weight, bias, pre_bias=None, pre_bias2=None) -> Optional[str]:

@@ -187,6 +187,19 @@ def test_group_norm_wide_groups_with_pre_bias_fall_back_recorded():
     _falls_back_recorded(rand(1, c, 1, 2, dtype=torch.float16), 1, rand(c, dtype=torch.float16), "channels per group")
 
 
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_pre_bias_at_the_staged_row_limit(channels_last):
+    """C / groups exactly at the limit: the kernel runs (its dynamic shared memory fits)."""
+    c = gn_op.MAX_PRE_BIAS_CPG
+    x = rand(2, c, 2, 3, dtype=torch.float16, scale=2.0).contiguous(memory_format=fmt(channels_last))
+    w, b = rand(c, dtype=torch.float16, shift=1.0), rand(c, dtype=torch.float16)
+    pb, pb2 = rand(2, c, dtype=torch.float16, scale=3.0), rand(c, dtype=torch.float16)
+    out = lyra.group_norm(x, 1, w, b, 1e-5, "silu", channels_last, pb, pb2)
+    exact, eager = _gn_expected(x, 1, w, b, "silu", pb, pb2)
+    check(out, exact, eager, torch.float16, "group_norm at the staged row limit")
+
+
 def test_group_norm_pre_bias_dtype_mismatch_falls_back_recorded():
     _falls_back_recorded(rand(2, 16, 4, 4, dtype=torch.float16), 4, rand(2, 16, dtype=torch.float32), "pre_bias")
 
