@@ -31,12 +31,15 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from kernels_bench import time_us  # noqa: E402
 from lyradynamo.ops import cudnn_attention  # noqa: E402  (loads the frontend with torch's libcudnn)
 
 
@@ -107,27 +110,9 @@ def timed_wall(fn):
 
 
 def steady_us(fn, n=50):
-    """us per call of fn, replayed from one CUDA graph of n calls (host cost excluded)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / n)
-    return sorted(times)[len(times) // 2]
+    """us per call of fn, replayed from one CUDA graph of n calls (host cost excluded): one
+    warm-up call on a side stream, the median of 5 timed replays."""
+    return time_us(fn, warmup=1, iters=5, graph_reps=n)
 
 
 VARIANTS = ("dynamic-cache", "dynamic", "static")

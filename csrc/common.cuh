@@ -18,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace lyra {
 
@@ -84,6 +85,23 @@ inline size_t dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 // True when every pointer (as integer) is a multiple of `bytes`.
 inline bool aligned_to(uintptr_t p, size_t bytes) { return (p % bytes) == 0; }
+
+// The group-norm kernels' two optional pre-bias rows (pointer, elements between samples):
+// each bstride must be 0 (one row for every sample) or >= C with its pointer. A lone second
+// pre-bias moves to the first slot, so the kernels read pb2 only where pb is set.
+inline void check_pre_biases(uintptr_t& pb, int64_t& pb_bstride, uintptr_t& pb2,
+                             int64_t& pb2_bstride, int64_t C, const char* fn) {
+  LYRA_CHECK_ARG(pb_bstride == 0 || (pb != 0 && pb_bstride >= C), fn,
+                 "pre_bias_bstride must be 0 (one row for all samples) or >= C with a pre_bias, "
+                 "got " + std::to_string(pb_bstride));
+  LYRA_CHECK_ARG(pb2_bstride == 0 || (pb2 != 0 && pb2_bstride >= C), fn,
+                 "pre_bias2_bstride must be 0 (one row for all samples) or >= C with a pre_bias2, "
+                 "got " + std::to_string(pb2_bstride));
+  if (!pb) {
+    std::swap(pb, pb2);
+    std::swap(pb_bstride, pb2_bstride);
+  }
+}
 
 // SM count and compute-capability major of the current device, cached per
 // device ordinal (attribute queries do no stream work, so they are also safe

@@ -25,7 +25,6 @@
 #include <cooperative_groups.h>
 
 #include <array>
-#include <utility>
 
 #include "common.cuh"
 
@@ -357,16 +356,7 @@ void group_norm(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int6
   LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
   LYRA_CHECK_ARG(N * groups <= (1ll << 31) / kGNMaxCluster, fn, "N*groups too large");
   LYRA_CHECK_ARG(C * HW < (1ll << 31), fn, "C*HW must be < 2^31 elements per sample");
-  LYRA_CHECK_ARG(pre_bias_bstride == 0 || (pre_bias != 0 && pre_bias_bstride >= C), fn,
-                 "pre_bias_bstride must be 0 (one row for all samples) or >= C with a pre_bias, "
-                 "got " + std::to_string(pre_bias_bstride));
-  LYRA_CHECK_ARG(pre_bias2_bstride == 0 || (pre_bias2 != 0 && pre_bias2_bstride >= C), fn,
-                 "pre_bias2_bstride must be 0 (one row for all samples) or >= C with a pre_bias2, "
-                 "got " + std::to_string(pre_bias2_bstride));
-  if (!pre_bias) {  // one pre-bias given as the second: the same as the first
-    std::swap(pre_bias, pre_bias2);
-    std::swap(pre_bias_bstride, pre_bias2_bstride);
-  }
+  check_pre_biases(pre_bias, pre_bias_bstride, pre_bias2, pre_bias2_bstride, C, fn);
   LYRA_CHECK_ARG(!pre_bias || C / groups <= kGNMaxPreBiasCpg, fn,
                  "a pre_bias needs C/groups <= " + std::to_string(kGNMaxPreBiasCpg) + ", got " +
                      std::to_string(C / groups));

@@ -18,7 +18,6 @@
 // Traffic: x read twice, y written once, as in group_norm.cu; the workspace (partials + 2 x
 // N x C floats) comes from the caller (under CUDA graphs: the graph's pool).
 #include <algorithm>
-#include <utility>
 
 #include "common.cuh"
 
@@ -294,14 +293,7 @@ void group_norm_rows(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y,
   const char* fn = "group_norm_rows";
   LYRA_CHECK_ARG(x != 0 && y != 0, fn, "x and y must be non-null device pointers");
   LYRA_CHECK_ARG(eps >= 0, fn, "eps must be >= 0");
-  LYRA_CHECK_ARG(pre_bias_bstride == 0 || (pre_bias != 0 && pre_bias_bstride >= C), fn,
-                 "pre_bias_bstride must be 0 (one row for all samples) or >= C with a pre_bias");
-  LYRA_CHECK_ARG(pre_bias2_bstride == 0 || (pre_bias2 != 0 && pre_bias2_bstride >= C), fn,
-                 "pre_bias2_bstride must be 0 (one row for all samples) or >= C with a pre_bias2");
-  if (!pre_bias) {  // one pre-bias given as the second: the same as the first
-    std::swap(pre_bias, pre_bias2);
-    std::swap(pre_bias_bstride, pre_bias2_bstride);
-  }
+  check_pre_biases(pre_bias, pre_bias_bstride, pre_bias2, pre_bias2_bstride, C, fn);
   RowsPlan plan = plan_rows(N, C, HW, groups, dtype, x, y, weight, bias, pre_bias,
                             pre_bias_bstride, pre_bias2, pre_bias2_bstride, fn);
   const int64_t need = plan.workspace_floats;
