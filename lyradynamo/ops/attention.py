@@ -104,8 +104,19 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
         return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)
     from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel(backends):
-        return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)
+    try:
+        with sdpa_kernel(backends):
+            return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)
+    except RuntimeError as exc:
+        # a backend forced by the config that cannot take this call (e.g. flash past head dim
+        # 256, a VAE's 512): SDPA refuses on the host before launching anything; run it with
+        # torch's own choice instead, counted as a fallback that names the shape
+        if choice in ("auto", "sdpa") or "No available kernel" not in str(exc):
+            raise
+    record_fallback("attention", f"attention_backend={choice!r} cannot run {q.dtype} q {tuple(q.shape)}, "
+                    f"k {tuple(k.shape)} ({layout}{', mask' if attn_mask is not None else ''}); "
+                    "used torch SDPA's choice")
+    return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)
 
 
 # short_kv_attention = "auto": the kernel where it measured at least as fast as cuDNN. Session 19

@@ -149,6 +149,17 @@ def test_qk_norm_rope(dtype, lens, h, d, norm):
     assert err(out, expect) <= 2 * e_eager + 1e-6, (err(out, expect), e_eager)
 
 
+def test_forced_backend_that_cannot_run_a_shape_falls_back_by_name():
+    # flash takes head dims up to 256; a VAE's single 512-wide head must still run (torch's choice)
+    q, k, v = (torch.randn(1, 1, 300, 512, device="cuda", dtype=torch.float16) for _ in range(3))
+    with lyradynamo.config.patch(attention_backend="flash"):
+        out = lyra.attention(q, k, v, None, None, False, "bhld")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-3, rtol=2e-3)
+    counts = _common.fallback_counts()
+    assert any(op == "attention" and "'flash'" in why and "512" in why for op, why in counts), counts
+    _common.reset_fallback_counts()
+
+
 def test_unsupported_dtype_on_cuda_is_recorded():
     x = torch.randn(4, 8, device="cuda", dtype=torch.float64)
     w = torch.randn(8, 8, device="cuda", dtype=torch.float64)
