@@ -56,6 +56,21 @@ def sdxl_shapes(sizes):
     return out
 
 
+def sd15_shapes(sizes, cross: bool):
+    """SD1.5's attention shapes in sweep order: self-attention at its four levels (head dims 40,
+    80, 160, 160: cuDNN's generated kernels), and with `cross` level 1's cross-attention (77 text
+    tokens; the smaller levels' go to lyra's short_kv kernel)."""
+    out = []
+    for s in sizes:
+        lat = s // 8
+        for level, d in ((1, 40), (2, 80), (4, 160), (8, 160)):
+            L = (lat // level) ** 2
+            out.append((f"{s}-self-L{L}-d{d}", 2, L, L, 8, d, True))
+            if cross and level == 1:
+                out.append((f"{s}-cross-L{L}-d{d}", 2, L, 77, 8, d, False))
+    return out
+
+
 def make_qkv(B, Lq, Lk, H, D, packed, dtype):
     if packed:
         buf = torch.randn(B, Lq, 3, H, D, device="cuda", dtype=dtype)
@@ -123,7 +138,7 @@ def run_variants(args) -> list:
     rows = []
     for variant in VARIANTS:
         cmd = [sys.executable, os.path.abspath(__file__), "--dtype", args.dtype, "--sizes", args.sizes,
-               "--variant", variant]
+               "--variant", variant, "--model", args.model] + (["--cross"] if args.cross else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = [json.loads(line[3:]) for line in proc.stdout.splitlines() if line.startswith("== ")]
         rows += got
@@ -140,6 +155,8 @@ def main():
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     p.add_argument("--sizes", default="1024,768,512")
     p.add_argument("--variant", default="all", choices=("all", *VARIANTS))
+    p.add_argument("--model", default="sdxl", choices=("sdxl", "sd15"))
+    p.add_argument("--cross", action="store_true", help="sd15: also level 1's cross-attention")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = run_variants(args) if args.variant == "all" else probe(args)
@@ -162,7 +179,9 @@ def probe(args) -> list:
     torch_sdpa(*warm)
     fe_graph(cudnn, handle, *warm, False, None)
     rows = []
-    for name, B, Lq, Lk, H, D, packed in sdxl_shapes([int(s) for s in args.sizes.split(",")]):
+    sizes = [int(s) for s in args.sizes.split(",")]
+    shapes = sd15_shapes(sizes, args.cross) if args.model == "sd15" else sdxl_shapes(sizes)
+    for name, B, Lq, Lk, H, D, packed in shapes:
         q, k, v = make_qkv(B, Lq, Lk, H, D, packed, dtype)
         t_torch_first, ref = timed_wall(lambda: torch_sdpa(q, k, v))
         t_build, built = timed_wall(lambda: fe_graph(cudnn, handle, q, k, v, dynamic, cache))

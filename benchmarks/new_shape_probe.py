@@ -11,6 +11,9 @@ the steady median, their difference, the runner's capture phases (input buffers,
 recorded run + instantiation) and, with --profile-top, the functions that took the most time
 in the first call at each new size (cProfile, cumulative and own time): the per-shape setup
 work (GEMM plans and their autotuning, cuDNN plans, the Python runs of the graph).
+--time-sdpa times each torch SDPA call of a new size's first call that is not being captured
+(a device sync before and after it, so it is the call's own host + GPU time: a new attention
+shape's cuDNN graph build shows up here), by shape.
 """
 from __future__ import annotations
 
@@ -50,6 +53,33 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+class SdpaTimer:
+    """Wraps F.scaled_dot_product_attention while `on`: wall time of each uncaptured call,
+    synchronised on both sides, listed by (q shape, k shape, q strides, scale)."""
+
+    def __init__(self):
+        import torch.nn.functional as F
+
+        self.F, self.orig, self.on, self.calls = F, F.scaled_dot_product_attention, False, []
+
+        def timed(q, k, v, *a, **kw):
+            if not self.on or torch.cuda.is_current_stream_capturing():
+                return self.orig(q, k, v, *a, **kw)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = self.orig(q, k, v, *a, **kw)
+            torch.cuda.synchronize()
+            self.calls.append({"q": list(q.shape), "k": list(k.shape), "q_stride": list(q.stride()),
+                               "scale": kw.get("scale"), "ms": round((time.perf_counter() - t0) * 1e3, 2)})
+            return out
+
+        F.scaled_dot_product_attention = timed
+
+    def take(self) -> list:
+        calls, self.calls = self.calls, []
+        return calls
+
+
 def _top(prof: cProfile.Profile, key: str, n: int) -> str:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(n)
@@ -67,8 +97,10 @@ def main() -> None:
                    help="a lyradynamo.config option (repeatable), as bench.py takes it")
     p.add_argument("--backend", default="lyra", choices=("lyra", "eager"),
                    help="eager: Dynamo's plain eager backend (static first trace): its tracing time alone")
+    p.add_argument("--time-sdpa", action="store_true", help="time each SDPA call of a new size's first call")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    sdpa = SdpaTimer() if args.time_sdpa else None
     overrides = {"quant": QUANT[args.mode], **parse_lyra_config(args.lyra_config)}
     dtype = zoo.default_dtype(args.model, "cuda")
     model = zoo.build_denoiser(args.model, tiny=False, dtype=dtype, device="cuda")
@@ -83,7 +115,11 @@ def main() -> None:
             prof = cProfile.Profile() if (args.profile_top and i > 0) else None
             if prof is not None:
                 prof.enable()
+            if sdpa is not None:
+                sdpa.on = i > 0
             first = _timed(lambda: compiled(**inputs))
+            if sdpa is not None:
+                sdpa.on = False
             if prof is not None:
                 prof.disable()
             after = _capture_phases()
@@ -93,7 +129,8 @@ def main() -> None:
                    "steady_s": round(steady, 5), "extra_s": round(first - steady, 4),
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
-                   "profiled": prof is not None, "config": overrides, "gpu": torch.cuda.get_device_name(),
+                   "profiled": prof is not None,
+                   "sdpa_calls": sdpa.take() if sdpa is not None else None, "config": overrides, "gpu": torch.cuda.get_device_name(),
                    "torch": torch.__version__}
             rows.append(row)
             print("== " + json.dumps(row), flush=True)
