@@ -54,26 +54,35 @@ def _timed(fn) -> float:
 
 
 class SdpaTimer:
-    """Wraps F.scaled_dot_product_attention while `on`: wall time of each uncaptured call,
-    synchronised on both sides, listed by (q shape, k shape, q strides, scale)."""
+    """While `on`, times each uncaptured torch SDPA call that lyra::attention makes (synchronised on
+    both sides), listed by (q shape, k shape, q strides, scale). It replaces the `F` that
+    lyradynamo/ops/attention.py calls through, not torch's function: Dynamo traces the model's
+    own calls to torch's (a patched one would be traced, guarded on and recompiled), never
+    lyra::attention's implementation."""
 
     def __init__(self):
-        import torch.nn.functional as F
+        from lyradynamo.ops import attention as lyra_attention
 
-        self.F, self.orig, self.on, self.calls = F, F.scaled_dot_product_attention, False, []
+        timer, real = self, lyra_attention.F
 
-        def timed(q, k, v, *a, **kw):
-            if not self.on or torch.cuda.is_current_stream_capturing():
-                return self.orig(q, k, v, *a, **kw)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = self.orig(q, k, v, *a, **kw)
-            torch.cuda.synchronize()
-            self.calls.append({"q": list(q.shape), "k": list(k.shape), "q_stride": list(q.stride()),
-                               "scale": kw.get("scale"), "ms": round((time.perf_counter() - t0) * 1e3, 2)})
-            return out
+        class TimedF:
+            def __getattr__(self, name):
+                return getattr(real, name)
 
-        F.scaled_dot_product_attention = timed
+            @staticmethod
+            def scaled_dot_product_attention(q, k, v, *a, **kw):
+                if not timer.on or torch.cuda.is_current_stream_capturing():
+                    return real.scaled_dot_product_attention(q, k, v, *a, **kw)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = real.scaled_dot_product_attention(q, k, v, *a, **kw)
+                torch.cuda.synchronize()
+                timer.calls.append({"q": list(q.shape), "k": list(k.shape), "q_stride": list(q.stride()),
+                                    "scale": kw.get("scale"), "ms": round((time.perf_counter() - t0) * 1e3, 2)})
+                return out
+
+        self.on, self.calls = False, []
+        lyra_attention.F = TimedF()
 
     def take(self) -> list:
         calls, self.calls = self.calls, []

@@ -41,6 +41,7 @@ void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, in
           int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream);
 void set_gemm_autotune(int candidates);
 int gemm_autotune();
+std::pair<int64_t, int64_t> gemm_tuning_counts();
 void set_gemm_workspace(int64_t bytes);
 int64_t gemm_workspace();
 void gemm_ex(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t residual, uintptr_t alpha_vec,
@@ -187,6 +188,9 @@ PYBIND11_MODULE(_C, m) {
         "fastest is kept); 0 or 1: the cuBLASLt heuristic's first choice. Plans made before keep "
         "their algorithm.");
   m.def("gemm_autotune", &lyra::gemm_autotune, release(), "The current set_gemm_autotune value.");
+  m.def("gemm_tuning_counts", &lyra::gemm_tuning_counts, release(),
+        "(plans timed, plans that took the winner of a timed plan of the same problem at an M within 4x) "
+        "since the process started.");
   m.def("set_gemm_workspace", &lyra::set_gemm_workspace, release(), py::arg("bytes"),
         "Workspace bytes (0 .. 32 MiB) the cuBLASLt heuristic may give new GEMM plans; plans are "
         "cached per value, so a change takes effect for the next call of every shape.");

@@ -38,7 +38,12 @@
 // heuristic's first choice: their runs are short, so the 4 n runs and the sync
 // would cost more (on every new input shape) than a better algorithm can save.
 // A call under capture uses the heuristic's first choice and leaves tuning to a
-// later call. Calls whose residual is the output (C aliases D) are not tuned:
+// later call. A new problem that differs from an already timed one only in M, by at
+// most kReuseMaxRatio either way (a new image size: M is batch * tokens), takes that
+// problem's winner instead of timing again, when cuBLASLt's algorithm check accepts
+// it for the new M (the nearest such M wins); the 4 n runs and the host sync were a
+// visible part of a new size's first call (benchmarks/NOTES.md, session 25).
+// gemm_tuning_counts() says how many plans were timed and how many reused. Calls whose residual is the output (C aliases D) are not tuned:
 // repeated runs would accumulate.
 //
 // Quantised (W8A8) variants, same TN row-major trick and the same state/cache
@@ -85,6 +90,7 @@
 #include <vector>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 #include "common.cuh"
 
@@ -146,6 +152,7 @@ struct Plan {
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   Candidate best;
   std::vector<Candidate> untimed;  // heuristic candidates not yet timed (autotune)
+  bool timed = false;              // best won a timing on this problem (reuse_timed_sibling's source)
   void destroy() {
     if (op) cublasLtMatmulDescDestroy(op);
     if (la) cublasLtMatrixLayoutDestroy(la);
@@ -169,6 +176,9 @@ constexpr int kMaxAutotune = 16;
 // FLUX's are tuned; attention projections at SDXL sizes and GEMVs are not).
 constexpr double kAutotuneMinMacs = 8589934592.0;
 std::map<PlanKey, Plan> g_plans;
+// A tuned problem whose M is within this factor of a timed one reuses its winner.
+constexpr int64_t kReuseMaxRatio = 4;
+int64_t g_plans_timed = 0, g_plans_reused = 0;  // gemm_tuning_counts()
 
 // Largest power of two (<= 256) dividing the address: cuBLASLt preference
 // for the minimal alignment an algorithm may assume.
@@ -339,6 +349,36 @@ void time_candidates(Plan& plan, Launch& launch, cudaStream_t s) {
     if (e) cudaEventDestroy(e);
   }
   plan.best = cands[any ? best_i : 0];
+  plan.timed = any;
+}
+
+// A plan about to be timed: if a plan of the same problem but another M (within
+// kReuseMaxRatio) exists whose winner was timed there (not itself reused: no drift), and cuBLASLt accepts its winner for this plan's M, take that
+// winner and skip the timing. Caller holds g_mu.
+void reuse_timed_sibling(cublasLtHandle_t h, Plan& plan, const PlanKey& key) {
+  const int64_t M = std::get<1>(key);
+  const Plan* nearest = nullptr;
+  double nearest_ratio = 0.0;
+  for (const auto& kv : g_plans) {
+    PlanKey other = kv.first;
+    const int64_t m2 = std::get<1>(other);
+    std::get<1>(other) = M;
+    if (other != key || !kv.second.timed) continue;  // another problem, or not timed itself
+    const double ratio = m2 > M ? static_cast<double>(m2) / M : static_cast<double>(M) / m2;
+    if (ratio > kReuseMaxRatio || (nearest != nullptr && ratio >= nearest_ratio)) continue;
+    nearest = &kv.second;
+    nearest_ratio = ratio;
+  }
+  if (nearest == nullptr) return;
+  cublasLtMatmulHeuristicResult_t check{};
+  if (cublasLtMatmulAlgoCheck(h, plan.op, plan.la, plan.lb, plan.lc, plan.lc, &nearest->best.algo, &check) !=
+          CUBLAS_STATUS_SUCCESS ||
+      check.state != CUBLAS_STATUS_SUCCESS || check.workspaceSize > nearest->best.ws_bytes) {
+    return;  // not valid at this M: time as usual
+  }
+  plan.best = nearest->best;
+  plan.untimed.clear();
+  ++g_plans_reused;
 }
 
 // Pointers of one call; the *_scale ones are our a / b scales (fp8 scaled only).
@@ -386,6 +426,7 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
     }
     Plan plan = make_plan(ds.handle, variant, M, N, K, lda, ldb, ldo, dtype, g.bias != 0, al_a, al_b,
                           al_o, al_bias, ws_bytes, g.a_scale, g.b_scale);
+    if (!plan.untimed.empty()) reuse_timed_sibling(ds.handle, plan, key);
     it = g_plans.emplace(key, plan).first;
   }
   Plan& plan = it->second;
@@ -419,6 +460,7 @@ void run_gemm(const char* fn, int variant, const GemmArgs& g, int64_t M, int64_t
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     if (cudaStreamIsCapturing(s, &cap) == cudaSuccess && cap == cudaStreamCaptureStatusNone) {
       time_candidates(plan, launch, s);
+      ++g_plans_timed;
     }
   }
   LYRA_LT_CHECK(launch(&plan.best));
@@ -558,6 +600,11 @@ void set_gemm_autotune(int candidates) {
 int gemm_autotune() {
   std::lock_guard<std::mutex> lock(g_mu);
   return g_autotune;
+}
+
+std::pair<int64_t, int64_t> gemm_tuning_counts() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return {g_plans_timed, g_plans_reused};
 }
 
 void set_gemm_workspace(int64_t bytes) {

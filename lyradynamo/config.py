@@ -108,7 +108,9 @@ _OPTIONS: dict[str, _Option] = {
         "first call outside CUDA-graph capture, that many with and that many without workspace "
         "(the fastest is kept for the process; smaller GEMMs take the heuristic's first "
         "workspace-free choice); 0 or 1 = never time. Costs 4 runs per candidate and "
-        "one host sync per tuned shape; a plan made before a change keeps its choice.",
+        "one host sync per tuned shape; a plan made before a change keeps its choice. A new shape "
+        "that differs from a timed one only in M, by at most 4x (a new image size), takes that "
+        "shape's winner untimed when cuBLASLt accepts it there.",
         kind=int,
     ),
     "gemm_workspace_mb": _Option(
@@ -150,7 +152,8 @@ _OPTIONS: dict[str, _Option] = {
         "CUTLASS in its TMA epilogue). cutlass = CUTLASS sm90 GEMMs with that epilogue fused (Hopper, "
         "a library built with the CUTLASS headers; GEGLU: cuBLASLt for a, CUTLASS for g); "
         "cublaslt = one cuBLASLt GEMM + bias, then the epilogue kernel; auto = time both (as "
-        "captured CUDA graphs) on each shape's first call and keep the faster.",
+        "captured CUDA graphs) on each shape's first call and keep the faster (a new M within 4x "
+        "of a timed shape, same N and K, takes its winner untimed).",
         choices=("auto", "cutlass", "cublaslt"),
     ),
     "qkv_projection": _Option(

@@ -36,3 +36,41 @@ def test_describe_names_the_kind_and_shape():
     assert gated_gemm.describe(("gated", 0, torch.float16, 4096, 3072, 3072, 1, True)) == \
         "gated M4096 N3072 K3072 batches 1 bias True"
     assert gated_gemm.describe(("glu", 0, torch.bfloat16, 8192, 2560, 640, False)) == "glu M8192 N2560 K640 bias False"
+
+
+def test_a_new_m_takes_the_nearest_timed_winner_within_4x(monkeypatch):
+    """dispatch's reuse rule (the timing itself runs on the GPU): a shape that differs from a
+    timed one only in M, by at most 4x, takes the nearest timed M's path without timing; a
+    reused decision is no source; other N / K / dtype / kinds, or M 5x away, are timed."""
+    monkeypatch.setattr(gated_gemm, "_choice", {})
+    timed = []
+
+    def decide(key, paths):
+        timed.append(key)
+        decided = {"path": "cutlass" if key[3] < 10000 else "cutlass-pingpong", "cutlass_us": 1.0}
+        gated_gemm._choice[key] = decided
+        return decided
+
+    monkeypatch.setattr(gated_gemm, "_decide", decide)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU build
+    paths = {name: (lambda name=name: name) for name in ("cutlass", "cutlass-pingpong", "cublaslt")}
+
+    def run(kind, m, n=1280, k=640, dtype=torch.float16):
+        rest = (1, True) if kind == "gated" else (True,)
+        return gated_gemm.dispatch("auto", (kind, 0, dtype, m, n, k, *rest), paths)
+
+    assert run("glu", 8192) == "cutlass" and len(timed) == 1        # timed
+    assert run("glu", 18432) == "cutlass" and len(timed) == 1       # 2.25x: 8192's winner
+    assert run("glu", 40960) == "cutlass-pingpong" and len(timed) == 2  # 5x from the timed 8192
+    # 20000: both timed Ms are within 4x (8192: 2.44x, 40960: 2.05x): the nearer one's winner
+    assert run("glu", 20000) == "cutlass-pingpong" and len(timed) == 2
+    assert gated_gemm._choice[("glu", 0, torch.float16, 20000, 1280, 640, True)] == \
+        {"path": "cutlass-pingpong", "reused_from": 40960}
+    # 5000: within 4x of 18432 (reused, no source: 3.7x) and of 8192 (1.6x): 8192's
+    assert run("glu", 5000) == "cutlass" and len(timed) == 2
+    for key in (("glu", 12800, 2560), ("gated", 8192, 1280)):         # another N, another kind: timed
+        run(key[0], key[1], n=key[2])
+    run("glu", 8192, dtype=torch.bfloat16)
+    assert len(timed) == 5
+    assert gated_gemm._choice[("glu", 0, torch.float16, 18432, 1280, 640, True)] == \
+        {"path": "cutlass", "reused_from": 8192}

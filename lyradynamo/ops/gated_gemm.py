@@ -12,7 +12,8 @@ epilogue fused (csrc/gemm_gated.cu, csrc/gemm_glu.cu):
 `config.gated_gemm` picks the path: "auto" times the fused GEMM (cooperative 128 x 256 tiles,
 persistent or stream-K; ping-pong 128 x 128 tiles) and cuBLASLt + epilogue, each captured as a
 CUDA graph and replayed, on the first call of each shape outside CUDA-graph capture (the
-runner's warm-up call) and keeps the fastest for the process; "cutlass" takes the fused
+runner's warm-up call) and keeps the fastest for the process (a new M within 4x of a timed
+one, same N and K, takes that one's winner untimed); "cutlass" takes the fused
 persistent-tile GEMM wherever it can run; "cublaslt" never does. A shape first seen under
 capture takes cuBLASLt + epilogue (the runner's warm-up always comes first). `choices()` lists
 the decisions with their timings (bench rows carry them); each is also logged once.
@@ -178,12 +179,41 @@ def dispatch(mode: str, key: tuple, paths: dict[str, Callable[[], Tensor]]) -> T
     if mode == "cutlass":  # the persistent-tile kernel
         return paths["cutlass"]()
     with _lock:
-        decided = _choice.get(key)
+        decided = _choice.get(key) or _reuse_nearest(key)
     if decided is None:
         if torch.cuda.is_current_stream_capturing():
             return paths["cublaslt"]()
         decided = _decide(key, paths)
     return paths[decided["path"]]()
+
+
+REUSE_MAX_RATIO = 4  # as csrc/gemm.cu's kReuseMaxRatio
+
+
+def _reuse_nearest(key: tuple) -> Optional[dict]:
+    """For a new shape that differs from a timed one only in M (a new image size), within
+    REUSE_MAX_RATIO either way: that shape's winner (the nearest M's), recorded under key with
+    "reused_from"; None where none is near (then the caller times). A reused decision is no
+    source itself (no drift). Caller holds _lock. The timing of a new shape, 4 paths captured
+    and replayed with host syncs, was a visible part of a new size's first call (NOTES, session
+    25); at the sizes measured the winner did not change with M within that range."""
+    m = key[3]
+    if not isinstance(m, int):  # qkv keys carry the parts' lengths: timed per shape
+        return None
+    best = None
+    for other, decided in _choice.items():
+        m2 = other[3]
+        if "reused_from" in decided or len(other) != len(key) or not isinstance(m2, int) or \
+                other[:3] + other[4:] != key[:3] + key[4:]:
+            continue
+        ratio = max(m, m2) / min(m, m2)
+        if ratio <= REUSE_MAX_RATIO and (best is None or ratio < best[0]):
+            best = (ratio, m2, decided["path"])
+    if best is None:
+        return None
+    _choice[key] = decided = {"path": best[2], "reused_from": best[1]}
+    log.info("lyradynamo: %s: %s, as timed at M%d", describe(key), best[2], best[1])
+    return decided
 
 
 def _time_us(run: Callable[[], object], reps: int = 1) -> float:

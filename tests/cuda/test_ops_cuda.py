@@ -194,6 +194,34 @@ def test_gemm_autotune_keeps_results_right(candidates, workspace_mb, dtype, seed
         assert _common.csrc().gemm_workspace() == workspace_mb << 20
 
 
+@pytest.mark.parametrize("dtype", DT)
+def test_gemm_new_m_reuses_a_timed_winner_and_stays_right(dtype, seed_from_test_id):
+    """A GEMM that differs from a timed one only in M, within 4x (a new image size), takes the
+    timed winner instead of timing again; 5x away it is timed. Results stay within the 2x rule,
+    the reused plan included (its algorithm checked by cuBLASLt for the new M)."""
+    from lyradynamo import config
+
+    n, k = 1536, 1280 + 8 * (seed_from_test_id % 7)  # a K no other test used: new plans
+    w, b = torch.randn(n, k, device="cuda") / k ** 0.5, torch.randn(n, device="cuda")
+    with config.patch(gemm_autotune=8):
+        timed0, reused0 = _common.csrc().gemm_tuning_counts()
+        seen = []
+        for m in (8192, 12800 + 3, 18432, 8192 * 5 + 64):  # 2^33 multiply-adds or more: tuned
+            x = torch.randn(m, k, device="cuda")
+            check(lambda x, w, b: lyra.linear(x, w, b, "none", False, None, None),
+                  lambda x, w, b: F.linear(x, w, b), [x, w, b], dtype)
+            timed, reused = _common.csrc().gemm_tuning_counts()
+            seen.append((timed - timed0, reused - reused0))
+    # 8192: timed; 12803 and 18432: within 4x of 8192 (reused unless cuBLASLt refused the winner
+    # there, then timed themselves); 41024: 5x from 8192, and reused plans are no source: timed
+    # unless 12803 or 18432 was timed (then within 4x of it)
+    assert seen[0] == (1, 0), seen
+    assert seen[2][0] + seen[2][1] == 3 and seen[2][1] >= 1, seen
+    assert seen[3][0] + seen[3][1] == 4, seen
+    if seen[2] == (1, 2):
+        assert seen[3] == (2, 2), seen
+
+
 @pytest.mark.parametrize("bad", [-1, 33])
 def test_gemm_workspace_out_of_range_is_refused(bad):
     from lyradynamo import config
