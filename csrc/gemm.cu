@@ -43,8 +43,9 @@
 // problem's winner instead of timing again, when cuBLASLt's algorithm check accepts
 // it for the new M (the nearest such M wins); the 4 n runs and the host sync were a
 // visible part of a new size's first call (benchmarks/NOTES.md, session 25).
-// gemm_tuning_counts() says how many plans were timed and how many reused. Calls whose residual is the output (C aliases D) are not tuned:
-// repeated runs would accumulate.
+// gemm_tuning_counts() says how many plans were timed and how many reused.
+// Calls whose residual is the output (C aliases D) are not tuned: repeated runs
+// would accumulate.
 //
 // Quantised (W8A8) variants, same TN row-major trick and the same state/cache
 // (the plan key carries the variant):
@@ -353,8 +354,9 @@ void time_candidates(Plan& plan, Launch& launch, cudaStream_t s) {
 }
 
 // A plan about to be timed: if a plan of the same problem but another M (within
-// kReuseMaxRatio) exists whose winner was timed there (not itself reused: no drift), and cuBLASLt accepts its winner for this plan's M, take that
-// winner and skip the timing. Caller holds g_mu.
+// kReuseMaxRatio) exists whose winner was timed there (not itself reused: no
+// drift), and cuBLASLt accepts that winner at this plan's M, take it and skip the
+// timing. Caller holds g_mu.
 void reuse_timed_sibling(cublasLtHandle_t h, Plan& plan, const PlanKey& key) {
   const int64_t M = std::get<1>(key);
   const Plan* nearest = nullptr;

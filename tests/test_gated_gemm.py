@@ -74,3 +74,22 @@ def test_a_new_m_takes_the_nearest_timed_winner_within_4x(monkeypatch):
     assert len(timed) == 5
     assert gated_gemm._choice[("glu", 0, torch.float16, 18432, 1280, 640, True)] == \
         {"path": "cutlass", "reused_from": 8192}
+
+
+def test_a_reused_path_refused_at_the_new_m_is_timed_there(monkeypatch):
+    monkeypatch.setattr(gated_gemm, "_choice", {("glu", 0, torch.float16, 8192, 1280, 640, True): {"path": "cutlass"}})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    timed = []
+
+    def decide(key, paths):
+        timed.append(key)
+        gated_gemm._choice[key] = {"path": "cublaslt", "cublaslt_us": 1.0}
+        return gated_gemm._choice[key]
+
+    def refused():
+        raise RuntimeError("gemm_glu: M must be ...")
+
+    monkeypatch.setattr(gated_gemm, "_decide", decide)
+    key = ("glu", 0, torch.float16, 12800, 1280, 640, True)
+    assert gated_gemm.dispatch("auto", key, {"cutlass": refused, "cublaslt": lambda: "split"}) == "split"
+    assert timed == [key] and gated_gemm._choice[key] == {"path": "cublaslt", "cublaslt_us": 1.0}

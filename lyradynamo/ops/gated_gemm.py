@@ -180,6 +180,14 @@ def dispatch(mode: str, key: tuple, paths: dict[str, Callable[[], Tensor]]) -> T
         return paths["cutlass"]()
     with _lock:
         decided = _choice.get(key) or _reuse_nearest(key)
+    if decided is not None and "reused_from" in decided:
+        try:
+            return paths[decided["path"]]()
+        except (RuntimeError, ValueError) as exc:  # refused at this M before launching: time here
+            log.info("lyradynamo: %s: %s refused (%s); timing this shape", describe(key), decided["path"], exc)
+            with _lock:
+                _choice.pop(key, None)
+            decided = None
     if decided is None:
         if torch.cuda.is_current_stream_capturing():
             return paths["cublaslt"]()
@@ -196,7 +204,7 @@ def _reuse_nearest(key: tuple) -> Optional[dict]:
     "reused_from"; None where none is near (then the caller times). A reused decision is no
     source itself (no drift). Caller holds _lock. The timing of a new shape, 4 paths captured
     and replayed with host syncs, was a visible part of a new size's first call (NOTES, session
-    25); at the sizes measured the winner did not change with M within that range."""
+    25: SD1.5 at 768 and 640 with no timing at all ran as fast as with it)."""
     m = key[3]
     if not isinstance(m, int):  # qkv keys carry the parts' lengths: timed per shape
         return None
