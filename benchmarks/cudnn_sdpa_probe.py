@@ -2,7 +2,8 @@
 """What a new attention shape costs through torch's cuDNN SDPA against the cuDNN frontend's own
 graphs with dynamic shapes and a kernel cache, and whether their kernels run as fast (GPU only).
 
-    python benchmarks/cudnn_sdpa_probe.py [--dtype fp16] [--variant all] [--out f.json]
+    python benchmarks/cudnn_sdpa_probe.py [--dtype fp16] [--variant all] [--model sdxl|sd15 [--cross]]
+        [--sizes 1024,768,512] [--out f.json]
 
 A first call at a new image size builds one cuDNN SDPA graph per new attention shape inside
 torch (~70 ms each: the engine compiles its kernel at runtime); torch's cache is per thread and
@@ -15,6 +16,9 @@ buffer, (B, L, H, D)), in the order a 1024 -> 768 -> 512 sweep meets them, this 
   difference from torch's output;
 - frontend, static (no cache): the build time;
 and checks that a frontend execution can be captured in a CUDA graph and replayed.
+
+--model sd15 takes SD1.5's shapes instead: self-attention at its four levels (head dims 40, 80,
+160, 160, which cuDNN serves with generated kernels), with --cross also level 1's cross-attention.
 
 --variant picks the frontend graphs that are built and run: dynamic-cache (dynamic shapes, one
 kernel cache), dynamic (dynamic shapes, no cache), static; "all" runs each in a process of its
