@@ -19,6 +19,8 @@ and checks that a frontend execution can be captured in a CUDA graph and replaye
 
 --model sd15 takes SD1.5's shapes instead: self-attention at its four levels (head dims 40, 80,
 160, 160, which cuDNN serves with generated kernels), with --cross also level 1's cross-attention.
+--tuning-between gemm|gated runs a freshly timed lyra GEMM before each shape's builds, to see
+whether that is what makes some builds ~10x slow inside a new size's warm-up.
 
 --variant picks the frontend graphs that are built and run: dynamic-cache (dynamic shapes, one
 kernel cache), dynamic (dynamic shapes, no cache), static; "all" runs each in a process of its
@@ -142,7 +144,8 @@ def run_variants(args) -> list:
     rows = []
     for variant in VARIANTS:
         cmd = [sys.executable, os.path.abspath(__file__), "--dtype", args.dtype, "--sizes", args.sizes,
-               "--variant", variant, "--model", args.model] + (["--cross"] if args.cross else [])
+               "--variant", variant, "--model", args.model, "--tuning-between", args.tuning_between] + \
+            (["--cross"] if args.cross else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = [json.loads(line[3:]) for line in proc.stdout.splitlines() if line.startswith("== ")]
         rows += got
@@ -161,12 +164,35 @@ def main():
     p.add_argument("--variant", default="all", choices=("all", *VARIANTS))
     p.add_argument("--model", default="sdxl", choices=("sdxl", "sd15"))
     p.add_argument("--cross", action="store_true", help="sd15: also level 1's cross-attention")
+    p.add_argument("--tuning-between", default="none", choices=("none", "gemm", "gated"),
+                   help="before each shape, a timed GEMM of a new shape (see tuning_between)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = run_variants(args) if args.variant == "all" else probe(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def tuning_between(kind: str, i: int, dtype) -> None:
+    """Before shape i's builds, what lyra's warm-up does at a new size (session 25, run D: with
+    it, 3 of 9 SD1.5 builds took 370-618 ms instead of ~40): "gemm" = a lyra::linear of a new K
+    (so a new plan that is timed, never reused) with gemm_autotune 8; "gated" = a GEGLU linear of
+    a new K that gated_gemm times (its paths captured as CUDA graphs and replayed); "none"."""
+    if kind == "none":
+        return
+    import lyradynamo  # noqa: F401  (registers torch.ops.lyra)
+    from lyradynamo import config
+
+    k = 1280 + 8 * (i + 1)
+    x = torch.randn(8192, k, device="cuda", dtype=dtype)
+    with config.patch(gemm_autotune=8, gated_gemm="auto"):
+        if kind == "gemm":
+            w = torch.randn(1536, k, device="cuda", dtype=dtype)
+            torch.ops.lyra.linear(x, w, None, "none", False, None, None)
+        else:
+            w = torch.randn(2 * 1280, k, device="cuda", dtype=dtype)
+            torch.ops.lyra.linear(x, w, None, "gelu", True, None, None)
 
 
 def probe(args) -> list:
@@ -185,8 +211,9 @@ def probe(args) -> list:
     rows = []
     sizes = [int(s) for s in args.sizes.split(",")]
     shapes = sd15_shapes(sizes, args.cross) if args.model == "sd15" else sdxl_shapes(sizes)
-    for name, B, Lq, Lk, H, D, packed in shapes:
+    for i, (name, B, Lq, Lk, H, D, packed) in enumerate(shapes):
         q, k, v = make_qkv(B, Lq, Lk, H, D, packed, dtype)
+        t_tuning = timed_wall(lambda: tuning_between(args.tuning_between, i, dtype))[0]
         t_torch_first, ref = timed_wall(lambda: torch_sdpa(q, k, v))
         t_build, built = timed_wall(lambda: fe_graph(cudnn, handle, q, k, v, dynamic, cache))
         ws = torch.empty(max(built[0].get_workspace_size(), 1), dtype=torch.uint8, device="cuda")
@@ -195,7 +222,8 @@ def probe(args) -> list:
         torch.cuda.synchronize()
         diff = (out.float() - ref.float()).abs().max().item()
         row = {"variant": args.variant, "shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D,
-               "packed_qkv": packed, "torch_first_call_ms": round(t_torch_first * 1e3, 2),
+               "packed_qkv": packed, "tuning_between": args.tuning_between,
+               "tuning_ms": round(t_tuning * 1e3, 2), "torch_first_call_ms": round(t_torch_first * 1e3, 2),
                "fe_build_ms": round(t_build * 1e3, 2),
                "torch_steady_us": round(steady_us(lambda: torch_sdpa(q, k, v)), 2),
                "fe_steady_us": round(steady_us(lambda: fe_run(cudnn, handle, built, q, k, v, out, ws)), 2),
