@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from kernels_bench import time_us  # noqa: E402
+from lyradynamo import config  # noqa: E402  (importing lyradynamo registers torch.ops.lyra)
 from lyradynamo.ops import cudnn_attention  # noqa: E402  (loads the frontend with torch's libcudnn)
 
 
@@ -181,9 +182,6 @@ def tuning_between(kind: str, i: int, dtype) -> None:
     a new K that gated_gemm times (its paths captured as CUDA graphs and replayed); "none"."""
     if kind == "none":
         return
-    import lyradynamo  # noqa: F401  (registers torch.ops.lyra)
-    from lyradynamo import config
-
     k = 1280 + 8 * (i + 1)
     x = torch.randn(8192, k, device="cuda", dtype=dtype)
     with config.patch(gemm_autotune=8, gated_gemm="auto"):

@@ -138,9 +138,8 @@ def main() -> None:
                    "steady_s": round(steady, 5), "extra_s": round(first - steady, 4),
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
-                   "profiled": prof is not None,
-                   "sdpa_calls": sdpa.take() if sdpa is not None else None, "config": overrides, "gpu": torch.cuda.get_device_name(),
-                   "torch": torch.__version__}
+                   "profiled": prof is not None, "sdpa_calls": sdpa.take() if sdpa is not None else None,
+                   "config": overrides, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
             rows.append(row)
             print("== " + json.dumps(row), flush=True)
             if prof is not None:

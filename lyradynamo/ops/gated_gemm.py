@@ -210,10 +210,10 @@ def _reuse_nearest(key: tuple) -> Optional[dict]:
         return None
     best = None
     for other, decided in _choice.items():
-        m2 = other[3]
-        if "reused_from" in decided or len(other) != len(key) or not isinstance(m2, int) or \
-                other[:3] + other[4:] != key[:3] + key[4:]:
+        # the same kind (so an int M too), device, dtype and everything after M
+        if "reused_from" in decided or other[:3] + other[4:] != key[:3] + key[4:]:
             continue
+        m2 = other[3]
         ratio = max(m, m2) / min(m, m2)
         if ratio <= REUSE_MAX_RATIO and (best is None or ratio < best[0]):
             best = (ratio, m2, decided["path"])
