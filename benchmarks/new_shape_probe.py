@@ -13,12 +13,17 @@ in the first call at each new size (cProfile, cumulative and own time): the per-
 work (GEMM plans and their autotuning, cuDNN plans, the Python runs of the graph).
 --time-sdpa times each torch SDPA call of a new size's first call that is not being captured
 (a device sync before and after it, so it is the call's own host + GPU time: a new attention
-shape's cuDNN graph build shows up here), by shape.
+shape's cuDNN graph build shows up here), by shape, with the Python garbage collection time
+that fell inside each (`gc_ms`). Every row lists the collections of its first call
+(`gc_pauses`: generation, ms; those of 1 ms or more). --gc-freeze moves every object alive after
+the compiling call into the permanent generation (`gc.freeze()`), so later full collections do
+not walk the compiled graphs.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import os
@@ -53,6 +58,31 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+class GcPauses:
+    """Each garbage collection's generation and duration (ms), from gc.callbacks, and the
+    running total, so a timed region can subtract what Python's collector took inside it."""
+
+    def __init__(self):
+        self.pauses, self.total_ms, self._t0 = [], 0.0, None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            ms = (time.perf_counter() - self._t0) * 1e3
+            self.total_ms += ms
+            self.pauses.append((info["generation"], round(ms, 2)))
+            self._t0 = None
+
+    def take(self) -> list:
+        pauses, self.pauses = [p for p in self.pauses if p[1] >= 1.0], []
+        return pauses
+
+
+GC = GcPauses()
+
+
 class SdpaTimer:
     """While `on`, times each uncaptured torch SDPA call that lyra::attention makes (synchronised on
     both sides), listed by (q shape, k shape, q strides, scale). It replaces the `F` that
@@ -74,11 +104,12 @@ class SdpaTimer:
                 if not timer.on or torch.cuda.is_current_stream_capturing():
                     return real.scaled_dot_product_attention(q, k, v, *a, **kw)
                 torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0, gc0 = time.perf_counter(), GC.total_ms
                 out = real.scaled_dot_product_attention(q, k, v, *a, **kw)
                 torch.cuda.synchronize()
                 timer.calls.append({"q": list(q.shape), "k": list(k.shape), "q_stride": list(q.stride()),
-                                    "scale": kw.get("scale"), "ms": round((time.perf_counter() - t0) * 1e3, 2)})
+                                    "scale": kw.get("scale"), "ms": round((time.perf_counter() - t0) * 1e3, 2),
+                                    "gc_ms": round(GC.total_ms - gc0, 2)})
                 return out
 
         self.on, self.calls = False, []
@@ -107,6 +138,7 @@ def main() -> None:
     p.add_argument("--backend", default="lyra", choices=("lyra", "eager"),
                    help="eager: Dynamo's plain eager backend (static first trace): its tracing time alone")
     p.add_argument("--time-sdpa", action="store_true", help="time each SDPA call of a new size's first call")
+    p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the compiling call")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     sdpa = SdpaTimer() if args.time_sdpa else None
@@ -126,9 +158,13 @@ def main() -> None:
                 prof.enable()
             if sdpa is not None:
                 sdpa.on = i > 0
+            GC.take()
             first = _timed(lambda: compiled(**inputs))
+            gc_pauses = GC.take()
             if sdpa is not None:
                 sdpa.on = False
+            if args.gc_freeze and i == 0:
+                gc.freeze()
             if prof is not None:
                 prof.disable()
             after = _capture_phases()
@@ -139,6 +175,7 @@ def main() -> None:
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
                    "profiled": prof is not None, "sdpa_calls": sdpa.take() if sdpa is not None else None,
+                   "gc_pauses": gc_pauses, "gc_freeze": args.gc_freeze,
                    "config": overrides, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
             rows.append(row)
             print("== " + json.dumps(row), flush=True)

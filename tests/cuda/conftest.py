@@ -62,6 +62,15 @@ def no_tf32():
 
 
 @pytest.fixture
+def fresh_gemm_decisions(monkeypatch):
+    """gated_gemm's decisions start empty for the test: a shape that an earlier test timed at an
+    M within 4x would otherwise be reused (no timings recorded) where the test asserts them."""
+    from lyradynamo.ops import gated_gemm
+
+    monkeypatch.setattr(gated_gemm, "_choice", {})
+
+
+@pytest.fixture
 def seed_from_test_id(request):
     """A torch seed derived from the test's id: fresh inputs per test, reproducible runs."""
     import zlib

@@ -76,7 +76,7 @@ def test_in_place_and_capture(variant, seed_from_test_id):
 
 
 @pytest.mark.parametrize("mode", ["cutlass", "cublaslt", "auto"])
-def test_qlinear_paths_agree(mode, seed_from_test_id, caplog):
+def test_qlinear_paths_agree(mode, fresh_gemm_decisions, seed_from_test_id, caplog):
     """lyra::qlinear_q with a residual through each path; auto records its timed choice, timed
     as CUDA-graph replays (each path launches on the stream current at its call: dispatch
     captures the candidates on a side stream, and a launch to the caller's stream captured

@@ -54,7 +54,7 @@ def test_kernel_against_reference(dtype, b, t, n, k, per_sample, bias, variant, 
 
 @pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("mode", ["cutlass", "cublaslt", "auto"])
-def test_linear_paths_agree(dtype, mode, seed_from_test_id):
+def test_linear_paths_agree(dtype, mode, fresh_gemm_decisions, seed_from_test_id):
     """lyra::linear's gated residual through each path; auto records its decision."""
     need_cutlass()
     args = _operands(2, 1031, 1536, 640, True, True)
@@ -69,7 +69,7 @@ def test_linear_paths_agree(dtype, mode, seed_from_test_id):
 
 
 @pytest.mark.parametrize("m", [4099, 515])
-def test_auto_times_whole_paths(m, seed_from_test_id):
+def test_auto_times_whole_paths(m, fresh_gemm_decisions, seed_from_test_id):
     """auto's timings at FLUX-sized shapes, where the GEMM dominates every path: each path's
     time covers its whole GEMM (a capture that missed the GEMM's launch times its epilogue
     only and falls under the floor)."""

@@ -57,7 +57,7 @@ def test_kernel_against_reference(dtype, m, n, k, bias, variant, seed_from_test_
 @pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("mode", ["cutlass", "cublaslt", "auto"])
 @pytest.mark.parametrize("rows", [(2, 1031), (3, 77)])
-def test_linear_paths_agree(dtype, mode, rows, seed_from_test_id):
+def test_linear_paths_agree(dtype, mode, rows, fresh_gemm_decisions, seed_from_test_id):
     """lyra::linear's GLU through each path; auto records its decision with a time per path."""
     need_cutlass()
     args = _operands(rows, 1280, 640, True)
@@ -71,7 +71,7 @@ def test_linear_paths_agree(dtype, mode, rows, seed_from_test_id):
                             2.0 * m * 2560 * 640)
 
 
-def test_auto_times_whole_paths(seed_from_test_id):
+def test_auto_times_whole_paths(fresh_gemm_decisions, seed_from_test_id):
     """auto's GLU timings at SDXL's level-1 shape (M 8192 + 3, N 2560 per half, K 640):
     every path's time covers both halves' GEMMs (see the gated test of the same name)."""
     need_cutlass()

@@ -74,7 +74,7 @@ def test_in_place_and_capture(variant, seed_from_test_id):
 
 @pytest.mark.parametrize("mode", ["cutlass", "cublaslt", "auto"])
 @pytest.mark.parametrize("epi", ["plain", "residual", "gelu_tanh", "geglu", "gate_residual"])
-def test_qlinear_paths_agree(mode, epi, seed_from_test_id, caplog):
+def test_qlinear_paths_agree(mode, epi, fresh_gemm_decisions, seed_from_test_id, caplog):
     """lyra::qlinear_q(kind="int8") through each path against its reference; auto records its
     timed choice, timed as CUDA-graph replays (no "captured nothing" warning)."""
     need_cutlass()
