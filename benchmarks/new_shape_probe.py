@@ -17,7 +17,9 @@ shape's cuDNN graph build shows up here), by shape, with the Python garbage coll
 that fell inside each (`gc_ms`). Every row lists the collections of its first call
 (`gc_pauses`: generation, ms; those of 1 ms or more). --gc-freeze moves every object alive after
 the compiling call into the permanent generation (`gc.freeze()`), so later full collections do
-not walk the compiled graphs.
+not walk the compiled graphs. --spy-slow-sdpa MS runs `py-spy dump --native` on this process
+when a timed SDPA call has run for MS ms (a watchdog thread; torch releases the GIL inside the
+op): the native stack of a slow call, in the row's `spy_dumps`.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ import json
 import os
 import pstats
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,15 +109,38 @@ class SdpaTimer:
                     return real.scaled_dot_product_attention(q, k, v, *a, **kw)
                 torch.cuda.synchronize()
                 t0, gc0 = time.perf_counter(), GC.total_ms
+                timer.started = t0
                 out = real.scaled_dot_product_attention(q, k, v, *a, **kw)
                 torch.cuda.synchronize()
+                timer.started = None
                 timer.calls.append({"q": list(q.shape), "k": list(k.shape), "q_stride": list(q.stride()),
                                     "scale": kw.get("scale"), "ms": round((time.perf_counter() - t0) * 1e3, 2),
                                     "gc_ms": round(GC.total_ms - gc0, 2)})
                 return out
 
-        self.on, self.calls = False, []
+        self.on, self.calls, self.started, self.dumps = False, [], None, []
         lyra_attention.F = TimedF()
+
+    def spy_when_slow(self, after_ms: float) -> None:
+        """A daemon thread that dumps this process's native stacks (py-spy) once per timed call
+        that runs longer than after_ms."""
+
+        def watch():
+            dumped = None
+            while True:
+                time.sleep(0.01)
+                started = self.started
+                if started is None or started == dumped or (time.perf_counter() - started) * 1e3 < after_ms:
+                    continue
+                dumped = started
+                try:
+                    res = subprocess.run(["py-spy", "dump", "--native", "--pid", str(os.getpid())],
+                                         capture_output=True, text=True, timeout=60)
+                    self.dumps.append(res.stdout + res.stderr)
+                except (OSError, subprocess.SubprocessError) as exc:
+                    self.dumps.append(f"py-spy failed: {exc}")
+
+        threading.Thread(target=watch, daemon=True).start()
 
     def take(self) -> list:
         calls, self.calls = self.calls, []
@@ -139,9 +166,13 @@ def main() -> None:
                    help="eager: Dynamo's plain eager backend (static first trace): its tracing time alone")
     p.add_argument("--time-sdpa", action="store_true", help="time each SDPA call of a new size's first call")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the compiling call")
+    p.add_argument("--spy-slow-sdpa", type=float, default=0, metavar="MS",
+                   help="with --time-sdpa: py-spy dump --native of a timed SDPA call running MS ms")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     sdpa = SdpaTimer() if args.time_sdpa else None
+    if sdpa is not None and args.spy_slow_sdpa:
+        sdpa.spy_when_slow(args.spy_slow_sdpa)
     overrides = {"quant": QUANT[args.mode], **parse_lyra_config(args.lyra_config)}
     dtype = zoo.default_dtype(args.model, "cuda")
     model = zoo.build_denoiser(args.model, tiny=False, dtype=dtype, device="cuda")
@@ -176,8 +207,11 @@ def main() -> None:
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
                    "profiled": prof is not None, "sdpa_calls": sdpa.take() if sdpa is not None else None,
                    "gc_pauses": gc_pauses, "gc_freeze": args.gc_freeze,
+                   "spy_dumps": sdpa.dumps[:] if sdpa is not None else None,
                    "config": overrides, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
             rows.append(row)
+            if sdpa is not None:
+                sdpa.dumps.clear()
             print("== " + json.dumps(row), flush=True)
             if prof is not None:
                 texts.append(f"==== {size}: first call {first:.3f} s (cProfile on)\n"
