@@ -54,6 +54,18 @@ def _capture_phases() -> dict:
     return total
 
 
+def _tuning_counts() -> dict:
+    """GEMM shapes timed / reused so far: cuBLASLt plans (csrc) and gated_gemm's decisions."""
+    from lyradynamo.ops import _common, gated_gemm
+
+    C = _common.csrc()
+    timed, reused = C.gemm_tuning_counts() if C is not None and hasattr(C, "gemm_tuning_counts") else (0, 0)
+    decisions = gated_gemm.choices().values()
+    return {"gemm_timed": timed, "gemm_reused": reused,
+            "gated_timed": sum("reused_from" not in d for d in decisions),
+            "gated_reused": sum("reused_from" in d for d in decisions)}
+
+
 def _timed(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -183,7 +195,7 @@ def main() -> None:
         for i, size in enumerate(args.sizes.split(",")):
             w, h = (int(s) for s in size.split("x"))
             inputs = zoo.denoiser_inputs(args.model, model, batch=batch, height=h, width=w)
-            before, compiles0 = _capture_phases(), lyradynamo.compile_count()
+            before, compiles0, tuned0 = _capture_phases(), lyradynamo.compile_count(), _tuning_counts()
             prof = cProfile.Profile() if (args.profile_top and i > 0) else None
             if prof is not None:
                 prof.enable()
@@ -198,13 +210,14 @@ def main() -> None:
                 gc.freeze()
             if prof is not None:
                 prof.disable()
-            after = _capture_phases()
+            after, tuned = _capture_phases(), _tuning_counts()
             steady = statistics.median(_timed(lambda: compiled(**inputs)) for _ in range(args.steady))
             mode = args.mode if args.backend == "lyra" else "dynamo-eager"
             row = {"model": args.model, "mode": mode, "size": size, "first_call_s": round(first, 4),
                    "steady_s": round(steady, 5), "extra_s": round(first - steady, 4),
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
+                   "tuning": {k: tuned[k] - tuned0[k] for k in tuned},
                    "profiled": prof is not None, "sdpa_calls": sdpa.take() if sdpa is not None else None,
                    "gc_pauses": gc_pauses, "gc_freeze": args.gc_freeze,
                    "spy_dumps": sdpa.dumps[:] if sdpa is not None else None,

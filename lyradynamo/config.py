@@ -221,6 +221,16 @@ _OPTIONS: dict[str, _Option] = {
         "replaced by a new object recompiles (an identity guard). See params.py.",
         kind=bool,
     ),
+    "pause_gc_in_compile": _Option(
+        True,
+        "Pause Python's automatic garbage collection while lyra compiles a frame (Dynamo's trace "
+        "and the rewrite). Its full collections walk every object the trace has made, again each "
+        "time the heap grows by a quarter: 3-4 collections of 0.3-0.6 s in one SD1.5 or SDXL first "
+        "call on an H200 host (benchmarks/NOTES.md, session 26). Collection resumes when the "
+        "compile ends (the garbage it made is collected then, in one pass); gc.disable() made by "
+        "the caller is left as it is.",
+        kind=bool,
+    ),
     "use_csrc": _Option(
         True, "Use the compiled CUDA library where it is built; False forces the reference ops.",
         kind=bool,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 
 import sympy
@@ -113,7 +114,8 @@ class policy_context:  # noqa: N801 - used as `backend_ctx_ctor`, a context-mana
 
 _active = 0  # >0 while a lyra frame runs (policy_context entered)
 _settings: list[contextlib.ExitStack] = []  # the config patches entered, innermost last
-_compiles_patched: list[bool] = []  # per compilation in progress: did it enter the settings
+# per compilation in progress: (did it enter the settings, did it pause the garbage collector)
+_compiles_patched: list[tuple[bool, bool]] = []
 _callbacks = getattr(torch._dynamo, "callback_handler", None)  # Dynamo's compile callbacks
 
 
@@ -133,14 +135,24 @@ def _exit_settings() -> None:
 def _on_compile_start(args) -> None:  # noqa: ANN001 - torch's CallbackArgs
     # Dynamo runs the start callbacks once per outermost compilation (nested ones are counted,
     # not re-run), before it traces; the end callbacks when it finishes or fails.
-    _compiles_patched.append(bool(_active))
+    from . import config
+
+    pause_gc = bool(_active) and config.pause_gc_in_compile and gc.isenabled()
+    _compiles_patched.append((bool(_active), pause_gc))
     if _active:
         _enter_settings()
+    if pause_gc:
+        gc.disable()
 
 
 def _on_compile_end(args) -> None:  # noqa: ANN001
-    if _compiles_patched and _compiles_patched.pop():
+    if not _compiles_patched:
+        return
+    patched, paused_gc = _compiles_patched.pop()
+    if patched:
         _exit_settings()
+    if paused_gc:
+        gc.enable()
 
 
 def _compile_hooks_registered() -> bool:

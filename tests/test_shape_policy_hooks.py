@@ -81,3 +81,34 @@ def test_changed_submodule_state_is_seen_with_dict_tag_guards():
         with torch.no_grad():
             m.blocks[0].lin.weight.mul_(-1.0)  # in place: read by the graph, no guard needed
         torch.testing.assert_close(compiled(x), m(x))
+
+
+def _gc_states_in_compile(monkeypatch, **config) -> tuple[list, bool]:
+    """gc.isenabled() as lyra's backend saw it while compiling a small module, and after."""
+    import gc
+
+    from lyradynamo import backend
+
+    torch._dynamo.reset()
+    seen, real = [], backend._device_of
+    monkeypatch.setattr(backend, "_device_of", lambda ex: seen.append(gc.isenabled()) or real(ex))
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    with torch.no_grad(), lyradynamo.config.patch(**config):
+        torch.compile(m, backend="lyra")(torch.randn(3, 8))
+    return seen, gc.isenabled()
+
+
+def test_gc_is_paused_while_compiling_and_resumed_after(monkeypatch):
+    assert _gc_states_in_compile(monkeypatch) == ([False], True)
+    assert not shape_policy._compiles_patched
+    assert _gc_states_in_compile(monkeypatch, pause_gc_in_compile=False) == ([True], True)
+
+
+def test_gc_disabled_by_the_caller_stays_disabled(monkeypatch):
+    import gc
+
+    gc.disable()
+    try:
+        assert _gc_states_in_compile(monkeypatch) == ([False], False)
+    finally:
+        gc.enable()
