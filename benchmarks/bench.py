@@ -220,6 +220,21 @@ def gpu_short(name: str) -> str:
     return "gpu"
 
 
+def cuda_jit_cache_bytes() -> int:
+    """Bytes in the CUDA driver's JIT cache (CUDA_CACHE_PATH, default ~/.nv/ComputeCache), where
+    cuDNN's run-time compiled attention kernels are kept between processes: an empty cache makes
+    first calls slower (benchmarks/NOTES.md, session 26), so rows record it."""
+    root = os.environ.get("CUDA_CACHE_PATH") or os.path.join(os.path.expanduser("~"), ".nv", "ComputeCache")
+    total = 0
+    for folder, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(folder, f))
+            except OSError:
+                pass
+    return total
+
+
 def environment(device: str) -> dict:
     import diffusers
 
@@ -232,6 +247,7 @@ def environment(device: str) -> dict:
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
         "lyra_csrc": importlib.util.find_spec("lyradynamo._C") is not None,
+        "cuda_jit_cache_bytes_at_start": cuda_jit_cache_bytes(),
     }
     return env
 

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 import lyradynamo  # noqa: E402
 from lyradynamo import zoo  # noqa: E402
-from bench import parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
+from bench import cuda_jit_cache_bytes, parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
 from profile_gaps import QUANT  # noqa: E402
 
 
@@ -196,6 +196,7 @@ def main() -> None:
             w, h = (int(s) for s in size.split("x"))
             inputs = zoo.denoiser_inputs(args.model, model, batch=batch, height=h, width=w)
             before, compiles0, tuned0 = _capture_phases(), lyradynamo.compile_count(), _tuning_counts()
+            jit_cache = cuda_jit_cache_bytes()
             prof = cProfile.Profile() if (args.profile_top and i > 0) else None
             if prof is not None:
                 prof.enable()
@@ -218,6 +219,7 @@ def main() -> None:
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
                    "tuning": {k: tuned[k] - tuned0[k] for k in tuned},
+                   "cuda_jit_cache_bytes_before": jit_cache,
                    "profiled": prof is not None, "sdpa_calls": sdpa.take() if sdpa is not None else None,
                    "gc_pauses": gc_pauses, "gc_freeze": args.gc_freeze,
                    "spy_dumps": sdpa.dumps[:] if sdpa is not None else None,
