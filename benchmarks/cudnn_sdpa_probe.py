@@ -11,7 +11,9 @@ knows no kernel cache. The frontend can mark a graph "dynamic shape" and give it
 so a second shape of the same topology binds the kernel compiled for the first. Per SDXL
 attention shape (batch 2, the layouts lyra passes: q / k / v strided views of one projection
 buffer, (B, L, H, D)), in the order a 1024 -> 768 -> 512 sweep meets them, this reports:
-- torch: the first call's wall time (graph build) and the steady time per call;
+- torch: the first call's wall time (graph build) and the steady time per call, with cuDNN and
+  with torch's flash backend (no per-shape build: a per-shape choice between them weighs a build
+  paid once per shape against a slower kernel paid on every call);
 - frontend, dynamic + kernel cache: the build time and the steady time, and the largest
   difference from torch's output;
 - frontend, static (no cache): the build time;
@@ -87,8 +89,8 @@ def make_qkv(B, Lq, Lk, H, D, packed, dtype):
     return q, kv[:, :, 0], kv[:, :, 1]
 
 
-def torch_sdpa(q, k, v):
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+def torch_sdpa(q, k, v, backend=SDPBackend.CUDNN_ATTENTION):
+    with sdpa_kernel([backend]):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return o.transpose(1, 2)
 
@@ -213,6 +215,7 @@ def probe(args) -> list:
         q, k, v = make_qkv(B, Lq, Lk, H, D, packed, dtype)
         t_tuning = timed_wall(lambda: tuning_between(args.tuning_between, i, dtype))[0]
         t_torch_first, ref = timed_wall(lambda: torch_sdpa(q, k, v))
+        t_flash_first, flash_out = timed_wall(lambda: torch_sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
         t_build, built = timed_wall(lambda: fe_graph(cudnn, handle, q, k, v, dynamic, cache))
         ws = torch.empty(max(built[0].get_workspace_size(), 1), dtype=torch.uint8, device="cuda")
         out = torch.empty(B, Lq, H, D, device="cuda", dtype=dtype)
@@ -224,6 +227,9 @@ def probe(args) -> list:
                "tuning_ms": round(t_tuning * 1e3, 2), "torch_first_call_ms": round(t_torch_first * 1e3, 2),
                "fe_build_ms": round(t_build * 1e3, 2),
                "torch_steady_us": round(steady_us(lambda: torch_sdpa(q, k, v)), 2),
+               "flash_first_call_ms": round(t_flash_first * 1e3, 2),
+               "flash_steady_us": round(steady_us(lambda: torch_sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)), 2),
+               "flash_max_abs_diff_vs_torch": (flash_out.float() - ref.float()).abs().max().item(),
                "fe_steady_us": round(steady_us(lambda: fe_run(cudnn, handle, built, q, k, v, out, ws)), 2),
                "max_abs_diff_vs_torch": diff, "workspace_bytes": ws.numel(),
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
