@@ -22,7 +22,8 @@ and checks that a frontend execution can be captured in a CUDA graph and replaye
 --model sd15 takes SD1.5's shapes instead: self-attention at its four levels (head dims 40, 80,
 160, 160, which cuDNN serves with generated kernels), with --cross also level 1's cross-attention.
 --tuning-between gemm|gated runs a freshly timed lyra GEMM before each shape's builds, to see
-whether that is what makes some builds ~10x slow inside a new size's warm-up.
+whether that is what makes some builds ~10x slow inside a new size's warm-up (session 26: it is
+not; those were cuDNN's NVRTC compiles with an empty CUDA JIT cache, CUDA_CACHE_PATH).
 
 --variant picks the frontend graphs that are built and run: dynamic-cache (dynamic shapes, one
 kernel cache), dynamic (dynamic shapes, no cache), static; "all" runs each in a process of its
