@@ -178,6 +178,8 @@ def main() -> None:
                    help="eager: Dynamo's plain eager backend (static first trace): its tracing time alone")
     p.add_argument("--time-sdpa", action="store_true", help="time each SDPA call of a new size's first call")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the compiling call")
+    p.add_argument("--time-sdpa-compile", action="store_true",
+                   help="with --time-sdpa: time the compiling call's SDPA calls too (its cuDNN compiles)")
     p.add_argument("--spy-slow-sdpa", type=float, default=0, metavar="MS",
                    help="with --time-sdpa: py-spy dump --native of a timed SDPA call running MS ms")
     p.add_argument("--out", default=None)
@@ -201,7 +203,7 @@ def main() -> None:
             if prof is not None:
                 prof.enable()
             if sdpa is not None:
-                sdpa.on = i > 0
+                sdpa.on = i > 0 or args.time_sdpa_compile
             GC.take()
             first = _timed(lambda: compiled(**inputs))
             gc_pauses = GC.take()
