@@ -158,6 +158,10 @@ class SdpaTimer:
         calls, self.calls = self.calls, []
         return calls
 
+    def take_dumps(self) -> list:
+        dumps, self.dumps = self.dumps, []
+        return dumps
+
 
 def _top(prof: cProfile.Profile, key: str, n: int) -> str:
     buf = io.StringIO()
@@ -224,11 +228,9 @@ def main() -> None:
                    "cuda_jit_cache_bytes_before": jit_cache,
                    "profiled": prof is not None, "sdpa_calls": sdpa.take() if sdpa is not None else None,
                    "gc_pauses": gc_pauses, "gc_freeze": args.gc_freeze,
-                   "spy_dumps": sdpa.dumps[:] if sdpa is not None else None,
+                   "spy_dumps": sdpa.take_dumps() if sdpa is not None else None,
                    "config": overrides, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
             rows.append(row)
-            if sdpa is not None:
-                sdpa.dumps.clear()
             print("== " + json.dumps(row), flush=True)
             if prof is not None:
                 texts.append(f"==== {size}: first call {first:.3f} s (cProfile on)\n"
