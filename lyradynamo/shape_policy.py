@@ -114,8 +114,9 @@ class policy_context:  # noqa: N801 - used as `backend_ctx_ctor`, a context-mana
 
 _active = 0  # >0 while a lyra frame runs (policy_context entered)
 _settings: list[contextlib.ExitStack] = []  # the config patches entered, innermost last
-# per compilation in progress: (did it enter the settings, did it pause the garbage collector)
-_compiles_patched: list[tuple[bool, bool]] = []
+# per compilation in progress: (did it enter the settings, did it pause the garbage collector,
+# did it freeze the older objects)
+_compiles_patched: list[tuple[bool, bool, bool]] = []
 _callbacks = getattr(torch._dynamo, "callback_handler", None)  # Dynamo's compile callbacks
 
 
@@ -138,20 +139,38 @@ def _on_compile_start(args) -> None:  # noqa: ANN001 - torch's CallbackArgs
     from . import config
 
     pause_gc = bool(_active) and config.pause_gc_in_compile and gc.isenabled()
-    _compiles_patched.append((bool(_active), pause_gc))
+    # The objects that exist before the compile (the model, torch, diffusers) are frozen out of
+    # the collection that ends the pause, unless the caller uses gc.freeze() itself.
+    froze = pause_gc and gc.get_freeze_count() == 0
+    _compiles_patched.append((bool(_active), pause_gc, froze))
     if _active:
         _enter_settings()
     if pause_gc:
         gc.disable()
+        if froze:
+            gc.freeze()
 
 
 def _on_compile_end(args) -> None:  # noqa: ANN001
     if not _compiles_patched:
         return
-    patched, paused_gc = _compiles_patched.pop()
+    patched, paused_gc, froze = _compiles_patched.pop()
     if patched:
         _exit_settings()
     if paused_gc:
+        _collect_after_pause(froze)
+
+
+def _collect_after_pause(froze: bool) -> None:
+    """End a compile's GC pause with one collection of what the compile made. Resuming the
+    automatic collector instead ran three (young, middle, full: 0.53 + 0.35 + 0.77 s after
+    SDXL's trace on an H200 host, session 27), each walking the trace's objects again. With
+    the older objects frozen, one walk covers only the compile's own objects."""
+    try:
+        gc.collect()
+    finally:
+        if froze:
+            gc.unfreeze()
         gc.enable()
 
 

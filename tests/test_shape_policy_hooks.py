@@ -84,14 +84,16 @@ def test_changed_submodule_state_is_seen_with_dict_tag_guards():
 
 
 def _gc_states_in_compile(monkeypatch, **config) -> tuple[list, bool]:
-    """gc.isenabled() as lyra's backend saw it while compiling a small module, and after."""
+    """(gc.isenabled(), whether older objects were frozen) as lyra's backend saw them while
+    compiling a small module, and gc.isenabled() after."""
     import gc
 
     from lyradynamo import backend
 
     torch._dynamo.reset()
     seen, real = [], backend._device_of
-    monkeypatch.setattr(backend, "_device_of", lambda ex: seen.append(gc.isenabled()) or real(ex))
+    monkeypatch.setattr(backend, "_device_of",
+                        lambda ex: seen.append((gc.isenabled(), gc.get_freeze_count() > 0)) or real(ex))
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
     with torch.no_grad(), lyradynamo.config.patch(**config):
         torch.compile(m, backend="lyra")(torch.randn(3, 8))
@@ -99,9 +101,39 @@ def _gc_states_in_compile(monkeypatch, **config) -> tuple[list, bool]:
 
 
 def test_gc_is_paused_while_compiling_and_resumed_after(monkeypatch):
-    assert _gc_states_in_compile(monkeypatch) == ([False], True)
+    import gc
+
+    assert _gc_states_in_compile(monkeypatch) == ([(False, True)], True)
     assert not shape_policy._compiles_patched
-    assert _gc_states_in_compile(monkeypatch, pause_gc_in_compile=False) == ([True], True)
+    assert gc.get_freeze_count() == 0  # the pause's freeze is undone
+    assert _gc_states_in_compile(monkeypatch, pause_gc_in_compile=False) == ([(True, False)], True)
+
+
+def test_the_pause_ends_with_one_collection_of_the_compiles_garbage(monkeypatch):
+    import gc
+
+    calls = []
+    real = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append((gc.isenabled(), gc.get_freeze_count() > 0))
+                        or real(*a))
+    _gc_states_in_compile(monkeypatch)
+    # while paused: one collection, the older objects still frozen (other callers of gc.collect,
+    # e.g. torch._dynamo.reset, run with the collector on)
+    assert [c for c in calls if not c[0]] == [(False, True)]
+
+
+def test_a_callers_frozen_objects_stay_frozen(monkeypatch):
+    import gc
+
+    unfreezes = []
+    real = gc.unfreeze
+    monkeypatch.setattr(gc, "unfreeze", lambda: unfreezes.append(1) or real())
+    gc.freeze()
+    try:
+        assert _gc_states_in_compile(monkeypatch) == ([(False, True)], True)
+        assert not unfreezes  # lyra froze nothing of its own, so it undid nothing
+    finally:
+        real()
 
 
 def test_gc_disabled_by_the_caller_stays_disabled(monkeypatch):
@@ -109,6 +141,6 @@ def test_gc_disabled_by_the_caller_stays_disabled(monkeypatch):
 
     gc.disable()
     try:
-        assert _gc_states_in_compile(monkeypatch) == ([False], False)
+        assert _gc_states_in_compile(monkeypatch) == ([(False, False)], False)
     finally:
         gc.enable()
