@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import lyradynamo  # noqa: E402
-from lyradynamo import zoo  # noqa: E402
+from lyradynamo import attention_prewarm, zoo  # noqa: E402
 from bench import cuda_jit_cache_bytes, parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
 from profile_gaps import QUANT  # noqa: E402
 
@@ -117,7 +117,8 @@ class SdpaTimer:
 
             @staticmethod
             def scaled_dot_product_attention(q, k, v, *a, **kw):
-                if not timer.on or torch.cuda.is_current_stream_capturing():
+                if (not timer.on or torch.cuda.is_current_stream_capturing()
+                        or threading.current_thread() is not threading.main_thread()):  # not prewarm workers
                     return real.scaled_dot_product_attention(q, k, v, *a, **kw)
                 torch.cuda.synchronize()
                 t0, gc0 = time.perf_counter(), GC.total_ms
@@ -202,6 +203,7 @@ def main() -> None:
             w, h = (int(s) for s in size.split("x"))
             inputs = zoo.denoiser_inputs(args.model, model, batch=batch, height=h, width=w)
             before, compiles0, tuned0 = _capture_phases(), lyradynamo.compile_count(), _tuning_counts()
+            prewarm0 = dict(attention_prewarm.stats)
             jit_cache = cuda_jit_cache_bytes()
             prof = cProfile.Profile() if (args.profile_top and i > 0) else None
             if prof is not None:
@@ -225,6 +227,7 @@ def main() -> None:
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
                    "tuning": {k: tuned[k] - tuned0[k] for k in tuned},
+                   "attention_prewarm": {k: attention_prewarm.stats[k] - prewarm0[k] for k in prewarm0},
                    "cuda_jit_cache_bytes_before": jit_cache,
                    "profiled": prof is not None, "sdpa_calls": sdpa.take() if sdpa is not None else None,
                    "gc_pauses": gc_pauses, "gc_freeze": args.gc_freeze,

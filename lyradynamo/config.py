@@ -171,6 +171,15 @@ _OPTIONS: dict[str, _Option] = {
         "cudnn, flash (torch SDPA flash), flash_attn (the flash_attn package), math.",
         choices=("auto", "sdpa", "cudnn", "flash", "flash_attn", "math"),
     ),
+    "attention_prewarm": _Option(
+        True,
+        "Compile the attention kernels of a new size in worker threads (attention_prewarm.py): "
+        "each distinct attention call that goes to torch SDPA runs once on zeroed tensors of its "
+        "sizes, when a graph is compiled and before a new size's warm-up, so that cuDNN's run-time "
+        "kernel compiles (0.3-1.1 s each with an empty CUDA JIT cache, H200) run side by side and "
+        "alongside other work instead of one after another inside the warm-up.",
+        kind=bool,
+    ),
     "short_kv_attention": _Option(
         "auto",
         "16-bit attention over at most 128 keys (cross-attention on text tokens) in lyra's own "

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from . import config
+from . import attention_prewarm, config
 
 log = logging.getLogger("lyradynamo")
 
@@ -211,6 +211,10 @@ class CudaGraphRunner:
 
     def _capture(self, args) -> _Capture:
         t0 = time.perf_counter()
+        prewarmed = attention_prewarm.start(self.gm, args, self.device)
+        if prewarmed:
+            self.record.summary["attention_prewarm_started"] = \
+                self.record.summary.get("attention_prewarm_started", 0) + prewarmed
         cap, static_args = self._prepare(args)
         # Warm up on a side stream: lazy inits (cuBLAS handles, csrc workspaces) stay out of the capture.
         stream = torch.cuda.Stream(self.device)
@@ -219,6 +223,7 @@ class CudaGraphRunner:
         with torch.cuda.stream(stream):
             self.gm(*static_args)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        attention_prewarm.wait_all()  # no other thread's CUDA calls while the capture records
         t2 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=shared_pool(self.device), stream=stream):

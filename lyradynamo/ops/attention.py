@@ -12,6 +12,7 @@ text tokens) of the sizes where it measured faster, to lyra's own kernel (attent
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -79,7 +80,7 @@ def _sdpa_backends(choice: str):
 
 @attention.register_kernel("cuda")
 def _(q, k, v, attn_mask, scale, is_causal, layout):
-    from lyradynamo import config
+    from lyradynamo import attention_prewarm, config
 
     _check(q, k, v, layout)
     reason = unsupported_reason(q=q, k=k, v=v, attn_mask=attn_mask)
@@ -93,12 +94,12 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
         out = _short_kv(q, k, v, attn_mask, scale, is_causal, layout, config.short_kv_attention)
         if out is not None:
             return out
-    if choice in ("auto", "flash_attn") and attn_mask is None and q.dtype != torch.float32:
-        out = _flash_attn(q, k, v, scale, is_causal, layout)
-        if out is not None:
-            return out
-        if choice == "flash_attn":
-            record_fallback("attention", "flash_attn package not importable; used torch SDPA")
+    if _flash_attn_wanted(choice, q, attn_mask):
+        return _flash_attn(q, k, v, scale, is_causal, layout)
+    if choice == "flash_attn" and attn_mask is None and q.dtype != torch.float32:
+        why = "package not importable" if _flash_attn_func() is None else f"head dim {q.shape[-1]}"
+        record_fallback("attention", f"flash_attn: {why}; used torch SDPA")
+    attention_prewarm.join(q, k, v, scale, is_causal, layout)
     backends = _sdpa_backends(choice if choice != "flash_attn" else "auto")
     if backends is None:
         return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)
@@ -117,6 +118,28 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
                     f"k {tuple(k.shape)} ({layout}{', mask' if attn_mask is not None else ''}); "
                     "used torch SDPA's choice")
     return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)
+
+
+def warm_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool, layout: str) -> bool:
+    """Run one mask-free call through torch SDPA exactly as the CUDA kernel would (its backends,
+    its layout), for attention_prewarm's worker threads: nothing counted, nothing logged. False,
+    with nothing run, where the kernel would not send this call to torch SDPA."""
+    from lyradynamo import config
+
+    if unsupported_reason(q=q, k=k, v=v) or attention_fp32.wanted(q, k, v, None, is_causal, layout,
+                                                                     config.fp32_attention):
+        return False
+    choice = config.attention_backend
+    if choice == "auto" and _short_kv_wanted(q, k, v, None, is_causal, layout, config.short_kv_attention):
+        return False
+    if _flash_attn_wanted(choice, q, None):
+        return False
+    backends = _sdpa_backends(choice if choice != "flash_attn" else "auto")
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backends) if backends is not None else contextlib.nullcontext():
+        attention_reference(q, k, v, None, scale, is_causal, layout)
+    return True
 
 
 # short_kv_attention = "auto": the kernel where it measured at least as fast as cuDNN. Session 19
@@ -138,18 +161,22 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
 # sdxl-l1: 26 % slower). Rows per (batch, head) alone cannot split the table (sdxl-l1 and sd15-l1
 # both have 4096). Only 77 keys, batch 2 and fp16 were measured: other key counts (up to 128),
 # batch sizes and bf16 follow the same rule unmeasured (short_kv_probe.py --keys / --dtype).
-def _short_kv(q, k, v, attn_mask, scale, is_causal, layout, setting: str) -> Optional[Tensor]:
-    """lyra's short-KV kernel for this call where `setting` and the rule above want it and the
-    tensors suit it (attention_short_kv.unsupported); None: the caller runs SDPA as before (not a
-    fallback: the kernel is an option for some shapes, not the op's main path)."""
+def _short_kv_wanted(q, k, v, attn_mask, is_causal, layout, setting: str) -> bool:
+    """Whether this call goes to lyra's short-KV kernel: where `setting` and the rule above want
+    it and the tensors suit it (attention_short_kv.unsupported). Otherwise the caller runs SDPA
+    as before (not a fallback: the kernel is an option for some shapes, not the op's main path)."""
     if layout != "blhd" or k.shape[1] > attention_short_kv.MAX_KEYS:
-        return None
+        return False
     if not attention_short_kv.prefer(setting, q.shape[0], q.shape[1], q.shape[2]):
+        return False
+    return attention_short_kv.unsupported(q, k, v, attn_mask, is_causal, layout, csrc()) is None
+
+
+def _short_kv(q, k, v, attn_mask, scale, is_causal, layout, setting: str) -> Optional[Tensor]:
+    """The short-KV kernel's output for this call where _short_kv_wanted, else None."""
+    if not _short_kv_wanted(q, k, v, attn_mask, is_causal, layout, setting):
         return None
-    C = csrc()
-    if attention_short_kv.unsupported(q, k, v, attn_mask, is_causal, layout, C) is not None:
-        return None
-    return attention_short_kv.run(C, q, k, v, scale)
+    return attention_short_kv.run(csrc(), q, k, v, scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,12 +191,14 @@ def _flash_attn_func():
     return flash_attn_func
 
 
-def _flash_attn(q, k, v, scale, is_causal, layout) -> Optional[Tensor]:
-    flash_attn_func = _flash_attn_func()
-    if flash_attn_func is None:
-        return None
-    if q.shape[-1] > 256 or q.shape[-1] % 8:
-        return None
+def _flash_attn_wanted(choice: str, q: Tensor, attn_mask) -> bool:
+    """Whether this call goes to the flash_attn package (importable, a 16-bit call without mask,
+    a head dim it takes)."""
+    return (choice in ("auto", "flash_attn") and attn_mask is None and q.dtype != torch.float32
+            and _flash_attn_func() is not None and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
+
+
+def _flash_attn(q, k, v, scale, is_causal, layout) -> Tensor:
     qb, kb, vb = (t if layout == "blhd" else t.transpose(1, 2) for t in (q, k, v))
-    out = flash_attn_func(qb, kb, vb, softmax_scale=scale, causal=is_causal)
+    out = _flash_attn_func()(qb, kb, vb, softmax_scale=scale, causal=is_causal)
     return out if layout == "blhd" else out.transpose(1, 2)
