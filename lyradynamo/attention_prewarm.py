@@ -1,25 +1,30 @@
-"""Attention prewarm: the attention kernels of a new size compiled in worker threads.
+"""Attention prewarm: a compiled graph's attention kernels compiled in worker threads while
+Dynamo finishes the compile.
 
 cuDNN compiles some of its attention kernels at run time (NVRTC) the first time a process meets
 a configuration: 0.3-1.1 s each on an H200 host with an empty CUDA JIT cache, one after another
-inside the warm-up run of the first call at a size (benchmarks/NOTES.md, sessions 26-27). The
-driver keeps what was compiled in its JIT cache (`CUDA_CACHE_PATH`), so a later build of the same
+inside the warm-up run of the first call (benchmarks/NOTES.md, sessions 26-27). The driver keeps
+what was compiled in its JIT cache (`CUDA_CACHE_PATH`), so a later build of the same
 configuration, in any thread or process, takes ~40-60 ms. torch keeps its built SDPA graphs per
 thread (aten/src/ATen/native/cudnn/MHA.cpp), so a worker cannot build the main thread's graph; it
-can fill the JIT cache, several configurations at once, while the main thread does other work.
+can fill the JIT cache while the main thread does other work.
 
 - `start(gm, args, device)`: for each distinct lyra::attention call of gm at the sizes of args
   (the nodes' symbolic sizes evaluated with the symbols' values in args), one call in a worker
   thread on zeroed tensors of the same sizes, strides and dtype, on the workers' own stream
-  (ops.attention.warm_sdpa: only calls that lyra::attention sends to torch SDPA). The backend
-  starts it when it returns a graph (Dynamo then still builds its guards), the CUDA-graph runner
-  before a new signature's warm-up.
+  (ops.attention.warm_sdpa runs only the calls that lyra::attention sends to torch SDPA). The
+  backend starts it when it returns a graph: Dynamo then spends 1.5-2 s building guards (SDXL),
+  time in which the main thread needs no cuDNN.
 - `join(q, k, v, ...)`: lyra::attention's CUDA kernel, before it runs a call through SDPA: waits
   for that call's worker if one is pending, except for the first call a round meets (with a warm
-  cache, waiting there would only put a worker's build in front of the main thread's own; the
-  main thread builds it alongside instead).
+  cache, waiting there would only put a worker's build in front of the main thread's own).
 - `wait_all()`: before a CUDA graph records. Another thread's CUDA calls during a capture would
   invalidate it.
+
+Not started for a new size of a compiled graph: cuDNN's graph builds run one at a time across
+threads, and a new size's warm-up reaches its first attention call at once, so workers there
+only moved the builds around (run B, session 27: SD1.5 768 after 512, 0.12 s faster with an
+empty cache, 0.26 s slower with a warm one).
 
 Best effort: a size that cannot be evaluated, or a worker that fails, only means that call's
 kernels are compiled where they were before, in the main thread. `config.attention_prewarm`.

@@ -173,11 +173,11 @@ _OPTIONS: dict[str, _Option] = {
     ),
     "attention_prewarm": _Option(
         True,
-        "Compile the attention kernels of a new size in worker threads (attention_prewarm.py): "
-        "each distinct attention call that goes to torch SDPA runs once on zeroed tensors of its "
-        "sizes, when a graph is compiled and before a new size's warm-up, so that cuDNN's run-time "
-        "kernel compiles (0.3-1.1 s each with an empty CUDA JIT cache, H200) run side by side and "
-        "alongside other work instead of one after another inside the warm-up.",
+        "Compile a graph's attention kernels in worker threads while Dynamo finishes the compile "
+        "(attention_prewarm.py): each distinct attention call that goes to torch SDPA runs once on "
+        "zeroed tensors of its sizes, so that cuDNN's run-time kernel compiles (0.3-1.1 s each "
+        "with an empty CUDA JIT cache, H200) overlap Dynamo's guard building instead of running "
+        "one after another inside the first call's warm-up.",
         kind=bool,
     ),
     "short_kv_attention": _Option(

@@ -211,10 +211,6 @@ class CudaGraphRunner:
 
     def _capture(self, args) -> _Capture:
         t0 = time.perf_counter()
-        prewarmed = attention_prewarm.start(self.gm, args, self.device)
-        if prewarmed:
-            self.record.summary["attention_prewarm_started"] = \
-                self.record.summary.get("attention_prewarm_started", 0) + prewarmed
         cap, static_args = self._prepare(args)
         # Warm up on a side stream: lazy inits (cuBLAS handles, csrc workspaces) stay out of the capture.
         stream = torch.cuda.Stream(self.device)
