@@ -150,3 +150,18 @@ def run_flux(model, seed=0):
     inputs = zoo.denoiser_inputs("flux", model, batch=1, height=32, width=32, seed=seed)
     with torch.no_grad():
         return model(**inputs)[0]
+
+
+class SelfAndCross(torch.nn.Module):
+    """A self-attention then a cross-attention (diffusers' Attention), each with a residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, ctx_dim: int) -> None:
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.self_attn = Attention(query_dim=dim, heads=heads, dim_head=dim_head)
+        self.cross = Attention(query_dim=dim, cross_attention_dim=ctx_dim, heads=heads, dim_head=dim_head)
+
+    def forward(self, x, ctx):  # noqa: ANN001
+        x = x + self.self_attn(x)
+        return x + self.cross(x, encoder_hidden_states=ctx)

@@ -7,22 +7,11 @@ import time
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention
+from helpers import SelfAndCross
 
 import lyradynamo
 from lyradynamo import attention_prewarm, runtime
 from lyradynamo.ops import attention as attention_ops
-
-
-class SelfAndCross(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.self_attn = Attention(query_dim=32, heads=2, dim_head=16)
-        self.cross = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
-
-    def forward(self, x, ctx):  # noqa: ANN001
-        x = x + self.self_attn(x)
-        return x + self.cross(x, encoder_hidden_states=ctx)
 
 
 @pytest.fixture
@@ -63,7 +52,7 @@ def graph_and_calls(monkeypatch):
 
 def test_calls_are_the_attention_runs_at_every_size(graph_and_calls, attention_runs):
     graphs, calls = graph_and_calls
-    m = SelfAndCross().eval()
+    m = SelfAndCross(32, 2, 16, 24).eval()
     compiled = torch.compile(m, backend="lyra")
     with torch.no_grad():
         for batch, length, ctx_len in ((2, 64, 7), (1, 37, 5), (3, 9, 11)):
@@ -78,7 +67,7 @@ def test_calls_are_the_attention_runs_at_every_size(graph_and_calls, attention_r
 def test_a_size_that_cannot_be_evaluated_gives_no_call(graph_and_calls):
     graphs, calls = graph_and_calls
     with torch.no_grad():
-        torch.compile(SelfAndCross().eval(), backend="lyra")(torch.randn(2, 16, 32), torch.randn(2, 7, 24))
+        torch.compile(SelfAndCross(32, 2, 16, 24).eval(), backend="lyra")(torch.randn(2, 16, 32), torch.randn(2, 7, 24))
     (gm,) = graphs
     assert attention_prewarm.calls(gm, []) == []  # no values for the symbols
     assert attention_prewarm.start(gm, calls[0], torch.device("cpu")) == 0  # CPU: nothing to compile

@@ -3,7 +3,7 @@ when the graph is compiled (not at later sizes), every worker is met by the call
 included), and the outputs are those of a run without it, bit for bit."""
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention
+from helpers import SelfAndCross
 
 import lyradynamo
 from lyradynamo import attention_prewarm
@@ -11,21 +11,10 @@ from lyradynamo import attention_prewarm
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("seed_from_test_id")]
 
 
-class SelfAndCross(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.self_attn = Attention(query_dim=320, heads=8, dim_head=40)
-        self.cross = Attention(query_dim=320, cross_attention_dim=768, heads=8, dim_head=40)
-
-    def forward(self, x, ctx):  # noqa: ANN001
-        x = x + self.self_attn(x)
-        return x + self.cross(x, encoder_hidden_states=ctx)
-
-
 def _run(prewarm: bool, sizes) -> tuple[list, dict]:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    m = SelfAndCross().cuda().half().eval()
+    m = SelfAndCross(320, 8, 40, 768).cuda().half().eval()
     compiled = torch.compile(m, backend="lyra")
     before, outs = dict(attention_prewarm.stats), []
     with torch.no_grad(), lyradynamo.config.patch(attention_prewarm=prewarm):
@@ -54,9 +43,7 @@ def test_prewarmed_calls_are_met_and_outputs_do_not_change(monkeypatch):
 
 
 def test_no_worker_runs_while_a_capture_records(monkeypatch):
-    """wait_all() before the record: every worker has finished when the capture starts."""
-    from lyradynamo import runtime
-
+    """wait_all() before the record: every worker has finished when the runner's capture starts."""
     monkeypatch.setattr(attention_prewarm, "_started", set())
     states = []
     real = torch.cuda.graph.__enter__
@@ -68,4 +55,3 @@ def test_no_worker_runs_while_a_capture_records(monkeypatch):
     monkeypatch.setattr(torch.cuda.graph, "__enter__", enter)
     _run(True, [(333, 150)])
     assert states and all(not pending for pending in states)
-    assert runtime  # the runner is what enters torch.cuda.graph
