@@ -10,7 +10,8 @@ thread (aten/src/ATen/native/cudnn/MHA.cpp), so a worker cannot build the main t
 can fill the JIT cache while the main thread does other work.
 
 - `start(gm, args, device)`: for each distinct lyra::attention call of gm at the sizes of args
-  (the nodes' symbolic sizes evaluated with the symbols' values in args), one call in a worker
+  (its inputs re-derived on meta tensors from the traced values, evaluated with the values of
+  the size symbols in args), one call in a worker
   thread on zeroed tensors of the same sizes, strides and dtype, on the workers' own stream
   (ops.attention.warm_sdpa runs only the calls that lyra::attention sends to torch SDPA). The
   backend starts it when it returns a graph: Dynamo then spends 1.5-2 s building guards (SDXL),
@@ -41,6 +42,8 @@ import sympy
 import torch
 from torch import fx
 
+from .passes.matcher import val as _value
+
 log = logging.getLogger("lyradynamo")
 
 _MAX_WORKERS = 8
@@ -51,7 +54,8 @@ _streams: dict[int, torch.cuda.Stream] = {}  # device index -> the workers' stre
 _started: set[tuple] = set()  # every key a worker was started for (one per process)
 _round = {"first_joined": False}  # whether the current round's first call has been joined
 # workers started / that ran a call / that failed; joins that waited / did not wait; workers no
-# call joined before wait_all (a size lyra::attention then met under other strides, or not at all)
+# call joined before wait_all (calls lyra::attention sends elsewhere, e.g. to its short-KV kernel,
+# or a size it met under other strides)
 stats = {"started": 0, "warmed": 0, "failed": 0, "waited": 0, "not_waited": 0, "unjoined": 0}
 
 
@@ -60,16 +64,12 @@ def _key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, is_causal: bo
             q.device.index, scale, bool(is_causal), layout)
 
 
-def _value(node: Any) -> Any:
-    if isinstance(node, fx.Node):
-        return node.meta.get("example_value", node.meta.get("val"))
-    return node
-
-
 def _bind(binding: dict, sym: Any, real: Any) -> None:
+    """binding[s] = real where sym is a bare symbol s (a SymInt real, as Dynamo may pass a
+    backend, by its hint)."""
     if isinstance(sym, torch.SymInt) and isinstance(sym.node.expr, sympy.Symbol):
         if isinstance(real, torch.SymInt):
-            real = sym.node.hint if real is sym else real.node.hint
+            real = real.node.hint
         if isinstance(real, int):
             binding[sym.node.expr] = sympy.Integer(real)
 
