@@ -59,9 +59,10 @@ _round = {"first_joined": False}  # whether the current round's first call has b
 stats = {"started": 0, "warmed": 0, "failed": 0, "waited": 0, "not_waited": 0, "unjoined": 0}
 
 
-def _key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, is_causal: bool, layout: str) -> tuple:
-    return (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape), v.stride(), q.dtype,
-            q.device.index, scale, bool(is_causal), layout)
+def _call_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, is_causal: bool, layout: str) -> tuple:
+    """An attention call as `calls` lists it: ((size, stride) of q, k and v), dtype, scale,
+    is_causal, layout. Workers are keyed by it and the device index."""
+    return (tuple((tuple(t.shape), t.stride()) for t in (q, k, v)), q.dtype, scale, bool(is_causal), layout)
 
 
 def _bind(binding: dict, sym: Any, real: Any) -> None:
@@ -180,8 +181,7 @@ def calls(gm: fx.GraphModule, args: list) -> list[tuple]:
             log.debug("lyradynamo: attention prewarm: %s's inputs not evaluated (%r)", node.name, exc)
             continue
         if all(isinstance(t, torch.Tensor) for t in vals):
-            spec = tuple((tuple(t.shape), t.stride()) for t in vals)
-            found[(spec, vals[0].dtype, scale, bool(is_causal), layout or "bhld")] = None
+            found[_call_of(*vals, scale, is_causal, layout or "bhld")] = None
     return list(found)
 
 
@@ -227,8 +227,7 @@ def start(gm: fx.GraphModule, args: list, device: torch.device) -> int:
     n = 0
     with _lock:
         for call in todo:
-            (q, k, v), dtype, scale, is_causal, layout = call
-            key = (q[0], q[1], k[0], k[1], v[0], v[1], dtype, device.index, scale, is_causal, layout)
+            key = (call, device.index)
             if key in _started:
                 continue
             if _pool is None:
@@ -250,7 +249,7 @@ def join(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, is_causal: bo
     if not _pending:
         return
     with _lock:
-        fut = _pending.pop(_key(q, k, v, scale, is_causal, layout), None)
+        fut = _pending.pop((_call_of(q, k, v, scale, is_causal, layout), q.device.index), None)
         if fut is None:
             return
         first = not _round["first_joined"]

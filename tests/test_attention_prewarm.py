@@ -87,8 +87,9 @@ def fake_workers(monkeypatch):
         return True
 
     monkeypatch.setattr(attention_prewarm, "_warm", warm)
-    real_key = attention_prewarm._key  # CPU tensors stand for ones on cuda:0
-    monkeypatch.setattr(attention_prewarm, "_key", lambda *a: real_key(*a)[:7] + (0,) + real_key(*a)[8:])
+    # CPU tensors stand for CUDA ones: started for torch.device("cuda") with no current device,
+    # the workers are keyed by the device index a CPU tensor has (None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
     return events, ran
 
 
@@ -103,7 +104,7 @@ def test_join_waits_for_a_pending_worker_but_not_for_a_rounds_first_call(fake_wo
     monkeypatch.setattr(attention_prewarm, "calls", lambda gm, args: specs)
     for s in sizes:
         events[s] = threading.Event()
-    cuda = torch.device("cuda", 0)
+    cuda = torch.device("cuda")
     assert attention_prewarm.start(None, [], cuda) == 2
     assert attention_prewarm.start(None, [], cuda) == 0  # one worker per call shape and process
     t = time.perf_counter()
@@ -125,7 +126,7 @@ def test_wait_all_waits_for_every_worker(fake_workers, monkeypatch):
     sizes = [(1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 7, 4)]
     specs = [(tuple((s, torch.zeros(s).stride()) for _ in range(3)), torch.float16, 0.5, False, "blhd") for s in sizes]
     monkeypatch.setattr(attention_prewarm, "calls", lambda gm, args: specs)
-    assert attention_prewarm.start(None, [], torch.device("cuda", 0)) == 3
+    assert attention_prewarm.start(None, [], torch.device("cuda")) == 3
     for s in sizes:
         threading.Timer(0.1, events.setdefault(s, threading.Event()).set).start()
     attention_prewarm.wait_all()
@@ -135,4 +136,4 @@ def test_wait_all_waits_for_every_worker(fake_workers, monkeypatch):
 def test_the_option_turns_it_off(fake_workers, monkeypatch):
     monkeypatch.setattr(attention_prewarm, "calls", lambda gm, args: pytest.fail("not evaluated when off"))
     with lyradynamo.config.patch(attention_prewarm=False):
-        assert attention_prewarm.start(None, [], torch.device("cuda", 0)) == 0
+        assert attention_prewarm.start(None, [], torch.device("cuda")) == 0
