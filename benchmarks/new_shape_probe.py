@@ -54,6 +54,10 @@ def _capture_phases() -> dict:
     return total
 
 
+def _direct_capture_failures() -> int:
+    return sum(r.summary.get("direct_capture_failures", 0) for r in lyradynamo.compiled_graphs())
+
+
 def _tuning_counts() -> dict:
     """GEMM shapes timed / reused so far: cuBLASLt plans (csrc) and gated_gemm's decisions."""
     from lyradynamo.ops import _common, gated_gemm
@@ -164,6 +168,66 @@ class SdpaTimer:
         return dumps
 
 
+class WarmupNodeTimer:
+    """While `on`, runs each CUDA-graph runner's warm-up run (the uncaptured run before a capture
+    records) node by node with a device sync around every node, and sums the host + GPU time by
+    op (the node's target): where a new size's per-shape setup goes (cuDNN plans, GEMM plans and
+    timings, attention builds), op by op. The recorded run is left alone."""
+
+    def __init__(self):
+        from lyradynamo import runtime
+
+        timer, real_capture = self, runtime.CudaGraphRunner._capture
+
+        def capture(runner, args):
+            if not timer.on:
+                return real_capture(runner, args)
+            gm = runner.gm
+            runner.gm = lambda *a: timer.run(gm, a)
+            try:
+                return real_capture(runner, args)
+            finally:
+                runner.gm = gm
+
+        self.on, self.by_op, self.slow_nodes = False, {}, []
+        runtime.CudaGraphRunner._capture = capture
+
+    def run(self, gm, args):
+        import torch.fx as fx
+
+        if torch.cuda.is_current_stream_capturing():
+            return gm(*args)
+        timer = self
+
+        class Timed(fx.Interpreter):
+            def run_node(self, n):
+                if n.op in ("placeholder", "output", "get_attr"):
+                    return super().run_node(n)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = super().run_node(n)
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - t0) * 1e3
+                name = getattr(n.target, "__name__", str(n.target)) if n.op != "call_module" else n.target
+                tot = timer.by_op.setdefault(str(name), [0, 0.0, 0.0])
+                tot[0] += 1
+                tot[1] += ms
+                tot[2] = max(tot[2], ms)
+                if ms >= 2.0:
+                    timer.slow_nodes.append((n.name, str(name), round(ms, 2)))
+                return out
+
+        return Timed(gm).run(*args)
+
+    def take(self) -> dict:
+        rows = sorted(self.by_op.items(), key=lambda kv: -kv[1][1])
+        out = {"by_op": [[k, v[0], round(v[1], 2), round(v[2], 2)] for k, v in rows[:40]],
+               "total_ms": round(sum(v[1] for v in self.by_op.values()), 2),
+               "slow_nodes": self.slow_nodes[:80]}
+        self.by_op, self.slow_nodes = {}, []
+        return out
+
+
 def _top(prof: cProfile.Profile, key: str, n: int) -> str:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(n)
@@ -187,9 +251,12 @@ def main() -> None:
                    help="with --time-sdpa: time the compiling call's SDPA calls too (its cuDNN compiles)")
     p.add_argument("--spy-slow-sdpa", type=float, default=0, metavar="MS",
                    help="with --time-sdpa: py-spy dump --native of a timed SDPA call running MS ms")
+    p.add_argument("--time-warmup-nodes", action="store_true",
+                   help="a new size's warm-up run node by node, synced: time by op (count, ms, max ms)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     sdpa = SdpaTimer() if args.time_sdpa else None
+    nodes = WarmupNodeTimer() if args.time_warmup_nodes else None
     if sdpa is not None and args.spy_slow_sdpa:
         sdpa.spy_when_slow(args.spy_slow_sdpa)
     overrides = {"quant": QUANT[args.mode], **parse_lyra_config(args.lyra_config)}
@@ -211,7 +278,11 @@ def main() -> None:
             if sdpa is not None:
                 sdpa.on = i > 0 or args.time_sdpa_compile
             GC.take()
+            if nodes is not None:
+                nodes.on = i > 0
             first = _timed(lambda: compiled(**inputs))
+            if nodes is not None:
+                nodes.on = False
             gc_pauses = GC.take()
             if sdpa is not None:
                 sdpa.on = False
@@ -227,11 +298,13 @@ def main() -> None:
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
                    "tuning": {k: tuned[k] - tuned0[k] for k in tuned},
+                   "direct_capture_failures": _direct_capture_failures(),
                    "attention_prewarm": {k: attention_prewarm.stats[k] - prewarm0[k] for k in prewarm0},
                    "cuda_jit_cache_bytes_before": jit_cache,
                    "profiled": prof is not None, "sdpa_calls": sdpa.take() if sdpa is not None else None,
                    "gc_pauses": gc_pauses, "gc_freeze": args.gc_freeze,
                    "spy_dumps": sdpa.take_dumps() if sdpa is not None else None,
+                   "warmup_nodes": nodes.take() if nodes is not None and i > 0 else None,
                    "config": overrides, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
             rows.append(row)
             print("== " + json.dumps(row), flush=True)

@@ -124,6 +124,16 @@ _OPTIONS: dict[str, _Option] = {
         True, "On CUDA, replay each compiled graph as a CUDA graph (one capture per input shape).",
         kind=bool,
     ),
+    "new_shape_warmup": _Option(
+        True,
+        "Before capturing a new input shape, run the graph once uncaptured (the warm-up: per-shape "
+        "library set-up such as cuDNN plans and GEMM timings happens there, not in the capture). "
+        "False: a graph already captured at another shape records the new one directly (one "
+        "Python pass fewer; per-shape set-up then happens inside the capture, GEMM shapes take "
+        "their reused or heuristic plan untimed), and falls back to a warm-up if that capture "
+        "fails. The first capture of a graph always warms up.",
+        kind=bool,
+    ),
     "channels_last": _Option(
         "auto",
         "Lay 4-D convolution weights out channels_last when a graph is traced, so a UNet's "

@@ -212,22 +212,28 @@ class CudaGraphRunner:
     def _capture(self, args) -> _Capture:
         t0 = time.perf_counter()
         cap, static_args = self._prepare(args)
-        # Warm up on a side stream: lazy inits (cuBLAS handles, csrc workspaces) stay out of the capture.
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         t1 = time.perf_counter()
-        with torch.cuda.stream(stream):
-            self.gm(*static_args)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        attention_prewarm.wait_all()  # no other thread's CUDA calls while the capture records
+        summary = self.record.summary
+        warmed = self.captures_made == 0 or config.new_shape_warmup
+        if warmed:
+            self._warm_up(stream, static_args)
         t2 = time.perf_counter()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=shared_pool(self.device), stream=stream):
-            cap.outputs = self.gm(*static_args)
-        cap.graph = graph
+        try:
+            cap.outputs, cap.graph = self._record(stream, static_args)
+        except Exception as exc:  # noqa: BLE001 - a direct capture met per-shape set-up it cannot record
+            if warmed:
+                raise
+            log.info("lyradynamo: direct capture failed for graph %d (%s); warming up first",
+                     self.record.index, str(exc)[:200])
+            summary["direct_capture_failures"] = summary.get("direct_capture_failures", 0) + 1
+            torch.cuda.synchronize(self.device)
+            self._warm_up(stream, static_args)
+            t2 = time.perf_counter()
+            cap.outputs, cap.graph = self._record(stream, static_args)
         self.captures_made += 1
         t3 = time.perf_counter()
-        summary = self.record.summary
         summary["capture_s"] = summary.get("capture_s", 0.0) + t3 - t0
         # where a capture's time goes: input buffers, the warm-up run (lazy per-shape setup:
         # GEMM plans and their autotuning, cuDNN plans), the recorded run + instantiation
@@ -236,6 +242,20 @@ class CudaGraphRunner:
             phases[k] = round(phases[k] + v, 4)
         log.info("lyradynamo: captured CUDA graph %d for graph %d", self.captures_made, self.record.index)
         return cap
+
+    def _warm_up(self, stream, static_args) -> None:
+        """One uncaptured run on the capture's side stream: lazy and per-shape set-up (cuBLAS
+        handles, csrc workspaces, cuDNN plans, GEMM timings) stays out of the capture."""
+        with torch.cuda.stream(stream):
+            self.gm(*static_args)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def _record(self, stream, static_args) -> tuple:
+        attention_prewarm.wait_all()  # no other thread's CUDA calls while the capture records
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=shared_pool(self.device), stream=stream):
+            outputs = self.gm(*static_args)
+        return outputs, graph
 
 
 def _clone_out(out):

@@ -6,7 +6,7 @@ import types
 
 import torch
 
-from lyradynamo import runtime
+from lyradynamo import config, runtime
 
 
 class _StandInGraph:
@@ -78,3 +78,60 @@ def test_outputs_are_copies_the_caller_may_keep(monkeypatch):
     a = runner(torch.zeros(1), *params)
     b = runner(torch.full((1,), 5.0), *params)
     assert float(a) == 2.0 and float(b) == 7.0
+
+
+def _capture_steps(monkeypatch, fail_direct: bool = False):
+    """A runner whose _capture runs for real around stand-in warm-up / record steps (CPU: the
+    side stream is a dummy), and the log of those steps."""
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
+    rec = types.SimpleNamespace(summary={}, index=0)
+    runner = runtime.CudaGraphRunner(None, set(), torch.device("cpu"), rec)
+    log: list = []
+
+    def record(stream, static_args):
+        warmed = ("warm-up", runner.captures_made) in log
+        log.append(("record", runner.captures_made))
+        if fail_direct and not warmed:
+            raise RuntimeError("needs a workspace outside capture")
+        return torch.zeros(()), object()
+
+    monkeypatch.setattr(runner, "_warm_up", lambda stream, static_args: log.append(("warm-up", runner.captures_made)))
+    monkeypatch.setattr(runner, "_record", record)
+    return runner, rec, log
+
+
+def test_a_new_shape_is_recorded_directly_once_the_graph_was_warmed(monkeypatch):
+    runner, rec, log = _capture_steps(monkeypatch)
+    with config.patch(new_shape_warmup=False):
+        runner._capture((torch.ones(2),))
+        runner._capture((torch.ones(3),))
+    assert log == [("warm-up", 0), ("record", 0), ("record", 1)]  # the first capture still warms up
+    assert rec.summary["capture_phases_s"]["warmup"] >= 0 and "direct_capture_failures" not in rec.summary
+    log.clear()
+    with config.patch(new_shape_warmup=True):
+        runner._capture((torch.ones(4),))
+    assert log == [("warm-up", 2), ("record", 2)]
+
+
+def test_a_failed_direct_capture_warms_up_and_records_again(monkeypatch):
+    runner, rec, log = _capture_steps(monkeypatch, fail_direct=True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with config.patch(new_shape_warmup=False):
+        runner._capture((torch.ones(2),))
+        cap = runner._capture((torch.ones(3),))
+    assert log == [("warm-up", 0), ("record", 0), ("record", 1), ("warm-up", 1), ("record", 1)]
+    assert cap.graph is not None and runner.captures_made == 2
+    assert rec.summary["direct_capture_failures"] == 1
+
+
+def test_a_failed_capture_after_a_warm_up_is_not_retried(monkeypatch):
+    runner, rec, log = _capture_steps(monkeypatch)
+    monkeypatch.setattr(runner, "_record", lambda stream, static_args: (_ for _ in ()).throw(RuntimeError("sync")))
+    try:
+        runner._capture((torch.ones(2),))
+    except RuntimeError as exc:
+        assert "sync" in str(exc)
+    else:
+        raise AssertionError("the capture error must reach _capture_or_none")
+    assert log == [("warm-up", 0)]

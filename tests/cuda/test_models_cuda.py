@@ -84,3 +84,43 @@ def test_replaced_parameter_seen_by_the_next_call():
         ref2 = first(model(**inp))
         assert err(out2, out) > 1e-3 and err(out2, ref2) < 2e-2
     assert any(g.summary.get("recaptures_after_replacement", 0) for g in lyradynamo.compiled_graphs())
+
+
+@pytest.mark.parametrize("name", ["sd15", "flux"])
+def test_new_sizes_recorded_directly_match_warmed_up_captures(name, monkeypatch):
+    """config.new_shape_warmup = False: a graph captured once records later sizes without the
+    warm-up run (per-shape set-up such as cuDNN graph builds and GEMM plans happens inside the
+    capture). Run first, on sizes no other test met, so that set-up is not done for it; its
+    outputs must be those of warmed-up captures, and no direct capture may fail."""
+    from lyradynamo import runtime
+
+    warm_ups = []
+    real = runtime.CudaGraphRunner._warm_up
+    monkeypatch.setattr(runtime.CudaGraphRunner, "_warm_up",
+                        lambda self, *a: warm_ups.append(self.captures_made) or real(self, *a))
+    dtype = torch.float16 if name == "sd15" else torch.bfloat16
+    model = zoo.build_denoiser(name, dtype=dtype, device="cuda")
+    ref32 = zoo.build_denoiser(name, dtype=torch.float32, device="cuda")
+    sizes = [(2, 48, 80), (2, 80, 48), (1, 112, 64)]
+    outs = {}
+    for warm in (False, True):
+        torch._dynamo.reset()
+        lyradynamo.reset_stats()
+        warm_ups.clear()
+        compiled = torch.compile(model, backend="lyra")
+        with torch.no_grad(), lyradynamo.config.patch(new_shape_warmup=warm):
+            outs[warm] = []
+            for i, (b, h, w) in enumerate(sizes):
+                inp = zoo.denoiser_inputs(name, model, batch=b, height=h, width=w, seed=i)
+                outs[warm].append(first(compiled(**inp)).clone())
+                if not warm:
+                    e = err(outs[warm][-1], first(ref32(**zoo.denoiser_inputs(name, ref32, batch=b, height=h,
+                                                                               width=w, seed=i))))
+                    assert e <= 2 * err(first(model(**inp)), first(ref32(**zoo.denoiser_inputs(
+                        name, ref32, batch=b, height=h, width=w, seed=i)))) + 1e-3, (name, b, h, w, e)
+        summary = lyradynamo.compiled_graphs()[0].summary
+        assert lyradynamo.compile_count() == 1
+        assert "direct_capture_failures" not in summary
+        assert warm_ups == ([0, 1, 2] if warm else [0])  # direct: only the graph's first capture warms up
+    for direct, warmed in zip(outs[False], outs[True]):
+        assert err(direct, warmed) < 1e-3
