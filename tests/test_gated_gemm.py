@@ -93,3 +93,31 @@ def test_a_reused_path_refused_at_the_new_m_is_timed_there(monkeypatch):
     key = ("glu", 0, torch.float16, 12800, 1280, 640, True)
     assert gated_gemm.dispatch("auto", key, {"cutlass": refused, "cublaslt": lambda: "split"}) == "split"
     assert timed == [key] and gated_gemm._choice[key] == {"path": "cublaslt", "cublaslt_us": 1.0}
+
+
+def test_a_qkv_projection_at_a_new_image_size_takes_the_nearest_timed_winner(monkeypatch):
+    """q / k / v projection keys carry the parts' lengths ("text+image"): compared by their total,
+    with the same number of parts (FLUX 1024 -> 768: 512+4096 -> 512+2304, 1.6x)."""
+    monkeypatch.setattr(gated_gemm, "_choice", {})
+    timed = []
+
+    def decide(key, paths):
+        timed.append(key)
+        gated_gemm._choice[key] = {"path": "cutlass", "cutlass_us": 1.0}
+        return gated_gemm._choice[key]
+
+    monkeypatch.setattr(gated_gemm, "_decide", decide)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    paths = {name: (lambda name=name: name) for name in ("cutlass", "cublaslt")}
+
+    def run(lengths):
+        return gated_gemm.dispatch("auto", ("qkv", 0, torch.bfloat16, lengths, 9216, (3072,), 1, True), paths)
+
+    assert run("512+4096") == "cutlass" and len(timed) == 1
+    assert run("512+2304") == "cutlass" and len(timed) == 1        # 1.6x: reused
+    assert gated_gemm._choice[("qkv", 0, torch.bfloat16, "512+2304", 9216, (3072,), 1, True)] == \
+        {"path": "cutlass", "reused_from": "512+4096"}
+    run("4608")                                                     # one part: another problem, timed
+    run("512+256+4096")                                             # three parts: timed
+    run("77+300")                                                   # 12x fewer rows: timed
+    assert len(timed) == 4

@@ -198,29 +198,41 @@ def dispatch(mode: str, key: tuple, paths: dict[str, Callable[[], Tensor]]) -> T
 REUSE_MAX_RATIO = 4  # as csrc/gemm.cu's kReuseMaxRatio
 
 
+def _rows(m) -> tuple[int, int]:
+    """(parts, rows) of a key's M: an int M is one part; a q / k / v projection key's
+    "L_1+L_2.." (a joint attention's text and image tokens) has one part per length."""
+    if isinstance(m, int):
+        return 1, m
+    lengths = [int(p) for p in str(m).split("+")]
+    return len(lengths), sum(lengths)
+
+
 def _reuse_nearest(key: tuple) -> Optional[dict]:
     """For a new shape that differs from a timed one only in M (a new image size), within
     REUSE_MAX_RATIO either way: that shape's winner (the nearest M's), recorded under key with
-    "reused_from"; None where none is near (then the caller times). A reused decision is no
-    source itself (no drift). Caller holds _lock. The timing of a new shape, 4 paths captured
-    and replayed with host syncs, was a visible part of a new size's first call (NOTES, session
-    25: SD1.5 at 768 and 640 with no timing at all ran as fast as with it)."""
-    m = key[3]
-    if not isinstance(m, int):  # qkv keys carry the parts' lengths: timed per shape
-        return None
+    "reused_from"; None where none is near (then the caller times). A q / k / v projection's M
+    is its parts' lengths: the same number of parts, compared by their total. A reused decision
+    is no source itself (no drift). Caller holds _lock. The timing of a new shape, 4 paths
+    captured and replayed with host syncs, was a visible part of a new size's first call (NOTES,
+    session 25: SD1.5 at 768 and 640 with no timing at all ran as fast as with it); a new size
+    recorded directly (config.new_shape_warmup) cannot time at all, so untimed shapes would
+    take the cuBLASLt path there."""
+    parts, m = _rows(key[3])
     best = None
     for other, decided in _choice.items():
-        # the same kind (so an int M too), device, dtype and everything after M
+        # the same kind, device, dtype and everything after M
         if "reused_from" in decided or other[:3] + other[4:] != key[:3] + key[4:]:
             continue
-        m2 = other[3]
+        parts2, m2 = _rows(other[3])
+        if parts2 != parts:
+            continue
         ratio = max(m, m2) / min(m, m2)
         if ratio <= REUSE_MAX_RATIO and (best is None or ratio < best[0]):
-            best = (ratio, m2, decided["path"])
+            best = (ratio, other[3], decided["path"])
     if best is None:
         return None
     _choice[key] = decided = {"path": best[2], "reused_from": best[1]}
-    log.info("lyradynamo: %s: %s, as timed at M%d", describe(key), best[2], best[1])
+    log.info("lyradynamo: %s: %s, as timed at M %s", describe(key), best[2], best[1])
     return decided
 
 
