@@ -34,6 +34,7 @@ _pools: dict[int, Any] = {}
 # torch's C++ check behind Inductor's CUDA graphs: tensors[i].data_ptr() == data_ptrs[i] for i in
 # indices (all three Python lists); CUDA builds of torch only.
 _data_ptrs_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+_streams: dict[int, Any] = {}
 _pool_lock = threading.Lock()
 
 
@@ -43,6 +44,32 @@ def shared_pool(device: torch.device):
         if idx not in _pools:
             _pools[idx] = torch.cuda.graph_pool_handle()
         return _pools[idx]
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream every capture on `device` warms up and records on: one per device, so that
+    what libraries set up per stream (torch's cuBLAS workspaces, handles bound to a stream) is set
+    up once, by the first warm-up, and a later shape can be recorded without one."""
+    with _pool_lock:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _streams:
+            _streams[idx] = torch.cuda.Stream(torch.device("cuda", idx))
+        return _streams[idx]
+
+
+def _repair_rng_after_failed_capture(device: torch.device) -> None:
+    """A capture that fails inside torch.cuda.graph (cudaStreamEndCapture reports the capture
+    invalidated) never runs the CUDA generator's capture epilogue in torch <= 2.12: the default
+    generator stays in capture mode and every later random op on the device raises "Offset
+    increment outside graph capture encountered unexpectedly". Give it a fresh state with the
+    same seed and offset (clone_state: not capturing). Graphs captured before keep their own
+    reference to the old state; lyra's graphs draw no random numbers."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        gen = torch.cuda.default_generators[idx]
+        gen.graphsafe_set_state(gen.clone_state())
+    except Exception as exc:  # noqa: BLE001 - older torch without graph-safe states: nothing to repair
+        log.info("lyradynamo: could not reset the CUDA generator after a failed capture (%s)", exc)
 
 
 def _static_input_indices(gm: fx.GraphModule, example_inputs: list) -> set[int]:
@@ -187,6 +214,7 @@ class CudaGraphRunner:
                 log.warning("lyradynamo: CUDA graph capture failed for graph %d (%s); this shape runs "
                             "without CUDA graphs", self.record.index, exc)
                 torch.cuda.synchronize(self.device)
+                _repair_rng_after_failed_capture(self.device)
         self.captures[key] = cap
         return cap
 
@@ -212,7 +240,7 @@ class CudaGraphRunner:
     def _capture(self, args) -> _Capture:
         t0 = time.perf_counter()
         cap, static_args = self._prepare(args)
-        stream = torch.cuda.Stream(self.device)
+        stream = capture_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         t1 = time.perf_counter()
         summary = self.record.summary
@@ -228,7 +256,9 @@ class CudaGraphRunner:
             log.info("lyradynamo: direct capture failed for graph %d (%s); warming up first",
                      self.record.index, str(exc)[:200])
             summary["direct_capture_failures"] = summary.get("direct_capture_failures", 0) + 1
+            summary.setdefault("direct_capture_errors", []).append(repr(exc)[:300])
             torch.cuda.synchronize(self.device)
+            _repair_rng_after_failed_capture(self.device)
             self._warm_up(stream, static_args)
             t2 = time.perf_counter()
             cap.outputs, cap.graph = self._record(stream, static_args)

@@ -83,8 +83,10 @@ def test_outputs_are_copies_the_caller_may_keep(monkeypatch):
 def _capture_steps(monkeypatch, fail_direct: bool = False):
     """A runner whose _capture runs for real around stand-in warm-up / record steps (CPU: the
     side stream is a dummy), and the log of those steps."""
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
+    monkeypatch.setattr(runtime, "capture_stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
+    repaired = []
+    monkeypatch.setattr(runtime, "_repair_rng_after_failed_capture", lambda device: repaired.append(device))
     rec = types.SimpleNamespace(summary={}, index=0)
     runner = runtime.CudaGraphRunner(None, set(), torch.device("cpu"), rec)
     log: list = []
@@ -96,6 +98,7 @@ def _capture_steps(monkeypatch, fail_direct: bool = False):
             raise RuntimeError("needs a workspace outside capture")
         return torch.zeros(()), object()
 
+    runner.repaired = repaired
     monkeypatch.setattr(runner, "_warm_up", lambda stream, static_args: log.append(("warm-up", runner.captures_made)))
     monkeypatch.setattr(runner, "_record", record)
     return runner, rec, log
@@ -108,6 +111,7 @@ def test_a_new_shape_is_recorded_directly_once_the_graph_was_warmed(monkeypatch)
         runner._capture((torch.ones(3),))
     assert log == [("warm-up", 0), ("record", 0), ("record", 1)]  # the first capture still warms up
     assert rec.summary["capture_phases_s"]["warmup"] >= 0 and "direct_capture_failures" not in rec.summary
+    assert runner.repaired == []
     log.clear()
     with config.patch(new_shape_warmup=True):
         runner._capture((torch.ones(4),))
@@ -123,6 +127,8 @@ def test_a_failed_direct_capture_warms_up_and_records_again(monkeypatch):
     assert log == [("warm-up", 0), ("record", 0), ("record", 1), ("warm-up", 1), ("record", 1)]
     assert cap.graph is not None and runner.captures_made == 2
     assert rec.summary["direct_capture_failures"] == 1
+    assert "workspace" in rec.summary["direct_capture_errors"][0]
+    assert len(runner.repaired) == 1  # the CUDA generator is reset after the failed capture
 
 
 def test_a_failed_capture_after_a_warm_up_is_not_retried(monkeypatch):
