@@ -57,6 +57,13 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
         return _streams[idx]
 
 
+def _discard_capture_stream(device: torch.device) -> None:
+    """After a failed capture: the next capture on `device` gets a new side stream (the failed
+    one may still be in capture mode)."""
+    with _pool_lock:
+        _streams.pop(device.index if device.index is not None else torch.cuda.current_device(), None)
+
+
 def _repair_rng_after_failed_capture(device: torch.device) -> None:
     """A capture that fails inside torch.cuda.graph (cudaStreamEndCapture reports the capture
     invalidated) never runs the CUDA generator's capture epilogue in torch <= 2.12: the default
@@ -214,6 +221,7 @@ class CudaGraphRunner:
                 log.warning("lyradynamo: CUDA graph capture failed for graph %d (%s); this shape runs "
                             "without CUDA graphs", self.record.index, exc)
                 torch.cuda.synchronize(self.device)
+                _discard_capture_stream(self.device)
                 _repair_rng_after_failed_capture(self.device)
         self.captures[key] = cap
         return cap
@@ -258,7 +266,10 @@ class CudaGraphRunner:
             summary["direct_capture_failures"] = summary.get("direct_capture_failures", 0) + 1
             summary.setdefault("direct_capture_errors", []).append(repr(exc)[:300])
             torch.cuda.synchronize(self.device)
+            _discard_capture_stream(self.device)
             _repair_rng_after_failed_capture(self.device)
+            stream = capture_stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
             self._warm_up(stream, static_args)
             t2 = time.perf_counter()
             cap.outputs, cap.graph = self._record(stream, static_args)
@@ -282,9 +293,15 @@ class CudaGraphRunner:
 
     def _record(self, stream, static_args) -> tuple:
         attention_prewarm.wait_all()  # no other thread's CUDA calls while the capture records
+        caller = torch.cuda.current_stream(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=shared_pool(self.device), stream=stream):
-            outputs = self.gm(*static_args)
+        try:
+            with torch.cuda.graph(graph, pool=shared_pool(self.device), stream=stream):
+                outputs = self.gm(*static_args)
+        except BaseException:
+            # where the capture's end fails, torch.cuda.graph leaves its stream the current one
+            torch.cuda.set_stream(caller)
+            raise
         return outputs, graph
 
 

@@ -87,6 +87,7 @@ def _capture_steps(monkeypatch, fail_direct: bool = False):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
     repaired = []
     monkeypatch.setattr(runtime, "_repair_rng_after_failed_capture", lambda device: repaired.append(device))
+    monkeypatch.setattr(runtime, "_discard_capture_stream", lambda device: repaired.append("stream"))
     rec = types.SimpleNamespace(summary={}, index=0)
     runner = runtime.CudaGraphRunner(None, set(), torch.device("cpu"), rec)
     log: list = []
@@ -128,7 +129,8 @@ def test_a_failed_direct_capture_warms_up_and_records_again(monkeypatch):
     assert cap.graph is not None and runner.captures_made == 2
     assert rec.summary["direct_capture_failures"] == 1
     assert "workspace" in rec.summary["direct_capture_errors"][0]
-    assert len(runner.repaired) == 1  # the CUDA generator is reset after the failed capture
+    # a new side stream and a reset CUDA generator after the failed capture
+    assert runner.repaired == ["stream", torch.device("cpu")]
 
 
 def test_a_failed_capture_after_a_warm_up_is_not_retried(monkeypatch):

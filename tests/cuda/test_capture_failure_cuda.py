@@ -47,6 +47,18 @@ def test_a_failed_capture_runs_eagerly_and_random_ops_still_work():
     torch.randn(8, device="cuda")  # raised "Offset increment outside graph capture" before the reset
     torch.testing.assert_close(runner(x + 1), (x + 1) * 2 + 1)  # no second attempt at this shape
     assert len(rec.summary["cuda_graph_failures"]) == 1
+    _captures_still_work()
+
+
+def _captures_still_work():
+    """The caller's stream is current again and another graph captures and replays."""
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    rec = types.SimpleNamespace(summary={}, index=1)
+    runner = runtime.CudaGraphRunner(fx.symbolic_trace(lambda x: x * 5), set(), torch.device("cuda"), rec)
+    x = torch.randn(7, device="cuda")
+    torch.testing.assert_close(runner(x), x * 5)
+    torch.testing.assert_close(runner(x + 1), (x + 1) * 5)
+    assert runner.captures_made == 1 and "cuda_graph_failures" not in rec.summary
 
 
 def test_a_failed_direct_capture_warms_up_records_and_random_ops_still_work():
@@ -70,3 +82,4 @@ def test_a_failed_direct_capture_warms_up_records_and_random_ops_still_work():
     assert "cuda_graph_failures" not in rec.summary
     torch.randn(8, device="cuda")
     torch.testing.assert_close(runner(b + 1), (b + 1) * 3 - 1)  # a replay
+    _captures_still_work()
