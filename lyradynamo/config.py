@@ -125,16 +125,16 @@ _OPTIONS: dict[str, _Option] = {
         kind=bool,
     ),
     "new_shape_warmup": _Option(
-        False,
-        "True: before capturing a new input shape, run the graph once uncaptured (the warm-up: "
-        "per-shape library set-up such as cuDNN plans and GEMM timings happens there). False: a "
-        "graph already captured at another shape records the new one directly: one Python pass "
-        "and the warm-up's own allocations fewer; per-shape set-up (cuDNN plans and attention "
-        "graph builds) runs inside the capture, and new GEMM shapes take their reused or "
-        "heuristic plan untimed. A direct capture that fails warms up and records again (counted "
-        "in the dump's summary). The first capture of a graph always warms up. H200, whole "
-        "images, first at a new size: SDXL 768 after 1024 2.57x -> 1.72x a normal image "
-        "(benchmarks/NOTES.md, session 28).",
+        True,
+        "Before capturing a new input shape, run the graph once uncaptured (the warm-up: "
+        "per-shape library set-up such as cuDNN plans, attention graph builds and GEMM timings "
+        "happens there). False (experimental): a graph already captured at another shape records "
+        "the new one directly, one Python pass fewer; per-shape set-up runs inside the capture, "
+        "new GEMM shapes take their reused or heuristic plan untimed, and a direct capture that "
+        "fails warms up and records again (counted in the dump's summary). The first capture of "
+        "a graph always warms up. H200 (benchmarks/NOTES.md, session 28): SD1.5 UNet 768 after "
+        "512, extra 0.49 -> 0.42 s; SDXL whole images no faster in a same-host A/B; a tiny-model "
+        "test met a direct capture that failed (cause not found), so it stays off.",
         kind=bool,
     ),
     "channels_last": _Option(

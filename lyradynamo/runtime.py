@@ -34,7 +34,6 @@ _pools: dict[int, Any] = {}
 # torch's C++ check behind Inductor's CUDA graphs: tensors[i].data_ptr() == data_ptrs[i] for i in
 # indices (all three Python lists); CUDA builds of torch only.
 _data_ptrs_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
-_streams: dict[int, Any] = {}
 _pool_lock = threading.Lock()
 
 
@@ -46,22 +45,11 @@ def shared_pool(device: torch.device):
         return _pools[idx]
 
 
-def capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream every capture on `device` warms up and records on: one per device, so that
-    what libraries set up per stream (torch's cuBLAS workspaces, handles bound to a stream) is set
-    up once, by the first warm-up, and a later shape can be recorded without one."""
-    with _pool_lock:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _streams:
-            _streams[idx] = torch.cuda.Stream(torch.device("cuda", idx))
-        return _streams[idx]
-
-
-def _discard_capture_stream(device: torch.device) -> None:
-    """After a failed capture: the next capture on `device` gets a new side stream (the failed
-    one may still be in capture mode)."""
-    with _pool_lock:
-        _streams.pop(device.index if device.index is not None else torch.cuda.current_device(), None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A new stream for one capture's warm-up and record, after the caller's queued work."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
 
 
 def _repair_rng_after_failed_capture(device: torch.device) -> None:
@@ -221,7 +209,6 @@ class CudaGraphRunner:
                 log.warning("lyradynamo: CUDA graph capture failed for graph %d (%s); this shape runs "
                             "without CUDA graphs", self.record.index, exc)
                 torch.cuda.synchronize(self.device)
-                _discard_capture_stream(self.device)
                 _repair_rng_after_failed_capture(self.device)
         self.captures[key] = cap
         return cap
@@ -248,8 +235,7 @@ class CudaGraphRunner:
     def _capture(self, args) -> _Capture:
         t0 = time.perf_counter()
         cap, static_args = self._prepare(args)
-        stream = capture_stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        stream = _side_stream(self.device)
         t1 = time.perf_counter()
         summary = self.record.summary
         warmed = self.captures_made == 0 or config.new_shape_warmup
@@ -266,10 +252,8 @@ class CudaGraphRunner:
             summary["direct_capture_failures"] = summary.get("direct_capture_failures", 0) + 1
             summary.setdefault("direct_capture_errors", []).append(repr(exc)[:300])
             torch.cuda.synchronize(self.device)
-            _discard_capture_stream(self.device)
             _repair_rng_after_failed_capture(self.device)
-            stream = capture_stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
+            stream = _side_stream(self.device)  # the failed capture's stream may still be capturing
             self._warm_up(stream, static_args)
             t2 = time.perf_counter()
             cap.outputs, cap.graph = self._record(stream, static_args)

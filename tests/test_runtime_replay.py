@@ -83,11 +83,10 @@ def test_outputs_are_copies_the_caller_may_keep(monkeypatch):
 def _capture_steps(monkeypatch, fail_direct: bool = False):
     """A runner whose _capture runs for real around stand-in warm-up / record steps (CPU: the
     side stream is a dummy), and the log of those steps."""
-    monkeypatch.setattr(runtime, "capture_stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
+    streams = []
+    monkeypatch.setattr(runtime, "_side_stream", lambda device: streams.append(device) or object())
     repaired = []
     monkeypatch.setattr(runtime, "_repair_rng_after_failed_capture", lambda device: repaired.append(device))
-    monkeypatch.setattr(runtime, "_discard_capture_stream", lambda device: repaired.append("stream"))
     rec = types.SimpleNamespace(summary={}, index=0)
     runner = runtime.CudaGraphRunner(None, set(), torch.device("cpu"), rec)
     log: list = []
@@ -99,7 +98,7 @@ def _capture_steps(monkeypatch, fail_direct: bool = False):
             raise RuntimeError("needs a workspace outside capture")
         return torch.zeros(()), object()
 
-    runner.repaired = repaired
+    runner.repaired, runner.streams = repaired, streams
     monkeypatch.setattr(runner, "_warm_up", lambda stream, static_args: log.append(("warm-up", runner.captures_made)))
     monkeypatch.setattr(runner, "_record", record)
     return runner, rec, log
@@ -129,8 +128,8 @@ def test_a_failed_direct_capture_warms_up_and_records_again(monkeypatch):
     assert cap.graph is not None and runner.captures_made == 2
     assert rec.summary["direct_capture_failures"] == 1
     assert "workspace" in rec.summary["direct_capture_errors"][0]
-    # a new side stream and a reset CUDA generator after the failed capture
-    assert runner.repaired == ["stream", torch.device("cpu")]
+    # a reset CUDA generator and a new side stream after the failed capture (3 streams, 2 captures)
+    assert runner.repaired == [torch.device("cpu")] and len(runner.streams) == 3
 
 
 def test_a_failed_capture_after_a_warm_up_is_not_retried(monkeypatch):

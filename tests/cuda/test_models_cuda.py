@@ -44,9 +44,6 @@ def test_tiny_model_cuda_graphs_across_shapes(name):
     torch.testing.assert_close(kept[0], kept[2])  # same inputs, output kept across later calls
     runner = lyradynamo.compiled_graphs()[0]
     assert runner.device == "cuda"
-    # new sizes are recorded directly (config.new_shape_warmup off): none of them fell back
-    for r in lyradynamo.compiled_graphs():
-        assert not r.summary.get("direct_capture_failures"), r.summary.get("direct_capture_errors")
 
 
 def test_param_patch_seen_by_replay_and_graphs_off():
