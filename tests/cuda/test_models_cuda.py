@@ -86,22 +86,24 @@ def test_replaced_parameter_seen_by_the_next_call():
     assert any(g.summary.get("recaptures_after_replacement", 0) for g in lyradynamo.compiled_graphs())
 
 
-@pytest.mark.parametrize("name", ["sd15", "flux"])
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "flux", "sd3", "sana", "auraflow"])
 def test_new_sizes_recorded_directly_match_warmed_up_captures(name, monkeypatch):
     """config.new_shape_warmup = False: a graph captured once records later sizes without the
     warm-up run (per-shape set-up such as cuDNN graph builds and GEMM plans happens inside the
     capture). Run first, on sizes no other test met, so that set-up is not done for it; its
-    outputs must be those of warmed-up captures, and no direct capture may fail."""
+    outputs must be those of warmed-up captures, and no direct capture may fail (one of the tiny
+    models' did in session 28's run C: the assertion names the error). PixArt compiles once per
+    resolution, so it has no later sizes to record directly."""
     from lyradynamo import runtime
 
     warm_ups = []
     real = runtime.CudaGraphRunner._warm_up
     monkeypatch.setattr(runtime.CudaGraphRunner, "_warm_up",
                         lambda self, *a: warm_ups.append(self.captures_made) or real(self, *a))
-    dtype = torch.float16 if name == "sd15" else torch.bfloat16
+    dtype = torch.float16 if name in ("sd15", "sdxl") else torch.bfloat16
     model = zoo.build_denoiser(name, dtype=dtype, device="cuda")
     ref32 = zoo.build_denoiser(name, dtype=torch.float32, device="cuda")
-    sizes = [(2, 48, 80), (2, 96, 64), (1, 112, 64)]  # three signatures for both (FLUX: 15, 24, 28 tokens)
+    sizes = [(2, 48, 80), (2, 96, 64), (1, 112, 64)]  # three signatures in every model (DiTs: 15, 24, 28 tokens)
     outs = {}
     for warm in (False, True):
         torch._dynamo.reset()
@@ -120,7 +122,7 @@ def test_new_sizes_recorded_directly_match_warmed_up_captures(name, monkeypatch)
                         name, ref32, batch=b, height=h, width=w, seed=i)))) + 1e-3, (name, b, h, w, e)
         summary = lyradynamo.compiled_graphs()[0].summary
         assert lyradynamo.compile_count() == 1
-        assert "direct_capture_failures" not in summary
+        assert "direct_capture_failures" not in summary, summary.get("direct_capture_errors")
         assert warm_ups == ([0, 1, 2] if warm else [0])  # direct: only the graph's first capture warms up
     for direct, warmed in zip(outs[False], outs[True]):
         assert err(direct, warmed) < 1e-3
