@@ -55,7 +55,7 @@ def _capture_phases() -> dict:
 
 
 def _direct_capture_failures() -> int:
-    return sum(r.summary.get("direct_capture_failures", 0) for r in lyradynamo.compiled_graphs())
+    return sum(len(r.summary.get("direct_capture_failures", ())) for r in lyradynamo.compiled_graphs())
 
 
 def _tuning_counts() -> dict:

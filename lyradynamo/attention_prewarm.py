@@ -42,6 +42,7 @@ import sympy
 import torch
 from torch import fx
 
+from .ops._common import device_index
 from .passes.matcher import val as _value
 
 log = logging.getLogger("lyradynamo")
@@ -223,7 +224,7 @@ def start(gm: fx.GraphModule, args: list, device: torch.device) -> int:
     except Exception as exc:  # noqa: BLE001 - best effort: the main thread compiles as before
         log.debug("lyradynamo: attention prewarm: sizes not evaluated (%r)", exc)
         return 0
-    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    device = torch.device("cuda", device_index(device))
     n = 0
     with _lock:
         for call in todo:

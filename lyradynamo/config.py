@@ -131,7 +131,7 @@ _OPTIONS: dict[str, _Option] = {
         "happens there). False (experimental): a graph already captured at another shape records "
         "the new one directly, one Python pass fewer; per-shape set-up runs inside the capture, "
         "new GEMM shapes take their reused or heuristic plan untimed, and a direct capture that "
-        "fails warms up and records again (counted in the dump's summary). The first capture of "
+        "fails warms up and records again (its error listed in the dump's summary). The first capture of "
         "a graph always warms up. H200 (benchmarks/NOTES.md, session 28): SD1.5 UNet 768 after "
         "512, extra 0.49 -> 0.42 s; SDXL whole images no faster in a same-host A/B; a tiny-model "
         "test met a direct capture that failed (cause not found), so it stays off.",

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from . import attention_prewarm, config
+from .ops._common import device_index
 
 log = logging.getLogger("lyradynamo")
 
@@ -39,7 +40,7 @@ _pool_lock = threading.Lock()
 
 def shared_pool(device: torch.device):
     with _pool_lock:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
+        idx = device_index(device)
         if idx not in _pools:
             _pools[idx] = torch.cuda.graph_pool_handle()
         return _pools[idx]
@@ -52,6 +53,12 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+def _after_failed_capture(device: torch.device) -> None:
+    """Leave `device` usable after a capture raised: its queued work done, its generator reset."""
+    torch.cuda.synchronize(device)
+    _repair_rng_after_failed_capture(device)
+
+
 def _repair_rng_after_failed_capture(device: torch.device) -> None:
     """A capture that fails inside torch.cuda.graph (cudaStreamEndCapture reports the capture
     invalidated) never runs the CUDA generator's capture epilogue in torch <= 2.12: the default
@@ -59,9 +66,8 @@ def _repair_rng_after_failed_capture(device: torch.device) -> None:
     increment outside graph capture encountered unexpectedly". Give it a fresh state with the
     same seed and offset (clone_state: not capturing). Graphs captured before keep their own
     reference to the old state; lyra's graphs draw no random numbers."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        gen = torch.cuda.default_generators[idx]
+        gen = torch.cuda.default_generators[device_index(device)]
         gen.graphsafe_set_state(gen.clone_state())
     except Exception as exc:  # noqa: BLE001 - older torch without graph-safe states: nothing to repair
         log.info("lyradynamo: could not reset the CUDA generator after a failed capture (%s)", exc)
@@ -208,8 +214,7 @@ class CudaGraphRunner:
                 self.record.summary.setdefault("cuda_graph_failures", []).append(self.uncapturable[key])
                 log.warning("lyradynamo: CUDA graph capture failed for graph %d (%s); this shape runs "
                             "without CUDA graphs", self.record.index, exc)
-                torch.cuda.synchronize(self.device)
-                _repair_rng_after_failed_capture(self.device)
+                _after_failed_capture(self.device)
         self.captures[key] = cap
         return cap
 
@@ -249,10 +254,8 @@ class CudaGraphRunner:
                 raise
             log.info("lyradynamo: direct capture failed for graph %d (%s); warming up first",
                      self.record.index, str(exc)[:200])
-            summary["direct_capture_failures"] = summary.get("direct_capture_failures", 0) + 1
-            summary.setdefault("direct_capture_errors", []).append(repr(exc)[:300])
-            torch.cuda.synchronize(self.device)
-            _repair_rng_after_failed_capture(self.device)
+            summary.setdefault("direct_capture_failures", []).append(repr(exc)[:300])
+            _after_failed_capture(self.device)
             stream = _side_stream(self.device)  # the failed capture's stream may still be capturing
             self._warm_up(stream, static_args)
             t2 = time.perf_counter()

@@ -115,6 +115,11 @@ def unsupported_reason(**tensors: torch.Tensor | None) -> str | None:
     return None
 
 
+def device_index(device: torch.device) -> int:
+    """The CUDA device ordinal of `device` ("cuda" alone: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def stream_handle(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ._common import stream_handle
+from ._common import device_index, stream_handle
 
 log = logging.getLogger("lyradynamo")
 E4M3 = torch.float8_e4m3fn
@@ -70,7 +70,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def _handle(cudnn, device: torch.device):
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = device_index(device)
     if idx not in _handles:
         with torch.cuda.device(idx):
             _handles[idx] = cudnn.create_handle()

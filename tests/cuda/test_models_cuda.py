@@ -122,7 +122,7 @@ def test_new_sizes_recorded_directly_match_warmed_up_captures(name, monkeypatch)
                         name, ref32, batch=b, height=h, width=w, seed=i)))) + 1e-3, (name, b, h, w, e)
         summary = lyradynamo.compiled_graphs()[0].summary
         assert lyradynamo.compile_count() == 1
-        assert "direct_capture_failures" not in summary, summary.get("direct_capture_errors")
+        assert "direct_capture_failures" not in summary, summary.get("direct_capture_failures")
         assert warm_ups == ([0, 1, 2] if warm else [0])  # direct: only the graph's first capture warms up
     for direct, warmed in zip(outs[False], outs[True]):
         assert err(direct, warmed) < 1e-3
