@@ -25,6 +25,13 @@ and checks that a frontend execution can be captured in a CUDA graph and replaye
 whether that is what makes some builds ~10x slow inside a new size's warm-up (session 26: it is
 not; those were cuDNN's NVRTC compiles with an empty CUDA JIT cache, CUDA_CACHE_PATH).
 
+--variant threads (its own process, not part of "all"): whether graph builds run in parallel
+across threads. The sizes take turns among four modes, each size's shapes built at once: the
+frontend's static graphs one after another ("fe-serial") or one thread per shape, each with its
+own handle ("fe-threads"), and torch's first calls one after another ("torch-serial") or one
+thread per shape ("torch-threads": torch's cache is per thread, so each thread builds). Each
+frontend graph is executed once and compared with torch's output.
+
 --variant picks the frontend graphs that are built and run: dynamic-cache (dynamic shapes, one
 kernel cache), dynamic (dynamic shapes, no cache), static; "all" runs each in a process of its
 own (session 23's run A: dynamic-cache's second shape, cross-attention over 77 keys, ended in an
@@ -141,6 +148,54 @@ def steady_us(fn, n=50):
 
 
 VARIANTS = ("dynamic-cache", "dynamic", "static")
+THREAD_MODES = ("fe-serial", "fe-threads", "torch-serial", "torch-threads")
+
+
+def probe_threads(args, cudnn, dtype, shapes_of) -> list:
+    """Per size: all its shapes built in one mode (THREAD_MODES in turn); wall time of the group
+    and each build's own time."""
+    import concurrent.futures
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
+    handles = [cudnn.create_handle() for _ in range(16)]
+    rows = []
+    for i, size in enumerate(sizes):
+        mode = THREAD_MODES[i % len(THREAD_MODES)]
+        shapes = shapes_of([size])
+        inputs = [make_qkv(B, Lq, Lk, H, D, packed, dtype) for (_, B, Lq, Lk, H, D, packed) in shapes]
+        torch.cuda.synchronize()
+
+        def build(j):
+            t0 = time.perf_counter()
+            if mode.startswith("fe"):
+                r = fe_graph(cudnn, handles[j], *inputs[j], False, None)
+            else:
+                r = torch_sdpa(*inputs[j])
+                torch.cuda.current_stream().synchronize()
+            return time.perf_counter() - t0, r
+
+        t0 = time.perf_counter()
+        if mode.endswith("threads"):
+            got = list(pool.map(build, range(len(shapes))))
+        else:
+            got = [build(j) for j in range(len(shapes))]
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        diffs = []
+        if mode.startswith("fe"):
+            for (q, k, v), (_, built) in zip(inputs, got):
+                out = torch.empty_like(q)
+                ws = torch.empty(max(built[0].get_workspace_size(), 1), dtype=torch.uint8, device="cuda")
+                fe_run(cudnn, handles[0], built, q, k, v, out, ws)
+                diffs.append((out.float() - torch_sdpa(q, k, v).float()).abs().max().item())
+        row = {"variant": "threads", "mode": mode, "size": size, "shapes": [s[0] for s in shapes],
+               "wall_ms": round(wall * 1e3, 2), "build_ms": [round(t * 1e3, 2) for t, _ in got],
+               "max_abs_diff_vs_torch": diffs, "gpu": torch.cuda.get_device_name(),
+               "cudnn_backend": cudnn.backend_version(), "dtype": args.dtype}
+        rows.append(row)
+        print("== " + json.dumps(row), flush=True)
+    return rows
 
 
 def run_variants(args) -> list:
@@ -165,7 +220,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     p.add_argument("--sizes", default="1024,768,512")
-    p.add_argument("--variant", default="all", choices=("all", *VARIANTS))
+    p.add_argument("--variant", default="all", choices=("all", *VARIANTS, "threads"))
     p.add_argument("--model", default="sdxl", choices=("sdxl", "sd15"))
     p.add_argument("--cross", action="store_true", help="sd15: also level 1's cross-attention")
     p.add_argument("--tuning-between", default="none", choices=("none", "gemm", "gated"),
@@ -209,6 +264,9 @@ def probe(args) -> list:
     warm = make_qkv(1, 192, 192, 2, 64, True, dtype)  # library loads and handles, off the clock
     torch_sdpa(*warm)
     fe_graph(cudnn, handle, *warm, False, None)
+    if args.variant == "threads":
+        return probe_threads(args, cudnn, dtype, lambda sz: sd15_shapes(sz, args.cross)
+                             if args.model == "sd15" else sdxl_shapes(sz))
     rows = []
     sizes = [int(s) for s in args.sizes.split(",")]
     shapes = sd15_shapes(sizes, args.cross) if args.model == "sd15" else sdxl_shapes(sizes)

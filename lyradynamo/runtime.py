@@ -21,17 +21,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from . import attention_prewarm, config
-from .ops._common import device_index
+from .ops._common import clean_up_failed_capture, device_index
 
 log = logging.getLogger("lyradynamo")
 
-_pools: dict[int, Any] = {}
+# device index -> (pool handle, the live CUDA graphs captured into it)
+_pools: dict[int, tuple[Any, weakref.WeakSet]] = {}
 # torch's C++ check behind Inductor's CUDA graphs: tensors[i].data_ptr() == data_ptrs[i] for i in
 # indices (all three Python lists); CUDA builds of torch only.
 _data_ptrs_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
@@ -39,11 +41,21 @@ _pool_lock = threading.Lock()
 
 
 def shared_pool(device: torch.device):
+    """The pool every capture on `device` records into. A new handle once no graph captured into
+    the current one is alive: torch's allocator keeps a pool whose graphs were all destroyed
+    until its memory is freed, and a capture into it then fails its `use_count > 0` assert
+    (session 29, run B: a tiny model recompiled after torch._dynamo.reset())."""
+    idx = device_index(device)
     with _pool_lock:
-        idx = device_index(device)
-        if idx not in _pools:
-            _pools[idx] = torch.cuda.graph_pool_handle()
-        return _pools[idx]
+        if idx not in _pools or not _pools[idx][1]:
+            _pools[idx] = (torch.cuda.graph_pool_handle(), weakref.WeakSet())
+        return _pools[idx][0]
+
+
+def _pool_holds(device: torch.device, graph) -> None:
+    """`graph` was captured into the device's shared pool and keeps it alive while it lives."""
+    with _pool_lock:
+        _pools[device_index(device)][1].add(graph)
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -54,23 +66,11 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _after_failed_capture(device: torch.device) -> None:
-    """Leave `device` usable after a capture raised: its queued work done, its generator reset."""
-    torch.cuda.synchronize(device)
-    _repair_rng_after_failed_capture(device)
-
-
-def _repair_rng_after_failed_capture(device: torch.device) -> None:
-    """A capture that fails inside torch.cuda.graph (cudaStreamEndCapture reports the capture
-    invalidated) never runs the CUDA generator's capture epilogue in torch <= 2.12: the default
-    generator stays in capture mode and every later random op on the device raises "Offset
-    increment outside graph capture encountered unexpectedly". Give it a fresh state with the
-    same seed and offset (clone_state: not capturing). Graphs captured before keep their own
-    reference to the old state; lyra's graphs draw no random numbers."""
-    try:
-        gen = torch.cuda.default_generators[device_index(device)]
-        gen.graphsafe_set_state(gen.clone_state())
-    except Exception as exc:  # noqa: BLE001 - older torch without graph-safe states: nothing to repair
-        log.info("lyradynamo: could not reset the CUDA generator after a failed capture (%s)", exc)
+    """Leave `device` usable after a capture raised (ops._common.clean_up_failed_capture); later
+    captures record into a new pool."""
+    with _pool_lock:
+        old = _pools.pop(device_index(device), None)
+    clean_up_failed_capture(device, old[0] if old else None)
 
 
 def _static_input_indices(gm: fx.GraphModule, example_inputs: list) -> set[int]:
@@ -285,6 +285,7 @@ class CudaGraphRunner:
         try:
             with torch.cuda.graph(graph, pool=shared_pool(self.device), stream=stream):
                 outputs = self.gm(*static_args)
+            _pool_holds(self.device, graph)
         except BaseException:
             # where the capture's end fails, torch.cuda.graph leaves its stream the current one
             torch.cuda.set_stream(caller)

@@ -86,7 +86,7 @@ def _capture_steps(monkeypatch, fail_direct: bool = False):
     streams = []
     monkeypatch.setattr(runtime, "_side_stream", lambda device: streams.append(device) or object())
     repaired = []
-    monkeypatch.setattr(runtime, "_repair_rng_after_failed_capture", lambda device: repaired.append(device))
+    monkeypatch.setattr(runtime, "_after_failed_capture", lambda device: repaired.append(device))
     rec = types.SimpleNamespace(summary={}, index=0)
     runner = runtime.CudaGraphRunner(None, set(), torch.device("cpu"), rec)
     log: list = []
@@ -120,7 +120,6 @@ def test_a_new_shape_is_recorded_directly_once_the_graph_was_warmed(monkeypatch)
 
 def test_a_failed_direct_capture_warms_up_and_records_again(monkeypatch):
     runner, rec, log = _capture_steps(monkeypatch, fail_direct=True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     with config.patch(new_shape_warmup=False):
         runner._capture((torch.ones(2),))
         cap = runner._capture((torch.ones(3),))

@@ -120,6 +120,35 @@ def device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def clean_up_failed_capture(device: torch.device, pool) -> None:
+    """Leave `device` usable after a CUDA-graph capture raised: its queued work done, its
+    generator out of capture mode, `pool` (the handle the capture recorded into) no longer being
+    recorded to. Where cudaStreamEndCapture reports the capture invalidated (a host sync inside
+    it, say), torch 2.11's capture_end raises before its epilogue:
+    - the default CUDA generator stays in capture mode: every later random op on the device
+      raises "Offset increment outside graph capture encountered unexpectedly". It gets a fresh
+      state with the same seed and offset (clone_state: not capturing); graphs captured before
+      keep their reference to the old one, and lyra's graphs draw no random numbers.
+    - the caching allocator keeps the pool as "being recorded to": a later capture into it fails
+      at its start ("beginAllocateToPool: already recording to mempool_id": session 29, run A,
+      one failed capture left every later one in the process without CUDA graphs), and while it
+      believes a capture runs it stops recycling blocks freed across streams. Its entry is ended
+      here; the pinned-host allocator's has no Python binding, so callers record later captures
+      into a new pool."""
+    torch.cuda.synchronize(device)
+    try:
+        gen = torch.cuda.default_generators[device_index(device)]
+        gen.graphsafe_set_state(gen.clone_state())
+    except Exception as exc:  # noqa: BLE001 - older torch without graph-safe states: nothing to repair
+        log.info("lyradynamo: could not reset the CUDA generator after a failed capture (%s)", exc)
+    if pool is None:
+        return
+    try:
+        torch._C._cuda_endAllocateToPool(device_index(device), pool)
+    except Exception as exc:  # noqa: BLE001 - capture_end got past its allocator calls: nothing stale
+        log.info("lyradynamo: no allocator entry to end after the failed capture (%s)", str(exc)[:120])
+
+
 def stream_handle(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 

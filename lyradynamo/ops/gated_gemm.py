@@ -28,7 +28,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._common import DTYPE_CODES, ptr, row_vector_stride, stream_handle
+from ._common import DTYPE_CODES, ptr, clean_up_failed_capture, row_vector_stride, stream_handle
 
 log = logging.getLogger("lyradynamo")
 
@@ -255,10 +255,11 @@ def _as_graph(fn: Callable[[], Tensor], reps: int) -> Optional[Callable[[], None
     side = torch.cuda.Stream()
     side.wait_stream(current)
     graph = torch.cuda.CUDAGraph()
+    pool = torch.cuda.graph_pool_handle()  # a pool of its own, as capture_begin() would make
     try:
         with torch.cuda.stream(side), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            graph.capture_begin()
+            graph.capture_begin(pool=pool)
             try:
                 for _ in range(reps):
                     fn()
@@ -266,6 +267,7 @@ def _as_graph(fn: Callable[[], Tensor], reps: int) -> Optional[Callable[[], None
                 graph.capture_end()
     except RuntimeError as exc:
         log.info("lyradynamo: could not capture a candidate for timing (%s); timing it eagerly", exc)
+        clean_up_failed_capture(torch.device("cuda", torch.cuda.current_device()), pool)
         return None
     if any("empty" in str(w.message) for w in caught):  # its launches went to another stream
         log.warning("lyradynamo: a gated_gemm candidate captured nothing; timing it eagerly")

@@ -2,6 +2,7 @@
 usable: the shape runs without CUDA graphs, with the right output, and random ops on the device
 still work afterwards (torch 2.11's CUDA generator stays in capture mode after a capture whose
 end fails: lyra resets it)."""
+import gc
 import types
 
 import pytest
@@ -83,3 +84,17 @@ def test_a_failed_direct_capture_warms_up_records_and_random_ops_still_work():
     torch.randn(8, device="cuda")
     torch.testing.assert_close(runner(b + 1), (b + 1) * 3 - 1)  # a replay
     _captures_still_work()
+
+
+def test_a_capture_after_every_earlier_graph_died():
+    """Once every graph captured into the shared pool is gone, torch's allocator still holds the
+    pool (until its memory is freed) with no users, and a capture into it failed its
+    `use_count > 0` assert (session 29, run B, after torch._dynamo.reset()): a new pool is used."""
+    for i in range(3):
+        rec = types.SimpleNamespace(summary={}, index=i)
+        runner = runtime.CudaGraphRunner(fx.symbolic_trace(lambda x: x * 5), set(), torch.device("cuda"), rec)
+        x = torch.randn(5 + i, device="cuda")
+        torch.testing.assert_close(runner(x), x * 5)
+        assert runner.captures_made == 1 and "cuda_graph_failures" not in rec.summary, rec.summary
+        del runner
+        gc.collect()
