@@ -436,24 +436,10 @@ LYRA_CONFIG: dict = {}  # --lyra-config options, patched into lyradynamo.config 
 
 
 def parse_lyra_config(items) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in lyradynamo.config.snapshot():
-            raise SystemExit(f"--lyra-config {item!r}: expected KEY=VALUE with KEY a lyradynamo.config option")
-        current = lyradynamo.config.snapshot()[key]
-        if isinstance(current, (tuple, list)):  # passes=-shared_input: all but; +x: all and x; a,b,c: exactly these
-            if value.startswith("-"):
-                out[key] = tuple(v for v in current if v != value[1:])
-            elif value.startswith("+"):
-                out[key] = (*current, value[1:])
-            else:
-                out[key] = tuple(v for v in value.split(",") if v)
-        elif isinstance(current, int) and not isinstance(current, bool):
-            out[key] = int(value)
-        else:
-            out[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return out
+    try:
+        return lyradynamo.config.parse(items)
+    except lyradynamo.config.LyraConfigError as exc:
+        raise SystemExit(f"--lyra-config {exc}") from None
 
 
 def split_mode(mode: str) -> tuple[str, dict]:

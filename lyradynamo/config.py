@@ -132,9 +132,11 @@ _OPTIONS: dict[str, _Option] = {
         "the new one directly, one Python pass fewer; per-shape set-up runs inside the capture, "
         "new GEMM shapes take their reused or heuristic plan untimed, and a direct capture that "
         "fails warms up and records again (its error listed in the dump's summary). The first capture of "
-        "a graph always warms up. H200 (benchmarks/NOTES.md, session 28): SD1.5 UNet 768 after "
-        "512, extra 0.49 -> 0.42 s; SDXL whole images no faster in a same-host A/B; a tiny-model "
-        "test met a direct capture that failed (cause not found), so it stays off.",
+        "a graph always warms up. H200 (benchmarks/NOTES.md, sessions 28-29): SD1.5 whole images, "
+        "768 after 512, first image 0.92 -> 0.76-0.78 s, 640 within +-0.05 s; SDXL no faster; "
+        "steady unchanged. Session 28's failed direct capture was most likely torch's allocator "
+        "refusing a pool whose graphs had all died, fixed in session 29; off until the CUDA "
+        "tests have run with it on (pytest --lyra-config new_shape_warmup=false).",
         kind=bool,
     ),
     "channels_last": _Option(
@@ -284,7 +286,7 @@ class _Config(types.ModuleType):
         self._values[name] = _validate(name, value)
 
     def __dir__(self) -> list[str]:
-        return list(_OPTIONS) + ["patch", "describe", "snapshot", "LyraConfigError", "ALL_PASSES"]
+        return list(_OPTIONS) + ["patch", "parse", "describe", "snapshot", "LyraConfigError", "ALL_PASSES"]
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of every option's current value (what a compiled graph was built with)."""
@@ -297,6 +299,30 @@ class _Config(types.ModuleType):
             allowed = f" (one of {opt.choices})" if opt.choices else ""
             lines.append(f"{name} = {self._values[name]!r}{allowed}: {opt.doc}")
         return "\n".join(lines)
+
+    def parse(self, items) -> dict[str, Any]:
+        """Options given as "KEY=VALUE" strings (command lines: the benchmarks' and the tests'
+        --lyra-config), as values for patch(). A tuple option (passes) takes "-x" (all but x),
+        "+x" (all and x) or "a,b,c" (exactly these); an int option an integer; a bool option
+        true / false. Raises LyraConfigError on an unknown key or a missing "="."""
+        out: dict[str, Any] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or key not in self._values:
+                raise LyraConfigError(f"{item!r}: expected KEY=VALUE with KEY one of: {', '.join(_OPTIONS)}")
+            current = self._values[key]
+            if isinstance(current, (tuple, list)):
+                if value.startswith("-"):
+                    out[key] = tuple(v for v in current if v != value[1:])
+                elif value.startswith("+"):
+                    out[key] = (*current, value[1:])
+                else:
+                    out[key] = tuple(v for v in value.split(",") if v)
+            elif isinstance(current, int) and not isinstance(current, bool):
+                out[key] = int(value)
+            else:
+                out[key] = {"true": True, "false": False}.get(value.lower(), value)
+        return out
 
     @contextlib.contextmanager
     def patch(self, **changes: Any) -> Iterator[None]:

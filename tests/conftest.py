@@ -24,11 +24,25 @@ fake_shortcuts.CHECK = True
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (run with -m cuda on the GPU machine)")
     config.addinivalue_line("markers", "slow: whole pipelines")
+    try:  # a bad --lyra-config stops the run here, not in every test's set-up
+        with lyradynamo.config.patch(**lyradynamo.config.parse(config.getoption("--lyra-config"))):
+            pass
+    except lyradynamo.config.LyraConfigError as exc:
+        raise pytest.UsageError(f"--lyra-config {exc}") from None
+
+
+def pytest_addoption(parser):
+    parser.addoption("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
+                     help="a lyradynamo.config option in force for every test (repeatable), e.g. "
+                          "new_shape_warmup=false to run the suite under a default being weighed; "
+                          "a test's own config.patch still wins")
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
+def fresh_dynamo(request):
+    options = lyradynamo.config.parse(request.config.getoption("--lyra-config"))
     torch._dynamo.reset()
     lyradynamo.reset_stats()
-    yield
+    with lyradynamo.config.patch(**options):
+        yield
     torch._dynamo.reset()

@@ -44,3 +44,16 @@ def test_patch_validates_before_setting_anything():
         with config.patch(cuda_graphs=False, quant="bogus"):
             pass
     assert config.cuda_graphs is True
+
+
+def test_parse_reads_command_line_options():
+    every = tuple(config.passes)
+    got = config.parse(["new_shape_warmup=false", "gemm_autotune=4", "passes=-shared_input", "quant=fp8"])
+    assert got == {"new_shape_warmup": False, "gemm_autotune": 4,
+                   "passes": tuple(p for p in every if p != "shared_input"), "quant": "fp8"}
+    assert config.parse(["passes=linear,attention"]) == {"passes": ("linear", "attention")}
+    for bad in ("new_shape_warmup", "no_such_option=1"):
+        with pytest.raises(config.LyraConfigError, match="expected KEY=VALUE"):
+            config.parse([bad])
+    with pytest.raises(ValueError):
+        config.parse(["gemm_autotune=many"])
