@@ -28,7 +28,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._common import DTYPE_CODES, ptr, clean_up_failed_capture, row_vector_stride, stream_handle
+from ._common import DTYPE_CODES, clean_up_failed_capture, ptr, row_vector_stride, stream_handle
 
 log = logging.getLogger("lyradynamo")
 
