@@ -1,5 +1,5 @@
-"""lyradynamo/fake_shortcuts.py: Dynamo's fake runs of linear / layer_norm answered from the
-operands while lyra traces; everything it cannot answer exactly runs in full. (Every shortcut
+"""lyradynamo/fake_shortcuts.py: Dynamo's fake runs of linear / layer_norm / group_norm /
+size-keeping conv2d / eval-mode dropout answered from the operands while lyra traces; everything it cannot answer exactly runs in full. (Every shortcut
 taken in the test suite is also checked against the full run: fake_shortcuts.CHECK.)"""
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ def test_shortcuts_are_taken_when_lyra_traces(monkeypatch):
         torch.compile(model, backend="lyra")(**zoo.denoiser_inputs("sdxl", model))
     assert lyradynamo.compile_count() == 1
     names = {getattr(f, "__name__", str(f)) for f in taken}
-    assert "linear" in names and "layer_norm" in names, names
+    assert {"linear", "layer_norm", "group_norm", "conv2d", "dropout"} <= names, names
 
 
 def test_what_is_not_answered_runs_in_full():
@@ -46,3 +46,33 @@ def test_what_is_not_answered_runs_in_full():
     real = torch.randn(2, 8)
     assert fake_shortcuts._linear_value((real, torch.randn(4, 8)), {}, FakeTensor) is None  # not fake
     assert F.linear is fake_shortcuts._LINEARS[1]
+
+
+def test_group_norm_conv_and_dropout_answers_and_what_runs_in_full():
+    with FakeTensorMode() as mode, torch.no_grad():
+        x = mode.from_tensor(torch.randn(2, 8, 6, 5))
+        xl = mode.from_tensor(torch.randn(2, 8, 6, 5).to(memory_format=torch.channels_last))
+        w3 = mode.from_tensor(torch.randn(4, 8, 3, 3))
+        w3l = mode.from_tensor(torch.randn(4, 8, 3, 3).to(memory_format=torch.channels_last))
+        w1 = mode.from_tensor(torch.randn(4, 8, 1, 1))  # contiguous and channels_last at once
+        b = mode.from_tensor(torch.randn(4))
+        g, gb = mode.from_tensor(torch.randn(8)), mode.from_tensor(torch.randn(8))
+        for t in (x, xl):  # group_norm: the input's shape and layout
+            out = fake_shortcuts._group_norm_value((t, 4, g, gb), {}, FakeTensor)
+            ref = F.group_norm(t, 4, g, gb)
+            assert out.shape == ref.shape and out.stride() == ref.stride()
+        assert fake_shortcuts._group_norm_value((x, 3, None, None), {}, FakeTensor) is None  # 8 % 3
+        assert fake_shortcuts._group_norm_value((x[:, :, ::2], 4), {}, FakeTensor) is None  # strided
+        for t, w in ((x, w3), (xl, w3l)):  # conv2d keeping the size, one shared layout
+            out = fake_shortcuts._conv2d_value((t, w, b, 1, 1), {}, FakeTensor)
+            ref = F.conv2d(t, w, b, 1, 1)
+            assert out.shape == ref.shape and out.stride() == ref.stride()
+        assert fake_shortcuts._conv2d_value((x, w3, b), {"padding": "same"}, FakeTensor) is not None
+        assert fake_shortcuts._conv2d_value((x, w3, b, 2, 1), {}, FakeTensor) is None  # stride 2
+        assert fake_shortcuts._conv2d_value((x, w3, b, 1, 0), {}, FakeTensor) is None  # shrinks
+        assert fake_shortcuts._conv2d_value((xl, w3, b, 1, 1), {}, FakeTensor) is None  # layouts differ
+        assert fake_shortcuts._conv2d_value((x, w1, b), {}, FakeTensor) is None  # ambiguous weight
+        assert fake_shortcuts._dropout_value((x, 0.1, False), {}, FakeTensor) is x
+        assert fake_shortcuts._dropout_value((x,), {"p": 0.0, "training": True}, FakeTensor) is x
+        assert fake_shortcuts._dropout_value((x, 0.1, True), {}, FakeTensor) is None  # random
+        assert fake_shortcuts._dropout_value((x, 0.1, False, True), {}, FakeTensor) is None  # in place
