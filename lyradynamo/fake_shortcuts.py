@@ -169,12 +169,12 @@ def _expr(v: Any) -> Any:
 
 
 def _empty(x: torch.Tensor, shape, memory_format: torch.memory_format) -> torch.Tensor:
-    """A new fake (N, C, H, W) tensor like x in `memory_format` (new_empty_strided: 2-4x cheaper
-    than torch.empty(memory_format=) under symbolic sizes)."""
+    """A new fake (N, C, H, W) tensor like x in `memory_format`, its strides written as torch
+    writes them (so that _memory_format reads them back)."""
     if memory_format == torch.contiguous_format:
         return x.new_empty(shape)
     n, c, h, w = shape
-    return x.new_empty_strided(shape, (h * w * c, 1, w * c, c))
+    return x.new_empty_strided(shape, ((c * w) * h, 1, c * w, c))
 
 
 def _pair(v: Any) -> Optional[tuple]:

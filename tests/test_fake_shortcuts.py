@@ -67,6 +67,7 @@ def test_group_norm_conv_and_dropout_answers_and_what_runs_in_full():
             out = fake_shortcuts._conv2d_value((t, w, b, 1, 1), {}, FakeTensor)
             ref = F.conv2d(t, w, b, 1, 1)
             assert out.shape == ref.shape and out.stride() == ref.stride()
+            assert fake_shortcuts._memory_format(out) == fake_shortcuts._memory_format(t)  # read back
         assert fake_shortcuts._conv2d_value((x, w3, b), {"padding": "same"}, FakeTensor) is not None
         assert fake_shortcuts._conv2d_value((x, w3, b, 2, 1), {}, FakeTensor) is None  # stride 2
         assert fake_shortcuts._conv2d_value((x, w3, b, 1, 0), {}, FakeTensor) is None  # shrinks
