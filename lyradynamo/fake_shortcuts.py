@@ -142,24 +142,33 @@ def _layer_norm_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[tor
     return x.new_empty(x.shape)
 
 
+def _layout_strides(c: Any, h: Any, w: Any, memory_format: torch.memory_format) -> tuple:
+    """(N, C, H, W) strides in `memory_format` (contiguous or channels_last), multiplied in
+    torch's own order (make_contiguous_strides_for, get_channels_last_strides_2d): sympy
+    distributes a constant over a sum, so 320 * (h + 1) and (h + 1) * w * 320 differ as written.
+    The same products serve sympy expressions (_memory_format) and SymInts (_empty)."""
+    if memory_format == torch.contiguous_format:
+        return ((w * h) * c, w * h, w, 1)
+    return ((c * w) * h, 1, c * w, c)
+
+
 def _memory_format(t: torch.Tensor) -> Optional[torch.memory_format]:
     """A 4-D tensor's layout where its strides are, term for term, those of a contiguous or a
     channels_last tensor of its sizes; None otherwise, and where a channel or spatial size is
     the constant 1 (both layouts would fit). The comparison is of the size expressions as
     written (sympy's structural ==), no symbolic reasoning: torch's own is_contiguous() on
-    symbolic sizes cost ~3 ms a call here, more than the rest of a shortcut."""
+    symbolic sizes cost ~3 ms a call here, more than the rest of a shortcut. (passes/conv1x1's
+    _traced_nhwc reads the layout at the traced sizes instead: enough for a rewrite's choice,
+    not for a fake value that must equal the full run's at every size.)"""
     if t.dim() != 4:
         return None
     n, c, h, w = (_expr(d) for d in t.shape)
     if any(d == 1 for d in (c, h, w)):
         return None
     strides = tuple(_expr(d) for d in t.stride())
-    # products in torch's own order (make_contiguous_strides_for, get_channels_last_strides_2d):
-    # sympy distributes a constant over a sum, so 320 * (h + 1) and (h + 1) * w * 320 differ as written
-    if strides == ((w * h) * c, w * h, w, 1):
-        return torch.contiguous_format
-    if strides == ((c * w) * h, 1, c * w, c):
-        return torch.channels_last
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        if strides == _layout_strides(c, h, w, memory_format):
+            return memory_format
     return None
 
 
@@ -174,7 +183,7 @@ def _empty(x: torch.Tensor, shape, memory_format: torch.memory_format) -> torch.
     if memory_format == torch.contiguous_format:
         return x.new_empty(shape)
     n, c, h, w = shape
-    return x.new_empty_strided(shape, ((c * w) * h, 1, c * w, c))
+    return x.new_empty_strided(shape, _layout_strides(c, h, w, memory_format))
 
 
 def _pair(v: Any) -> Optional[tuple]:

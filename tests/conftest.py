@@ -21,14 +21,19 @@ matcher.CHECK_SAME_VALUE = True
 fake_shortcuts.CHECK = True
 
 
+_LYRA_OPTIONS = pytest.StashKey[dict]()  # --lyra-config, parsed once
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (run with -m cuda on the GPU machine)")
     config.addinivalue_line("markers", "slow: whole pipelines")
     try:  # a bad --lyra-config stops the run here, not in every test's set-up
-        with lyradynamo.config.patch(**lyradynamo.config.parse(config.getoption("--lyra-config"))):
+        options = lyradynamo.config.parse(config.getoption("--lyra-config"))
+        with lyradynamo.config.patch(**options):
             pass
     except lyradynamo.config.LyraConfigError as exc:
         raise pytest.UsageError(f"--lyra-config {exc}") from None
+    config.stash[_LYRA_OPTIONS] = options
 
 
 def pytest_addoption(parser):
@@ -40,9 +45,8 @@ def pytest_addoption(parser):
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo(request):
-    options = lyradynamo.config.parse(request.config.getoption("--lyra-config"))
     torch._dynamo.reset()
     lyradynamo.reset_stats()
-    with lyradynamo.config.patch(**options):
+    with lyradynamo.config.patch(**request.config.stash[_LYRA_OPTIONS]):
         yield
     torch._dynamo.reset()
