@@ -125,18 +125,17 @@ _OPTIONS: dict[str, _Option] = {
         kind=bool,
     ),
     "new_shape_warmup": _Option(
-        True,
-        "Before capturing a new input shape, run the graph once uncaptured (the warm-up: "
+        False,
+        "True: before capturing a new input shape, run the graph once uncaptured (a warm-up: "
         "per-shape library set-up such as cuDNN plans, attention graph builds and GEMM timings "
-        "happens there). False (experimental): a graph already captured at another shape records "
-        "the new one directly, one Python pass fewer; per-shape set-up runs inside the capture, "
-        "new GEMM shapes take their reused or heuristic plan untimed, and a direct capture that "
-        "fails warms up and records again (its error listed in the dump's summary). The first capture of "
-        "a graph always warms up. H200 (benchmarks/NOTES.md, sessions 28-29): SD1.5 whole images, "
-        "768 after 512, first image 0.92 -> 0.76-0.78 s, 640 within +-0.05 s; SDXL no faster; "
-        "steady unchanged. Session 28's failed direct capture was most likely torch's allocator "
-        "refusing a pool whose graphs had all died, fixed in session 29; off until the CUDA "
-        "tests have run with it on (pytest --lyra-config new_shape_warmup=false).",
+        "happens there). False (the default since session 30): a graph already captured at "
+        "another shape records the new one directly, one Python pass fewer; per-shape set-up runs "
+        "inside the capture, new GEMM shapes take their reused or heuristic plan untimed, and a "
+        "direct capture that fails warms up and records again (its error listed in the dump's "
+        "summary). The first capture of a graph always warms up. H200 (benchmarks/NOTES.md, "
+        "sessions 28-30): SD1.5 whole images, 768 after 512, first image 0.92 -> 0.76-0.78 s, "
+        "640 within +-0.05 s; SDXL's new sizes within +-0.05 s; steady unchanged; the CUDA tests "
+        "that compile a model pass either way (pytest --lyra-config new_shape_warmup=true).",
         kind=bool,
     ),
     "channels_last": _Option(

@@ -16,8 +16,10 @@ width runs in full, and its size guard then makes the width known for the ones a
 `layer_norm` (~5 ms a call, 210 in SDXL) gets the same treatment: its output has x's shape,
 dtype and device, contiguous. So do (session 29; fake-run times per call in SDXL's trace on the CPU
 machine, full config, 128 px):
-- `group_norm` (27 ms, 46 calls: torch decomposes it into ~20 ops): x's shape and layout, where x
-  is exactly contiguous or channels_last and the channel count is a known multiple of the groups;
+- `group_norm` (27 ms, 46 calls: torch decomposes it into ~20 ops): x's shape, where x is exactly
+  contiguous or channels_last and the channel count is a known multiple of the groups; x's layout
+  on the CPU, contiguous elsewhere (CUDA: run A of session 30 found the first
+  version, x's layout everywhere, wrong there);
 - `conv2d` (9 ms, 51 calls) with stride 1, dilation 1, one group and the padding that keeps the
   size (k odd, padding (k - 1) / 2): (N, C_out, H, W) in the layout x and the weight share;
 - `dropout` (1.9 ms, 227 calls) in eval mode or with p = 0: the input itself, as torch returns it.
@@ -195,8 +197,8 @@ def _pair(v: Any) -> Optional[tuple]:
 
 
 def _group_norm_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.Tensor]:
-    """group_norm(x, num_groups, weight, bias, eps)'s output (x's shape and layout, x's dtype),
-    or None: run it in full. (The full run also checks that a channel group holds more than one
+    """group_norm(x, num_groups, weight, bias, eps)'s output (x's shape and dtype; its layout as
+    torch's decomposition writes it), or None: run it in full. (The full run also checks that a channel group holds more than one
     value; skipping that check drops a guard no diffusers shape can fail.)"""
     vals = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"))
     if vals is None:
@@ -210,7 +212,14 @@ def _group_norm_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[tor
         return None
     if any(t.dim() != 1 or not known_eq(t.shape[0], channels) for t in affine):
         return None
-    return None if _memory_format(x) is None else x.new_empty_strided(x.shape, x.stride())
+    layout = _memory_format(x)
+    if layout is None:
+        return None
+    # torch's group_norm keeps x's layout on the CPU only; elsewhere it makes x contiguous first
+    # (so does the fake run: the full run on CUDA fakes gives contiguous strides).
+    if x.device.type != "cpu":
+        layout = torch.contiguous_format
+    return _empty(x, x.shape, layout)
 
 
 def _conv2d_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.Tensor]:

@@ -39,7 +39,7 @@ def pytest_configure(config):
 def pytest_addoption(parser):
     parser.addoption("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
                      help="a lyradynamo.config option in force for every test (repeatable), e.g. "
-                          "new_shape_warmup=false to run the suite under a default being weighed; "
+                          "new_shape_warmup=true to run the suite under another setting; "
                           "a test's own config.patch still wins")
 
 

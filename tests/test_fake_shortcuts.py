@@ -58,9 +58,11 @@ def test_group_norm_conv_and_dropout_answers_and_what_runs_in_full():
         b = mode.from_tensor(torch.randn(4))
         g, gb = mode.from_tensor(torch.randn(8)), mode.from_tensor(torch.randn(8))
         for t in (x, xl):  # group_norm: the input's shape and layout
-            out = fake_shortcuts._group_norm_value((t, 4, g, gb), {}, FakeTensor)
-            ref = F.group_norm(t, 4, g, gb)
-            assert out.shape == ref.shape and out.stride() == ref.stride()
+            for affine in ((g, gb), (None, None)):
+                out = fake_shortcuts._group_norm_value((t, 4, *affine), {}, FakeTensor)
+                ref = F.group_norm(t, 4, *affine)
+                assert out.shape == ref.shape and out.stride() == ref.stride()
+        assert fake_shortcuts._group_norm_value((xl, 4, g, gb), {}, FakeTensor).stride() == xl.stride()
         assert fake_shortcuts._group_norm_value((x, 3, None, None), {}, FakeTensor) is None  # 8 % 3
         assert fake_shortcuts._group_norm_value((x[:, :, ::2], 4), {}, FakeTensor) is None  # strided
         for t, w in ((x, w3), (xl, w3l)):  # conv2d keeping the size, one shared layout
@@ -77,3 +79,19 @@ def test_group_norm_conv_and_dropout_answers_and_what_runs_in_full():
         assert fake_shortcuts._dropout_value((x,), {"p": 0.0, "training": True}, FakeTensor) is x
         assert fake_shortcuts._dropout_value((x, 0.1, True), {}, FakeTensor) is None  # random
         assert fake_shortcuts._dropout_value((x, 0.1, False, True), {}, FakeTensor) is None  # in place
+
+
+def test_group_norm_on_cuda_fakes_is_contiguous_as_torch_writes_it():
+    """On CUDA, torch's decomposition returns a contiguous group_norm whatever x's layout (a
+    shortcut that kept channels_last failed every UNet test on the GPU, session 30 run A). Fake
+    CUDA tensors need no GPU."""
+    with FakeTensorMode() as mode, torch.no_grad():
+        xl = torch.empty(2, 8, 6, 5, device="cuda").to(memory_format=torch.channels_last)
+        g = torch.empty(8, device="cuda")
+        for affine in ((g, g), (None, None)):
+            out = fake_shortcuts._group_norm_value((xl, 4, *affine), {}, FakeTensor)
+            ref = F.group_norm(xl, 4, *affine)
+            assert out.device == ref.device and out.shape == ref.shape and out.stride() == ref.stride()
+            assert out.is_contiguous()
+        assert mode is not None
+
