@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from . import attention_prewarm, config
-from .ops._common import clean_up_failed_capture, device_index
+from .ops._common import clean_up_failed_capture, device_index, side_stream
 
 log = logging.getLogger("lyradynamo")
 
@@ -56,13 +56,6 @@ def _pool_holds(device: torch.device, graph) -> None:
     """`graph` was captured into the device's shared pool and keeps it alive while it lives."""
     with _pool_lock:
         _pools[device_index(device)][1].add(graph)
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """A new stream for one capture's warm-up and record, after the caller's queued work."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    return stream
 
 
 def _after_failed_capture(device: torch.device) -> None:
@@ -240,7 +233,7 @@ class CudaGraphRunner:
     def _capture(self, args) -> _Capture:
         t0 = time.perf_counter()
         cap, static_args = self._prepare(args)
-        stream = _side_stream(self.device)
+        stream = side_stream(self.device)
         t1 = time.perf_counter()
         summary = self.record.summary
         warmed = self.captures_made == 0 or config.new_shape_warmup
@@ -256,7 +249,7 @@ class CudaGraphRunner:
                      self.record.index, str(exc)[:200])
             summary.setdefault("direct_capture_failures", []).append(repr(exc)[:300])
             _after_failed_capture(self.device)
-            stream = _side_stream(self.device)  # the failed capture's stream may still be capturing
+            stream = side_stream(self.device)  # the failed capture's stream may still be capturing
             self._warm_up(stream, static_args)
             t2 = time.perf_counter()
             cap.outputs, cap.graph = self._record(stream, static_args)

@@ -84,7 +84,7 @@ def _capture_steps(monkeypatch, fail_direct: bool = False):
     """A runner whose _capture runs for real around stand-in warm-up / record steps (CPU: the
     side stream is a dummy), and the log of those steps."""
     streams = []
-    monkeypatch.setattr(runtime, "_side_stream", lambda device: streams.append(device) or object())
+    monkeypatch.setattr(runtime, "side_stream", lambda device: streams.append(device) or object())
     repaired = []
     monkeypatch.setattr(runtime, "_after_failed_capture", lambda device: repaired.append(device))
     rec = types.SimpleNamespace(summary={}, index=0)

@@ -120,6 +120,15 @@ def device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A new stream for one capture (the runtime's warm-up and record, gated_gemm's timing
+    candidates), ordered after the work already queued on `device`'s current stream. A new one
+    each time: a capture that failed may leave its stream unusable (session 28, run D)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
+
+
 def clean_up_failed_capture(device: torch.device, pool) -> None:
     """Leave `device` usable after a CUDA-graph capture raised: its queued work done, its
     generator out of capture mode, `pool` (the handle the capture recorded into) no longer being

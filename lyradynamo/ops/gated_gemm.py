@@ -28,7 +28,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._common import DTYPE_CODES, clean_up_failed_capture, ptr, row_vector_stride, stream_handle
+from ._common import DTYPE_CODES, clean_up_failed_capture, ptr, row_vector_stride, side_stream, stream_handle
 
 log = logging.getLogger("lyradynamo")
 
@@ -251,9 +251,9 @@ def _as_graph(fn: Callable[[], Tensor], reps: int) -> Optional[Callable[[], None
     replays (no launch latency between kernels), or None if fn cannot be captured. Captured
     with capture_begin / capture_end: torch.cuda.graph() would also collect garbage and empty
     the allocator's cache."""
-    current = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(current)
+    device = torch.device("cuda", torch.cuda.current_device())
+    current = torch.cuda.current_stream(device)
+    side = side_stream(device)
     graph = torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle()  # a pool of its own, as capture_begin() would make
     try:
@@ -267,7 +267,7 @@ def _as_graph(fn: Callable[[], Tensor], reps: int) -> Optional[Callable[[], None
                 graph.capture_end()
     except RuntimeError as exc:
         log.info("lyradynamo: could not capture a candidate for timing (%s); timing it eagerly", exc)
-        clean_up_failed_capture(torch.device("cuda", torch.cuda.current_device()), pool)
+        clean_up_failed_capture(device, pool)
         return None
     if any("empty" in str(w.message) for w in caught):  # its launches went to another stream
         log.warning("lyradynamo: a gated_gemm candidate captured nothing; timing it eagerly")
