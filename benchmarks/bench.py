@@ -220,6 +220,33 @@ def gpu_short(name: str) -> str:
     return "gpu"
 
 
+# Dynamo's own timers (torch._dynamo.utils.compilation_time_metrics, seconds per event): the
+# trace (bytecode_tracing, of which get_fake_value: the ops' fake runs), the backend call (lyra's
+# passes, quantisation, runner set-up), guard building and Dynamo's collections. Rows keep the
+# first call's share of each, so a slow first call on one host can be split into Dynamo's part and
+# lyra's (benchmarks/NOTES.md, session 30: one SDXL UNet took 29-43 s on H200 hosts).
+DYNAMO_PHASES = {"compile_inner": "_compile.compile_inner", "bytecode_tracing": "bytecode_tracing",
+                 "fake_runs": "get_fake_value", "variable_building": "variable_builder_call",
+                 "backend": "OutputGraph.call_user_compiler", "build_guards": "build_guards", "gc": "gc"}
+
+
+def dynamo_seconds() -> dict:
+    """Seconds spent so far in this process per DYNAMO_PHASES entry ({} where torch keeps no
+    such timers)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics as metrics
+    except ImportError:
+        return {}
+    return {name: sum(metrics.get(key, ())) for name, key in DYNAMO_PHASES.items()}
+
+
+def dynamo_phases(before: dict) -> dict | None:
+    """The Dynamo seconds (dynamo_seconds) spent since `before` was taken, rounded; None where
+    torch keeps no timers."""
+    after = dynamo_seconds()
+    return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()} or None
+
+
 def cuda_jit_cache_bytes() -> int:
     """Bytes in the CUDA driver's JIT cache (CUDA_CACHE_PATH, default ~/.nv/ComputeCache), where
     cuDNN's run-time compiled attention kernels are kept between processes: an empty cache makes
@@ -698,10 +725,12 @@ def measure(args, row, fn, hook, wl, ref, count, c_mode0, cuda, prog, label):
         from lyradynamo.ops import gated_gemm  # which path each gated / GLU linear shape took, and why
 
         timed_before = set(gated_gemm.choices())
+    dynamo0 = dynamo_seconds()
     t0 = time.perf_counter()
     image = wl.run(fn, hook)
     _sync(cuda)
     row["first_call_s"] = round(time.perf_counter() - t0, 4)
+    row["dynamo_phases_s"] = dynamo_phases(dynamo0)
     if lyra_mode:  # where the first call went: lyra's backend (passes, quantisation) and CUDA-graph
         # captures; the rest is Dynamo's tracing and the loop itself
         row["backend_s"] = round(sum(r.seconds for r in lyradynamo.compiled_graphs()[c0:]), 3)

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 import lyradynamo  # noqa: E402
 from lyradynamo import attention_prewarm, zoo  # noqa: E402
-from bench import cuda_jit_cache_bytes, parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
+from bench import cuda_jit_cache_bytes, dynamo_phases, dynamo_seconds, parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
 from profile_gaps import QUANT  # noqa: E402
 
 
@@ -272,6 +272,7 @@ def main() -> None:
             before, compiles0, tuned0 = _capture_phases(), lyradynamo.compile_count(), _tuning_counts()
             prewarm0 = dict(attention_prewarm.stats)
             jit_cache = cuda_jit_cache_bytes()
+            dynamo0 = dynamo_seconds()
             prof = cProfile.Profile() if (args.profile_top and i > 0) else None
             if prof is not None:
                 prof.enable()
@@ -296,6 +297,7 @@ def main() -> None:
             row = {"model": args.model, "mode": mode, "size": size, "first_call_s": round(first, 4),
                    "steady_s": round(steady, 5), "extra_s": round(first - steady, 4),
                    "new_compiles": lyradynamo.compile_count() - compiles0,
+                   "dynamo_phases_s": dynamo_phases(dynamo0),
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
                    "tuning": {k: tuned[k] - tuned0[k] for k in tuned},
                    "direct_capture_failures": _direct_capture_failures(),

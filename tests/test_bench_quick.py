@@ -67,6 +67,9 @@ def test_quick_rows(quick_rows):
         assert r["seconds"] > 0 and r["first_call_s"] > 0
         if r["mode"].startswith("lyra"):  # the first call's breakdown (CPU: no CUDA-graph capture)
             assert 0 < r["backend_s"] < r["first_call_s"] and r["capture_s"] == 0.0
+            dyn = r["dynamo_phases_s"]  # Dynamo's own timers: the trace holds the backend call
+            assert 0 < dyn["backend"] <= dyn["compile_inner"] < r["first_call_s"], dyn
+            assert 0 < dyn["fake_runs"] < dyn["bytecode_tracing"] < dyn["compile_inner"], dyn
         assert isinstance(r["rel_err"], float) and math.isfinite(r["rel_err"])
         datetime.datetime.fromisoformat(r["date"])
         if r["mode"] == "eager":
