@@ -133,7 +133,7 @@ _OPTIONS: dict[str, _Option] = {
         "inside the capture, new GEMM shapes take their reused or heuristic plan untimed, and a "
         "direct capture that fails warms up and records again (its error listed in the dump's "
         "summary). The first capture of a graph always warms up. H200 (benchmarks/NOTES.md, "
-        "sessions 28-30): SD1.5 whole images, 768 after 512, first image 0.92 -> 0.76-0.78 s, "
+        "sessions 28-30): SD1.5 whole images, 768 after 512, first image 0.92 -> 0.69-0.78 s, "
         "640 within +-0.05 s; SDXL's new sizes within +-0.05 s; steady unchanged; the CUDA tests "
         "that compile a model pass either way (pytest --lyra-config new_shape_warmup=true).",
         kind=bool,

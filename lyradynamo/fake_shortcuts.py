@@ -18,8 +18,8 @@ dtype and device, contiguous. So do (session 29; fake-run times per call in SDXL
 machine, full config, 128 px):
 - `group_norm` (27 ms, 46 calls: torch decomposes it into ~20 ops): x's shape, where x is exactly
   contiguous or channels_last and the channel count is a known multiple of the groups; x's layout
-  on the CPU, contiguous elsewhere (CUDA: run A of session 30 found the first
-  version, x's layout everywhere, wrong there);
+  on the CPU, contiguous elsewhere (session 30's run A found the first version, x's layout on
+  every device, wrong on CUDA);
 - `conv2d` (9 ms, 51 calls) with stride 1, dilation 1, one group and the padding that keeps the
   size (k odd, padding (k - 1) / 2): (N, C_out, H, W) in the layout x and the weight share;
 - `dropout` (1.9 ms, 227 calls) in eval mode or with p = 0: the input itself, as torch returns it.
@@ -197,9 +197,10 @@ def _pair(v: Any) -> Optional[tuple]:
 
 
 def _group_norm_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.Tensor]:
-    """group_norm(x, num_groups, weight, bias, eps)'s output (x's shape and dtype; its layout as
-    torch's decomposition writes it), or None: run it in full. (The full run also checks that a channel group holds more than one
-    value; skipping that check drops a guard no diffusers shape can fail.)"""
+    """group_norm(x, num_groups, weight, bias, eps)'s output (x's shape and dtype, the layout
+    torch gives it on x's device), or None: run it in full. (The full run also checks that a
+    channel group holds more than one value; skipping that check drops a guard no diffusers
+    shape can fail.)"""
     vals = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"))
     if vals is None:
         return None
