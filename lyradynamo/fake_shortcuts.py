@@ -37,7 +37,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from .passes.matcher import check_same_meta, known_eq
+from .passes.matcher import check_same_meta, int_pair, known_eq
 
 log = logging.getLogger("lyradynamo")
 
@@ -188,14 +188,6 @@ def _empty(x: torch.Tensor, shape, memory_format: torch.memory_format) -> torch.
     return x.new_empty_strided(shape, _layout_strides(c, h, w, memory_format))
 
 
-def _pair(v: Any) -> Optional[tuple]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return tuple(v)
-    return None
-
-
 def _group_norm_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.Tensor]:
     """group_norm(x, num_groups, weight, bias, eps)'s output (x's shape and dtype, the layout
     torch gives it on x's device), or None: run it in full. (The full run also checks that a
@@ -213,14 +205,12 @@ def _group_norm_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[tor
         return None
     if any(t.dim() != 1 or not known_eq(t.shape[0], channels) for t in affine):
         return None
-    layout = _memory_format(x)
+    layout = _memory_format(x)  # answered only for an exactly contiguous or channels_last x
     if layout is None:
         return None
     # torch's group_norm keeps x's layout on the CPU only; elsewhere it makes x contiguous first
     # (so does the fake run: the full run on CUDA fakes gives contiguous strides).
-    if x.device.type != "cpu":
-        layout = torch.contiguous_format
-    return _empty(x, x.shape, layout)
+    return _empty(x, x.shape, layout if x.device.type == "cpu" else torch.contiguous_format)
 
 
 def _conv2d_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.Tensor]:
@@ -240,9 +230,9 @@ def _conv2d_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.T
     if not (isinstance(kh, int) and isinstance(kw, int) and kh % 2 and kw % 2):
         return None
     padding = vals.get("padding", 0)
-    if padding != "same" and _pair(padding) != ((kh - 1) // 2, (kw - 1) // 2):
+    if padding != "same" and int_pair(padding) != ((kh - 1) // 2, (kw - 1) // 2):
         return None
-    if _pair(vals.get("stride", 1)) != (1, 1) or _pair(vals.get("dilation", 1)) != (1, 1) or vals.get("groups", 1) != 1:
+    if int_pair(vals.get("stride", 1)) != (1, 1) or int_pair(vals.get("dilation", 1)) != (1, 1) or vals.get("groups", 1) != 1:
         return None
     if not known_eq(x.shape[1], w.shape[1]):
         return None

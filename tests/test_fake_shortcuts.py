@@ -1,6 +1,7 @@
 """lyradynamo/fake_shortcuts.py: Dynamo's fake runs of linear / layer_norm / group_norm /
-size-keeping conv2d / eval-mode dropout answered from the operands while lyra traces; everything it cannot answer exactly runs in full. (Every shortcut
-taken in the test suite is also checked against the full run: fake_shortcuts.CHECK.)"""
+size-keeping conv2d / eval-mode dropout answered from the operands while lyra traces; everything
+it cannot answer exactly runs in full. (Every shortcut taken in the test suite is also checked
+against the full run: fake_shortcuts.CHECK.)"""
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode

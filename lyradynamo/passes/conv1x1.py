@@ -50,12 +50,6 @@ _KEEPS_FIRST_INPUT_FORMAT = {torch.ops.lyra.group_norm.default, torch.ops.lyra.b
 _ELEMENTWISE = m.ADD | m.MUL | {operator.sub, operator.truediv, torch.sub, torch.div}
 
 
-def _pair_is(v: Any, n: int) -> bool:
-    if isinstance(v, (tuple, list)):
-        return len(v) == 2 and all(type(e) is int and e == n for e in v)
-    return type(v) is int and v == n
-
-
 def _traced_nhwc(v: Any) -> bool:
     """Traced channels_last and not also NCHW (C > 1 and H * W > 1), read from the sizes' and
     strides' example values: a fake tensor's is_contiguous(memory_format=...) with symbolic
@@ -106,8 +100,8 @@ def unsupported(conv: fx.Node, nhwc: set) -> Optional[str]:
     xv, wv = m.val(x), m.val(w)
     if not (isinstance(wv, torch.Tensor) and wv.dim() == 4 and tuple(wv.shape[2:]) == (1, 1)):
         return "kernel is not 1x1"
-    if not (_pair_is(m.arg(conv, 3, "stride", 1), 1) and _pair_is(m.arg(conv, 4, "padding", 0), 0)
-            and m.arg(conv, 6, "groups", 1) == 1):
+    if not (m.int_pair(m.arg(conv, 3, "stride", 1)) == (1, 1)
+            and m.int_pair(m.arg(conv, 4, "padding", 0)) == (0, 0) and m.arg(conv, 6, "groups", 1) == 1):
         return "stride, padding or groups"
     if not isinstance(xv, torch.Tensor) or xv.dtype not in _DTYPES or wv.dtype != xv.dtype:
         return "not 16-bit"

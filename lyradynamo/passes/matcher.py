@@ -105,6 +105,16 @@ def hint(v: Any) -> Any:
     return v
 
 
+def int_pair(v: Any) -> Optional[tuple]:
+    """A conv argument (stride, padding, dilation: an int or a pair of ints) as a pair of ints;
+    None for anything else ("same", SymInts, bools)."""
+    if type(v) is int:
+        return (v, v)
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(type(e) is int for e in v):
+        return tuple(v)
+    return None
+
+
 def is_const(x: Any) -> bool:
     return not isinstance(x, (Node, torch.Tensor))
 
