@@ -247,6 +247,15 @@ def dynamo_phases(before: dict) -> dict | None:
     return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()} or None
 
 
+def backend_phases(first_graph: int) -> dict:
+    """Seconds of lyra's backend by phase (passes, quant, runner, ...), summed over the graphs
+    compiled since `lyradynamo.compiled_graphs()` held `first_graph` of them."""
+    phases = collections.Counter()
+    for r in lyradynamo.compiled_graphs()[first_graph:]:
+        phases.update(r.report.phases_s)
+    return {k: round(v, 3) for k, v in phases.items()}
+
+
 def cuda_jit_cache_bytes() -> int:
     """Bytes in the CUDA driver's JIT cache (CUDA_CACHE_PATH, default ~/.nv/ComputeCache), where
     cuDNN's run-time compiled attention kernels are kept between processes: an empty cache makes
@@ -735,10 +744,7 @@ def measure(args, row, fn, hook, wl, ref, count, c_mode0, cuda, prog, label):
         # captures; the rest is Dynamo's tracing and the loop itself
         row["backend_s"] = round(sum(r.seconds for r in lyradynamo.compiled_graphs()[c0:]), 3)
         row["capture_s"] = round(_capture_seconds() - cap0, 3)
-        phases = collections.Counter()
-        for r in lyradynamo.compiled_graphs()[c0:]:
-            phases.update(r.report.phases_s)
-        row["backend_phases_s"] = {k: round(v, 3) for k, v in phases.items()}
+        row["backend_phases_s"] = backend_phases(c0)
         # the shapes timed during this first call (a mode after another in the process reuses the
         # earlier modes' choices for shapes they share; those are in the earlier rows)
         row["gated_gemm_choices"] = {gated_gemm.describe(key): v for key, v in gated_gemm.choices().items()

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 import lyradynamo  # noqa: E402
 from lyradynamo import attention_prewarm, zoo  # noqa: E402
-from bench import cuda_jit_cache_bytes, dynamo_phases, dynamo_seconds, parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
+from bench import backend_phases, cuda_jit_cache_bytes, dynamo_phases, dynamo_seconds, parse_lyra_config  # noqa: E402  (benchmarks/ is this script's folder)
 from profile_gaps import QUANT  # noqa: E402
 
 
@@ -252,7 +252,8 @@ def main() -> None:
     p.add_argument("--spy-slow-sdpa", type=float, default=0, metavar="MS",
                    help="with --time-sdpa: py-spy dump --native of a timed SDPA call running MS ms")
     p.add_argument("--time-warmup-nodes", action="store_true",
-                   help="a new size's warm-up run node by node, synced: time by op (count, ms, max ms)")
+                   help="each warm-up run (the compiling call's, and a new size's where one runs) node by "
+                        "node, synced: time by op (count, ms, max ms)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     sdpa = SdpaTimer() if args.time_sdpa else None
@@ -270,6 +271,7 @@ def main() -> None:
             w, h = (int(s) for s in size.split("x"))
             inputs = zoo.denoiser_inputs(args.model, model, batch=batch, height=h, width=w)
             before, compiles0, tuned0 = _capture_phases(), lyradynamo.compile_count(), _tuning_counts()
+            graphs0 = len(lyradynamo.compiled_graphs())
             prewarm0 = dict(attention_prewarm.stats)
             jit_cache = cuda_jit_cache_bytes()
             dynamo0 = dynamo_seconds()
@@ -280,7 +282,7 @@ def main() -> None:
                 sdpa.on = i > 0 or args.time_sdpa_compile
             GC.take()
             if nodes is not None:
-                nodes.on = i > 0
+                nodes.on = True
             first = _timed(lambda: compiled(**inputs))
             if nodes is not None:
                 nodes.on = False
@@ -297,7 +299,7 @@ def main() -> None:
             row = {"model": args.model, "mode": mode, "size": size, "first_call_s": round(first, 4),
                    "steady_s": round(steady, 5), "extra_s": round(first - steady, 4),
                    "new_compiles": lyradynamo.compile_count() - compiles0,
-                   "dynamo_phases_s": dynamo_phases(dynamo0),
+                   "dynamo_phases_s": dynamo_phases(dynamo0), "backend_phases_s": backend_phases(graphs0),
                    "capture_phases_s": {k: round(after[k] - before.get(k, 0.0), 4) for k in after},
                    "tuning": {k: tuned[k] - tuned0[k] for k in tuned},
                    "direct_capture_failures": _direct_capture_failures(),
@@ -306,7 +308,7 @@ def main() -> None:
                    "profiled": prof is not None, "sdpa_calls": sdpa.take() if sdpa is not None else None,
                    "gc_pauses": gc_pauses, "gc_freeze": args.gc_freeze,
                    "spy_dumps": sdpa.take_dumps() if sdpa is not None else None,
-                   "warmup_nodes": nodes.take() if nodes is not None and i > 0 else None,
+                   "warmup_nodes": nodes.take() if nodes is not None else None,
                    "config": overrides, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
             rows.append(row)
             print("== " + json.dumps(row), flush=True)

@@ -168,31 +168,59 @@ def _install_identity_guards() -> None:
     _installed.append(True)
 
 
-def _install_quiet_bypass_print() -> None:
-    """Skip one eager print of the whole graph in lyra compilations.
+def _install_metadata_repr_in_identity_guards() -> None:
+    """Let the identity guards above describe a tensor by its metadata, not its values.
 
-    When the graph Dynamo built holds parameters (here: always), torch renders it in full with
-    every symbolic size and stride (`gm.print_readable(include_stride=True, ...)`) as an argument
-    of `bypass_package`, a note for compile packages (precompile), whether or not one is being
-    saved: ~1 s of a full-size SD1.5 first call on the CI machine, almost all sympy printing.
-    Inside lyra compilations that one call, and only a call made directly from
-    `compile_and_call_fx_graph`, returns a short note instead. Torch's logging of the graph
-    (TORCH_LOGS=graph_code, TORCH_TRACE) prints from other frames and is unchanged."""
-    import sys
-
+    torch 2.10-2.12's `GuardBuilder.id_match_unchecked` writes `repr(value)` into each ID_MATCH
+    guard's description (text for recompilation messages only). For a CUDA parameter that repr
+    formats the tensor's values: a dozen small kernels and device-to-host copies, ~5 ms. With one
+    identity guard per parameter that was 5 s of SD1.5's and 8 s of SDXL's first call on an H200
+    host (torch 2.11; py-spy, benchmarks/NOTES.md session 31); the CPU never showed it (torch
+    2.13 writes the type only). Inside lyra compilations, each such call runs with
+    `torch.Tensor.__repr__` and `torch.nn.Parameter.__repr__` giving type, shape, dtype and device
+    (`_metadata_repr`); the guard itself (an `id()` check) is unchanged. Another thread that prints
+    a tensor during one of these calls (microseconds each) gets the short form too."""
     from . import shape_policy
 
-    original = getattr(fx.GraphModule, "print_readable", None)
+    try:
+        from torch._dynamo.guards import GuardBuilder
+    except ImportError:
+        return
+    original = getattr(GuardBuilder, "id_match_unchecked", None)
     if original is None:
         return
 
-    def print_readable(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if shape_policy._active and sys._getframe(1).f_code.co_name == "compile_and_call_fx_graph":
-            return "<graph not printed: lyradynamo skips this eager print (lyradynamo/params.py)>"
-        return original(self, *args, **kwargs)
+    def id_match_unchecked(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        wrapped = id_match_unchecked.__wrapped__  # type: ignore[attr-defined]  (read at call time: tests swap it)
+        if not shape_policy._active:
+            return wrapped(self, *args, **kwargs)
+        with _metadata_repr():
+            return wrapped(self, *args, **kwargs)
 
-    print_readable.__wrapped__ = original  # type: ignore[attr-defined]
-    fx.GraphModule.print_readable = print_readable
+    id_match_unchecked.__wrapped__ = original  # type: ignore[attr-defined]
+    GuardBuilder.id_match_unchecked = id_match_unchecked
+
+
+def _tensor_metadata(t: torch.Tensor) -> str:
+    return f"<{type(t).__name__} {tuple(t.shape)} {t.dtype} {t.device}>"
+
+
+class _metadata_repr:  # noqa: N801 - a context manager
+    """While entered: Tensor and Parameter reprs show metadata only (see above)."""
+
+    _classes = (torch.Tensor, torch.nn.Parameter)
+
+    def __enter__(self) -> None:
+        self._saved = [vars(cls).get("__repr__") for cls in self._classes]
+        for cls in self._classes:
+            cls.__repr__ = _tensor_metadata
+
+    def __exit__(self, *exc) -> None:
+        for cls, saved in zip(self._classes, self._saved):
+            if saved is None:
+                delattr(cls, "__repr__")
+            else:
+                cls.__repr__ = saved
 
 
 _installed: list = []
@@ -202,4 +230,4 @@ def install() -> None:
     if not _installed:
         _install_identity_guards()
         if _installed:
-            _install_quiet_bypass_print()
+            _install_metadata_repr_in_identity_guards()

@@ -220,11 +220,12 @@ def install() -> None:
     _install_batch_only_duck()
     _install_input_floats()
     _install_call_method_hooks()
-    from . import fake_shortcuts, guard_tags, params
+    from . import fake_shortcuts, guard_tags, params, quiet_compile
 
     fake_shortcuts.install()
     guard_tags.install()
     params.install()
+    quiet_compile.install()
     _installed = True
 
 
