@@ -102,16 +102,6 @@ def test_same_result_with_the_option_on_and_off(on):
         _check(compiled, model, _inputs(model))
 
 
-def test_graph_printing_outside_the_compile_is_unchanged():
-    """params.py skips one eager print inside lyra compilations only (the graph handed to
-    Dynamo's compile-package note); a GraphModule printed elsewhere prints in full."""
-    model = _unet()
-    _compiled_ok(model)
-    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
-    text = gm.print_readable(print_output=False)
-    assert "def forward" in text and "lyradynamo" not in text
-
-
 def test_identity_guards_describe_tensors_by_metadata(monkeypatch):
     """torch 2.10-2.12 write repr(value) into each ID_MATCH guard's text, which for a CUDA
     parameter formats its values (~5 ms each, 8 s of SDXL's first call on an H200 host). This
