@@ -33,11 +33,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-import sympy
 import torch
 import torch.nn.functional as F
 
-from .passes.matcher import check_same_meta, int_pair, known_eq
+from .passes.matcher import check_same_meta, int_pair, known_eq, layout_strides, size_expr, strides_as_written
 
 log = logging.getLogger("lyradynamo")
 
@@ -144,39 +143,21 @@ def _layer_norm_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[tor
     return x.new_empty(x.shape)
 
 
-def _layout_strides(c: Any, h: Any, w: Any, memory_format: torch.memory_format) -> tuple:
-    """(N, C, H, W) strides in `memory_format` (contiguous or channels_last), multiplied in
-    torch's own order (make_contiguous_strides_for, get_channels_last_strides_2d): sympy
-    distributes a constant over a sum, so 320 * (h + 1) and (h + 1) * w * 320 differ as written.
-    The same products serve sympy expressions (_memory_format) and SymInts (_empty)."""
-    if memory_format == torch.contiguous_format:
-        return ((w * h) * c, w * h, w, 1)
-    return ((c * w) * h, 1, c * w, c)
-
-
 def _memory_format(t: torch.Tensor) -> Optional[torch.memory_format]:
     """A 4-D tensor's layout where its strides are, term for term, those of a contiguous or a
     channels_last tensor of its sizes; None otherwise, and where a channel or spatial size is
     the constant 1 (both layouts would fit). The comparison is of the size expressions as
-    written (sympy's structural ==), no symbolic reasoning: torch's own is_contiguous() on
-    symbolic sizes cost ~3 ms a call here, more than the rest of a shortcut. (passes/conv1x1's
+    written (matcher.strides_as_written: sympy's structural ==), no symbolic reasoning: torch's
+    own is_contiguous() on symbolic sizes cost ~3 ms a call here, more than the rest of a
+    shortcut. (passes/conv1x1's
     _traced_nhwc reads the layout at the traced sizes instead: enough for a rewrite's choice,
     not for a fake value that must equal the full run's at every size.)"""
-    if t.dim() != 4:
+    if t.dim() != 4 or any(size_expr(d) == 1 for d in t.shape[1:]):
         return None
-    n, c, h, w = (_expr(d) for d in t.shape)
-    if any(d == 1 for d in (c, h, w)):
-        return None
-    strides = tuple(_expr(d) for d in t.stride())
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        if strides == _layout_strides(c, h, w, memory_format):
+        if strides_as_written(t, memory_format):
             return memory_format
     return None
-
-
-def _expr(v: Any) -> Any:
-    """A size or stride as a sympy expression (a SymInt's own, an int's constant)."""
-    return v.node.expr if isinstance(v, torch.SymInt) else sympy.Integer(v)
 
 
 def _empty(x: torch.Tensor, shape, memory_format: torch.memory_format) -> torch.Tensor:
@@ -185,7 +166,7 @@ def _empty(x: torch.Tensor, shape, memory_format: torch.memory_format) -> torch.
     if memory_format == torch.contiguous_format:
         return x.new_empty(shape)
     n, c, h, w = shape
-    return x.new_empty_strided(shape, _layout_strides(c, h, w, memory_format))
+    return x.new_empty_strided(shape, layout_strides(c, h, w, memory_format))
 
 
 def _group_norm_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.Tensor]:
@@ -259,6 +240,23 @@ def _dropout_value(args: tuple, kwargs: dict, fake_cls: type) -> Optional[torch.
 _SHORTCUTS = {**{f: _linear_value for f in _LINEARS}, **{f: _layer_norm_value for f in _LAYER_NORMS},
               **{f: _group_norm_value for f in _GROUP_NORMS}, **{f: _conv2d_value for f in _CONV2DS},
               **{f: _dropout_value for f in _DROPOUTS}}
+
+
+def fake_value(target: Any, args: tuple, kwargs: dict, fake_mode: Any) -> Any:
+    """target(*args, **kwargs) on fake tensors, for lyra's passes (their fake runs of torch ops
+    they emit anew, e.g. conv_bias's convolution without its bias): a shortcut's answer where one
+    applies, else the full run. Under CHECK both, compared."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    shortcut = _SHORTCUTS.get(target)
+    with fake_mode:
+        value = shortcut(args, kwargs, FakeTensor) if shortcut is not None else None
+        if value is not None and not CHECK:
+            return value
+        full = target(*args, **kwargs)
+    if value is not None:
+        check_same_meta(value, full, f"fake_shortcuts: {getattr(target, '__name__', target)} in a pass: the shortcut gives")
+    return full
 
 
 def _check_same(fast: Any, full: Any, node: Any) -> None:
