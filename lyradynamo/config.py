@@ -249,8 +249,10 @@ _OPTIONS: dict[str, _Option] = {
         "Pause Python's automatic garbage collection while lyra compiles a frame (Dynamo's trace "
         "and the rewrite). Its full collections walk every object the trace has made, again each "
         "time the heap grows by a quarter: 3-4 collections of 0.3-0.6 s in one SD1.5 or SDXL first "
-        "call on an H200 host (benchmarks/NOTES.md, session 26). The pause ends with one "
-        "collection of what the compile made, the older objects frozen out of it (gc.freeze, "
+        "call on an H200 host (benchmarks/NOTES.md, session 26). The pause lasts through the "
+        "frame's first run and ends, when the frame returns, with one collection of what the "
+        "compile made (torch's own collection after a compile is left out for it), the older "
+        "objects frozen out of it (gc.freeze, "
         "undone after; skipped where the caller froze objects itself), then collection resumes; "
         "gc.disable() made by the caller is left as it is.",
         kind=bool,
