@@ -36,7 +36,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .passes.matcher import check_same_meta, int_pair, known_eq, layout_strides, size_expr, strides_as_written
+from .ops._common import layout_strides, size_expr, strides_as_written
+from .passes.matcher import check_same_meta, int_pair, known_eq
 
 log = logging.getLogger("lyradynamo")
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (DTYPE_CODES, csrc, ptr, record_fallback, row_vector_stride, stream_handle,
-                      unsupported_reason)
+from ._common import (DTYPE_CODES, csrc, fast_is_contiguous, ptr, record_fallback, row_vector_stride,
+                      stream_handle, unsupported_reason)
 
 ACTS = ("none", "silu")
 
@@ -36,10 +36,10 @@ def _format(channels_last: bool, ndim: int):
 
 def output_format(x: Tensor, channels_last: bool):
     """x's own format when it has one (NHWC wins only when x is NHWC and not also NCHW)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.is_contiguous():
+    if fast_is_contiguous(x):
         return torch.contiguous_format
+    if x.dim() == 4 and fast_is_contiguous(x, torch.channels_last):
+        return torch.channels_last
     return _format(channels_last, x.dim())
 
 

@@ -10,11 +10,12 @@ import dataclasses
 import operator
 from typing import Any, Callable, Iterable, Optional
 
-import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..ops._common import strides_as_written
 
 Node = fx.Node
 
@@ -168,8 +169,8 @@ def is_contiguous(v: Any, memory_format=torch.contiguous_format) -> bool:
     `is_contiguous_for_memory_format_or_false`, which answers False more often and so left
     passes 1.5x slower). Asking torch costs ~0.7 ms on symbolic sizes (SymInt arithmetic; 0.7 s
     of SDXL's 1.9 s of passes on the CPU machine), so strides that are, term for term, the ones
-    torch writes for the sizes (`strides_as_written`) answer True first; anything else asks
-    torch."""
+    torch writes for the sizes (ops._common.strides_as_written) answer True first; anything else
+    asks torch."""
     if not isinstance(v, torch.Tensor):
         return False
     if strides_as_written(v, memory_format):
@@ -177,38 +178,6 @@ def is_contiguous(v: Any, memory_format=torch.contiguous_format) -> bool:
             assert v.is_contiguous(memory_format=memory_format), (_meta_text(v), memory_format)
         return True
     return v.is_contiguous(memory_format=memory_format)
-
-
-def size_expr(v: Any) -> Any:
-    """A size or stride as a sympy expression (a SymInt's own, an int's constant)."""
-    return v.node.expr if isinstance(v, torch.SymInt) else sympy.Integer(v)
-
-
-def layout_strides(c: Any, h: Any, w: Any, memory_format: torch.memory_format) -> tuple:
-    """(N, C, H, W) strides in `memory_format` (contiguous or channels_last), multiplied in
-    torch's own order (make_contiguous_strides_for, get_channels_last_strides_2d): sympy
-    distributes a constant over a sum, so 320 * (h + 1) and (h + 1) * w * 320 differ as written.
-    The same products serve sympy expressions and SymInts."""
-    if memory_format == torch.contiguous_format:
-        return ((w * h) * c, w * h, w, 1)
-    return ((c * w) * h, 1, c * w, c)
-
-
-def strides_as_written(t: torch.Tensor, memory_format=torch.contiguous_format) -> bool:
-    """t's strides are, as sympy writes them (structural ==, no symbolic reasoning), those of a
-    contiguous (any rank) or channels_last (4-D) tensor of its sizes: then t is that layout at
-    every size. False says nothing (a size-1 dim's stride, another way of writing a product)."""
-    sizes = [size_expr(d) for d in t.shape]
-    strides = tuple(size_expr(d) for d in t.stride())
-    if memory_format == torch.channels_last:
-        return len(sizes) == 4 and strides == layout_strides(*sizes[1:], memory_format)
-    if memory_format != torch.contiguous_format:
-        return False
-    expected, step = [], sympy.Integer(1)
-    for d in reversed(sizes):  # make_contiguous_strides_for's order
-        expected.append(step)
-        step = step * d
-    return strides == tuple(reversed(expected))
 
 
 def _value_for(rw: Rewrite, fake_mode: Any) -> Any:
