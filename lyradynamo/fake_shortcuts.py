@@ -31,7 +31,7 @@ traced without CHECK).
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,16 +67,12 @@ def install() -> None:
     from .shape_policy import policy_active
 
     def run_node(tracer, node, args, kwargs, nnmodule):  # noqa: ANN001, ANN202 - torch's signature
+        def full():  # noqa: ANN202
+            return original(tracer, node, args, kwargs, nnmodule)
+
         if node.op == "call_function" and node.target in _SHORTCUTS and policy_active():
-            value = _SHORTCUTS[node.target](args, kwargs, FakeTensor)
-            if value is not None:
-                if CHECK:  # the full run, without the guards it would add (they are what the
-                    # shortcut saves: a check that recorded them would trace another program)
-                    with _guards_suppressed(value):
-                        full = original(tracer, node, args, kwargs, nnmodule)
-                    _check_same(value, full, node)
-                return value
-        return original(tracer, node, args, kwargs, nnmodule)
+            return _shortcut_or_full(node.target, args, kwargs, FakeTensor, full, node.format_node)
+        return full()
 
     run_node.__wrapped__ = original  # type: ignore[attr-defined]
     dynamo_utils.run_node = run_node
@@ -148,11 +144,11 @@ def _memory_format(t: torch.Tensor) -> Optional[torch.memory_format]:
     """A 4-D tensor's layout where its strides are, term for term, those of a contiguous or a
     channels_last tensor of its sizes; None otherwise, and where a channel or spatial size is
     the constant 1 (both layouts would fit). The comparison is of the size expressions as
-    written (matcher.strides_as_written: sympy's structural ==), no symbolic reasoning: torch's
-    own is_contiguous() on symbolic sizes cost ~3 ms a call here, more than the rest of a
-    shortcut. (passes/conv1x1's
-    _traced_nhwc reads the layout at the traced sizes instead: enough for a rewrite's choice,
-    not for a fake value that must equal the full run's at every size.)"""
+    written (ops._common.strides_as_written: sympy's structural ==), no symbolic reasoning:
+    torch's own is_contiguous() on symbolic sizes cost ~3 ms a call here, more than the rest of
+    a shortcut. (passes/conv1x1's _traced_nhwc reads the layout at the traced sizes instead:
+    enough for a rewrite's choice, not for a fake value that must equal the full run's at every
+    size.)"""
     if t.dim() != 4 or any(size_expr(d) == 1 for d in t.shape[1:]):
         return None
     for memory_format in (torch.contiguous_format, torch.channels_last):
@@ -243,22 +239,28 @@ _SHORTCUTS = {**{f: _linear_value for f in _LINEARS}, **{f: _layer_norm_value fo
               **{f: _dropout_value for f in _DROPOUTS}}
 
 
+def _shortcut_or_full(target: Any, args: tuple, kwargs: dict, fake_cls: type, full: Callable[[], Any],
+                      what: Callable[[], str]) -> Any:
+    """A shortcut's value for target(*args, **kwargs) on fake tensors, or full() where none
+    applies. Under CHECK the full run too, without the guards it would add (they are what the
+    shortcut saves: a check that recorded them would trace another program), compared."""
+    shortcut = _SHORTCUTS.get(target)
+    value = shortcut(args, kwargs, fake_cls) if shortcut is not None else None
+    if value is None:
+        return full()
+    if CHECK:
+        with _guards_suppressed(value):
+            expected = full()
+        check_same_meta(value, expected, f"fake_shortcuts: {what()}: the shortcut gives")
+    return value
+
+
 def fake_value(target: Any, args: tuple, kwargs: dict, fake_mode: Any) -> Any:
     """target(*args, **kwargs) on fake tensors, for lyra's passes (their fake runs of torch ops
     they emit anew, e.g. conv_bias's convolution without its bias): a shortcut's answer where one
-    applies, else the full run. Under CHECK both, compared."""
+    applies, else the full run, as Dynamo's runs get them (run_node above)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    shortcut = _SHORTCUTS.get(target)
     with fake_mode:
-        value = shortcut(args, kwargs, FakeTensor) if shortcut is not None else None
-        if value is not None and not CHECK:
-            return value
-        full = target(*args, **kwargs)
-    if value is not None:
-        check_same_meta(value, full, f"fake_shortcuts: {getattr(target, '__name__', target)} in a pass: the shortcut gives")
-    return full
-
-
-def _check_same(fast: Any, full: Any, node: Any) -> None:
-    check_same_meta(fast, full, f"fake_shortcuts: {node.format_node()}: the shortcut gives")
+        return _shortcut_or_full(target, args, kwargs, FakeTensor, lambda: target(*args, **kwargs),
+                                 lambda: f"{getattr(target, '__name__', target)} in a pass")

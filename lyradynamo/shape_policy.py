@@ -38,7 +38,6 @@ import contextlib
 import functools
 import gc
 import logging
-from typing import Optional
 
 import sympy
 import torch
@@ -112,9 +111,9 @@ class policy_context:  # noqa: N801 - used as `backend_ctx_ctor`, a context-mana
             _exit_settings()
         _active -= 1
         if not _active and _pending_collection:
-            froze, torch_gc = _pending_collection.pop()
-            if torch_gc is not None:
-                torch._dynamo.config.run_gc_after_compile = torch_gc
+            froze, torch_gc_off = _pending_collection.pop()
+            if torch_gc_off:
+                torch._dynamo.config.run_gc_after_compile = True
             _collect_after_pause(froze)
 
 
@@ -124,8 +123,8 @@ _settings: list[contextlib.ExitStack] = []  # the config patches entered, innerm
 # did it freeze the older objects)
 _compiles_patched: list[tuple[bool, bool, bool]] = []
 # a GC pause whose compile has ended, to be closed when the outermost lyra frame returns:
-# (did it freeze the older objects, torch's run_gc_after_compile to restore or None)
-_pending_collection: list[tuple[bool, Optional[bool]]] = []
+# (did it freeze the older objects, did it switch torch's run_gc_after_compile off)
+_pending_collection: list[tuple[bool, bool]] = []
 _callbacks = getattr(torch._dynamo, "callback_handler", None)  # Dynamo's compile callbacks
 
 
@@ -171,10 +170,10 @@ def _on_compile_end(args) -> None:  # noqa: ANN001
             # torch's own collection after a compile (`run_gc_after_compile`, a young + middle
             # one, right after this callback) would walk every object of the compile once more
             # (the pause keeps them young): lyra's collection at the frame's return stands for it
-            torch_gc = getattr(torch._dynamo.config, "run_gc_after_compile", None)
-            if torch_gc:
+            torch_gc_off = bool(getattr(torch._dynamo.config, "run_gc_after_compile", False))
+            if torch_gc_off:
                 torch._dynamo.config.run_gc_after_compile = False
-            _pending_collection.append((froze, torch_gc if torch_gc else None))
+            _pending_collection.append((froze, torch_gc_off))
         else:
             _collect_after_pause(froze)
 
