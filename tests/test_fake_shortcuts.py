@@ -94,3 +94,44 @@ def test_group_norm_on_cuda_fakes_is_contiguous_as_torch_writes_it():
             ref = F.group_norm(xl, 4, *affine)
             assert out.device == ref.device and out.shape == ref.shape and out.stride() == ref.stride()
             assert out.is_contiguous()
+
+
+class _Views(torch.nn.Module):
+    def forward(self, x):  # (B, N, 8)
+        b, n, c = x.shape
+        q, k = x.chunk(2, dim=-1)
+        h = q.view(b, n, 2, 2).transpose(1, 2) + k.view(b, n, 2, 2).permute(0, 2, 1, 3)
+        return h[:, :1].transpose(1, 2) * 2.0
+
+
+def test_view_ops_trace_past_the_fake_tensor_cache(monkeypatch):
+    """While lyra traces, Dynamo's fake runs of view ops skip torch's fake-tensor cache (its hits
+    rebuild a view with symbolic size arithmetic: slower than the run); compute ops keep it."""
+    from torch._dynamo import utils as dynamo_utils
+
+    cached, inside = [], []
+    real_cached = FakeTensorMode._cached_dispatch_impl
+
+    def recording(self, func, *args, **kwargs):
+        if inside:
+            cached.append(func)
+        return real_cached(self, func, *args, **kwargs)
+
+    lyra_run_node = dynamo_utils.run_node
+
+    def run_node(*args, **kwargs):
+        inside.append(1)
+        try:
+            return lyra_run_node(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(FakeTensorMode, "_cached_dispatch_impl", recording)
+    monkeypatch.setattr(dynamo_utils, "run_node", run_node)
+    model = _Views()
+    x = torch.randn(2, 6, 8)
+    out = torch.compile(model, backend="lyra")(x)
+    torch.testing.assert_close(out, model(x))
+    ops = {str(f.overloadpacket) for f in cached}
+    assert not ops & {"aten.transpose", "aten.permute", "aten.view", "aten.split", "aten.slice"}, ops
+    assert {"aten.add", "aten.mul"} <= ops, ops  # compute ops still go through the cache

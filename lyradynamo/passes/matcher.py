@@ -174,8 +174,14 @@ def is_contiguous(v: Any, memory_format=torch.contiguous_format) -> bool:
     if not isinstance(v, torch.Tensor):
         return False
     answer = fast_is_contiguous(v, memory_format)
-    if CHECK_SAME_VALUE:  # the tests: torch agrees
-        assert answer == v.is_contiguous(memory_format=memory_format), (_meta_text(v), memory_format)
+    if CHECK_SAME_VALUE:  # the tests: torch agrees, but where its channels_last flag is loose
+        expected = v.is_contiguous(memory_format=memory_format)
+        # torch 2.11 (the GPU machine's) answers channels_last on symbolic sizes by how the tensor
+        # was made: False for a conv's, an add's or an empty(memory_format=)'s output, True for a
+        # silu's or an empty_strided's, all with the same strides (2.13 answers True for each).
+        # True from the strides as written holds at every size, so it may stand against that False.
+        loose = memory_format == torch.channels_last and answer and not expected
+        assert answer == expected or loose, (_meta_text(v), memory_format)
     return answer
 
 
