@@ -24,16 +24,17 @@ machine, full config, 128 px):
   size (k odd, padding (k - 1) / 2): (N, C_out, H, W) in the layout x and the weight share;
 - `dropout` (1.9 ms, 227 calls) in eval mode or with p = 0: the input itself, as torch returns it.
 
-View ops run in full but past the fake-tensor cache (session 32). The cache stores a view's output
-as metadata and rebuilds it on a hit with `set_` on symbolic sizes, which redoes the storage-size
-and contiguity arithmetic (~50 sympy operations); the uncached run builds the view once.
-Per call on the CPU machine, symbolic (B, H*W, 640) sizes, cached against uncached: transpose 1.3
-vs 0.8 ms, view 1.9 vs 0.9, permute 2.2 vs 0.9, chunk 2.8 vs 1.2, split 2.5 vs 1.3, a slice 5.2
-vs 2.8, expand 4.7 vs 2.6. Compute ops (add, mul, cat, silu, to) and reshape / flatten /
-unflatten (composites: their cached entry is the final op) are faster cached and keep the cache.
-The values are torch's own either way. Full SDXL's trace on the CPU machine (fp32, 128 px): torch
-2.13 run_node 6.8 -> 5.0 s, bytecode tracing 18.2 -> 15.0 s; torch 2.11 (the GPU machine's, whose
-cached views cost less) run_node 5.9 -> 5.3 s.
+Some ops run past the fake-tensor cache (session 32; `cache_enabled`, torch's own switch, off
+for the one run): view ops, whose cache hits rebuild the view with `set_` on symbolic sizes (the
+storage-size and contiguity arithmetic again, ~50 sympy operations), and ops met at few repeated
+shapes (cat, interpolate, reshape, the convolutions and norms that run in full, the shortcuts' own
+factory calls), where most calls miss and the cache makes and checks an entry for each. Per call
+on the CPU machine, a symbolic (B, H*W, 640) tensor, cached hit against uncached: transpose 1.3 vs
+0.8 ms, permute 2.2 vs 0.9, chunk 2.8 vs 1.2, a slice 5.2 vs 2.8. Ops repeated at one shape (add,
+mul, truediv, gelu, silu, to) keep the cache: uncached, gelu's 70 calls in SDXL's trace took 1.0 s
+instead of 0.2. The values are torch's own either way. Full SDXL's trace on the CPU machine (fp32,
+128 px, three alternating rounds, means): torch 2.11 run_node 6.70 -> 5.22 s, bytecode tracing
+17.9 -> 16.1 s; torch 2.13 run_node 7.19 -> 6.07 s, bytecode tracing 19.2 -> 18.7 s.
 
 Tests set CHECK: every shortcut is then also run in full and compared (shape, dtype, strides),
 with the full run's guards suppressed (they would make the traced program differ from the one
@@ -60,10 +61,13 @@ _GROUP_NORMS = (F.group_norm,)
 _CONV2DS = (F.conv2d,)
 _DROPOUTS = (F.dropout,)
 _installed = False
-# view ops whose fake runs are shorter past the fake-tensor cache (module docstring)
-_UNCACHED_VIEW_METHODS = frozenset({"transpose", "view", "permute", "chunk", "split", "expand", "squeeze"})
-_UNCACHED_VIEW_FUNCTIONS = frozenset({torch.transpose, torch.permute, torch.chunk, torch.split,
-                                      torch.squeeze, operator.getitem})
+# ops whose fake runs are shorter past the fake-tensor cache (module docstring): view ops, and
+# ops met at few repeated shapes (misses: the cache's entry is made and checked on each), among
+# them the shortcuts' own factory calls
+_UNCACHED_METHODS = frozenset({"transpose", "view", "permute", "chunk", "split", "expand", "squeeze", "reshape"})
+_UNCACHED_FUNCTIONS = frozenset({torch.transpose, torch.permute, torch.chunk, torch.split, torch.squeeze,
+                                 operator.getitem, torch.cat, F.interpolate,
+                                 *_LINEARS, *_LAYER_NORMS, *_GROUP_NORMS, *_CONV2DS})
 
 
 def install() -> None:
@@ -86,24 +90,33 @@ def install() -> None:
         def full():  # noqa: ANN202
             return original(tracer, node, args, kwargs, nnmodule)
 
-        if node.op == "call_function" and node.target in _SHORTCUTS and policy_active():
-            return _shortcut_or_full(node.target, args, kwargs, FakeTensor, full, node.format_node)
-        if _is_uncached_view(node, args, FakeTensor) and policy_active():
-            return _uncached(args[0].fake_mode, full)
-        return full()
+        if not policy_active():
+            return full()
+        run = full
+        if node.op == "call_function" and node.target in _SHORTCUTS:
+            def run():  # noqa: ANN202
+                return _shortcut_or_full(node.target, args, kwargs, FakeTensor, full, node.format_node)
+        fake_mode = _uncached_fake_mode(node, args, FakeTensor)
+        return run() if fake_mode is None else _uncached(fake_mode, run)
 
     run_node.__wrapped__ = original  # type: ignore[attr-defined]
     dynamo_utils.run_node = run_node
     _installed = True
 
 
-def _is_uncached_view(node, args: tuple, fake_cls: type) -> bool:  # noqa: ANN001 - an fx.Node
-    """A view op on a fake tensor whose fake run is shorter past the fake-tensor cache."""
-    if not args or not isinstance(args[0], fake_cls):
-        return False
+def _uncached_fake_mode(node, args: tuple, fake_cls: type) -> Any:  # noqa: ANN001 - an fx.Node
+    """The fake mode to run node past the cache in (its first fake tensor operand's, looking
+    one list deep, as torch.cat's), or None: node runs as torch runs it."""
     if node.op == "call_method":
-        return node.target in _UNCACHED_VIEW_METHODS
-    return node.op == "call_function" and node.target in _UNCACHED_VIEW_FUNCTIONS
+        listed = node.target in _UNCACHED_METHODS
+    else:
+        listed = node.op == "call_function" and node.target in _UNCACHED_FUNCTIONS
+    if not listed or not args:
+        return None
+    first = args[0]
+    if isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    return first.fake_mode if isinstance(first, fake_cls) else None
 
 
 def _uncached(fake_mode: Any, run: Callable[[], Any]) -> Any:
