@@ -27,14 +27,18 @@ machine, full config, 128 px):
 Some ops run past the fake-tensor cache (session 32; `cache_enabled`, torch's own switch, off
 for the one run): view ops, whose cache hits rebuild the view with `set_` on symbolic sizes (the
 storage-size and contiguity arithmetic again, ~50 sympy operations), and ops met at few repeated
-shapes (cat, interpolate, reshape, the convolutions and norms that run in full, the shortcuts' own
-factory calls), where most calls miss and the cache makes and checks an entry for each. Per call
+shapes (interpolate, reshape, the norms that run in full, the linear / norm shortcuts' own factory
+calls), where most calls miss and the cache makes and checks an entry for each. conv2d and cat
+would gain too but keep the cache: on torch 2.11 (the GPU machine's) their uncached
+channels_last outputs report is_contiguous(channels_last) False where the cache's hits report
+True (CUDA fakes, symbolic sizes); for every op past the cache the three runs (uncached, miss,
+hit) give the same sizes, strides and flags, on both torch versions. Per call
 on the CPU machine, a symbolic (B, H*W, 640) tensor, cached hit against uncached: transpose 1.3 vs
 0.8 ms, permute 2.2 vs 0.9, chunk 2.8 vs 1.2, a slice 5.2 vs 2.8. Ops repeated at one shape (add,
 mul, truediv, gelu, silu, to) keep the cache: uncached, gelu's 70 calls in SDXL's trace took 1.0 s
 instead of 0.2. The values are torch's own either way. Full SDXL's trace on the CPU machine (fp32,
-128 px, three alternating rounds, means): torch 2.11 run_node 6.70 -> 5.22 s, bytecode tracing
-17.9 -> 16.1 s; torch 2.13 run_node 7.19 -> 6.07 s, bytecode tracing 19.2 -> 18.7 s.
+128 px, three alternating rounds, means, torch 2.11): run_node 6.96 -> 5.47 s, bytecode tracing
+18.4 -> 16.4 s.
 
 Tests set CHECK: every shortcut is then also run in full and compared (shape, dtype, strides),
 with the full run's guards suppressed (they would make the traced program differ from the one
@@ -61,13 +65,14 @@ _GROUP_NORMS = (F.group_norm,)
 _CONV2DS = (F.conv2d,)
 _DROPOUTS = (F.dropout,)
 _installed = False
-# ops whose fake runs are shorter past the fake-tensor cache (module docstring): view ops, and
-# ops met at few repeated shapes (misses: the cache's entry is made and checked on each), among
-# them the shortcuts' own factory calls
+# ops whose fake runs are shorter past the fake-tensor cache and give the same sizes, strides and
+# contiguity flags there (module docstring): view ops, and ops met at few repeated shapes (misses:
+# the cache's entry is made and checked on each), among them the shortcuts' own factory calls.
+# Not conv2d or cat: on torch 2.11 their uncached channels_last outputs say is_contiguous(
+# channels_last) False where a cache hit says True (CUDA fakes; 2.13 says True for both).
 _UNCACHED_METHODS = frozenset({"transpose", "view", "permute", "chunk", "split", "expand", "squeeze", "reshape"})
 _UNCACHED_FUNCTIONS = frozenset({torch.transpose, torch.permute, torch.chunk, torch.split, torch.squeeze,
-                                 operator.getitem, torch.cat, F.interpolate,
-                                 *_LINEARS, *_LAYER_NORMS, *_GROUP_NORMS, *_CONV2DS})
+                                 operator.getitem, F.interpolate, *_LINEARS, *_LAYER_NORMS, *_GROUP_NORMS})
 
 
 def install() -> None:

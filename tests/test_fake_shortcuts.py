@@ -106,9 +106,9 @@ class _Views(torch.nn.Module):
 
 
 def test_view_ops_trace_past_the_fake_tensor_cache(monkeypatch):
-    """While lyra traces, Dynamo's fake runs of view ops, cat and reshape skip torch's fake-tensor
-    cache (its hits rebuild a view with symbolic size arithmetic, its misses make and check an
-    entry: slower than the run); elementwise ops keep it."""
+    """While lyra traces, Dynamo's fake runs of view ops and reshape skip torch's fake-tensor cache
+    (its hits rebuild a view with symbolic size arithmetic, its misses make and check an entry:
+    slower than the run); elementwise ops and cat keep it."""
     from torch._dynamo import utils as dynamo_utils
 
     cached, inside = [], []
@@ -135,6 +135,52 @@ def test_view_ops_trace_past_the_fake_tensor_cache(monkeypatch):
     out = torch.compile(model, backend="lyra")(x)
     torch.testing.assert_close(out, model(x))
     ops = {str(f.overloadpacket) for f in cached}
-    assert not ops & {"aten.transpose", "aten.permute", "aten.view", "aten.split", "aten.slice", "aten.cat",
-                      "aten.clone", "aten._unsafe_view"}, ops
-    assert {"aten.add", "aten.mul"} <= ops, ops  # compute ops still go through the cache
+    assert not ops & {"aten.transpose", "aten.permute", "aten.view", "aten.split", "aten.slice",
+                      "aten._unsafe_view"}, ops
+    # elementwise ops still go through the cache, and so does cat (torch 2.11's uncached
+    # channels_last flags differ from its cached ones)
+    assert {"aten.add", "aten.mul", "aten.cat"} <= ops, ops
+
+
+def test_ops_past_the_cache_give_what_its_hits_give():
+    """For the ops lyra runs past the fake-tensor cache: the uncached run and a cache hit agree on
+    sizes, strides and contiguity flags (symbolic sizes, channels_last inputs; CUDA fakes where
+    torch is a CUDA build). conv2d and cat keep the cache: a script with torch 2.11's CUDA fakes
+    found their uncached channels_last flags differ from a hit's (benchmarks/NOTES.md, session 32;
+    this test's setting does not reproduce that, so they are not listed here)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv(duck_shape=False)
+    mode = FakeTensorMode(shape_env=env)
+    b, h, w = (env.create_symintnode(env.create_symbol(n, ConstantSource(s), dynamic_dim=DimDynamic.DYNAMIC), hint=n)
+               for n, s in ((2, "b"), (8, "h"), (8, "w")))
+    cl = torch.channels_last
+
+    def meta(t):
+        if isinstance(t, (list, tuple)):
+            return [meta(x) for x in t]
+        return t.shape, t.stride(), t.is_contiguous(), t.dim() == 4 and t.is_contiguous(memory_format=cl)
+
+    with mode, torch.no_grad():
+        dev = "cuda" if torch.backends.cuda.is_built() else "cpu"  # CUDA fakes need a CUDA build
+        x = torch.empty(b, 32, h, w, device=dev, dtype=torch.float16, memory_format=cl)
+        g, lw = torch.empty(32, device=dev, dtype=torch.float16), torch.empty(16, 32, device=dev, dtype=torch.float16)
+        runs = {"transpose": lambda t: t.flatten(2).transpose(1, 2), "permute": lambda t: t.permute(0, 2, 3, 1),
+                "view": lambda t: t.permute(0, 2, 3, 1).view(b, h * w, 32), "chunk": lambda t: t.chunk(2, dim=1),
+                "split": lambda t: t.split(16, dim=1), "getitem": lambda t: t[:, :16],
+                "expand": lambda t: t[:1].expand(b, 32, h, w), "squeeze": lambda t: t[:, :1].squeeze(1),
+                "reshape": lambda t: t.permute(0, 2, 3, 1).reshape(b, h * w, 32),
+                "interpolate": lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest"),
+                "group_norm": lambda t: F.group_norm(t, 8, g, g), "layer_norm": lambda t: F.layer_norm(t.permute(0, 2, 3, 1), (32,)),
+                "linear": lambda t: F.linear(t.flatten(2).transpose(1, 2).contiguous(), lw)}
+        for x_in in (x, F.silu(x)):  # the same layout made two ways
+            for name, run in runs.items():
+                mode.cache_enabled = False
+                uncached = meta(run(x_in))
+                mode.cache_enabled = True
+                run(x_in)  # a miss fills the cache
+                assert meta(run(x_in)) == uncached, name
+    listed = {*fake_shortcuts._UNCACHED_METHODS,
+              *(getattr(f, "__name__", str(f)) for f in fake_shortcuts._UNCACHED_FUNCTIONS)}
+    assert listed <= set(runs) | {"_linear", "linear", "layer_norm", "getitem"}, listed - set(runs)
