@@ -110,18 +110,15 @@ def install() -> None:
 
 
 def _uncached_fake_mode(node, args: tuple, fake_cls: type) -> Any:  # noqa: ANN001 - an fx.Node
-    """The fake mode to run node past the cache in (its first fake tensor operand's, looking
-    one list deep, as torch.cat's), or None: node runs as torch runs it."""
+    """The fake mode to run node past the cache in (its first operand's, a fake tensor), or
+    None: node runs as torch runs it."""
     if node.op == "call_method":
         listed = node.target in _UNCACHED_METHODS
     else:
         listed = node.op == "call_function" and node.target in _UNCACHED_FUNCTIONS
-    if not listed or not args:
+    if not listed or not args or not isinstance(args[0], fake_cls):
         return None
-    first = args[0]
-    if isinstance(first, (list, tuple)) and first:
-        first = first[0]
-    return first.fake_mode if isinstance(first, fake_cls) else None
+    return args[0].fake_mode
 
 
 def _uncached(fake_mode: Any, run: Callable[[], Any]) -> Any:
