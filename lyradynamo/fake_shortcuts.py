@@ -32,9 +32,9 @@ calls), where most calls miss and the cache makes and checks an entry for each. 
 would gain too but keep the cache: on torch 2.11 (the GPU machine's) their uncached
 channels_last outputs report is_contiguous(channels_last) False where the cache's hits report
 True (CUDA fakes, symbolic sizes); for every op past the cache the three runs (uncached, miss,
-hit) give the same sizes, strides and flags, on both torch versions. Per call
-on the CPU machine, a symbolic (B, H*W, 640) tensor, cached hit against uncached: transpose 1.3 vs
-0.8 ms, permute 2.2 vs 0.9, chunk 2.8 vs 1.2, a slice 5.2 vs 2.8. Ops repeated at one shape (add,
+hit) give the same sizes, strides and flags, on both torch versions. Per call on the CPU
+machine, a symbolic (B, H*W, 640) tensor, cached hit against uncached: transpose 1.3 vs 0.8 ms,
+permute 2.2 vs 0.9, chunk 2.8 vs 1.2, a slice 5.2 vs 2.8. Ops repeated at one shape (add,
 mul, truediv, gelu, silu, to) keep the cache: uncached, gelu's 70 calls in SDXL's trace took 1.0 s
 instead of 0.2. The values are torch's own either way. Full SDXL's trace on the CPU machine (fp32,
 128 px, three alternating rounds, means, torch 2.11): run_node 6.96 -> 5.47 s, bytecode tracing
