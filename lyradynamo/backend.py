@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from . import attention_prewarm, config, params, runtime, shape_policy
+from . import attention_prewarm, config, params, runtime, shape_policy, size_one
 from .passes import attention as attention_pass
 from .passes import qkv_projection as qkv_projection_pass
 from .passes import shared_input as shared_input_pass
@@ -179,6 +179,7 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
     before_code = gm.code if config.dump_dir else None
     gm, report = run_passes(gm, config.passes, fake_mode)
     report.phases_s["passes"] = time.perf_counter() - start
+    report.size_one_answers = size_one.take_answers()
     if config.relax_size_guards and fake_mode is not None and fake_mode.shape_env is not None:
         try:
             report.relaxed_guards = shape_policy.relax_internal_guards(fake_mode.shape_env)

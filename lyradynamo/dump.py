@@ -120,6 +120,9 @@ def format_summary(s: dict) -> str:
     if s["relaxed_guards"]:
         lines.append(f"op-internal size guards relaxed: {len(s['relaxed_guards'])} "
                      f"(e.g. {', '.join(s['relaxed_guards'][:3])})")
+    if s.get("size_one_answers"):
+        lines.append(f"op-internal size == 1 questions answered at the traced size, unguarded: "
+                     f"{len(s['size_one_answers'])} (e.g. {', '.join(s['size_one_answers'][:3])})")
     q = s.get("quant") or {}
     if q:
         lines.append(f"quantized ({q['kind']}, master on {q['master']}): {len(q['quantized'])} linear(s); "

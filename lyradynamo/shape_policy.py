@@ -17,6 +17,9 @@ Python), and only non-equalities (`Ne`, `<`, `>=`, ...); equalities can change s
 they stay. One equality of this kind is avoided instead: `t.contiguous()` of a view whose
 contiguity depends on a size is traced without asking (`_install_call_method_hooks`).
 
+Traced at batch 1, such a question becomes an equality (`size == 1` holds): `size_one.py`
+answers an operator's `size == 1` about a size traced at 1 without a guard instead.
+
 Floats. `specialize_float=True` keeps the floats of the model's code and modules (eps,
 dropout p, output_scale_factor, an attention scale computed from head_dim) Python constants,
 which the passes match on. It would also bake in a float *argument* of the compiled forward
@@ -152,6 +155,9 @@ def _on_compile_start(args) -> None:  # noqa: ANN001 - torch's CallbackArgs
     froze = pause_gc and gc.get_freeze_count() == 0
     _compiles_patched.append((bool(_active), pause_gc, froze))
     if _active:
+        from . import size_one
+
+        size_one.take_answers()  # a new trace: forget an interrupted one's
         _enter_settings()
     if pause_gc:
         gc.disable()
@@ -241,8 +247,9 @@ def install() -> None:
     _install_batch_only_duck()
     _install_input_floats()
     _install_call_method_hooks()
-    from . import fake_shortcuts, guard_tags, params, quiet_compile
+    from . import fake_shortcuts, guard_tags, params, quiet_compile, size_one
 
+    size_one.install()
     fake_shortcuts.install()
     guard_tags.install()
     params.install()
@@ -526,7 +533,11 @@ def _frame_file(sloc) -> str:  # noqa: ANN001 - torch's SLoc, varies across vers
 
 
 def _is_op_internal(guard) -> bool:  # noqa: ANN001
-    path = _frame_file(guard.sloc)
+    return _in_op_internal_file(guard.sloc)
+
+
+def _in_op_internal_file(sloc) -> bool:  # noqa: ANN001
+    path = _frame_file(sloc)
     return any(part in path for part in _OP_INTERNAL_FILES)
 
 

@@ -142,3 +142,21 @@ def test_tiny_sd15_every_1x1_convolution_rewritten():
     hits = rec.report.matched.get("conv1x1", {})
     assert n_1x1 > 0 and sum(hits.values()) == n_1x1, (hits, n_1x1, rec.report.skipped)
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+
+
+def test_a_data_dependent_size_is_not_read_as_nhwc():
+    """SD3's cropped position table on torch 2.11 is (1, u0, u1, C): sizes without an example
+    value. The layout reader says "not NHWC" instead of raising (the raise dropped every conv1x1
+    rewrite of the graph)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from lyradynamo.passes import conv1x1
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    u0, u1 = mode.shape_env.create_unbacked_symint(), mode.shape_env.create_unbacked_symint()
+    with mode:
+        v = torch.empty_strided((1, u0, u1, 16), (16384, 512, 16, 1))
+        nhwc = torch.empty_strided((1, 16, u0, u1), (16 * u0 * u1, 1, 16 * u1, 16))
+    assert conv1x1._traced_nhwc(v) is False
+    assert conv1x1._traced_nhwc(nhwc) is False

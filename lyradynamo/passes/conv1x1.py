@@ -56,8 +56,10 @@ def _traced_nhwc(v: Any) -> bool:
     sizes worked the strides out symbolically on every call (~1 ms each, 1.2 s for SD1.5)."""
     if not (isinstance(v, torch.Tensor) and v.dim() == 4):
         return False
-    n, c, h, w = (m.hint(d) for d in v.shape)
-    s = tuple(m.hint(d) for d in v.stride())
+    n, c, h, w = (m.hint(d, allow_none=True) for d in v.shape)
+    s = tuple(m.hint(d, allow_none=True) for d in v.stride())
+    if None in (n, c, h, w) or None in s:  # a data-dependent size: not read as NHWC
+        return False
     return c > 1 and h * w > 1 and s[1] == 1 and s[3] == c and s[2] == w * c and (n == 1 or s[0] == h * w * c)
 
 

@@ -98,12 +98,14 @@ def is_row_vector_for(v: Any, out: torch.Tensor) -> bool:
     return out.dim() == 1 or known_eq(shape[0], 1) or known_eq(shape[0], out.shape[0])
 
 
-def hint(v: Any) -> Any:
-    """A concrete example value for an int or SymInt (no guard)."""
+def hint(v: Any, allow_none: bool = False) -> Any:
+    """A concrete example value for an int or SymInt (no guard). A size with none (an unbacked
+    one: data-dependent, e.g. a slice at a computed offset) raises, or gives None with
+    allow_none."""
     if isinstance(v, torch.SymInt):
         node = v.node
         h = getattr(node, "hint", None)
-        return h if h is not None else node.shape_env.size_hint(node.expr)
+        return h if h is not None else node.shape_env.size_hint(node.expr, allow_none=allow_none)
     return v
 
 

@@ -39,6 +39,7 @@ class GraphReport:
     left: list = dataclasses.field(default_factory=list)  # [{node, kind, reason}]
     canonicalized: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     relaxed_guards: list = dataclasses.field(default_factory=list)
+    size_one_answers: list = dataclasses.field(default_factory=list)  # shape_policy: unguarded size == 1
     errors: list = dataclasses.field(default_factory=list)  # passes that raised (graph kept)
     quant: dict = dataclasses.field(default_factory=dict)  # quant/apply.py: layers and decisions
     phases_s: dict = dataclasses.field(default_factory=dict)  # backend phase -> seconds (first call)
@@ -70,6 +71,7 @@ class GraphReport:
             "left": self.left,
             "canonicalized": dict(self.canonicalized),
             "relaxed_guards": self.relaxed_guards,
+            "size_one_answers": self.size_one_answers,
             "errors": self.errors,
             "quant": self.quant,
             "shared_input": self.shared_input,
