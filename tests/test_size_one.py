@@ -83,3 +83,22 @@ def test_guards_asked_through_the_hook_name_their_asker():
     assert bool(s > 2)
     (guard,) = env.guards
     assert shape_policy._frame_file(guard.sloc).endswith("test_size_one.py")
+
+
+def test_answers_reach_the_graphs_report_and_the_dump(monkeypatch):
+    """Through a whole compile at batch 1 (the question comes from the model's code here,
+    counted as an operator's by the monkeypatch: torch 2.13's operators no longer ask it)."""
+    from lyradynamo import dump
+
+    monkeypatch.setattr(shape_policy, "_in_op_internal_file", lambda sloc: True)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.shape[0] == 1 else x * 3
+
+    with torch.no_grad():
+        torch.compile(M(), backend="lyra")(torch.randn(1, 4, 8))
+    (rec,) = lyradynamo.compiled_graphs()
+    answers = rec.summary["size_one_answers"]
+    assert answers and answers[0].startswith("Eq(s")
+    assert "size == 1 questions answered at the traced size, unguarded: " in dump.format_summary(rec.summary)
