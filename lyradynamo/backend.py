@@ -135,8 +135,10 @@ def _with_weight_refresh(runner: Callable, entries: list) -> Callable:
 
 
 def _after_quant(gm: fx.GraphModule, name: str, rewrite: Callable[[], None], report: GraphReport) -> None:
-    """Run a rewrite that must see quantisation's result; a failure is logged and reported, and
-    leaves the graph valid (each of these rewrites changes a match only once it is complete)."""
+    """Run a rewrite that must see quantisation's result (its time in report.phases_s as
+    "late:<name>"); a failure is logged and reported, and leaves the graph valid (each of these
+    rewrites changes a match only once it is complete)."""
+    t = time.perf_counter()
     try:
         rewrite()
         gm.graph.lint()
@@ -144,6 +146,8 @@ def _after_quant(gm: fx.GraphModule, name: str, rewrite: Callable[[], None], rep
     except Exception as exc:  # noqa: BLE001 - an optimisation; never fatal
         log.warning("lyradynamo: %s failed (%s)", name, exc)
         report.errors.append({"pass": name, "error": repr(exc), "trace": traceback.format_exc()})
+    finally:
+        report.phases_s[f"late:{name}"] = time.perf_counter() - t
 
 
 def _late_fusions(gm: fx.GraphModule, example_inputs: list, fake_mode, report: GraphReport) -> None:
