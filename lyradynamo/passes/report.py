@@ -39,7 +39,7 @@ class GraphReport:
     left: list = dataclasses.field(default_factory=list)  # [{node, kind, reason}]
     canonicalized: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     relaxed_guards: list = dataclasses.field(default_factory=list)
-    size_one_answers: list = dataclasses.field(default_factory=list)  # shape_policy: unguarded size == 1
+    size_one_answers: list = dataclasses.field(default_factory=list)  # size_one.py: answered unguarded
     errors: list = dataclasses.field(default_factory=list)  # passes that raised (graph kept)
     quant: dict = dataclasses.field(default_factory=dict)  # quant/apply.py: layers and decisions
     phases_s: dict = dataclasses.field(default_factory=dict)  # backend phase -> seconds (first call)
