@@ -240,6 +240,10 @@ def main() -> None:
     p.add_argument("--mode", default="lyra", choices=sorted(QUANT))
     p.add_argument("--sizes", default="1024x1024,768x768,512x512")
     p.add_argument("--steady", type=int, default=5)
+    p.add_argument("--batches", default=None,
+                   help="UNet / transformer batch per entry of --sizes, comma list (default: 2 for SD1.5 "
+                        "and SDXL, else 1); e.g. --sizes 1024x1024,1024x1024 --batches 1,2: batch 2 after a "
+                        "compile at batch 1 (new_compiles must stay 0)")
     p.add_argument("--profile-top", type=int, default=0, help="cProfile each new-size first call")
     p.add_argument("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
                    help="a lyradynamo.config option (repeatable), as bench.py takes it")
@@ -263,11 +267,15 @@ def main() -> None:
     overrides = {"quant": QUANT[args.mode], **parse_lyra_config(args.lyra_config)}
     dtype = zoo.default_dtype(args.model, "cuda")
     model = zoo.build_denoiser(args.model, tiny=False, dtype=dtype, device="cuda")
-    batch = 2 if args.model in ("sd15", "sdxl") else 1
+    sizes = args.sizes.split(",")
+    batches = ([int(b) for b in args.batches.split(",")] if args.batches
+               else [2 if args.model in ("sd15", "sdxl") else 1] * len(sizes))
+    if len(batches) != len(sizes):
+        p.error("--batches needs one batch per entry of --sizes")
     rows, texts = [], []
     with torch.no_grad(), lyradynamo.config.patch(**overrides):
         compiled = torch.compile(model, backend=args.backend)
-        for i, size in enumerate(args.sizes.split(",")):
+        for i, (size, batch) in enumerate(zip(sizes, batches)):
             w, h = (int(s) for s in size.split("x"))
             inputs = zoo.denoiser_inputs(args.model, model, batch=batch, height=h, width=w)
             before, compiles0, tuned0 = _capture_phases(), lyradynamo.compile_count(), _tuning_counts()
@@ -296,7 +304,7 @@ def main() -> None:
             after, tuned = _capture_phases(), _tuning_counts()
             steady = statistics.median(_timed(lambda: compiled(**inputs)) for _ in range(args.steady))
             mode = args.mode if args.backend == "lyra" else "dynamo-eager"
-            row = {"model": args.model, "mode": mode, "size": size, "first_call_s": round(first, 4),
+            row = {"model": args.model, "mode": mode, "size": size, "batch": batch, "first_call_s": round(first, 4),
                    "steady_s": round(steady, 5), "extra_s": round(first - steady, 4),
                    "new_compiles": lyradynamo.compile_count() - compiles0,
                    "dynamo_phases_s": dynamo_phases(dynamo0), "backend_phases_s": backend_phases(graphs0),
