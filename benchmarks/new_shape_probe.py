@@ -2,7 +2,7 @@
 """What a first call at a new input shape costs under lyra, and where it goes (GPU only).
 
     python benchmarks/new_shape_probe.py --model sdxl --sizes 1024x1024,768x768,512x512
-        [--mode lyra] [--steady 5] [--profile-top 30] [--out f.json]
+        [--mode lyra] [--steady 5] [--batches 1,2,2] [--profile-top 30] [--out f.json]
 
 Compiles the full-size model (random weights), then for each size in order: one first call
 (for the first size: trace + rewrite + capture; for later sizes: only new CUDA-graph
