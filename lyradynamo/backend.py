@@ -183,7 +183,6 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
     before_code = gm.code if config.dump_dir else None
     gm, report = run_passes(gm, config.passes, fake_mode)
     report.phases_s["passes"] = time.perf_counter() - start
-    report.size_one_answers = size_one.take_answers()
     if config.relax_size_guards and fake_mode is not None and fake_mode.shape_env is not None:
         try:
             report.relaxed_guards = shape_policy.relax_internal_guards(fake_mode.shape_env)
@@ -194,6 +193,7 @@ def lyra_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Cal
     quant_entries = _quantize(gm, example_inputs, report)
     _late_fusions(gm, example_inputs, fake_mode, report)
     report.phases_s["quant"] = time.perf_counter() - t
+    report.size_one_answers = size_one.take_answers()  # Dynamo's trace's, the passes', the late rewrites'
     reason = _recompile_reason()
     if reason:
         log.warning("lyradynamo: recompiling: %s (a model that branches on a size or a float argument "
