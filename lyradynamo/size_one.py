@@ -11,8 +11,10 @@ run time: lyra's graph re-runs every op. So the question, `Eq(s, 1)` / `Ne(s, 1)
 symbol s whose traced value is 1, asked from an operator's implementation (shape_policy's
 op-internal files, C++ kernels included: Dynamo's run_node calls them), is answered from that
 value with guards suppressed: no guard, no replacement of s by 1, no axiom. The model's own
-`if batch == 1:` is not an operator's question and is guarded as before; so is every question
-where config.relax_size_guards is off. torch 2.13 no longer asks most of these (its operators
+`if batch == 1:` is not an operator's question and is guarded as before; so is an operator's
+assertion (`torch._check(s == 1)`, `expect_true`: torch 2.13's expand specialises a broadcast
+size this way, and the trace relies on the answer), and every question where
+config.relax_size_guards is off. torch 2.13 no longer asks most of these (its operators
 ask `guard_or_false`). The dump lists the questions answered this way.
 
 This module is registered with torch as a file of its own internals (`uninteresting_files`):
@@ -20,6 +22,8 @@ torch names a guard's source after the innermost frame outside them, and the wra
 sits between every question and the code that asked it.
 """
 from __future__ import annotations
+
+import sys
 
 import sympy
 
@@ -46,7 +50,7 @@ def install() -> None:
             from . import config
 
             sloc = self._get_sloc() if config.relax_size_guards else None
-            if sloc is not None and shape_policy._in_op_internal_file(sloc):
+            if sloc is not None and shape_policy._in_op_internal_file(sloc) and not _asserted():
                 with self.suppress_guards():
                     answer = original(self, orig_expr, *args, **kwargs)
                 where = shape_policy._frame_file(sloc).rsplit("torch/", 1)[-1]
@@ -56,6 +60,26 @@ def install() -> None:
 
     evaluate_expr.__wrapped__ = original  # type: ignore[attr-defined]
     ShapeEnv.evaluate_expr = evaluate_expr
+
+
+def _asserted() -> bool:
+    """The question comes from `torch._check` / `expect_true`: the operator asserts the answer
+    and specialises on it (torch 2.13's expand ref: `torch._check(x == 1)` for a size traced at 1
+    that is broadcast), so the answer holds only under its guard. Found by the callers' names,
+    within the few frames between the check and this hook."""
+    frame = sys._getframe(2)
+    for _ in range(_ASSERT_DEPTH):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name in _ASSERTING and "torch" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_ASSERTING = frozenset({"expect_true", "_check_with"})
+_ASSERT_DEPTH = 12
 
 
 def _asks_size_one(shape_env, expr) -> bool:  # noqa: ANN001

@@ -102,3 +102,30 @@ def test_answers_reach_the_graphs_report_and_the_dump(monkeypatch):
     answers = rec.summary["size_one_answers"]
     assert answers and answers[0].startswith("Eq(s")
     assert "size == 1 questions answered at the traced size, unguarded: " in dump.format_summary(rec.summary)
+
+
+def test_an_operators_assertion_is_guarded(tracing):
+    """`torch._check(s == 1)` asserts and specialises (torch 2.13's expand does it for a size
+    traced at 1 that is broadcast): answered without its guard, s would stay a symbol that the
+    rest of the trace cannot read as 1."""
+    env, s = _size(1)
+    name = str(s.node.expr)
+    torch._check(s == 1)
+    assert [str(g.expr) for g in env.guards] == [f"Eq({name}, 1)"]
+    assert env.replacements  # s is 1 from here on
+    assert not size_one.take_answers()
+
+
+def test_a_size_traced_at_one_broadcast_by_expand_compiles_and_matches_eager():
+    """A frame input whose dim traced at 1 is broadcast by expand (Qwen-Image's RoPE tables reach
+    a resumed frame this way, after a graph break): torch 2.13's expand asserts the dim is 1, and
+    the trace failed ('non-broadcasting semantics require s1 == s3') while size_one answered
+    the assertion without its guard."""
+
+    def f(table, x):
+        return table.expand(x.shape[0], x.shape[1], -1) + x
+
+    compiled = torch.compile(f, backend="lyra")
+    for rows, cols in ((3, 5), (4, 6)):
+        table, x = torch.randn(1, 1, 8), torch.randn(rows, cols, 8)
+        torch.testing.assert_close(compiled(table, x), f(table, x))

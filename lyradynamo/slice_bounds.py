@@ -1,0 +1,57 @@
+"""A slice whose bound is a size symbol keeps a size expression, not an unknown size (torch 2.11).
+
+Under lyra's shape policy torch reasons about backed sizes size-obliviously
+(`backed_size_oblivious`: what keeps a first call at batch 1 from pinning the batch). There a
+slice such as `table[:frames]` (Wan's and Qwen-Image's RoPE tables; SD3's cropped position
+table) cannot tell whether `frames <= len(table)`. torch 2.11's fake slice
+(`fake_impls._compute_slice_index`) then gives up on the bound and gives the result a fresh
+unbacked size `u0`; the `view` / `expand` after it cannot be traced on `u0` ("Could not guard
+on data-dependent expression"), and Dynamo breaks the graph there. The frames resumed after such
+a break take the model's intermediate tensors as inputs, size-1 broadcast dimensions included,
+and Wan's then failed to trace at all ("size of tensor a (2) must match the size of tensor b
+(s27: hint = 1)"). torch 2.13 answers instead with the bound clamped to the size, as Python
+slicing defines it: `min(index, size)` for an index known to be >= 0, `max(index + size, 0)`
+for one known to be < 0. While a lyra frame is traced, this module gives torch 2.11 the same
+answer where its own function returns none; every answer torch gives is kept, and where
+torch 2.13 runs the wrapper never changes anything.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import shape_policy
+
+log = logging.getLogger("lyradynamo")
+
+
+def install() -> None:
+    """Idempotent; if torch's fake slice moved, leaves it as it is (the graph breaks stay)."""
+    try:
+        from torch._subclasses import fake_impls
+    except ImportError:
+        return
+    original = getattr(fake_impls, "_compute_slice_index", None)
+    if original is None or getattr(original, "__wrapped__", None) is not None:
+        return
+
+    def _compute_slice_index(size, index):  # noqa: ANN001, ANN202 - torch's signature
+        answer = original(size, index)
+        if answer is None and shape_policy._active:
+            answer = clamped_slice_index(size, index)
+        return answer
+
+    _compute_slice_index.__wrapped__ = original  # type: ignore[attr-defined]
+    fake_impls._compute_slice_index = _compute_slice_index
+
+
+def clamped_slice_index(size, index):  # noqa: ANN001, ANN201 - SymInt or int
+    """A slice index clamped into [0, size] by its sign, or None where the sign is unknown."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    if guard_or_false(index >= 0):
+        return torch.sym_min(index, size)
+    if guard_or_false(index < 0):
+        return torch.sym_max(index + size, 0)
+    return None

@@ -1,0 +1,149 @@
+"""Tiny configs of diffusers denoisers outside the zoo, with call inputs, for tests that check
+lyra on architectures no pass was written for (the passes know patterns, not models).
+
+Each entry: the diffusers class, a tiny config (head dims of 32, widths that are multiples of 16,
+as the CUDA kernels see in real models) and a function making one call's keyword arguments at
+(batch, latent height, latent width, text length). `ONE_COMPILATION` names the models whose own
+Python code does not depend on the input sizes: lyra must serve all shapes with one compilation
+there. The others rebuild Python lists or cached tables from the sizes (Qwen-Image's
+`img_shapes` and lru-cached RoPE, Lumina2's per-sample caption lengths after a data-dependent
+graph break, Chroma's `torch.tensor([0] * batch_size)`, Z-Image's per-sample input lists): torch's own `dynamic=True` recompiles
+them too, so only their outputs are checked.
+"""
+from __future__ import annotations
+
+import diffusers
+import torch
+
+from lyradynamo.zoo.pipelines import _diffusers_model
+
+
+def _qwenimage(B, h, w, L, randn, dtype):
+    return dict(hidden_states=randn(B, (h // 2) * (w // 2), 32), encoder_hidden_states=randn(B, L, 32),
+                encoder_hidden_states_mask=torch.ones(B, L, dtype=torch.long), timestep=randn(B).abs().to(dtype),
+                img_shapes=[(1, h // 2, w // 2)] * B)
+
+
+def _wan(B, h, w, L, randn, dtype):
+    return dict(hidden_states=randn(B, 8, 2, h, w), timestep=(randn(B).abs() * 500).long(),
+                encoder_hidden_states=randn(B, L, 32))
+
+
+def _ids(h, w, axes):
+    """FLUX-style position ids of an (h / 2) x (w / 2) patch grid (row, column in axes 1, 2)."""
+    n = (h // 2) * (w // 2)
+    ids = torch.zeros(n, axes)
+    ids[:, 1] = torch.arange(n) // (w // 2)
+    ids[:, 2] = torch.arange(n) % (w // 2)
+    return ids
+
+
+def _flux2(B, h, w, L, randn, dtype):
+    return dict(hidden_states=randn(B, (h // 2) * (w // 2), 32), encoder_hidden_states=randn(B, L, 64),
+                timestep=randn(B).abs().to(dtype), img_ids=_ids(h, w, 4), txt_ids=torch.zeros(L, 4),
+                guidance=torch.full((B,), 3.5))
+
+
+def _chroma(B, h, w, L, randn, dtype):
+    return dict(hidden_states=randn(B, (h // 2) * (w // 2), 32), encoder_hidden_states=randn(B, L, 64),
+                timestep=randn(B).abs().to(dtype), img_ids=_ids(h, w, 3), txt_ids=torch.zeros(L, 3))
+
+
+def _cogview4(B, h, w, L, randn, dtype):
+    size = torch.tensor([[h * 8, w * 8]] * B, dtype=torch.float32)
+    return dict(hidden_states=randn(B, 8, h, w), encoder_hidden_states=randn(B, L, 64),
+                timestep=(randn(B).abs() * 500).round(), original_size=size, target_size=size.clone(),
+                crop_coords=torch.zeros(B, 2))
+
+
+def _sd35(B, h, w, L, randn, dtype):
+    return dict(hidden_states=randn(B, 8, h, w), encoder_hidden_states=randn(B, L, 32),
+                pooled_projections=randn(B, 32).to(dtype), timestep=(randn(B).abs() * 500).to(dtype))
+
+
+def _zimage(B, h, w, L, randn, dtype):
+    """Z-Image takes one latent and one caption per sample, as lists (its pipeline unbinds them)."""
+    return dict(x=[t.to(dtype) for t in randn(B, 8, 1, h, w).unbind(0)], t=randn(B).abs().to(dtype),
+                cap_feats=[randn(L, 32).to(dtype) for _ in range(B)])
+
+
+def _ltx(B, h, w, L, randn, dtype):
+    return dict(hidden_states=randn(B, 2 * h * w, 8), encoder_hidden_states=randn(B, L, 32),
+                timestep=(randn(B).abs() * 500).long(), encoder_attention_mask=torch.ones(B, L),
+                num_frames=2, height=h, width=w)
+
+
+def _lumina2(B, h, w, L, randn, dtype):
+    return dict(hidden_states=randn(B, 8, h, w), timestep=randn(B).abs().to(dtype), encoder_hidden_states=randn(B, L, 32),
+                encoder_attention_mask=torch.ones(B, L, dtype=torch.bool))
+
+
+MODELS = {
+    "qwenimage": ("QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=32, out_channels=8, num_layers=2, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(8, 12, 12)), _qwenimage),
+    "wan": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=8, out_channels=8,
+        text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=64), _wan),
+    "flux2": ("Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=64, timestep_guidance_channels=32,
+        axes_dims_rope=(8, 8, 8, 8)), _flux2),
+    "chroma": ("ChromaTransformer2DModel", dict(
+        patch_size=1, in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12), approximator_num_channels=16,
+        approximator_hidden_dim=64, approximator_layers=1), _chroma),
+    "cogview4": ("CogView4Transformer2DModel", dict(
+        patch_size=2, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=32, num_attention_heads=2,
+        text_embed_dim=64, time_embed_dim=32, condition_dim=16, pos_embed_max_size=32, sample_size=16,
+        rope_axes_dim=(32, 32)), _cogview4),
+    "lumina2": ("Lumina2Transformer2DModel", dict(
+        sample_size=16, patch_size=2, in_channels=8, hidden_size=64, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 12, 12), axes_lens=(64, 64, 64),
+        cap_feat_dim=32), _lumina2),
+    # SD3.5: SD3's class with q / k RMSNorm and the MMDiT-X dual attention block
+    "sd35": ("SD3Transformer2DModel", dict(
+        sample_size=16, patch_size=2, in_channels=8, num_layers=2, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32, out_channels=8,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm"), _sd35),
+    "zimage": ("ZImageTransformer2DModel", dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=8, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[64, 64, 64]), _zimage),
+    "ltx": ("LTXVideoTransformer3DModel", dict(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=32,
+        cross_attention_dim=64, num_layers=2, caption_channels=32), _ltx),
+}
+ONE_COMPILATION = ("wan", "flux2", "cogview4", "sd35", "ltx")
+
+
+def available(name: str) -> bool:
+    """The installed diffusers has this model's class."""
+    return hasattr(diffusers, MODELS[name][0])
+
+
+def build(name: str, dtype=torch.float32, device="cpu", seed: int = 0) -> torch.nn.Module:
+    cls_name, config, _ = MODELS[name]
+    return _diffusers_model(cls_name, config, dtype, device, seed)
+
+
+def inputs(name: str, batch: int, height: int, width: int, text_len: int, *, dtype=torch.float32, device="cpu",
+           seed: int = 0) -> dict:
+    """One call's keyword arguments (latent height / width in latent pixels), drawn on the CPU
+    from `seed` and moved, so they are the same on every device; floats in `dtype` where the
+    model takes activations, position ids and sizes as the pipelines pass them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    kwargs = MODELS[name][2](batch, height, width, text_len, randn, dtype)
+    activations = {"hidden_states", "encoder_hidden_states"}
+    moved = {k: v.to(device=device, dtype=dtype) if k in activations else v.to(device)
+             for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    return kwargs | moved | {"return_dict": False}
+
+
+def first_output(out) -> torch.Tensor:
+    """The denoised latents of a `return_dict=False` call (Z-Image returns one per sample)."""
+    out = out[0]
+    return torch.stack(out) if isinstance(out, (list, tuple)) else out
