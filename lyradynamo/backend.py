@@ -45,6 +45,7 @@ class CompiledGraph:
     recompile_reason: str | None = None  # the guard that failed, when this is a recompilation
     frame_inputs: int = 0  # inputs the compiled frame gathers per call (Dynamo's example_inputs)
     params_lifted: int = 0  # parameters / buffers Dynamo kept as graph attributes (params.py)
+    cuda_graphs_off: str | None = None  # why a CUDA graph runs op by op (runtime.not_capturable)
     summary: dict = dataclasses.field(default_factory=dict)  # dump.summary_dict(), always filled
 
 

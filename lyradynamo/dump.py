@@ -90,6 +90,7 @@ def summary_dict(record, gm: fx.GraphModule) -> dict:
         "shape_policy_active": record.policy_active,
         "backend_seconds": round(record.seconds, 4),
         "recompile_reason": record.recompile_reason,
+        "cuda_graphs_off": getattr(record, "cuda_graphs_off", None),
         **rep.as_dict(),
         "kernel_paths": kernel_paths(gm, record.device),
         "op_histogram": op_histogram(gm),
@@ -120,6 +121,11 @@ def format_summary(s: dict) -> str:
     if s["relaxed_guards"]:
         lines.append(f"op-internal size guards relaxed: {len(s['relaxed_guards'])} "
                      f"(e.g. {', '.join(s['relaxed_guards'][:3])})")
+    if s.get("cuda_graphs_off"):
+        lines.append(f"CUDA graphs off for this graph (it runs op by op): {s['cuda_graphs_off']}")
+    if s.get("cuda_graph_failures"):
+        lines.append(f"CUDA graph captures failed (those shapes run op by op): {len(s['cuda_graph_failures'])} "
+                     f"(first: {s['cuda_graph_failures'][0]})")
     if s.get("size_one_answers"):
         lines.append(f"op-internal size == 1 questions answered at the traced size, unguarded: "
                      f"{len(s['size_one_answers'])} (e.g. {', '.join(s['size_one_answers'][:3])})")

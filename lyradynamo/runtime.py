@@ -7,7 +7,9 @@ Parameters and buffers are read in place (their addresses are captured), so in-p
 patches (LoRA fuse, ControlNet weight copy) are seen by the next replay; a parameter that
 was *replaced* by a new tensor (`.data =`, torch.utils.swap_tensors) changes its address and
 triggers a new capture. Other inputs are copied into the capture's static buffers; outputs are
-cloned out of the pool so the caller may keep them across calls.
+cloned out of the pool so the caller may keep them across calls. A graph that launches
+nothing, or computes an output on the host, runs op by op instead (`not_capturable`; the dump
+names the reason).
 
 The address check (~700 tensors for a UNet: 40-100 us of host time) runs after the replay is
 launched, while the GPU works, not before it: a capture holds a reference to the storage of
@@ -91,10 +93,38 @@ def make_runner(gm: fx.GraphModule, example_inputs: list, record, n_lifted: int 
     (params.py): model state, read in place like the parameters Dynamo passes."""
     device = input_device(example_inputs)
     if device.type == "cuda" and config.cuda_graphs:
-        static = _static_input_indices(gm, example_inputs)
-        static.update(range(len(example_inputs) - n_lifted, len(example_inputs)))
-        return CudaGraphRunner(gm, static, device, record)
+        why = not_capturable(gm)
+        if why is None:
+            static = _static_input_indices(gm, example_inputs)
+            static.update(range(len(example_inputs) - n_lifted, len(example_inputs)))
+            return CudaGraphRunner(gm, static, device, record)
+        record.cuda_graphs_off = why
+        log.info("lyradynamo: graph %d runs without CUDA graphs: %s", record.index, why)
     return gm.forward
+
+
+def not_capturable(gm: fx.GraphModule) -> str | None:
+    """Why a CUDA graph of gm would be wrong or empty, or None. A replay re-launches the
+    recorded kernels only: what the host computed while recording (a CPU tensor output, e.g.
+    position ids made from a CPU tensor after a graph break) would come back as the recorded
+    value on every later call. A graph with no operation (a graph break can leave one that only
+    returns its inputs) would record nothing (torch warns of an empty graph)."""
+    nodes = gm.graph.nodes
+    if not any(n.op in ("call_function", "call_method", "call_module") for n in nodes):
+        return "no operation to launch (the graph only returns its inputs)"
+    host: list[str] = []
+    for n in nodes:
+        if n.op == "output":
+            fx.node.map_arg(n.args, lambda a: host.append(a.name) if _made_on_host(a) else None)
+    if host:
+        return (f"output(s) {', '.join(host[:3])} computed on the host, which a replay would return "
+                f"as recorded")
+    return None
+
+
+def _made_on_host(node: fx.Node) -> bool:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return node.op != "placeholder" and isinstance(val, torch.Tensor) and val.device.type == "cpu"
 
 
 class _Capture:

@@ -138,9 +138,15 @@ def inputs(name: str, batch: int, height: int, width: int, text_len: int, *, dty
 
     kwargs = MODELS[name][2](batch, height, width, text_len, randn, dtype)
     activations = {"hidden_states", "encoder_hidden_states"}
-    moved = {k: v.to(device=device, dtype=dtype) if k in activations else v.to(device)
-             for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    return kwargs | moved | {"return_dict": False}
+
+    def move(k, v):  # noqa: ANN001, ANN202
+        if isinstance(v, list):  # Z-Image's per-sample lists
+            return [move(k, t) for t in v]
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.to(device=device, dtype=dtype) if k in activations else v.to(device)
+
+    return {k: move(k, v) for k, v in kwargs.items()} | {"return_dict": False}
 
 
 def first_output(out) -> torch.Tensor:

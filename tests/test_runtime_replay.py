@@ -141,3 +141,41 @@ def test_a_failed_capture_after_a_warm_up_is_not_retried(monkeypatch):
     else:
         raise AssertionError("the capture error must reach _capture_or_none")
     assert log == [("warm-up", 0)]
+
+
+def _graph_with_vals(fn, *example):
+    """fn traced to an FX graph whose nodes carry fake values (as Dynamo's graphs do)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn, tracing_mode="fake")(*example)
+    return gm
+
+
+def test_a_graph_that_launches_nothing_is_not_captured():
+    gm = torch.fx.symbolic_trace(lambda x, y: (y, x))
+    assert "no operation" in runtime.not_capturable(gm)
+
+
+def test_an_output_computed_on_the_host_is_not_captured():
+    """A replay re-launches kernels only: a CPU output would come back as recorded."""
+    meta = torch.empty(4, device="meta")
+    ids = torch.arange(4)
+    gm = _graph_with_vals(lambda x, ids: (x * 2, ids * 2 + 1), meta, ids)
+    assert "computed on the host" in runtime.not_capturable(gm)
+    # the device output alone, or a host input handed back as it came, can be recorded
+    assert runtime.not_capturable(_graph_with_vals(lambda x, ids: (x * 2, ids), meta, ids)) is None
+    assert runtime.not_capturable(_graph_with_vals(lambda x, ids: x * ids.sum().to("meta"), meta, ids)) is None
+
+
+def test_the_reason_reaches_the_dump():
+    import lyradynamo
+    from lyradynamo import dump
+
+    with torch.no_grad():
+        torch.compile(lambda x: x * 2, backend="lyra")(torch.zeros(2))
+    (rec,) = lyradynamo.compiled_graphs()
+    assert rec.summary["cuda_graphs_off"] is None  # the CPU runs graphs as they are: nothing to report
+    assert "CUDA graphs off" not in dump.format_summary(rec.summary)
+    why = "no operation to launch (the graph only returns its inputs)"
+    assert f"CUDA graphs off for this graph (it runs op by op): {why}" in \
+        dump.format_summary(rec.summary | {"cuda_graphs_off": why})
