@@ -108,7 +108,7 @@ MODELS = {
         pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm"), _sd35),
     "zimage": ("ZImageTransformer2DModel", dict(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=8, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
-        n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[64, 64, 64]), _zimage),
+        n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[256, 64, 64]), _zimage),
     "ltx": ("LTXVideoTransformer3DModel", dict(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=32,
         cross_attention_dim=64, num_layers=2, caption_channels=32), _ltx),
