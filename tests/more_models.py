@@ -153,3 +153,13 @@ def first_output(out) -> torch.Tensor:
     """The denoised latents of a `return_dict=False` call (Z-Image returns one per sample)."""
     out = out[0]
     return torch.stack(out) if isinstance(out, (list, tuple)) else out
+
+
+def call_compiled(compiled, kwargs: dict, *, recompile_is_error: bool) -> torch.Tensor:
+    """compiled(**kwargs)'s latents; with recompile_is_error, a recompilation raises."""
+    if recompile_is_error:
+        torch.compiler.set_stance("fail_on_recompile")
+    try:
+        return first_output(compiled(**kwargs))
+    finally:
+        torch.compiler.set_stance("default")

@@ -26,12 +26,7 @@ def test_model_outside_the_zoo_matches_eager(name):
     with torch.no_grad():
         for i, shape in enumerate(SHAPES):
             kwargs = more_models.inputs(name, *shape, seed=i)
-            if one and i == 1:
-                torch.compiler.set_stance("fail_on_recompile")
-            try:
-                out = more_models.first_output(compiled(**kwargs))
-            finally:
-                torch.compiler.set_stance("default")
+            out = more_models.call_compiled(compiled, kwargs, recompile_is_error=one and i > 0)
             ref = more_models.first_output(model(**kwargs))
             assert out.shape == ref.shape and ref.abs().max() > 0
             assert rel_err(out, ref) < 1e-5, (name, shape)

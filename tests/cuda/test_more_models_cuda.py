@@ -30,12 +30,7 @@ def test_model_outside_the_zoo_cuda(name):
             seed = 0 if i == 2 else i  # call 2 repeats call 0: a replay of its capture
             kwargs = more_models.inputs(name, *shape, dtype=torch.bfloat16, device="cuda", seed=seed)
             kwargs32 = more_models.inputs(name, *shape, dtype=torch.float32, device="cuda", seed=seed)
-            if one and i == 1:
-                torch.compiler.set_stance("fail_on_recompile")
-            try:
-                out = more_models.first_output(compiled(**kwargs))
-            finally:
-                torch.compiler.set_stance("default")
+            out = more_models.call_compiled(compiled, kwargs, recompile_is_error=one and i > 0)
             ref = more_models.first_output(ref32(**kwargs32))
             e_lyra, e_eager = err(out, ref), err(more_models.first_output(model(**kwargs)), ref)
             assert e_lyra <= 2 * e_eager + 1e-3, (name, shape, e_lyra, e_eager)
