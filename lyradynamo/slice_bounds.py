@@ -17,13 +17,9 @@ torch 2.13 runs the wrapper never changes anything.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from . import shape_policy
-
-log = logging.getLogger("lyradynamo")
 
 
 def install() -> None:

@@ -4,7 +4,6 @@ clamped into the size as Python slicing defines it. torch 2.13 (CI's) places suc
 so torch 2.11's answer is stood in for here; tests/test_more_models.py[wan] fails under torch
 2.11 without the module."""
 import pytest
-import torch
 import torch.fx.experimental._config as fx_config
 from torch._dynamo.source import LocalSource
 from torch._subclasses import fake_impls
