@@ -7,8 +7,8 @@ as the CUDA kernels see in real models) and a function making one call's keyword
 Python code does not depend on the input sizes: lyra must serve all shapes with one compilation
 there. The others rebuild Python lists or cached tables from the sizes (Qwen-Image's
 `img_shapes` and lru-cached RoPE, Lumina2's per-sample caption lengths after a data-dependent
-graph break, Chroma's `torch.tensor([0] * batch_size)`, Z-Image's per-sample input lists): torch's own `dynamic=True` recompiles
-them too, so only their outputs are checked.
+graph break, Chroma's `torch.tensor([0] * batch_size)`, Z-Image's per-sample input lists):
+torch's own `dynamic=True` recompiles them too, so only their outputs are checked.
 """
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def _ltx(B, h, w, L, randn, dtype):
 
 
 def _lumina2(B, h, w, L, randn, dtype):
-    return dict(hidden_states=randn(B, 8, h, w), timestep=randn(B).abs().to(dtype), encoder_hidden_states=randn(B, L, 32),
-                encoder_attention_mask=torch.ones(B, L, dtype=torch.bool))
+    return dict(hidden_states=randn(B, 8, h, w), timestep=randn(B).abs().to(dtype),
+                encoder_hidden_states=randn(B, L, 32), encoder_attention_mask=torch.ones(B, L, dtype=torch.bool))
 
 
 MODELS = {

@@ -1,7 +1,7 @@
 """Diffusers denoisers outside the zoo (tests/more_models.py: Qwen-Image, Wan, FLUX.2, Chroma,
-CogView4, Lumina2, SD3.5, Z-Image, LTX-Video) under backend="lyra" on the CPU: each output as eager's at several batch
-sizes, resolutions and text lengths; one compilation for all of them where the model's own
-Python code does not depend on the sizes.
+CogView4, Lumina2, SD3.5, Z-Image, LTX-Video) under backend="lyra" on the CPU: each output as
+eager's at several batch sizes, resolutions and text lengths; one compilation for all of them
+where the model's own Python code does not depend on the sizes.
 
 Qwen-Image's first trace failed before this test existed (torch 2.13: size_one answered
 expand's `torch._check(s == 1)` without its guard, and the trace then read s as unknown)."""

@@ -147,8 +147,7 @@ def _graph_with_vals(fn, *example):
     """fn traced to an FX graph whose nodes carry fake values (as Dynamo's graphs do)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(fn, tracing_mode="fake")(*example)
-    return gm
+    return make_fx(fn, tracing_mode="fake")(*example)
 
 
 def test_a_graph_that_launches_nothing_is_not_captured():
