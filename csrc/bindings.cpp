@@ -36,7 +36,8 @@ void bias_residual(uintptr_t y, uintptr_t bias, uintptr_t residual, uintptr_t ou
 void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul, uintptr_t add,
                    uintptr_t y, int64_t rows, int64_t D, int64_t rows_per_batch,
                    int64_t mul_bstride, int64_t add_bstride, double eps, bool rms, int dtype,
-                   uintptr_t stream, double mul_offset);
+                   uintptr_t stream, double mul_offset, int param_dtype,
+                   int64_t x_row_stride);
 void gemm(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
           int64_t K, int64_t lda, int64_t ldo, int dtype, uintptr_t stream);
 void set_gemm_autotune(int candidates);
@@ -177,11 +178,14 @@ PYBIND11_MODULE(_C, m) {
         "LayerNorm (or RMSNorm if rms) over rows of length D, optional affine, then "
         "y = n * mul[b] + add[b] with b = row / rows_per_batch (adaLN modulation). mul_offset "
         "(after stream, default 0) != 0 multiplies by mul_offset + mul[b] rounded to dtype "
-        "instead: eager's `1 + scale` (needs mul).",
+        "instead: eager's `1 + scale` (needs mul). param_dtype (default -1: dtype) = float32 "
+        "with 16-bit x: weight, bias, mul and add are float32 (x and y stay dtype). x_row_stride "
+        "(default -1: D) reads row r of x at x + r * x_row_stride (y stays contiguous).",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mul"), py::arg("add"),
         py::arg("y"), py::arg("rows"), py::arg("D"), py::arg("rows_per_batch"),
         py::arg("mul_bstride"), py::arg("add_bstride"), py::arg("eps"), py::arg("rms"),
-        py::arg("dtype"), py::arg("stream"), py::arg("mul_offset") = 0.0);
+        py::arg("dtype"), py::arg("stream"), py::arg("mul_offset") = 0.0,
+        py::arg("param_dtype") = -1, py::arg("x_row_stride") = -1);
 
   m.def("set_gemm_autotune", &lyra::set_gemm_autotune, release(), py::arg("candidates"),
         "Algorithms every new GEMM plan times on its first call outside CUDA-graph capture (the "

@@ -11,6 +11,12 @@
 //   y = n * m + add[b*add_bstride + d]         (mul, add each optional)
 // Everything else is fp32 from the load to the single final rounding, so y is
 // at least as accurate as eager PyTorch, which rounds after every op.
+// The parameter vectors (weight, bias, mul, add) are of x's type T or, with
+// param_dtype = float32 and x 16-bit, all float32 (P below): Wan-style blocks
+// compute `(norm(x.float()) * (1 + scale) + shift).type_as(x)` with fp32 scale
+// and shift; here that is one pass, x read in T and y written in T, the
+// arithmetic the same fp32 eager does (mul_offset + mul is then rounded to
+// float32, i.e. not at all).
 //
 // Mapping: a row is handled by `tpr` threads (a multiple of 32: one or more
 // warps, blockDim.x) and a block holds blockDim.y rows. Each thread caches up
@@ -20,6 +26,9 @@
 // compiler cannot contract differently in the two instantiations below, so
 // norm_modulate_quant sees bit for bit the values norm_modulate stores.
 //
+// x's rows may be strided (x_row_stride >= D, default D): a column slice of a wider matrix, as
+// q and k are of a fused q/k/v projection's output, is read in place (no contiguous copy).
+//
 // norm_modulate_quant: the same row computation, but instead of y it writes the
 // W8A8 activation of the next (quantised) linear (see quant.cuh / quant.cu):
 //   yr = round_to_dtype(y)                    exactly norm_modulate's output value
@@ -28,6 +37,8 @@
 //   q[r, d]  = quant(xs * (1 / scale[r]))     (rows, D) contiguous, 1 byte
 // so q == numerics.quantize_rows(norm_modulate(...)) bit for bit; y itself is
 // never written. Both entry points share the kernel below (kQuant template).
+#include <type_traits>
+
 #include "quant.cuh"
 
 namespace lyra {
@@ -45,6 +56,7 @@ struct NMParams {
   int64_t rows_per_batch;
   int64_t mul_bstride;
   int64_t add_bstride;
+  int64_t ldx;  // x's row stride (elements): D, or more for a column slice of a wider matrix
   int D;
   int nvec;  // D / V
   int rms;
@@ -60,10 +72,20 @@ struct NMQuantOut {
   int kind;
 };
 
-template <typename T, int V, bool kQuant>
+// V parameter values from p: one 16-byte access per 16 bytes (V floats may span two).
+template <int V, typename P>
+__device__ __forceinline__ void load_param(const P* p, float (&out)[V]) {
+  if constexpr (std::is_same_v<P, float>) {
+    load_f32<V>(p, out);
+  } else {
+    load_vec<V>(p, out);
+  }
+}
+
+template <typename T, typename P, int V, bool kQuant>
 __global__ void __launch_bounds__(max_tpr<V>(), 1)
-norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ bias,
-                     const T* __restrict__ mul, const T* __restrict__ add, T* y, NMQuantOut qo,
+norm_modulate_kernel(const T* x, const P* __restrict__ w, const P* __restrict__ bias,
+                     const P* __restrict__ mul, const P* __restrict__ add, T* y, NMQuantOut qo,
                      NMParams p) {
   // x / y are not __restrict__: in-place (y == x) is fine, the whole row is in
   // registers before the first store.
@@ -74,7 +96,7 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
   float* red = s_red + threadIdx.y * wpr;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < p.rows;  // no early return: all threads join the barriers
-  const T* xr = x + row * p.D;
+  const T* xr = x + row * p.ldx;
 
   // ---- load the row into registers: (kMaxVec, V) per thread -------------
   float v[kMaxVec][V];
@@ -115,34 +137,34 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
     rstd = rsqrtf(__fmaf_rn(q, inv_d, p.eps));
   }
   const int64_t b = row / p.rows_per_batch;
-  const T* mulr = mul ? mul + b * p.mul_bstride : nullptr;
-  const T* addr = add ? add + b * p.add_bstride : nullptr;
+  const P* mulr = mul ? mul + b * p.mul_bstride : nullptr;
+  const P* addr = add ? add + b * p.add_bstride : nullptr;
   // The normalised + modulated fp32 values of cached vector k (element d = i * V).
   auto finish = [&](int k, int d, float (&o)[V]) {
     float t[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) o[e] = __fmul_rn(__fsub_rn(v[k][e], mean), rstd);
     if (w) {
-      load_vec<V>(w + d, t);
+      load_param<V>(w + d, t);
 #pragma unroll
       for (int e = 0; e < V; ++e) o[e] = __fmul_rn(o[e], t[e]);
     }
     if (bias) {
-      load_vec<V>(bias + d, t);
+      load_param<V>(bias + d, t);
 #pragma unroll
       for (int e = 0; e < V; ++e) o[e] = __fadd_rn(o[e], t[e]);
     }
     if (mulr) {
-      load_vec<V>(mulr + d, t);
+      load_param<V>(mulr + d, t);
       if (p.mul_offset != 0.f) {
 #pragma unroll
-        for (int e = 0; e < V; ++e) t[e] = round_to<T>(__fadd_rn(p.mul_offset, t[e]));
+        for (int e = 0; e < V; ++e) t[e] = round_to<P>(__fadd_rn(p.mul_offset, t[e]));
       }
 #pragma unroll
       for (int e = 0; e < V; ++e) o[e] = __fmul_rn(o[e], t[e]);
     }
     if (addr) {
-      load_vec<V>(addr + d, t);
+      load_param<V>(addr + d, t);
 #pragma unroll
       for (int e = 0; e < V; ++e) o[e] = __fadd_rn(o[e], t[e]);
     }
@@ -193,8 +215,8 @@ norm_modulate_kernel(const T* x, const T* __restrict__ w, const T* __restrict__ 
   }
 }
 
-template <typename T, int V, bool kQuant>
-void launch_nm(const T* x, const T* w, const T* b, const T* mul, const T* add, T* y,
+template <typename T, typename P, int V, bool kQuant>
+void launch_nm(const T* x, const P* w, const P* b, const P* mul, const P* add, T* y,
                NMQuantOut qo, NMParams p, cudaStream_t stream, const char* fn) {
   p.nvec = p.D / V;
   // Threads per row: enough warps that kMaxVec vectors per thread cover D.
@@ -209,7 +231,7 @@ void launch_nm(const T* x, const T* w, const T* b, const T* mul, const T* add, T
   const int rows_blk = tpr >= 128 ? 1 : 128 / tpr;
   const int64_t grid = (p.rows + rows_blk - 1) / rows_blk;
   LYRA_CHECK_ARG(grid < (1ll << 31), fn, "rows too large");
-  norm_modulate_kernel<T, V, kQuant>
+  norm_modulate_kernel<T, P, V, kQuant>
       <<<static_cast<unsigned>(grid), dim3(tpr, rows_blk), 0, stream>>>(x, w, b, mul, add, y, qo, p);
   LYRA_CHECK_LAUNCH(fn);
 }
@@ -238,6 +260,7 @@ NMParams nm_params(const char* fn, uintptr_t x, uintptr_t mul, int64_t rows, int
   p.mul_bstride = mul_bstride;
   p.add_bstride = add_bstride;
   p.D = static_cast<int>(D);
+  p.ldx = D;
   p.nvec = p.D;
   p.rms = rms ? 1 : 0;
   p.eps = static_cast<float>(eps);
@@ -263,26 +286,46 @@ bool nm_vec_ok(int dtype, int64_t D, int64_t mul_bstride, int64_t add_bstride, u
 void norm_modulate(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mul, uintptr_t add,
                    uintptr_t y, int64_t rows, int64_t D, int64_t rows_per_batch,
                    int64_t mul_bstride, int64_t add_bstride, double eps, bool rms, int dtype,
-                   uintptr_t stream, double mul_offset) {
+                   uintptr_t stream, double mul_offset, int param_dtype, int64_t x_row_stride) {
   const char* fn = "norm_modulate";
   LYRA_CHECK_ARG(y != 0, fn, "y must be a non-null device pointer");
-  const NMParams p = nm_params(fn, x, mul, rows, D, rows_per_batch, mul_bstride, add_bstride, eps,
-                               rms, mul_offset);
+  if (param_dtype < 0) param_dtype = dtype;
+  LYRA_CHECK_ARG(param_dtype == dtype || (param_dtype == kFloat32 && dtype != kFloat32), fn,
+                 "param_dtype must be dtype or float32 (with 16-bit x), got " +
+                     std::to_string(param_dtype) + " for dtype " + std::to_string(dtype));
+  NMParams p = nm_params(fn, x, mul, rows, D, rows_per_batch, mul_bstride, add_bstride, eps, rms,
+                         mul_offset);
+  if (x_row_stride >= 0) {
+    LYRA_CHECK_ARG(x_row_stride >= D, fn,
+                   "x_row_stride must be >= D, got " + std::to_string(x_row_stride));
+    p.ldx = x_row_stride;
+  }
+  const int vmax = 16 / dtype_size(dtype);
   const bool vec_ok = nm_vec_ok(dtype, D, mul_bstride, add_bstride, x, weight, bias, mul, add) &&
-                      aligned_to(y, 16);
+                      aligned_to(y, 16) && p.ldx % vmax == 0;
   const NMQuantOut no_quant{nullptr, nullptr, nullptr, 0};
   cudaStream_t s = as_stream(stream);
   LYRA_DISPATCH_DTYPE(dtype, fn, [&] {
-    auto* xp = as_ptr<const scalar_t>(x);
-    auto* wp = as_ptr<const scalar_t>(weight);
-    auto* bp = as_ptr<const scalar_t>(bias);
-    auto* mp = as_ptr<const scalar_t>(mul);
-    auto* ap = as_ptr<const scalar_t>(add);
-    auto* yp = as_ptr<scalar_t>(y);
-    if (vec_ok) {
-      launch_nm<scalar_t, vec16<scalar_t>(), false>(xp, wp, bp, mp, ap, yp, no_quant, p, s, fn);
+    auto launch = [&](auto* param_type) {
+      using P = std::remove_const_t<std::remove_pointer_t<decltype(param_type)>>;
+      auto* xp = as_ptr<const scalar_t>(x);
+      auto* wp = as_ptr<const P>(weight);
+      auto* bp = as_ptr<const P>(bias);
+      auto* mp = as_ptr<const P>(mul);
+      auto* ap = as_ptr<const P>(add);
+      auto* yp = as_ptr<scalar_t>(y);
+      if (vec_ok) {
+        launch_nm<scalar_t, P, vec16<scalar_t>(), false>(xp, wp, bp, mp, ap, yp, no_quant, p, s, fn);
+      } else {
+        launch_nm<scalar_t, P, 1, false>(xp, wp, bp, mp, ap, yp, no_quant, p, s, fn);
+      }
+    };
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      launch(static_cast<const float*>(nullptr));
+    } else if (param_dtype == kFloat32) {
+      launch(static_cast<const float*>(nullptr));
     } else {
-      launch_nm<scalar_t, 1, false>(xp, wp, bp, mp, ap, yp, no_quant, p, s, fn);
+      launch(static_cast<const scalar_t*>(nullptr));
     }
   });
 }
@@ -309,9 +352,9 @@ void norm_modulate_quant(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_
     auto* mp = as_ptr<const scalar_t>(mul);
     auto* ap = as_ptr<const scalar_t>(add);
     if (vec_ok) {
-      launch_nm<scalar_t, vec16<scalar_t>(), true>(xp, wp, bp, mp, ap, nullptr, qo, p, s, fn);
+      launch_nm<scalar_t, scalar_t, vec16<scalar_t>(), true>(xp, wp, bp, mp, ap, nullptr, qo, p, s, fn);
     } else {
-      launch_nm<scalar_t, 1, true>(xp, wp, bp, mp, ap, nullptr, qo, p, s, fn);
+      launch_nm<scalar_t, scalar_t, 1, true>(xp, wp, bp, mp, ap, nullptr, qo, p, s, fn);
     }
   });
 }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import diffusers
 import torch
 
-from lyradynamo.zoo.pipelines import _diffusers_model
+from lyradynamo.zoo.pipelines import _diffusers_model, keep_in_fp32  # noqa: F401 (tests use it)
 
 
 def _qwenimage(B, h, w, L, randn, dtype):

@@ -8,7 +8,10 @@ Norm forms (normalising the last dim):
 then, each optional and used once:
     y = y * mul     mul one row per sample (B|1, 1, .., D): the traced (1 + scale)
     y = y + add     add likewise: the shift
-Every layer/rms norm becomes lyra::adaln, modulated or not. A mul that is c + t with c a Python
+Every layer/rms norm becomes lyra::adaln, modulated or not. A float32 island, the norm of
+x16.float() modulated in float32 and cast back to x16's dtype (Wan's blocks:
+`(norm1(x.float()) * (1 + scale) + shift).type_as(x)`), becomes one lyra::adaln reading x16
+with out_dtype = x16's dtype, the two casts included. A mul that is c + t with c a Python
 number (diffusers' `1 + scale`, or a view `(1 + scale)[:, None, :]` only the norm reads) folds
 into the op's mul_offset: lyra::adaln reads t and adds c itself, rounded as eager's add rounds,
 and the aten add (a launch per block) goes once nothing else reads it.
@@ -122,8 +125,20 @@ def match(node: fx.Node) -> m.Rewrite | str:
     reason = unsupported_reason(x=xv, mul=m.val(mul), add=m.val(add))
     if reason:
         return reason
-    return m.Rewrite(cur, torch.ops.lyra.adaln.default, (x, w, b, mul, add, kind, float(eps), 0.0), nodes, label,
+    args = (x, w, b, mul, add, kind, float(eps), 0.0)
+    x16 = m.upcast_source(x)
+    down = m.downcast_user(cur, m.val(x16).dtype) if x16 is not None else None
+    if down is not None:  # the float32 island: read x16, write its dtype (out_dtype)
+        args = (x16, w, b, mul, add, kind, float(eps), 0.0, m.val(x16).dtype)
+        nodes += [x, down]
+        cur, label = down, label + "(float32 island)"
+    return m.Rewrite(cur, torch.ops.lyra.adaln.default, args, nodes, label,
                      same_value=m.is_contiguous(m.val(cur)))  # lyra::adaln returns a contiguous tensor
+
+
+def out_dtype(node: fx.Node):
+    """A lyra::adaln node's out_dtype: set (not None) for a float32 island."""
+    return node.args[8] if len(node.args) > 8 else node.kwargs.get("out_dtype")
 
 
 def _number_plus(node):
@@ -169,7 +184,7 @@ def _fold_mul_offset(graph: fx.Graph, node: fx.Node, fake_mode):
         view.args = (t, view.args[1])
         view.meta["example_value"] = value
         t = view
-    node.args = (*node.args[:3], t, *node.args[4:7], c)
+    node.args = (*node.args[:3], t, *node.args[4:7], c, *node.args[8:])
     m.erase_unused(graph, [total])
     return c
 

@@ -72,6 +72,47 @@ def other_operand(binop: Node, this: Node) -> Any:
     return None
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cast_of(node: Any) -> Optional[tuple]:
+    """(source, dtype) for a dtype cast node: x.float() / .half() / .bfloat16(), x.to(dtype),
+    x.to(dtype=dtype), x.type(dtype) or x.type_as(y), with nothing else asked (no device, copy
+    or memory format); else None."""
+    if not (isinstance(node, Node) and node.op == "call_method" and node.args
+            and isinstance(node.args[0], Node)):
+        return None
+    name, rest, kw = node.target, node.args[1:], node.kwargs
+    if name in _CAST_METHODS and not rest and not kw:
+        return node.args[0], _CAST_METHODS[name]
+    if name in ("to", "type"):
+        dtype = rest[0] if len(rest) == 1 and not kw else kw.get("dtype") if not rest and set(kw) == {"dtype"} else None
+        return (node.args[0], dtype) if isinstance(dtype, torch.dtype) else None
+    if name == "type_as" and len(rest) == 1 and not kw and isinstance(val(rest[0]), torch.Tensor):
+        return node.args[0], val(rest[0]).dtype
+    return None
+
+
+def upcast_source(node: Any) -> Optional[Node]:
+    """x for node = x cast from float16 / bfloat16 to float32 (an exact cast), else None."""
+    cast = cast_of(node)
+    if cast is None or cast[1] is not torch.float32:
+        return None
+    src = val(cast[0])
+    return cast[0] if isinstance(src, torch.Tensor) and src.dtype in HALF_DTYPES else None
+
+
+def downcast_user(node: Node, dtype: torch.dtype) -> Optional[Node]:
+    """The only user of node when it casts node's float32 value to `dtype`, else None."""
+    user = only_user(node)
+    cast = cast_of(user)
+    if cast is None or cast[0] is not node or cast[1] is not dtype:
+        return None
+    v = val(node)
+    return user if isinstance(v, torch.Tensor) and v.dtype is torch.float32 else None
+
+
 def known_eq(a: Any, b: Any) -> bool:
     """a == b is known without adding a guard (ints or SymInts)."""
     if isinstance(a, int) and isinstance(b, int):

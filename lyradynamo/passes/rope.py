@@ -12,6 +12,11 @@ when x is float32). When x = cat([rms_i(p_i) ...], dim=1) (joint text+image atte
 single rms(p), with rms a weight-only lyra::adaln RMSNorm, the norms and the cat fold into the
 op: each part is normalised, rotated at its offset in the sequence and written into its slice
 of the output.
+
+Wan's form (`match_split_pairs`) writes the same pairwise rotation into an empty_like(x) through
+two strided setitems, reading cos at even and sin at odd positions of (1, L, 1, D) tables: it
+becomes lyra::qk_norm_rope too, with (L, D) tables repeated pairwise from those positions (made
+once per graph): x1*c - x2*s and x2*c + x1*s are the products and sums eager forms.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from . import matcher as m
+from .adaln import out_dtype as adaln_out_dtype
 from .report import GraphReport
 
 _ADALN = {torch.ops.lyra.adaln.default}
@@ -110,8 +116,8 @@ def _parts(x: fx.Node):
 
 
 def _plain_rms(node) -> bool:
-    bias, mul, add, kind = node.args[2:6]  # (x, weight, bias, mul, add, kind, eps[, mul_offset])
-    return kind == "rms" and bias is None and mul is None and add is None
+    bias, mul, add, kind = node.args[2:6]  # (x, weight, bias, mul, add, kind, eps[, mul_offset, out_dtype])
+    return kind == "rms" and bias is None and mul is None and add is None and adaln_out_dtype(node) is None
 
 
 def match(add: fx.Node) -> m.Rewrite | None:
@@ -163,9 +169,151 @@ def _pattern_nodes(*muls):
     return seen
 
 
+_EVEN = (Ellipsis, slice(0, None, 2))
+_ODD = (Ellipsis, slice(1, None, 2))
+
+
+def _pair_table(node, index):
+    """t[..., 0::2] (index _EVEN) or t[..., 1::2] (_ODD) of a (1, L, 1, D) table -> t."""
+    if not (m.is_fn(node, {operator.getitem}) and node.args[1] == index):
+        return None
+    t = m.val(node.args[0])
+    if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point():
+        return node.args[0]
+    return None
+
+
+def _halves(x1, x2):
+    """x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1) -> x."""
+    if not (m.is_fn(x1, {operator.getitem}) and m.is_fn(x2, {operator.getitem})):
+        return None
+    unbind = x1.args[0]
+    if x2.args[0] is not unbind or (x1.args[1], x2.args[1]) != (0, 1):
+        return None
+    if not (m.is_method(unbind, "unbind") and tuple(unbind.args[1:]) in ((-1,), (4,)) and not unbind.kwargs):
+        return None
+    unflat = unbind.args[0]
+    if not (m.is_method(unflat, "unflatten") and tuple(unflat.args[1:]) in ((-1, (-1, 2)), (3, (-1, 2)))):
+        return None
+    return unflat.args[0]
+
+
+def _products(node, target):
+    """node = a * b - c * d (target sub) or + (add) -> ((a, b), (c, d)), else None."""
+    if not (m.is_fn(node, target) and len(node.args) == 2 and not node.kwargs):
+        return None
+    pairs = []
+    for mul in node.args:
+        if not (m.is_fn(mul, m.MUL) and len(mul.args) == 2):
+            return None
+        pairs.append(tuple(mul.args))
+    return pairs
+
+
+def _split_pair_terms(even, odd):
+    """Wan's rotation: even = x1 * cos - x2 * sin, odd = x1 * sin + x2 * cos with
+    cos = C[..., 0::2], sin = S[..., 1::2] -> (x, C, S, the views cos and sin), else None."""
+    sub, add = _products(even, {operator.sub, torch.sub}), _products(odd, m.ADD)
+    if sub is None or add is None:
+        return None
+    (a, cos), (b, sin) = sub
+    if _pair_table(a, _EVEN) is not None:  # cos * x1
+        a, cos = cos, a
+    if _pair_table(b, _ODD) is not None:
+        b, sin = sin, b
+    tables = _pair_table(cos, _EVEN), _pair_table(sin, _ODD)
+    x = _halves(a, b)
+    if x is None or None in tables:
+        return None
+    if {frozenset(map(id, t)) for t in add} != {frozenset((id(a), id(sin))), frozenset((id(b), id(cos)))}:
+        return None
+    return x, tables[0], tables[1], cos, sin
+
+
+def match_split_pairs(empty: fx.Node):
+    """Wan's apply_rotary_emb, anchored at its `out = torch.empty_like(x)`:
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        out[..., 0::2] = x1 * C[..., 0::2] - x2 * S[..., 1::2]
+        out[..., 1::2] = x1 * S[..., 1::2] + x2 * C[..., 0::2]
+        out.type_as(x)
+    -> (the type_as node, x, C, S, matched nodes), or None. It is the pairwise rotation of
+    lyra::qk_norm_rope with the (L, D) tables cos[2i] = cos[2i+1] = C[2i] and
+    sin[2i] = sin[2i+1] = S[2i + 1]."""
+    if not (m.is_fn(empty, {torch.empty_like}) and len(empty.args) == 1 and not empty.kwargs):
+        return None
+    sets = {"even": [], "odd": []}  # (slices are unhashable before Python 3.12)
+    for u in empty.users:
+        if m.is_fn(u, {operator.setitem}) and u.args[0] is empty and u.args[1] in (_EVEN, _ODD):
+            sets["even" if u.args[1] == _EVEN else "odd"].append(u)
+    rest = [u for u in empty.users if not m.is_fn(u, {operator.setitem})]
+    if [len(v) for v in sets.values()] != [1, 1] or len(rest) != 1 or len(empty.users) != 3:
+        return None
+    (even,), (odd,) = sets["even"], sets["odd"]
+    terms = _split_pair_terms(even.args[2], odd.args[2])
+    if terms is None:
+        return None
+    x, cos_t, sin_t, cos, sin = terms
+    xv, end = m.val(x), rest[0]
+    if x is not empty.args[0] or not (isinstance(xv, torch.Tensor) and xv.dim() == 4):
+        return None
+    if m.cast_of(end) != (empty, xv.dtype) or m.val(end).dtype != xv.dtype:
+        return None
+    for t in (m.val(cos_t), m.val(sin_t)):  # (1, L, 1, D) against x (B, L, H, D)
+        # Wan's table width is a sum of Min() terms that equals D without sympy knowing it: the
+        # traced values are compared there; lyra::qk_norm_rope checks (L, D) on every call
+        same_d = m.known_eq(t.shape[3], xv.shape[3]) or m.hint(t.shape[3], True) == m.hint(xv.shape[3], True)
+        if not (m.known_eq(t.shape[0], 1) and m.known_eq(t.shape[2], 1) and m.known_eq(t.shape[1], xv.shape[1])
+                and same_d):
+            return None
+    nodes = [end, even, odd, empty, even.args[2], odd.args[2], *even.args[2].args, *odd.args[2].args, cos, sin]
+    return end, x, cos_t, sin_t, nodes
+
+
+def _pair_repeated_table(graph, table: fx.Node, index, fake_mode, cache: dict) -> fx.Node:
+    """The (L, D) float32 table t[0, :, 0, index].repeat_interleave(2, -1) of a (1, L, 1, D)
+    table, made once per graph (cached) right after the table itself."""
+    key = (table, index[1].start)  # (slices are unhashable before Python 3.12)
+    if key in cache:
+        return cache[key]
+    where = table
+    if table.op == "placeholder":  # after the last placeholder
+        where = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    sel = (0, slice(None, None, None), 0, index[1])
+    with graph.inserting_after(where):
+        view = graph.call_function(operator.getitem, (table, sel))
+    view.meta["example_value"] = m.fake_run(operator.getitem, (table, sel), fake_mode)
+    with graph.inserting_after(view):
+        rep = graph.call_method("repeat_interleave", (view, 2), {"dim": -1})
+    rep.meta["example_value"] = m.fake_run(torch.Tensor.repeat_interleave, (view, 2), fake_mode)
+    out = rep
+    if m.val(rep).dtype != torch.float32:
+        with graph.inserting_after(rep):
+            out = graph.call_method("float", (rep,))
+        out.meta["example_value"] = m.fake_run(torch.Tensor.float, (rep,), fake_mode)
+    cache[key] = out
+    return out
+
+
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
+    tables: dict = {}
     for node in list(graph.nodes):
-        if node.graph is not graph or not m.is_fn(node, m.ADD):
+        if node.graph is not graph:
+            continue
+        if m.is_fn(node, {torch.empty_like}):
+            got = match_split_pairs(node)
+            if got is None:
+                continue
+            end, x, cos_t, sin_t, nodes = got
+            cos = _pair_repeated_table(graph, cos_t, _EVEN, fake_mode, tables)
+            sin = _pair_repeated_table(graph, sin_t, _ODD, fake_mode, tables)
+            parts, weights, norm, eps, matched = _parts(x)
+            label = "rope(split pairs)" + ("+rms_norm" if norm == "rms" else "")
+            rw = m.Rewrite(end, torch.ops.lyra.qk_norm_rope.default, (parts, weights, norm, eps, cos, sin),
+                           nodes + matched, label, same_value=m.is_contiguous(m.val(end)))
+            m.apply(graph, rw, fake_mode)
+            report.hit("rope", label)
+            continue
+        if not m.is_fn(node, m.ADD):
             continue
         rw = match(node)
         if rw is None:

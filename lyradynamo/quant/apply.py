@@ -28,6 +28,7 @@ import torch.fx as fx
 from .. import config, params
 from ..ops.qlinear import shape_unsupported
 from ..passes import conv1x1
+from ..passes.adaln import out_dtype as adaln_out_dtype
 from . import attention as quant_attention
 from . import calibration, input_pass, weights
 
@@ -240,7 +241,8 @@ def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:
         mode = getattr(xv, "fake_mode", None)
         if not isinstance(xv, torch.Tensor) or not xv.is_floating_point():
             continue
-        fuse = (x.op == "call_function" and x.target is _ADALN and set(x.users) == set(users))
+        fuse = (x.op == "call_function" and x.target is _ADALN and set(x.users) == set(users)
+                and adaln_out_dtype(x) is None)  # lyra::adaln_quant has no float32 island
         if not fuse and len(users) < 2:
             continue  # one reader: qlinear quantises on its own, same cost
         if fuse:

@@ -112,6 +112,17 @@ def _diffusers_model(cls_name: str, config: dict, dtype, device, seed: int):
     return _finalize(model, dtype, device)
 
 
+def keep_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """model's parameters and buffers under its class's `_keep_in_fp32_modules` back in float32,
+    as `from_pretrained(torch_dtype=torch.bfloat16)` leaves them (Wan: the RoPE tables, the
+    modulation tables and the norms). Returns model."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if any(k in name.split(".") for k in keep):
+            t.data = t.data.float()
+    return model
+
+
 def _transformers_model(cls_name: str, config: dict, dtype, device, seed: int):
     import transformers
 

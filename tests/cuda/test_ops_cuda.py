@@ -105,6 +105,58 @@ def test_adaln_mul_offset_rounds_as_eager(dtype, kind, shape):
     assert torch.equal(out, lyra.adaln(x, w, None, 1 + scale, shift, kind, 1e-6))
 
 
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("shape", [(2, 4096, 1536), (1, 9, 40), (3, 77, 72), (2, 5, 37)])
+@pytest.mark.parametrize("params", ["modulated", "affine"])
+def test_adaln_float32_island(dtype, kind, shape, params):
+    """out_dtype = x's dtype with float32 weight / bias / scale / shift (Wan's
+    `(norm(x.float()) * (1 + scale) + shift).type_as(x)`): the kernel reads them as float32 and
+    rounds once, as eager's island does, so it differs from eager's island (the same 16-bit x)
+    by at most one rounding step, and is no farther from the exact value. scale and shift are
+    chunk views of one float32 (B, 6 D) modulation; D=37 takes the scalar path."""
+    b, _, d = shape
+    x = (torch.randn(*shape, device="cuda") * 2 + 0.5).to(dtype)
+    w = bias = scale = shift = None
+    if params == "affine":
+        w = 1 + 0.1 * torch.randn(d, device="cuda")
+        bias = 0.1 * torch.randn(d, device="cuda") if kind == "layer" else None
+    else:
+        shift, scale = (t[:, None] for t in (0.3 * torch.randn(b, 6 * d, device="cuda")).chunk(6, dim=1)[:2])
+    offset = 1.0 if scale is not None else 0.0
+    args = (x, w, bias, scale, shift, kind, 1e-6, offset)
+    out = lyra.adaln(*args, dtype)
+    eager = adaln.adaln_reference(*args, dtype)  # torch ops on x.float(), then cast
+    exact = adaln.adaln_reference(x.double(), *(t.double() if t is not None else None for t in args[1:5]),
+                                  *args[5:])
+    assert out.dtype == dtype and out.shape == x.shape
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((out.double() - eager.double()).abs() <= ulp * 1.01 + 1e-6).all()  # + fp32 cancellation
+    assert err(out, exact) <= err(eager, exact) * 1.01 + 1e-7
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("d", [1536, 40, 37])
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_adaln_reads_a_column_slice_in_place(dtype, kind, d, part):
+    """x = a column slice of a fused q/k/v projection's (B, L, 3 D) output: lyra::adaln reads its
+    rows at their stride (no contiguous copy: no copy kernel runs) and gives what it gives on the
+    contiguous copy, bit for bit. D=37 takes the scalar path, and so does any row stride that is
+    not a multiple of 16 bytes."""
+    qkv = torch.randn(2, 77, 3 * d, device="cuda").to(dtype)
+    x = qkv[..., part * d:(part + 1) * d]
+    w = torch.randn(d, device="cuda").to(dtype)
+    assert adaln.row_stride(x) == 3 * d
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = lyra.adaln(x, w, None, None, None, kind, 1e-6)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not any("copy" in n for n in names), names
+    assert out.is_contiguous()
+    assert torch.equal(out, lyra.adaln(x.contiguous(), w, None, None, None, kind, 1e-6))
+
+
 def test_norm_modulate_mul_offset_needs_mul():
     x = torch.randn(2, 64, device="cuda", dtype=torch.float16)
     y = torch.empty_like(x)
