@@ -276,12 +276,14 @@ def _install_batch_only_duck() -> None:
             _prepare_input(args[0], args[2] if len(args) > 2 else kwargs.get("source"))
         ctx = original(*args, **kwargs)
         sizes = getattr(ctx, "dynamic_sizes", None)
-        if not _active or not sizes or DimDynamic.DUCK not in sizes:
+        if not _active or not sizes:
             return ctx
         batch_duck = [d if (i == 0 or d is not DimDynamic.DUCK) else DimDynamic.DYNAMIC
                       for i, d in enumerate(sizes)]
         if batch_duck[0] is DimDynamic.DUCK and args and not _dim0_is_batch(args[0]):
             batch_duck[0] = DimDynamic.DYNAMIC
+        for i in _broadcast_ones(args[0] if args else None):
+            batch_duck[i] = DimDynamic.STATIC
         if batch_duck == list(sizes):
             return ctx
         try:
@@ -291,6 +293,22 @@ def _install_batch_only_duck() -> None:
 
     _automatic_dynamic.__wrapped__ = original  # type: ignore[attr-defined]
     builder._automatic_dynamic = _automatic_dynamic
+
+
+def _broadcast_ones(t) -> list:  # noqa: ANN001
+    """The dims of input t traced as the constant 1: its size-1 dims past dim 0 (a (B, 1, D)
+    modulation, a (1, L, 1, D) RoPE table), and dim 0 when it is 1 while a 3+-D argument of the
+    frame has a larger batch (a table shared by the batch). Such a dim broadcasts, and with
+    backed_size_oblivious a symbol for it would be assumed != 1 (the trace then fails: "the size
+    of tensor a (s27) must match the size of tensor b (s15)"). A later call where such a dim is
+    not 1 recompiles, as torch's default 0/1 specialisation does; dim 0 at batch 1 stays a
+    symbol (batch 1 then batch 2: one compilation)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return []
+    ones = [i for i in range(1, t.dim()) if t.shape[i] == 1]
+    if t.shape[0] == 1 and max(_frame_batch_sizes(), default=1) > 1:
+        ones.insert(0, 0)
+    return ones
 
 
 def _dim0_is_batch(t) -> bool:  # noqa: ANN001

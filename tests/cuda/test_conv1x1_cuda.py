@@ -11,13 +11,11 @@ import lyradynamo
 from lyradynamo import zoo
 from lyradynamo.ops import _common
 from tests.test_conv1x1 import Block  # the CPU test's proj_in / proj_out / shortcut block
+from helpers import rel_err as err
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("seed_from_test_id")]
 CL = torch.channels_last
 
-
-def err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

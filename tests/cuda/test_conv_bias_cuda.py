@@ -14,15 +14,13 @@ from lyradynamo.ops import _common
 from lyradynamo.ops import bias_residual as br_op
 from lyradynamo.ops import group_norm as gn_op
 from kernel_helpers import CODE, DEV, IDS, ptr, stream
+from helpers import rel_err as err
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("seed_from_test_id")]
 lyra = torch.ops.lyra
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 MY_OPS = ("group_norm", "bias_residual")
 
-
-def err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def fmt(channels_last):

@@ -12,14 +12,12 @@ from lyradynamo import config, zoo
 from lyradynamo.ops import _common
 from lyradynamo.ops.linear_group import joined
 from lyradynamo.quant import numerics
+from helpers import rel_err as err
 
 pytestmark = pytest.mark.cuda
 lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
 
-
-def err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _adjacent(parts):

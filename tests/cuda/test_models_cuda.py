@@ -6,12 +6,10 @@ import torch
 
 import lyradynamo
 from lyradynamo import zoo
+from helpers import rel_err as err
 
 pytestmark = pytest.mark.cuda
 
-
-def err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def first(o):

@@ -7,14 +7,12 @@ import torch.nn.functional as F
 
 import lyradynamo  # noqa: F401
 from lyradynamo.ops import _common, adaln, attention, group_norm, linear, rope
+from helpers import rel_err as err
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("no_fallback")]  # no PyTorch-reference fallback
 lyra = torch.ops.lyra
 DT = [torch.float16, torch.bfloat16]
 
-
-def err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def check(fn_lyra, fn_ref, args, dtype):

@@ -26,6 +26,7 @@ from lyradynamo.ops import qlinear as ql
 from lyradynamo.quant import numerics, weights
 
 from helpers import flux_lora, lora_round_trip, quantised_linear_ops, reported_weights  # noqa: E402
+from helpers import rel_err as err  # noqa: E402
 from kernel_helpers import CODE, IDS  # noqa: E402
 
 pytestmark = pytest.mark.cuda
@@ -36,9 +37,6 @@ QUANT_OPS = ("qlinear", "qlinear_q", "quantize", "adaln_quant")
 MODEL_DTYPE = {"flux": torch.bfloat16, "sdxl": torch.float16}
 MODEL_SHAPES = [(2, 64, 64), (1, 64, 96)]  # (batch, height, width): square batch 2, non-square batch 1
 
-
-def err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.fixture(autouse=True)
