@@ -46,6 +46,7 @@ class CompiledGraph:
     frame_inputs: int = 0  # inputs the compiled frame gathers per call (Dynamo's example_inputs)
     params_lifted: int = 0  # parameters / buffers Dynamo kept as graph attributes (params.py)
     cuda_graphs_off: str | None = None  # why a CUDA graph runs op by op (runtime.not_capturable)
+    host_prefix: dict | None = None  # host tensors computed before each replay (host_prefix.py)
     summary: dict = dataclasses.field(default_factory=dict)  # dump.summary_dict(), always filled
 
 

@@ -91,6 +91,7 @@ def summary_dict(record, gm: fx.GraphModule) -> dict:
         "backend_seconds": round(record.seconds, 4),
         "recompile_reason": record.recompile_reason,
         "cuda_graphs_off": getattr(record, "cuda_graphs_off", None),
+        "host_prefix": getattr(record, "host_prefix", None),
         **rep.as_dict(),
         "kernel_paths": kernel_paths(gm, record.device),
         "op_histogram": op_histogram(gm),
@@ -123,6 +124,11 @@ def format_summary(s: dict) -> str:
                      f"(e.g. {', '.join(s['relaxed_guards'][:3])})")
     if s.get("cuda_graphs_off"):
         lines.append(f"CUDA graphs off for this graph (it runs op by op): {s['cuda_graphs_off']}")
+    if s.get("host_prefix"):
+        hp = s["host_prefix"]
+        lines.append(f"host tensors computed before each CUDA-graph replay: {hp['host_nodes']} ops, "
+                     f"{hp['copies']} copies to the device; {hp.get('filled', 0)} sizes made device "
+                     "tensors by a fill")
     if s.get("cuda_graph_failures"):
         lines.append(f"CUDA graph captures failed (those shapes run op by op): {len(s['cuda_graph_failures'])} "
                      f"(first: {s['cuda_graph_failures'][0]})")

@@ -9,7 +9,8 @@ was *replaced* by a new tensor (`.data =`, torch.utils.swap_tensors) changes its
 triggers a new capture. Other inputs are copied into the capture's static buffers; outputs are
 cloned out of the pool so the caller may keep them across calls. A graph that launches
 nothing, or computes an output on the host, runs op by op instead (`not_capturable`; the dump
-names the reason).
+names the reason). Host tensors the graph copies to the device (CogView4's RoPE tables from
+`torch.arange` on the CPU) are computed before each replay (host_prefix.py).
 
 The address check (~700 tensors for a UNet: 40-100 us of host time) runs after the replay is
 launched, while the GPU works, not before it: a capture holds a reference to the storage of
@@ -29,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from . import attention_prewarm, config
+from . import attention_prewarm, config, host_prefix
 from .ops._common import clean_up_failed_capture, device_index, side_stream
 
 log = logging.getLogger("lyradynamo")
@@ -97,6 +98,15 @@ def make_runner(gm: fx.GraphModule, example_inputs: list, record, n_lifted: int 
         if why is None:
             static = _static_input_indices(gm, example_inputs)
             static.update(range(len(example_inputs) - n_lifted, len(example_inputs)))
+            filled = host_prefix.fill_scalars(gm)
+            parts = host_prefix.split(gm)
+            if parts is not None and not_capturable(parts.device) is None:
+                record.host_prefix = {"host_nodes": parts.host_nodes, "copies": parts.copies, "filled": filled}
+                log.info("lyradynamo: graph %d computes %d tensors on the host (%d copies to the "
+                         "device): they run before each replay", record.index, parts.host_nodes, parts.copies)
+                return host_prefix.HostThenDevice(parts.host, CudaGraphRunner(parts.device, static, device, record))
+            if filled:
+                record.host_prefix = {"host_nodes": 0, "copies": 0, "filled": filled}
             return CudaGraphRunner(gm, static, device, record)
         record.cuda_graphs_off = why
         log.info("lyradynamo: graph %d runs without CUDA graphs: %s", record.index, why)
