@@ -43,6 +43,12 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
     return _from_bhld(out, layout)
 
 
+def checked_mask(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The mask as unsupported_reason should see it: a bool mask (True: attend, Qwen-Image's and
+    Lumina2's padding masks) goes to torch SDPA as it is, so only a float mask's dtype is checked."""
+    return None if attn_mask is not None and attn_mask.dtype == torch.bool else attn_mask
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"lyra::attention: layout={layout!r} is not one of {LAYOUTS}")
@@ -83,7 +89,7 @@ def _(q, k, v, attn_mask, scale, is_causal, layout):
     from lyradynamo import attention_prewarm, config
 
     _check(q, k, v, layout)
-    reason = unsupported_reason(q=q, k=k, v=v, attn_mask=attn_mask)
+    reason = unsupported_reason(q=q, k=k, v=v, attn_mask=checked_mask(attn_mask))
     if reason:
         record_fallback("attention", reason)
         return attention_reference(q, k, v, attn_mask, scale, is_causal, layout)

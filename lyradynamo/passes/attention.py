@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..ops._common import unsupported_reason
+from ..ops.attention import checked_mask
 from . import matcher as m
 from .report import GraphReport
 
@@ -48,7 +49,7 @@ def match(node: fx.Node) -> m.Rewrite | str:
     vals = [m.val(t) for t in (q, k, v)]
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in vals):
         return "q, k, v must be 4-D tensors"
-    reason = unsupported_reason(q=vals[0], k=vals[1], v=vals[2], attn_mask=m.val(mask))
+    reason = unsupported_reason(q=vals[0], k=vals[1], v=vals[2], attn_mask=checked_mask(m.val(mask)))
     if reason:
         return reason
     scale = None if scale is None else float(scale)

@@ -265,7 +265,12 @@ def match_split_pairs(empty: fx.Node):
         if not (m.known_eq(t.shape[0], 1) and m.known_eq(t.shape[2], 1) and m.known_eq(t.shape[1], xv.shape[1])
                 and same_d):
             return None
-    nodes = [end, even, odd, empty, even.args[2], odd.args[2], *even.args[2].args, *odd.args[2].args, cos, sin]
+    muls = [*even.args[2].args, *odd.args[2].args]
+    x1 = next(a for mul in muls for a in mul.args if m.is_fn(a, {operator.getitem}) and a.args[1] == 0
+              and m.is_method(a.args[0], "unbind"))
+    unbind = x1.args[0]
+    halves = [*unbind.users, unbind, unbind.args[0]]  # x1, x2, the unbind, the unflatten
+    nodes = [end, even, odd, empty, even.args[2], odd.args[2], *muls, cos, sin, *halves]
     return end, x, cos_t, sin_t, nodes
 
 
