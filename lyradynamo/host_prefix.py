@@ -25,23 +25,29 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-_CALLS = ("call_function", "call_method", "call_module")
+CALLS = ("call_function", "call_method", "call_module")
 
 
 def _val(node: fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
-def _on_host(node: fx.Node) -> bool:
+def made_on_host(node: fx.Node) -> bool:
+    """A node other than a graph input whose traced value is a CPU tensor."""
     v = _val(node)
-    return node.op in _CALLS and isinstance(v, torch.Tensor) and v.device.type == "cpu"
+    return node.op != "placeholder" and isinstance(v, torch.Tensor) and v.device.type == "cpu"
+
+
+def _on_host(node: fx.Node) -> bool:
+    """A call computing a CPU tensor."""
+    return node.op in CALLS and made_on_host(node)
 
 
 def _is_tensor_free(node: fx.Node) -> bool:
     """A call whose value holds no tensor (a size, a Python number, a tuple of them)."""
     v = _val(node)
     items = v if isinstance(v, (tuple, list)) else (v,)
-    return node.op in _CALLS and v is not None and not any(isinstance(i, torch.Tensor) for i in items)
+    return node.op in CALLS and v is not None and not any(isinstance(i, torch.Tensor) for i in items)
 
 
 def _is_copy_to_device(node: fx.Node, src: fx.Node) -> bool:

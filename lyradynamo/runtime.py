@@ -120,21 +120,16 @@ def not_capturable(gm: fx.GraphModule) -> str | None:
     value on every later call. A graph with no operation (a graph break can leave one that only
     returns its inputs) would record nothing (torch warns of an empty graph)."""
     nodes = gm.graph.nodes
-    if not any(n.op in ("call_function", "call_method", "call_module") for n in nodes):
+    if not any(n.op in host_prefix.CALLS for n in nodes):
         return "no operation to launch (the graph only returns its inputs)"
     host: list[str] = []
     for n in nodes:
         if n.op == "output":
-            fx.node.map_arg(n.args, lambda a: host.append(a.name) if _made_on_host(a) else None)
+            fx.node.map_arg(n.args, lambda a: host.append(a.name) if host_prefix.made_on_host(a) else None)
     if host:
         return (f"output(s) {', '.join(host[:3])} computed on the host, which a replay would return "
                 f"as recorded")
     return None
-
-
-def _made_on_host(node: fx.Node) -> bool:
-    val = node.meta.get("val", node.meta.get("example_value"))
-    return node.op != "placeholder" and isinstance(val, torch.Tensor) and val.device.type == "cpu"
 
 
 class _Capture:

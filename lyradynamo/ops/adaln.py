@@ -150,8 +150,9 @@ def _cuda_unsupported(x, weight, bias, mul, add, out_dtype=None) -> Optional[str
             return f"{name} dtype {t.dtype} differs from x dtype {x.dtype}"
         if t is not None and t.dtype != pdt:
             return f"{name} dtype {t.dtype} differs from the other parameters' {pdt}"
-    if (out_dtype or _promoted(x, weight, bias, mul, add)) != x.dtype:
-        return f"output dtype {out_dtype} differs from x dtype {x.dtype} (the kernel writes x's dtype)"
+    out = out_dtype or _promoted(x, weight, bias, mul, add)
+    if out != x.dtype:
+        return f"output dtype {out} differs from x dtype {x.dtype} (the kernel writes x's dtype)"
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (tuple(t.shape) != (d,) or not t.is_contiguous()):
             return f"{name} must be a contiguous ({d},) tensor"

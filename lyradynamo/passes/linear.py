@@ -96,9 +96,7 @@ def _narrow_gate(graph: fx.Graph, rw: m.Rewrite, fake_mode) -> m.Rewrite:
         return rw
     value = m.fake_run(torch.Tensor.to, (gate, dtype), fake_mode)
     with graph.inserting_before(rw.root):
-        cast = graph.call_method("to", (gate, dtype))
-    cast.meta.update({k: v for k, v in rw.root.meta.items() if k in m.META_KEYS})
-    cast.meta["example_value"] = value
+        cast = m.emit(graph, "to", (gate, dtype), {}, value, rw.root)
     return dataclasses.replace(rw, args=(*rw.args[:5], cast, *rw.args[6:]))
 
 

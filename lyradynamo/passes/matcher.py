@@ -251,10 +251,11 @@ def apply(graph: fx.Graph, rw: Rewrite, fake_mode: Any) -> Node:
     return new
 
 
-def emit(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict, value: Any, like: Node) -> Node:
+def emit(graph: fx.Graph, target: Callable | str, args: tuple, kwargs: dict, value: Any, like: Node) -> Node:
     """A new call (at the graph's current insertion point) with its traced value `value` and
-    like's META_KEYS."""
-    node = graph.call_function(target, args, kwargs)
+    like's META_KEYS; a str target is a tensor method (`"to"`: args[0].to(*args[1:]))."""
+    make = graph.call_method if isinstance(target, str) else graph.call_function
+    node = make(target, args, kwargs)
     node.meta.update({k: v for k, v in like.meta.items() if k in META_KEYS})
     node.meta["example_value"] = value
     return node

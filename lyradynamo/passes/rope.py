@@ -212,7 +212,7 @@ def _products(node, target):
 
 def _split_pair_terms(even, odd):
     """Wan's rotation: even = x1 * cos - x2 * sin, odd = x1 * sin + x2 * cos with
-    cos = C[..., 0::2], sin = S[..., 1::2] -> (x, C, S, the views cos and sin), else None."""
+    cos = C[..., 0::2], sin = S[..., 1::2] -> (x, C, S, the views cos and sin, x1, x2), else None."""
     sub, add = _products(even, {operator.sub, torch.sub}), _products(odd, m.ADD)
     if sub is None or add is None:
         return None
@@ -227,7 +227,7 @@ def _split_pair_terms(even, odd):
         return None
     if {frozenset(map(id, t)) for t in add} != {frozenset((id(a), id(sin))), frozenset((id(b), id(cos)))}:
         return None
-    return x, tables[0], tables[1], cos, sin
+    return x, tables[0], tables[1], cos, sin, a, b
 
 
 def match_split_pairs(empty: fx.Node):
@@ -252,7 +252,7 @@ def match_split_pairs(empty: fx.Node):
     terms = _split_pair_terms(even.args[2], odd.args[2])
     if terms is None:
         return None
-    x, cos_t, sin_t, cos, sin = terms
+    x, cos_t, sin_t, cos, sin, x1, x2 = terms
     xv, end = m.val(x), rest[0]
     if x is not empty.args[0] or not (isinstance(xv, torch.Tensor) and xv.dim() == 4):
         return None
@@ -265,12 +265,10 @@ def match_split_pairs(empty: fx.Node):
         if not (m.known_eq(t.shape[0], 1) and m.known_eq(t.shape[2], 1) and m.known_eq(t.shape[1], xv.shape[1])
                 and same_d):
             return None
-    muls = [*even.args[2].args, *odd.args[2].args]
-    x1 = next(a for mul in muls for a in mul.args if m.is_fn(a, {operator.getitem}) and a.args[1] == 0
-              and m.is_method(a.args[0], "unbind"))
     unbind = x1.args[0]
-    halves = [*unbind.users, unbind, unbind.args[0]]  # x1, x2, the unbind, the unflatten
-    nodes = [end, even, odd, empty, even.args[2], odd.args[2], *muls, cos, sin, *halves]
+    halves = [x1, x2, unbind, unbind.args[0]]  # and the unflatten
+    nodes = [end, even, odd, empty, even.args[2], odd.args[2], *even.args[2].args, *odd.args[2].args,
+             cos, sin, *halves]
     return end, x, cos_t, sin_t, nodes
 
 
@@ -285,16 +283,14 @@ def _pair_repeated_table(graph, table: fx.Node, index, fake_mode, cache: dict) -
         where = [n for n in graph.nodes if n.op == "placeholder"][-1]
     sel = (0, slice(None, None, None), 0, index[1])
     with graph.inserting_after(where):
-        view = graph.call_function(operator.getitem, (table, sel))
-    view.meta["example_value"] = m.fake_run(operator.getitem, (table, sel), fake_mode)
-    with graph.inserting_after(view):
-        rep = graph.call_method("repeat_interleave", (view, 2), {"dim": -1})
-    rep.meta["example_value"] = m.fake_run(torch.Tensor.repeat_interleave, (view, 2), fake_mode)
-    out = rep
-    if m.val(rep).dtype != torch.float32:
-        with graph.inserting_after(rep):
-            out = graph.call_method("float", (rep,))
-        out.meta["example_value"] = m.fake_run(torch.Tensor.float, (rep,), fake_mode)
+        out = m.emit(graph, operator.getitem, (table, sel), {},
+                     m.fake_run(operator.getitem, (table, sel), fake_mode), table)
+    with graph.inserting_after(out):
+        out = m.emit(graph, "repeat_interleave", (out, 2), {"dim": -1},
+                     m.fake_run(torch.Tensor.repeat_interleave, (out, 2), fake_mode), table)
+    if m.val(out).dtype != torch.float32:
+        with graph.inserting_after(out):
+            out = m.emit(graph, "float", (out,), {}, m.fake_run(torch.Tensor.float, (out,), fake_mode), table)
     cache[key] = out
     return out
 
