@@ -38,6 +38,19 @@ def made_on_host(node: fx.Node) -> bool:
     return node.op != "placeholder" and isinstance(v, torch.Tensor) and v.device.type == "cpu"
 
 
+def launches_kernel(node: fx.Node) -> bool:
+    """Whether a call may launch device work. Sizes, asserts (no tensor in the value) and views
+    (every tensor of the value a view: split, chunk, view, unsqueeze, getitem of a tuple) launch
+    nothing; a call without a traced value is assumed to launch."""
+    if node.op not in CALLS:
+        return False
+    if "val" not in node.meta and "example_value" not in node.meta:
+        return node.op != "call_function" or node.target is not torch.ops.aten._assert_scalar.default
+    v = _val(node)
+    items = v if isinstance(v, (tuple, list)) else (v,)
+    return any(isinstance(i, torch.Tensor) and not i._is_view() for i in items)
+
+
 def _on_host(node: fx.Node) -> bool:
     """A call computing a CPU tensor."""
     return node.op in CALLS and made_on_host(node)

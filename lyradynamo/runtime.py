@@ -8,7 +8,7 @@ patches (LoRA fuse, ControlNet weight copy) are seen by the next replay; a param
 was *replaced* by a new tensor (`.data =`, torch.utils.swap_tensors) changes its address and
 triggers a new capture. Other inputs are copied into the capture's static buffers; outputs are
 cloned out of the pool so the caller may keep them across calls. A graph that launches
-nothing, or computes an output on the host, runs op by op instead (`not_capturable`; the dump
+no kernel (only sizes and views), or computes an output on the host, runs op by op instead (`not_capturable`; the dump
 names the reason). Host tensors the graph copies to the device (CogView4's RoPE tables from
 `torch.arange` on the CPU) are computed before each replay (host_prefix.py).
 
@@ -118,10 +118,13 @@ def not_capturable(gm: fx.GraphModule) -> str | None:
     recorded kernels only: what the host computed while recording (a CPU tensor output, e.g.
     position ids made from a CPU tensor after a graph break) would come back as the recorded
     value on every later call. A graph with no operation (a graph break can leave one that only
-    returns its inputs) would record nothing (torch warns of an empty graph)."""
+    returns its inputs, or only splits them into views) would record nothing (torch warns of
+    an empty graph)."""
     nodes = gm.graph.nodes
     if not any(n.op in host_prefix.CALLS for n in nodes):
         return "no operation to launch (the graph only returns its inputs)"
+    if not any(host_prefix.launches_kernel(n) for n in nodes):
+        return "no kernel to launch (the graph only computes sizes and views of its inputs)"
     host: list[str] = []
     for n in nodes:
         if n.op == "output":

@@ -155,6 +155,30 @@ def test_a_graph_that_launches_nothing_is_not_captured():
     assert "no operation" in runtime.not_capturable(gm)
 
 
+def _dynamo_graph(fn, *args):
+    graphs = []
+
+    def grab(gm, example_inputs):  # noqa: ANN001, ANN202
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=grab, dynamic=True)(*args)
+    torch._dynamo.reset()
+    (gm,) = graphs
+    return gm
+
+
+def test_a_graph_of_views_and_sizes_is_not_captured():
+    """A graph break can leave a graph that only splits its input into views and asserts on
+    sizes (Qwen-Image's): a capture of it would record no kernel."""
+    views = _dynamo_graph(lambda x: (*x.split(x.shape[-1] // 2, dim=-1), x.unsqueeze(0)[:, 1:]), torch.ones(3, 8, device="meta"))
+    assert "no kernel" in runtime.not_capturable(views)
+    # one kernel among the views is enough to capture
+    assert runtime.not_capturable(_dynamo_graph(lambda x: (*x.split(4, dim=-1), x + 1), torch.ones(3, 8, device="meta"))) is None
+    assert runtime.not_capturable(_dynamo_graph(lambda x: x.reshape(-1), torch.ones(3, 8, device="meta").t())) is None
+
+
 def test_an_output_computed_on_the_host_is_not_captured():
     """A replay re-launches kernels only: a CPU output would come back as recorded."""
     meta = torch.empty(4, device="meta")
