@@ -201,3 +201,24 @@ def test_activated_outputs_leave_quantised_from_their_producer(name, kind, monke
     plain, rec = run()
     assert "lyra::qlinear_q_qout" not in rec.summary["op_histogram"]
     assert torch.equal(fused, plain)
+
+
+def test_float32_linears_of_a_16_bit_model_stay_in_high_precision():
+    """Wan loaded as from_pretrained(torch_dtype=bf16) keeps its time embedder in float32: its
+    two linears run float32 activations, which the quantised GEMMs do not take (on CUDA they
+    ran the PyTorch reference, logged as fallbacks). They are kept, with the reason; the bf16
+    linears are quantised, and an all-float32 model still quantises (the tests above)."""
+    import more_models
+
+    if not more_models.available("wan"):
+        pytest.skip("this diffusers has no WanTransformer3DModel")
+    model = more_models.keep_in_fp32(more_models.build("wan", dtype=torch.bfloat16))
+    kwargs = more_models.inputs("wan", 2, 16, 16, 7, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    lyradynamo.reset_stats()
+    with lyradynamo.config.patch(quant="fp8", quant_master="gpu"), torch.no_grad():
+        more_models.call_compiled(torch.compile(model, backend="lyra"), kwargs, recompile_is_error=False)
+    quant = max(lyradynamo.compiled_graphs(), key=lambda r: r.summary["nodes"]).report.quant
+    kept = {k for k, why in quant["kept"].items() if "float32 in a 16-bit model" in why}
+    assert kept == {f"condition_embedder.time_embedder.linear_{i}.weight" for i in (1, 2)}, quant["kept"]
+    assert len(quant["quantized"]) > 10

@@ -17,6 +17,14 @@ Wan's form (`match_split_pairs`) writes the same pairwise rotation into an empty
 two strided setitems, reading cos at even and sin at odd positions of (1, L, 1, D) tables: it
 becomes lyra::qk_norm_rope too, with (L, D) tables repeated pairwise from those positions (made
 once per graph): x1*c - x2*s and x2*c + x1*s are the products and sums eager forms.
+
+Qwen-Image's form (`match_complex`) multiplies x's pairs, read as complex numbers, by a complex
+(L, D/2) table: `view_as_real(view_as_complex(x.float().reshape(..., -1, 2)) * f.unsqueeze(1))
+.flatten(3).type_as(x)`. (a + ib)(c + is) = (ac - bs) + i(as + bc) is the same pairwise rotation
+with cos = Re f and sin = Im f, each repeated pairwise into an (L, D) float32 table (made once
+per graph). Its joint attention then concatenates the rotated text and image q (and k):
+`cat([rope_txt, rope_img], dim=1)` of two such ops becomes one (`fold_cat`), with the
+parts' tables concatenated once per graph, so the cat copy goes.
 """
 from __future__ import annotations
 
@@ -272,27 +280,147 @@ def match_split_pairs(empty: fx.Node):
     return end, x, cos_t, sin_t, nodes
 
 
-def _pair_repeated_table(graph, table: fx.Node, index, fake_mode, cache: dict) -> fx.Node:
-    """The (L, D) float32 table t[0, :, 0, index].repeat_interleave(2, -1) of a (1, L, 1, D)
-    table, made once per graph (cached) right after the table itself."""
-    key = (table, index[1].start)  # (slices are unhashable before Python 3.12)
+def _complex_table(node):
+    """f.unsqueeze(1) of a 2-D complex table f -> f."""
+    if not (m.is_method(node, "unsqueeze") and tuple(node.args[1:]) == (1,) and not node.kwargs):
+        return None
+    t = m.val(node.args[0])
+    if isinstance(t, torch.Tensor) and t.dim() == 2 and t.is_complex():
+        return node.args[0]
+    return None
+
+
+def match_complex(vc: fx.Node):
+    """Qwen-Image's apply_rotary_emb_qwen(x, f, use_real=False), anchored at view_as_complex:
+        xr = torch.view_as_complex(x.float().reshape(B, L, H, -1, 2))
+        out = torch.view_as_real(xr * f.unsqueeze(1)).flatten(3).type_as(x)
+    (no casts when x is float32) -> (the last node, x, f, matched nodes), or None."""
+    if not (m.is_fn(vc, {torch.view_as_complex}) and len(vc.args) == 1 and not vc.kwargs):
+        return None
+    reshape = vc.args[0]
+    if not (m.is_method(reshape, "reshape") and len(reshape.users) == 1):
+        return None
+    x = _strip_float(reshape.args[0])
+    casts = [reshape.args[0]] if x is not reshape.args[0] else []
+    xv, rv = m.val(x), m.val(reshape)
+    if not (isinstance(xv, torch.Tensor) and xv.dim() == 4 and isinstance(rv, torch.Tensor) and rv.dim() == 5):
+        return None
+    if any(len(c.users) != 1 for c in casts) or not m.known_eq(rv.shape[4], 2) or \
+            not all(m.known_eq(rv.shape[i], xv.shape[i]) for i in range(3)):
+        return None
+    mul = m.only_user(vc)
+    if not (m.is_fn(mul, m.MUL) and len(mul.args) == 2 and not mul.kwargs):
+        return None
+    view = mul.args[1] if mul.args[0] is vc else mul.args[0]
+    table = _complex_table(view)
+    if table is None or len(view.users) != 1:
+        return None
+    tv = m.val(table)
+    if not (m.known_eq(tv.shape[0], xv.shape[1]) and m.known_eq(2 * tv.shape[1], xv.shape[3])):
+        return None
+    real = m.only_user(mul)
+    if not (m.is_fn(real, {torch.view_as_real}) and len(real.args) == 1):
+        return None
+    end = flat = m.only_user(real)
+    if not (m.is_method(flat, "flatten") and tuple(flat.args[1:]) == (3,) and not flat.kwargs):
+        return None
+    # back to x's dtype (a no-op for a float32 x): part of the pattern, the op returns x's dtype
+    cast = m.only_user(flat)
+    if m.cast_of(cast) == (flat, xv.dtype) and m.val(cast).dtype == xv.dtype:
+        end = cast
+    elif xv.dtype != torch.float32:
+        return None
+    nodes = [end, flat, real, mul, view, vc, reshape, *casts]
+    return end, x, table, list(dict.fromkeys(nodes))
+
+
+def _derived_table(graph, table: fx.Node, steps: list, key, fake_mode, cache: dict) -> fx.Node:
+    """A float32 table made from `table` by steps [(method name or function, extra args,
+    kwargs)], once per graph (cached under key) right after the table itself (after the last
+    placeholder when it is a graph input)."""
     if key in cache:
         return cache[key]
     where = table
-    if table.op == "placeholder":  # after the last placeholder
+    if table.op == "placeholder":
         where = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    sel = (0, slice(None, None, None), 0, index[1])
-    with graph.inserting_after(where):
-        out = m.emit(graph, operator.getitem, (table, sel), {},
-                     m.fake_run(operator.getitem, (table, sel), fake_mode), table)
-    with graph.inserting_after(out):
-        out = m.emit(graph, "repeat_interleave", (out, 2), {"dim": -1},
-                     m.fake_run(torch.Tensor.repeat_interleave, (out, 2), fake_mode), table)
-    if m.val(out).dtype != torch.float32:
-        with graph.inserting_after(out):
-            out = m.emit(graph, "float", (out,), {}, m.fake_run(torch.Tensor.float, (out,), fake_mode), table)
+    out = table
+    for target, extra, kwargs in steps + [("float", (), {})]:
+        if target == "float" and m.val(out).dtype == torch.float32:
+            break
+        fn = getattr(torch.Tensor, target) if isinstance(target, str) else target
+        with graph.inserting_after(where):
+            out = m.emit(graph, target, (out, *extra), kwargs,
+                         m.fake_run(lambda *a, fn=fn, kw=kwargs: fn(*a, **kw), (out, *extra), fake_mode), table)
+        where = out
     cache[key] = out
     return out
+
+
+def _pair_repeated_table(graph, table: fx.Node, index, fake_mode, cache: dict) -> fx.Node:
+    """The (L, D) float32 table t[0, :, 0, index].repeat_interleave(2, -1) of a (1, L, 1, D)
+    table (Wan's), made once per graph."""
+    sel = (0, slice(None, None, None), 0, index[1])
+    steps = [(operator.getitem, (sel,), {}), ("repeat_interleave", (2,), {"dim": -1})]
+    return _derived_table(graph, table, steps, (table, index[1].start), fake_mode, cache)
+
+
+def _complex_part_table(graph, table: fx.Node, part: int, fake_mode, cache: dict) -> fx.Node:
+    """The (L, D) float32 table view_as_real(f)[..., part].repeat_interleave(2, -1) of a complex
+    (L, D/2) table f (part 0: cos, 1: sin), made once per graph."""
+    steps = [(torch.view_as_real, (), {}), (operator.getitem, ((Ellipsis, part),), {}),
+             ("repeat_interleave", (2,), {"dim": -1})]
+    return _derived_table(graph, table, steps, (table, "complex", part), fake_mode, cache)
+
+
+_ROPE = {torch.ops.lyra.qk_norm_rope.default}
+
+
+def match_cat(cat: fx.Node):
+    """cat([qk_norm_rope(...), ...], dim=1) of ops with tables that feed only the cat, one norm
+    and one output dtype -> (parts, weights, norm, eps, cos tables, sin tables, matched), else
+    None."""
+    if not (m.is_fn(cat, _CAT) and m.arg(cat, 1, "dim", 0) in (1, -3)):
+        return None
+    ropes = cat.args[0]
+    if not (isinstance(ropes, (list, tuple)) and len(ropes) > 1 and len(set(ropes)) == len(ropes)):
+        return None
+    if not all(m.is_fn(r, _ROPE) and len(r.users) == 1 and r.args[4] is not None for r in ropes):
+        return None
+    norms = {(r.args[2], float(r.args[3]) if r.args[2] == "rms" else 0.0) for r in ropes}
+    weighted = {bool(r.args[1]) for r in ropes}
+    if len(norms) != 1 or len(weighted) != 1 or len({m.val(r).dtype for r in ropes}) != 1:
+        return None
+    ((norm, eps),) = norms
+    parts = [p for r in ropes for p in r.args[0]]
+    weights = [w for r in ropes for w in r.args[1]]
+    return parts, weights, norm, eps, [r.args[4] for r in ropes], [r.args[5] for r in ropes], [cat, *ropes]
+
+
+def _joined_table(graph, tables: list, cache: dict) -> fx.Node:
+    """torch.cat(tables) along L, made once per graph right after the last of them."""
+    key = ("cat", *tables)
+    if key not in cache:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        with graph.inserting_after(max(tables, key=order.__getitem__)):
+            value = torch.cat([m.val(t) for t in tables]) if None not in map(m.val, tables) else None
+            cache[key] = m.emit(graph, torch.cat, (list(tables),), {}, value, tables[0])
+    return cache[key]
+
+
+def fold_cat(graph: fx.Graph, fake_mode, report: GraphReport, tables: dict) -> None:
+    for node in list(graph.nodes):
+        if node.graph is not graph or not m.is_fn(node, _CAT):
+            continue
+        got = match_cat(node)
+        if got is None:
+            continue
+        parts, weights, norm, eps, coss, sins, matched = got
+        cos, sin = _joined_table(graph, coss, tables), _joined_table(graph, sins, tables)
+        label = f"joined ropes ({len(coss)} -> 1, cat folded)"
+        rw = m.Rewrite(node, torch.ops.lyra.qk_norm_rope.default, (parts, weights, norm, eps, cos, sin),
+                       matched, label, same_value=m.is_contiguous(m.val(node)))
+        m.apply(graph, rw, fake_mode)
+        report.hit("rope", label)
 
 
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
@@ -314,6 +442,20 @@ def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
             m.apply(graph, rw, fake_mode)
             report.hit("rope", label)
             continue
+        if m.is_fn(node, {torch.view_as_complex}):
+            got = match_complex(node)
+            if got is None:
+                continue
+            end, x, table, nodes = got
+            cos = _complex_part_table(graph, table, 0, fake_mode, tables)
+            sin = _complex_part_table(graph, table, 1, fake_mode, tables)
+            parts, weights, norm, eps, matched = _parts(x)
+            label = "rope(complex)" + ("+rms_norm" if norm == "rms" else "")
+            rw = m.Rewrite(end, torch.ops.lyra.qk_norm_rope.default, (parts, weights, norm, eps, cos, sin),
+                           nodes + matched, label, same_value=m.is_contiguous(m.val(end)))
+            m.apply(graph, rw, fake_mode)
+            report.hit("rope", label)
+            continue
         if not m.is_fn(node, m.ADD):
             continue
         rw = match(node)
@@ -321,3 +463,4 @@ def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
             continue
         m.apply(graph, rw, fake_mode)
         report.hit("rope", rw.label)
+    fold_cat(graph, fake_mode, report, tables)

@@ -6,7 +6,8 @@ with Wq / Ws (and inv_smooth) buffers of the graph module, derived from W by wei
 Layers stay in high precision by name (config.quant_exclude, regexes on the module path such
 as "transformer_blocks.0.attn.to_q.weight"), because their shape does not fit the quantised
 GEMM, because they are 1x1 convolutions run as GEMMs (passes/conv1x1.py; no convolution is
-quantised), or because no kernel can hand them their input quantised (quant/input_pass.py,
+quantised), because a 16-bit model runs them in float32 (modules it keeps in float32: the
+quantised GEMMs take fp16 / bf16), or because no kernel can hand them their input quantised (quant/input_pass.py,
 config.quant_input_pass); the report lists every layer with its decision. With config.quant_master = "host" the
 high-precision copy of a weight used only by quantised linears leaves the GPU.
 
@@ -28,6 +29,7 @@ import torch.fx as fx
 from .. import config, params
 from ..ops.qlinear import shape_unsupported
 from ..passes import conv1x1
+from ..passes import matcher as m
 from ..passes.adaln import out_dtype as adaln_out_dtype
 from . import attention as quant_attention
 from . import calibration, input_pass, weights
@@ -144,6 +146,8 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, report) -> list:
     real = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
     quantized, kept, entries, attrs, convs = [], {}, {}, {}, []
     decide = _decider(real, kind)
+    for node, why in _float32_islands(gm).items():
+        decide.keep(node.args[1], why)
     for node, why in input_pass.unfused_linears(gm, lambda n: not decide(n.args[1]).reason, kind).items():
         decide.keep(node.args[1], why)
     # report.phases_s: wall seconds of weight quantisation and host offload (no device sync of its
@@ -229,7 +233,6 @@ def _allocate_siblings_jointly(gm: fx.GraphModule, decide, kind: str) -> None:
 def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:
     """Quantise each activation once for all the quantised linears reading it, inside the
     lyra::adaln that produces it when nothing else reads it (lyra::adaln_quant)."""
-    from ..passes import matcher as m
 
     readers: dict = {}
     for node in gm.graph.nodes:
@@ -261,7 +264,6 @@ def _share_activation_quant(gm: fx.GraphModule, kind: str) -> dict:
 def _pair(gm: fx.GraphModule, target, args, mode, where):
     """target(*args), an op returning (q, scale), inserted at `where` (a graph inserting_*
     context); returns the (q, scale) getitem nodes, fake values filled in."""
-    from ..passes import matcher as m
 
     value = m.fake_run(target, args, mode)  # first: a failure leaves the graph as it was
     with where:
@@ -290,7 +292,6 @@ def _quantise_activated_outputs(gm: fx.GraphModule, kind: str) -> int:
     quantised linears read (through x, unsmoothed) hands them its output quantised: its epilogue
     kernel applies the activation and quantises (lyra::qlinear_q_qout), the readers become
     lyra::qlinear_q. FLUX: ff.net.0 (GELU) -> ff.net.2, the single blocks' proj_mlp -> proj_out."""
-    from ..passes import matcher as m
 
     n_fused = 0
     for node in list(gm.graph.nodes):
@@ -318,6 +319,25 @@ def _quantise_activated_outputs(gm: fx.GraphModule, kind: str) -> int:
         gm.graph.erase_node(node)
         n_fused += 1
     return n_fused
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _float32_islands(gm: fx.GraphModule) -> dict:
+    """The linears of a 16-bit model that run in float32 (modules it keeps in float32, such as
+    Wan's time embedder under from_pretrained's _keep_in_fp32_modules) -> why they stay in high
+    precision: the quantised GEMMs take and give fp16 / bf16 activations. A model that is all
+    float32 keeps its linears quantised (the PyTorch reference on the CPU)."""
+    def dtypes(n):
+        return [getattr(m.val(a), "dtype", None) for a in (n.args[0], n)]
+
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _LINEAR]
+    if not any(all(d in _HALF for d in dtypes(n)) for n in linears):
+        return {}
+    return {n: f"its activations are {', '.join(sorted({str(d) for d in dtypes(n) if d not in _HALF}))} in a "
+               "16-bit model (the quantised GEMMs take and give fp16 / bf16)"
+            for n in linears if any(d is not None and d not in _HALF for d in dtypes(n))}
 
 
 def _reason(param, path: str, cols, kind: str):
