@@ -423,6 +423,17 @@ def fold_cat(graph: fx.Graph, fake_mode, report: GraphReport, tables: dict) -> N
         report.hit("rope", label)
 
 
+def _rotate_with_tables(graph, fake_mode, report, end, x, nodes, cos, sin, form: str) -> None:
+    """end (the rotation of x, matched as `nodes`) -> lyra::qk_norm_rope with the (L, D) tables
+    cos / sin, x's weight-only RMSNorm folded in."""
+    parts, weights, norm, eps, matched = _parts(x)
+    label = f"rope({form})" + ("+rms_norm" if norm == "rms" else "")
+    rw = m.Rewrite(end, torch.ops.lyra.qk_norm_rope.default, (parts, weights, norm, eps, cos, sin),
+                   nodes + matched, label, same_value=m.is_contiguous(m.val(end)))
+    m.apply(graph, rw, fake_mode)
+    report.hit("rope", label)
+
+
 def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
     tables: dict = {}
     for node in list(graph.nodes):
@@ -430,31 +441,19 @@ def run(graph: fx.Graph, fake_mode, report: GraphReport) -> None:
             continue
         if m.is_fn(node, {torch.empty_like}):
             got = match_split_pairs(node)
-            if got is None:
-                continue
-            end, x, cos_t, sin_t, nodes = got
-            cos = _pair_repeated_table(graph, cos_t, _EVEN, fake_mode, tables)
-            sin = _pair_repeated_table(graph, sin_t, _ODD, fake_mode, tables)
-            parts, weights, norm, eps, matched = _parts(x)
-            label = "rope(split pairs)" + ("+rms_norm" if norm == "rms" else "")
-            rw = m.Rewrite(end, torch.ops.lyra.qk_norm_rope.default, (parts, weights, norm, eps, cos, sin),
-                           nodes + matched, label, same_value=m.is_contiguous(m.val(end)))
-            m.apply(graph, rw, fake_mode)
-            report.hit("rope", label)
+            if got is not None:
+                end, x, cos_t, sin_t, nodes = got
+                cos = _pair_repeated_table(graph, cos_t, _EVEN, fake_mode, tables)
+                sin = _pair_repeated_table(graph, sin_t, _ODD, fake_mode, tables)
+                _rotate_with_tables(graph, fake_mode, report, end, x, nodes, cos, sin, "split pairs")
             continue
         if m.is_fn(node, {torch.view_as_complex}):
             got = match_complex(node)
-            if got is None:
-                continue
-            end, x, table, nodes = got
-            cos = _complex_part_table(graph, table, 0, fake_mode, tables)
-            sin = _complex_part_table(graph, table, 1, fake_mode, tables)
-            parts, weights, norm, eps, matched = _parts(x)
-            label = "rope(complex)" + ("+rms_norm" if norm == "rms" else "")
-            rw = m.Rewrite(end, torch.ops.lyra.qk_norm_rope.default, (parts, weights, norm, eps, cos, sin),
-                           nodes + matched, label, same_value=m.is_contiguous(m.val(end)))
-            m.apply(graph, rw, fake_mode)
-            report.hit("rope", label)
+            if got is not None:
+                end, x, table, nodes = got
+                cos = _complex_part_table(graph, table, 0, fake_mode, tables)
+                sin = _complex_part_table(graph, table, 1, fake_mode, tables)
+                _rotate_with_tables(graph, fake_mode, report, end, x, nodes, cos, sin, "complex")
             continue
         if not m.is_fn(node, m.ADD):
             continue
