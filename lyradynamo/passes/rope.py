@@ -376,9 +376,9 @@ _ROPE = {torch.ops.lyra.qk_norm_rope.default}
 
 
 def match_cat(cat: fx.Node):
-    """cat([qk_norm_rope(...), ...], dim=1) of ops with tables that feed only the cat, one norm
-    and one output dtype -> (parts, weights, norm, eps, cos tables, sin tables, matched), else
-    None."""
+    """cat([qk_norm_rope(...), ...], dim=1) of ops with tables, each read only by the cat, with
+    one norm and one output dtype -> (parts, weights, norm, eps, cos tables, sin tables,
+    matched), else None."""
     if not (m.is_fn(cat, _CAT) and m.arg(cat, 1, "dim", 0) in (1, -3)):
         return None
     ropes = cat.args[0]
@@ -396,14 +396,14 @@ def match_cat(cat: fx.Node):
     return parts, weights, norm, eps, [r.args[4] for r in ropes], [r.args[5] for r in ropes], [cat, *ropes]
 
 
-def _joined_table(graph, tables: list, cache: dict) -> fx.Node:
+def _joined_table(graph, tables: list, fake_mode, cache: dict) -> fx.Node:
     """torch.cat(tables) along L, made once per graph right after the last of them."""
     key = ("cat", *tables)
     if key not in cache:
         order = {n: i for i, n in enumerate(graph.nodes)}
+        args = (list(tables),)
         with graph.inserting_after(max(tables, key=order.__getitem__)):
-            value = torch.cat([m.val(t) for t in tables]) if None not in map(m.val, tables) else None
-            cache[key] = m.emit(graph, torch.cat, (list(tables),), {}, value, tables[0])
+            cache[key] = m.emit(graph, torch.cat, args, {}, m.fake_run(torch.cat, args, fake_mode), tables[0])
     return cache[key]
 
 
@@ -415,7 +415,7 @@ def fold_cat(graph: fx.Graph, fake_mode, report: GraphReport, tables: dict) -> N
         if got is None:
             continue
         parts, weights, norm, eps, coss, sins, matched = got
-        cos, sin = _joined_table(graph, coss, tables), _joined_table(graph, sins, tables)
+        cos, sin = _joined_table(graph, coss, fake_mode, tables), _joined_table(graph, sins, fake_mode, tables)
         label = f"joined ropes ({len(coss)} -> 1, cat folded)"
         rw = m.Rewrite(node, torch.ops.lyra.qk_norm_rope.default, (parts, weights, norm, eps, cos, sin),
                        matched, label, same_value=m.is_contiguous(m.val(node)))
