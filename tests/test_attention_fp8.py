@@ -138,6 +138,35 @@ def test_rewrite_quantises_attention_read_by_quantised_linears(name, n_attn, mod
     assert numerics.sqnr_db(ref, off) > 25 and not torch.equal(out, off)
 
 
+def test_joint_attention_sliced_per_stream_runs_in_fp8():
+    """Qwen-Image slices its joint attention's output per stream with three-slice indexing
+    (`o[:, :txt_len, :]`, `o[:, txt_len:, :]`) before the two out-projections; its q / k come
+    from its complex RoPE with the RMSNorm folded in. Both attentions run in fp8, every linear
+    but the excluded ones is quantised, and the output is as close to eager as with 16-bit
+    attention."""
+    import more_models
+
+    if not more_models.available("qwenimage"):
+        pytest.skip("this diffusers has no QwenImageTransformer2DModel")
+    model = more_models.build("qwenimage", dtype=torch.bfloat16)
+    kwargs = more_models.inputs("qwenimage", 2, 16, 16, 7, dtype=torch.bfloat16)
+    kwargs.pop("encoder_hidden_states_mask")  # the pipeline drops an all-ones mask
+    with torch.no_grad():
+        ref = more_models.first_output(model(**kwargs))
+    outs = {}
+    for mode in ("auto", "off"):
+        torch._dynamo.reset()
+        lyradynamo.reset_stats()
+        with lyradynamo.config.patch(quant="fp8", quant_master="gpu", fp8_attention=mode), torch.no_grad():
+            outs[mode] = more_models.call_compiled(torch.compile(model, backend="lyra"), kwargs,
+                                                   recompile_is_error=False)
+        quant = max(lyradynamo.compiled_graphs(), key=lambda r: r.summary["nodes"]).report.quant
+        if mode == "auto":
+            assert quant["attention"] == {"fp8": 2, "kept": {}}, quant["attention"]
+            assert not any("attn.to" in k for k in quant["kept"]), quant["kept"]
+    assert numerics.sqnr_db(ref, outs["auto"]) > numerics.sqnr_db(ref, outs["off"]) - 3
+
+
 def test_attention_with_other_readers_stays_and_says_why(monkeypatch):
     """An output read by anything but a quantised linear (here: every linear kept in high
     precision) keeps the attention as it was, with the reason."""

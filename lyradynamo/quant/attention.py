@@ -143,8 +143,9 @@ def _row_view(u: fx.Node, parent: fx.Node):
         idx = u.args[1]
         if isinstance(idx, int) and isinstance(pv, (tuple, list)):
             return ("call_function", operator.getitem, (idx,))
-        if isinstance(idx, tuple) and len(idx) <= 2 and all(isinstance(i, slice) for i in idx):
-            return ("call_function", operator.getitem, (idx,))
+        if isinstance(idx, tuple) and all(isinstance(i, slice) for i in idx) and \
+                all(i == slice(None) for i in idx[2:]):  # (Qwen-Image's o[:, :txt_len, :])
+            return ("call_function", operator.getitem, (idx[:2],))
         return None
     name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
     if name in ("split", "split_with_sizes") and len(args) == 3 and args[2] in (0, 1):
