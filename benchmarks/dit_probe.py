@@ -3,7 +3,8 @@
 or Qwen-Image (20B).
 
     python benchmarks/dit_probe.py [--model wan|qwenimage] [--frames 33] [--height 480] [--width 832]
-                                   [--text-len 256] [--calls 5] [--keep-fp32] [--no-ref] [--out f.json]
+                                   [--text-len 256] [--calls 5] [--keep-fp32] [--no-ref] [--quant fp8]
+                                   [--lyra-config KEY=VALUE ...] [--out f.json]
 
 Random weights from the model's published config (no hub), built on the GPU. One call as the
 model's pipeline makes it (batch 1: Wan and Qwen-Image run the conditional and unconditional
@@ -96,6 +97,8 @@ def main() -> None:
     p.add_argument("--text-len", type=int, default=256, help="qwenimage: text tokens")
     p.add_argument("--no-ref", action="store_true", help="skip the fp32 reference (its memory, its time)")
     p.add_argument("--quant", default="none", choices=("none", "fp8", "int8"), help="lyradynamo.config.quant")
+    p.add_argument("--lyra-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="more lyradynamo.config options for the compiled call (repeatable)")
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -107,6 +110,9 @@ def main() -> None:
     row = {"model": name, "card": torch.cuda.get_device_name(), "frames": args.frames,
            "height": args.height, "width": args.width, "dtype": "bf16", "keep_fp32": args.keep_fp32,
            "torch": torch.__version__, "quant": args.quant}
+    options = lyradynamo.config.parse(args.lyra_config)
+    if options:
+        row["lyra_config"] = {k: str(v) for k, v in options.items()}
     if args.model == "qwenimage":
         del row["frames"]
         row["text_len"] = args.text_len
@@ -129,6 +135,8 @@ def main() -> None:
         compiled = torch.compile(model, backend="lyra")
         _common.reset_fallback_counts()
         lyradynamo.config.quant = args.quant  # read by the backend at compile time
+        for k, v in options.items():
+            setattr(lyradynamo.config, k, v)
         t = time.perf_counter()
         lyra_out = compiled(**inputs)[0]
         torch.cuda.synchronize()
