@@ -167,6 +167,33 @@ def test_joint_attention_sliced_per_stream_runs_in_fp8():
     assert numerics.sqnr_db(ref, outs["auto"]) > numerics.sqnr_db(ref, outs["off"]) - 3
 
 
+def test_a_cast_to_the_outputs_own_dtype_is_dropped_from_the_fp8_chain():
+    """Wan writes `o.flatten(2, 3).type_as(query)` (bf16 to bf16) before its out-projection:
+    with fp8_attention = 'on' (its q / k are normalised across heads, so auto keeps them) the
+    cast is dropped from the view chain rather than replayed on the e4m3 output, every
+    attention runs in fp8, and Wan's RoPE still fuses."""
+    import more_models
+
+    if not more_models.available("wan"):
+        pytest.skip("this diffusers has no WanTransformer3DModel")
+    model = more_models.keep_in_fp32(more_models.build("wan", dtype=torch.bfloat16))
+    kwargs = more_models.inputs("wan", 2, 16, 16, 7, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = more_models.first_output(model(**kwargs))
+    outs = {}
+    for mode in ("on", "off"):
+        torch._dynamo.reset()
+        lyradynamo.reset_stats()
+        with lyradynamo.config.patch(quant="fp8", quant_master="gpu", fp8_attention=mode), torch.no_grad():
+            outs[mode] = more_models.call_compiled(torch.compile(model, backend="lyra"), kwargs,
+                                                   recompile_is_error=False)
+        rec = max(lyradynamo.compiled_graphs(), key=lambda r: r.summary["nodes"])
+        if mode == "on":
+            assert rec.report.quant["attention"] == {"fp8": 4, "kept": {}}, rec.report.quant["attention"]
+            assert rec.summary["matched"]["rope"] == {"rope(split pairs)": 4}
+    assert numerics.sqnr_db(ref, outs["on"]) > numerics.sqnr_db(ref, outs["off"]) - 3
+
+
 def test_attention_with_other_readers_stays_and_says_why(monkeypatch):
     """An output read by anything but a quantised linear (here: every linear kept in high
     precision) keeps the attention as it was, with the reason."""

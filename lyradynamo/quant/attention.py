@@ -6,6 +6,7 @@ only quantised linears read runs in fp8, its inputs quantised by the kernels tha
     v = cat(v_parts, dim=1)                                        (or any v)
     o = lyra::attention(q, k, v, None, scale, causal, 'blhd')
     o -> flatten / reshape to (B, L, H*D) -> split / slice along L -> contiguous -> lyra::qlinear
+         (a cast to o's own dtype on the way, Wan's `.type_as(query)`, is dropped)
 becomes
     scales = lyra::attention_fp8_scales(q, k and v parts, q_w, k_w)  (RMS-normed q / k: a bound
                                                                       from the weights, no pass)
@@ -42,6 +43,7 @@ _QKV_QUANT = torch.ops.lyra.qkv_quant.default
 _QKV_QUANT3 = torch.ops.lyra.qkv_quant3.default
 _ATTENTION_FP8 = torch.ops.lyra.attention_fp8.default
 _IDENTITY = object()  # a view that keeps dims 0, 1 (B, L): the row scales stay as they are
+_NO_OP = object()  # a cast to the dtype o already has (Wan's `o.type_as(query)`): dropped
 
 
 def quantise_attention(gm: fx.GraphModule) -> dict:
@@ -139,6 +141,9 @@ def _row_view(u: fx.Node, parent: fx.Node):
     if args is None:
         return None
     pv, uv = m.val(parent), m.val(u)
+    cast = m.cast_of(u)
+    if cast is not None and cast[0] is parent and isinstance(pv, torch.Tensor) and cast[1] == pv.dtype:
+        return _NO_OP  # replayed on the e4m3 output it would convert it: the rewrite drops it
     if u.op == "call_function" and u.target is operator.getitem:
         idx = u.args[1]
         if isinstance(idx, int) and isinstance(pv, (tuple, list)):
@@ -221,8 +226,11 @@ def _plan(attn: fx.Node, chain, leaves, operands, fused: bool, mode) -> dict:
     vals, svals = {attn: plan["pair"][0]}, {attn: plan["pair"][1]}
     for u in chain:  # graph order: parents first
         parent = u.args[0]
-        vals[u] = _fake(mode, lambda *a, **kw: _call(u, *a, **kw), vals[parent], *u.args[1:], **u.kwargs)
         how = _row_view(u, parent)
+        if how is _NO_OP:
+            vals[u], svals[u] = vals[parent], svals[parent]
+            continue
+        vals[u] = _fake(mode, lambda *a, **kw: _call(u, *a, **kw), vals[parent], *u.args[1:], **u.kwargs)
         if how is _IDENTITY:
             svals[u] = svals[parent]
         else:
@@ -246,6 +254,7 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
     fused = (len(qp) == len(kp) == len(vp) and (qn, qe, qc, qs) == (kn, ke, kc, ks) and vn == "none"
              and not vw and vc is None)  # one pass over q, k and v
     plan = _plan(attn, chain, leaves, operands, fused, mode)
+    hows = {u: _row_view(u, u.args[0]) for u in chain}  # before the chain is rewired
     scales = _insert(graph, attn, _SCALES, (operands[0][0], operands[1][0], operands[2][0],
                                             operands[0][1], operands[1][1]), plan["scales"])
     if fused:
@@ -259,8 +268,12 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
     attn.replace_all_uses_with(o8)
     row_scale = {o8: o_scale}
     for u in chain:
-        parent = u.args[0]
-        how = _row_view(u, parent)
+        parent, how = u.args[0], hows[u]
+        if how is _NO_OP:
+            row_scale[u] = row_scale[parent]
+            u.replace_all_uses_with(parent)
+            graph.erase_node(u)
+            continue
         if how is _IDENTITY:
             row_scale[u] = row_scale[parent]
         else:
