@@ -172,11 +172,12 @@ def _dynamo_graph(fn, *args):
 def test_a_graph_of_views_and_sizes_is_not_captured():
     """A graph break can leave a graph that only splits its input into views and asserts on
     sizes (Qwen-Image's): a capture of it would record no kernel."""
-    views = _dynamo_graph(lambda x: (*x.split(x.shape[-1] // 2, dim=-1), x.unsqueeze(0)[:, 1:]), torch.ones(3, 8, device="meta"))
+    meta = torch.ones(3, 8, device="meta")
+    views = _dynamo_graph(lambda x: (*x.split(x.shape[-1] // 2, dim=-1), x.unsqueeze(0)[:, 1:]), meta)
     assert "no kernel" in runtime.not_capturable(views)
     # one kernel among the views is enough to capture
-    assert runtime.not_capturable(_dynamo_graph(lambda x: (*x.split(4, dim=-1), x + 1), torch.ones(3, 8, device="meta"))) is None
-    assert runtime.not_capturable(_dynamo_graph(lambda x: x.reshape(-1), torch.ones(3, 8, device="meta").t())) is None
+    assert runtime.not_capturable(_dynamo_graph(lambda x: (*x.split(4, dim=-1), x + 1), meta)) is None
+    assert runtime.not_capturable(_dynamo_graph(lambda x: x.reshape(-1), meta.t())) is None
 
 
 def test_an_output_computed_on_the_host_is_not_captured():
