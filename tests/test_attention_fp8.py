@@ -138,6 +138,25 @@ def test_rewrite_quantises_attention_read_by_quantised_linears(name, n_attn, mod
     assert numerics.sqnr_db(ref, off) > 25 and not torch.equal(out, off)
 
 
+def _fp8_against_off(model, kwargs, mode: str):
+    """model compiled with quant fp8 and fp8_attention = mode, then "off": the record of the
+    largest graph under mode, and whether the output under mode is as close to eager as with
+    16-bit attention (SQNR within 3 dB)."""
+    import more_models
+
+    with torch.no_grad():
+        ref = more_models.first_output(model(**kwargs))
+    outs, recs = {}, {}
+    for fa in (mode, "off"):
+        torch._dynamo.reset()
+        lyradynamo.reset_stats()
+        with lyradynamo.config.patch(quant="fp8", quant_master="gpu", fp8_attention=fa), torch.no_grad():
+            outs[fa] = more_models.call_compiled(torch.compile(model, backend="lyra"), kwargs,
+                                                 recompile_is_error=False)
+        recs[fa] = max(lyradynamo.compiled_graphs(), key=lambda r: r.summary["nodes"])
+    return recs[mode], numerics.sqnr_db(ref, outs[mode]) > numerics.sqnr_db(ref, outs["off"]) - 3
+
+
 def test_joint_attention_sliced_per_stream_runs_in_fp8():
     """Qwen-Image slices its joint attention's output per stream with three-slice indexing
     (`o[:, :txt_len, :]`, `o[:, txt_len:, :]`) before the two out-projections; its q / k come
@@ -151,20 +170,11 @@ def test_joint_attention_sliced_per_stream_runs_in_fp8():
     model = more_models.build("qwenimage", dtype=torch.bfloat16)
     kwargs = more_models.inputs("qwenimage", 2, 16, 16, 7, dtype=torch.bfloat16)
     kwargs.pop("encoder_hidden_states_mask")  # the pipeline drops an all-ones mask
-    with torch.no_grad():
-        ref = more_models.first_output(model(**kwargs))
-    outs = {}
-    for mode in ("auto", "off"):
-        torch._dynamo.reset()
-        lyradynamo.reset_stats()
-        with lyradynamo.config.patch(quant="fp8", quant_master="gpu", fp8_attention=mode), torch.no_grad():
-            outs[mode] = more_models.call_compiled(torch.compile(model, backend="lyra"), kwargs,
-                                                   recompile_is_error=False)
-        quant = max(lyradynamo.compiled_graphs(), key=lambda r: r.summary["nodes"]).report.quant
-        if mode == "auto":
-            assert quant["attention"] == {"fp8": 2, "kept": {}}, quant["attention"]
-            assert not any("attn.to" in k for k in quant["kept"]), quant["kept"]
-    assert numerics.sqnr_db(ref, outs["auto"]) > numerics.sqnr_db(ref, outs["off"]) - 3
+    rec, as_close = _fp8_against_off(model, kwargs, "auto")
+    quant = rec.report.quant
+    assert quant["attention"] == {"fp8": 2, "kept": {}}, quant["attention"]
+    assert not any("attn.to" in k for k in quant["kept"]), quant["kept"]
+    assert as_close
 
 
 def test_a_cast_to_the_outputs_own_dtype_is_dropped_from_the_fp8_chain():
@@ -178,20 +188,10 @@ def test_a_cast_to_the_outputs_own_dtype_is_dropped_from_the_fp8_chain():
         pytest.skip("this diffusers has no WanTransformer3DModel")
     model = more_models.keep_in_fp32(more_models.build("wan", dtype=torch.bfloat16))
     kwargs = more_models.inputs("wan", 2, 16, 16, 7, dtype=torch.bfloat16)
-    with torch.no_grad():
-        ref = more_models.first_output(model(**kwargs))
-    outs = {}
-    for mode in ("on", "off"):
-        torch._dynamo.reset()
-        lyradynamo.reset_stats()
-        with lyradynamo.config.patch(quant="fp8", quant_master="gpu", fp8_attention=mode), torch.no_grad():
-            outs[mode] = more_models.call_compiled(torch.compile(model, backend="lyra"), kwargs,
-                                                   recompile_is_error=False)
-        rec = max(lyradynamo.compiled_graphs(), key=lambda r: r.summary["nodes"])
-        if mode == "on":
-            assert rec.report.quant["attention"] == {"fp8": 4, "kept": {}}, rec.report.quant["attention"]
-            assert rec.summary["matched"]["rope"] == {"rope(split pairs)": 4}
-    assert numerics.sqnr_db(ref, outs["on"]) > numerics.sqnr_db(ref, outs["off"]) - 3
+    rec, as_close = _fp8_against_off(model, kwargs, "on")
+    assert rec.report.quant["attention"] == {"fp8": 4, "kept": {}}, rec.report.quant["attention"]
+    assert rec.summary["matched"]["rope"] == {"rope(split pairs)": 4}
+    assert as_close
 
 
 def test_attention_with_other_readers_stays_and_says_why(monkeypatch):
