@@ -7,9 +7,9 @@ Parameters and buffers are read in place (their addresses are captured), so in-p
 patches (LoRA fuse, ControlNet weight copy) are seen by the next replay; a parameter that
 was *replaced* by a new tensor (`.data =`, torch.utils.swap_tensors) changes its address and
 triggers a new capture. Other inputs are copied into the capture's static buffers; outputs are
-cloned out of the pool so the caller may keep them across calls. A graph that launches
-no kernel (only sizes and views), or computes an output on the host, runs op by op instead (`not_capturable`; the dump
-names the reason). Host tensors the graph copies to the device (CogView4's RoPE tables from
+cloned out of the pool so the caller may keep them across calls. A graph that launches no
+kernel (only sizes and views), or computes an output on the host, runs op by op instead
+(`not_capturable`; the dump names the reason). Host tensors the graph copies to the device (CogView4's RoPE tables from
 `torch.arange` on the CPU) are computed before each replay (host_prefix.py).
 
 The address check (~700 tensors for a UNet: 40-100 us of host time) runs after the replay is

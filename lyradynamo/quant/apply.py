@@ -321,23 +321,18 @@ def _quantise_activated_outputs(gm: fx.GraphModule, kind: str) -> int:
     return n_fused
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _float32_islands(gm: fx.GraphModule) -> dict:
     """The linears of a 16-bit model that run in float32 (modules it keeps in float32, such as
     Wan's time embedder under from_pretrained's _keep_in_fp32_modules) -> why they stay in high
     precision: the quantised GEMMs take and give fp16 / bf16 activations. A model that is all
     float32 keeps its linears quantised (the PyTorch reference on the CPU)."""
-    def dtypes(n):
-        return [getattr(m.val(a), "dtype", None) for a in (n.args[0], n)]
-
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _LINEAR]
-    if not any(all(d in _HALF for d in dtypes(n)) for n in linears):
+    half = set(m.HALF_DTYPES)
+    other = {n: {getattr(m.val(a), "dtype", None) for a in (n.args[0], n)} - half  # input, output
+             for n in gm.graph.nodes if n.op == "call_function" and n.target is _LINEAR}
+    if all(other.values()):  # no linear with 16-bit activations: not a 16-bit model
         return {}
-    return {n: f"its activations are {', '.join(sorted({str(d) for d in dtypes(n) if d not in _HALF}))} in a "
-               "16-bit model (the quantised GEMMs take and give fp16 / bf16)"
-            for n in linears if any(d is not None and d not in _HALF for d in dtypes(n))}
+    return {n: f"its activations are {', '.join(sorted(map(str, d)))} in a 16-bit model (the quantised "
+               "GEMMs take and give fp16 / bf16)" for n, d in other.items() if d - {None}}
 
 
 def _reason(param, path: str, cols, kind: str):

@@ -224,9 +224,9 @@ def _plan(attn: fx.Node, chain, leaves, operands, fused: bool, mode) -> dict:
         plan["qkv"] = tuple(_fake(mode, _QKV_QUANT, *op[2], plan["scales"], i) for i, op in enumerate(operands))
     plan["pair"] = _fake(mode, _ATTENTION_FP8, *plan["qkv"], plan["scales"], scale, is_causal)
     vals, svals = {attn: plan["pair"][0]}, {attn: plan["pair"][1]}
+    hows = {u: _row_view(u, u.args[0]) for u in chain}  # asked before the rewrite rewires the chain
     for u in chain:  # graph order: parents first
-        parent = u.args[0]
-        how = _row_view(u, parent)
+        parent, how = u.args[0], hows[u]
         if how is _NO_OP:
             vals[u], svals[u] = vals[parent], svals[parent]
             continue
@@ -240,7 +240,7 @@ def _plan(attn: fx.Node, chain, leaves, operands, fused: bool, mode) -> dict:
     out_dtype = m.val(attn).dtype
     plan["leaves"] = [_fake(mode, _QLINEAR_Q, vals[leaf.args[0]], svals[leaf.args[0]], *leaf.args[1:8], "fp8",
                             out_dtype) for leaf in leaves]
-    plan.update(vals=vals, svals=svals, out_dtype=out_dtype)
+    plan.update(vals=vals, svals=svals, hows=hows, out_dtype=out_dtype)
     return plan
 
 
@@ -254,7 +254,6 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
     fused = (len(qp) == len(kp) == len(vp) and (qn, qe, qc, qs) == (kn, ke, kc, ks) and vn == "none"
              and not vw and vc is None)  # one pass over q, k and v
     plan = _plan(attn, chain, leaves, operands, fused, mode)
-    hows = {u: _row_view(u, u.args[0]) for u in chain}  # before the chain is rewired
     scales = _insert(graph, attn, _SCALES, (operands[0][0], operands[1][0], operands[2][0],
                                             operands[0][1], operands[1][1]), plan["scales"])
     if fused:
@@ -268,7 +267,7 @@ def _rewrite(gm: fx.GraphModule, attn: fx.Node, consumers) -> None:
     attn.replace_all_uses_with(o8)
     row_scale = {o8: o_scale}
     for u in chain:
-        parent, how = u.args[0], hows[u]
+        parent, how = u.args[0], plan["hows"][u]
         if how is _NO_OP:
             row_scale[u] = row_scale[parent]
             u.replace_all_uses_with(parent)
