@@ -67,6 +67,27 @@ def _inputs(args, dtype) -> dict:
     return out | {"return_dict": False}
 
 
+def _another_size(args, spec: str, model, compiled) -> dict:
+    """One more size ("HxW" or "HxW:L"): lyra's first call there (a new capture, no compilation
+    expected), its median call and eager's."""
+    size, _, length = spec.partition(":")
+    args = argparse.Namespace(**vars(args))
+    args.height, args.width = (int(v) for v in size.split("x"))
+    if length:
+        args.text_len = int(length)
+    inputs = _inputs(args, torch.bfloat16)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    compiled(**inputs)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t
+    lyra_ms = _median_ms(lambda: compiled(**inputs), args.calls)
+    eager_ms = _median_ms(lambda: model(**inputs), args.calls)
+    return {"size": spec, "lyra_first_call_s": first, "lyra_ms": lyra_ms, "eager_ms": eager_ms,
+            "speedup": eager_ms / lyra_ms, "first_call_vs_call": first * 1e3 / lyra_ms,
+            "compilations": lyradynamo.compile_count()}
+
+
 def _median_ms(fn, calls: int, warm: int = 2) -> float:
     for _ in range(warm):
         fn()
@@ -104,6 +125,9 @@ def main() -> None:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--keep-fp32", action="store_true")
+    p.add_argument("--more-sizes", default="", metavar="HxW[:L],...",
+                   help="after the timed size, call lyra at these sizes (qwenimage: L = text tokens): each "
+                        "one's first call, median call, eager's median, and the compilations so far")
     p.add_argument("--out", default="")
     args = p.parse_args()
     cls_name, config, _, name = MODELS[args.model]
@@ -155,6 +179,8 @@ def main() -> None:
         if args.quant != "none":
             row["quant_report"] = _counts(summary.get("quant") or {})
         row["fallbacks"] = {f"{op}: {why}": n for (op, why), n in _common.fallback_counts().items()}
+        row["host_prefix"] = [r.summary.get("host_prefix") for r in graphs]
+        row["more_sizes"] = [_another_size(args, spec, model, compiled) for spec in args.more_sizes.split(",") if spec]
     print(json.dumps(row))
     if args.out:
         with open(args.out, "a") as f:

@@ -19,6 +19,7 @@ records.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -117,10 +118,44 @@ def _is_value_to_device(node: fx.Node) -> bool:
             and all(not isinstance(_val(a), torch.Tensor) for a in node.all_input_nodes))
 
 
+def _is_input_copy(node: fx.Node) -> bool:
+    """A copy to the GPU of a host tensor the graph takes as an input: a table the model keeps
+    on the CPU as a plain attribute (Qwen-Image's RoPE tables, `self.pos_freqs.to(device)`),
+    or a CPU tensor argument."""
+    src = node.args[0] if node.args else None
+    return (isinstance(src, fx.Node) and src.op == "placeholder" and isinstance(_val(src), torch.Tensor)
+            and _val(src).device.type == "cpu" and _is_copy_to_device(node, src))
+
+
+def _copy_unless_unchanged(copy):  # noqa: ANN001, ANN202
+    """copy(src, ...) made to return its last result while src is the same tensor at the same
+    version (a table kept as an attribute: copied once, not on every call); a new or modified
+    tensor is copied again."""
+    last: list = [None, -1, None]  # weak reference to src, its version, the copy
+
+    def copy_unless_unchanged(src, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        ref, version, out = last
+        if ref is not None and ref() is src and src._version == version:
+            return out
+        out = copy(src, *args, **kwargs)
+        last[:] = [weakref.ref(src), src._version, out]
+        return out
+
+    return copy_unless_unchanged
+
+
+def _memoise_input_copies(host: fx.GraphModule) -> None:
+    for n in host.graph.nodes:
+        if n.op in CALLS and _is_input_copy(n):
+            fn = getattr(torch.Tensor, n.target) if n.op == "call_method" else n.target
+            n.op, n.target = "call_function", _copy_unless_unchanged(fn)
+    host.recompile()
+
+
 def split(gm: fx.GraphModule) -> Optional[Split]:
     graph = gm.graph
     host = [n for n in graph.nodes if _on_host(n)]
-    roots = [n for n in graph.nodes if _is_value_to_device(n)]
+    roots = [n for n in graph.nodes if _is_value_to_device(n) or _is_input_copy(n)]
     if not host and not roots:
         return None
     host_set = set(host)
@@ -179,7 +214,9 @@ def split(gm: fx.GraphModule) -> Optional[Split]:
     for n in reversed(graph.nodes):  # sizes only the host part read: not on the device's path
         if n in needed and n.op != "placeholder" and n in env and not env[n].users:
             device_graph.erase_node(env[n])
-    return Split(fx.GraphModule(gm, host_graph), fx.GraphModule(gm, device_graph), len(host), len(copies))
+    host_gm = fx.GraphModule(gm, host_graph)
+    _memoise_input_copies(host_gm)
+    return Split(host_gm, fx.GraphModule(gm, device_graph), len(host), len(copies))
 
 
 class HostThenDevice:

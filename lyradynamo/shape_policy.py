@@ -247,9 +247,10 @@ def install() -> None:
     _install_batch_only_duck()
     _install_input_floats()
     _install_call_method_hooks()
-    from . import fake_shortcuts, guard_tags, params, quiet_compile, size_one, slice_bounds
+    from . import fake_shortcuts, guard_tags, params, quiet_compile, size_one, size_scalars, slice_bounds
 
     size_one.install()
+    size_scalars.install()
     slice_bounds.install()
     fake_shortcuts.install()
     guard_tags.install()

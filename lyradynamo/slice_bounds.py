@@ -50,4 +50,19 @@ def clamped_slice_index(size, index):  # noqa: ANN001, ANN201 - SymInt or int
         return torch.sym_min(index, size)
     if guard_or_false(index < 0):
         return torch.sym_max(index + size, 0)
-    return None
+    return _decided_by_hint(size, index)
+
+
+def _decided_by_hint(size, index):  # noqa: ANN001, ANN202 - SymInt or int
+    """The index of a slice bounded by an int argument of the call (Qwen-Image's frame count in
+    `table[idx : idx + frame]`): such an int is traced as a symbol of unknown sign, so neither
+    rule above applies. Where its value at this call is known, the branch it takes is guarded
+    (`frame >= 0`, `frame <= 4096`: inequalities, no specialisation) and the index is exact."""
+    from torch.fx.experimental import symbolic_shapes as sym
+
+    has_hint = getattr(sym, "has_guarding_hint", None) or getattr(sym, "has_hint", None)  # 2.13 / 2.11
+    if has_hint is None or not all(has_hint(v) for v in (size, index)):
+        return None
+    if sym.guard_bool(index >= 0):
+        return index if sym.guard_bool(index <= size) else size
+    return index + size if sym.guard_bool(index >= -size) else 0

@@ -5,10 +5,13 @@ Each entry: the diffusers class, a tiny config (head dims of 32, widths that are
 as the CUDA kernels see in real models) and a function making one call's keyword arguments at
 (batch, latent height, latent width, text length). `ONE_COMPILATION` names the models whose own
 Python code does not depend on the input sizes: lyra must serve all shapes with one compilation
-there. The others rebuild Python lists or cached tables from the sizes (Qwen-Image's
-`img_shapes` and lru-cached RoPE, Lumina2's per-sample caption lengths after a data-dependent
-graph break, Chroma's `torch.tensor([0] * batch_size)`, Z-Image's per-sample input lists):
-torch's own `dynamic=True` recompiles them too, so only their outputs are checked.
+there. `ONE_COMPILATION_PER_BATCH` names those whose code builds a Python list or tensor as long
+as the batch (Qwen-Image's `img_shapes`, Chroma's `torch.tensor([0] * batch_size)`): Dynamo
+guards a list's length, so each new batch size compiles once, and every resolution and prompt
+length at that batch is served by it. The others (Lumina2's per-sample caption lengths after a
+data-dependent graph break, Z-Image's per-sample input lists and its RoPE table made under
+`with torch.device("cpu")` at the first call) recompile for other reasons too, as under torch's
+own `dynamic=True`, so only their outputs are checked.
 """
 from __future__ import annotations
 
@@ -114,6 +117,7 @@ MODELS = {
         cross_attention_dim=64, num_layers=2, caption_channels=32), _ltx),
 }
 ONE_COMPILATION = ("wan", "flux2", "cogview4", "sd35", "ltx")
+ONE_COMPILATION_PER_BATCH = ("qwenimage", "chroma")
 
 
 def available(name: str) -> bool:

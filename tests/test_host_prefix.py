@@ -45,7 +45,16 @@ class SizeOfHostTensorOnDevice(torch.nn.Module):
         return x[:, : pos.shape[0]] * pos[:, None].to(x.device)
 
 
-def _traced(module, x_shape=(2, 5, 3)):
+class TableInputOnHost(torch.nn.Module):
+    """Qwen-Image's RoPE tables: a CPU tensor the model keeps as a plain attribute (Dynamo lifts
+    it to a graph input), copied to x's device on every call, then sliced by a size. (The dtype
+    makes `.to` a copy in the CPU run of the test as well.)"""
+
+    def forward(self, x, table):
+        return x * table.to(x.device, torch.float64)[: x.shape[1]]
+
+
+def _traced(module, x_shape=(2, 5, 3), host_inputs=()):
     """module traced by torch.fx, each node's value faked as Dynamo would trace it with x on the
     GPU: torch.arange makes a host tensor, .to(x.device) copies to "cuda", .cpu() to the host,
     any other op runs where its tensor inputs are (on "cuda" if any of them is)."""
@@ -60,7 +69,7 @@ def _traced(module, x_shape=(2, 5, 3)):
             if n.op == "output":
                 continue
             if n.op == "placeholder":
-                value = torch.empty(*x_shape, device="cuda")
+                value = torch.empty(*x_shape, device="cpu" if n.name in host_inputs else "cuda")
             elif n.target is getattr:
                 src = n.args[0].meta["example_value"]
                 value = torch.device("cuda") if n.args[1] == "device" else src.shape
@@ -133,6 +142,22 @@ def test_a_list_made_a_device_tensor_is_a_copy():
     assert parts is not None and (parts.host_nodes, parts.copies) == (0, 1)
     x = torch.randn(2, 5, 3)
     assert torch.equal(parts.device(x, *parts.host(x)), gm(x))
+
+
+def test_a_host_input_copied_to_the_device_is_copied_once_per_version():
+    gm = _traced(TableInputOnHost(), host_inputs=("table",))
+    parts = host_prefix.split(gm)
+    assert parts is not None and (parts.host_nodes, parts.copies) == (0, 1)
+    assert "to" not in {n.target for n in parts.device.graph.nodes if n.op == "call_method"}
+    x, table = torch.randn(2, 5, 3), torch.randn(7, 3)
+    first = parts.host(x, table)
+    assert torch.equal(parts.device(x, table, *first), gm(x, table))
+    assert parts.host(x, table)[0] is first[0]  # the same table, unchanged: not copied again
+    table.mul_(2)  # modified in place: copied again, the new values seen
+    again = parts.host(x, table)
+    assert again[0] is not first[0] and torch.equal(parts.device(x, table, *again), gm(x, table))
+    other = table.clone()  # another tensor with equal values and version: copied
+    assert parts.host(x, other)[0] is not again[0]
 
 
 def test_graph_without_host_tensors_does_not_split():

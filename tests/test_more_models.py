@@ -34,3 +34,27 @@ def test_model_outside_the_zoo_matches_eager(name):
     assert graphs and any(sum(c["before"] for c in r.summary["coverage"].values()) for r in graphs)
     if one:
         assert lyradynamo.compile_count() == 1
+
+
+# (latent height, latent width, text length) at one batch size
+SIZES_AT_ONE_BATCH = [(8, 8, 12), (8, 12, 20), (12, 8, 7)]
+
+
+@pytest.mark.parametrize("name", more_models.ONE_COMPILATION_PER_BATCH)
+def test_model_with_batch_long_lists_compiles_once_per_batch(name):
+    """Qwen-Image: its RoPE slices a table by the sizes in `img_shapes` (before: an unbacked size,
+    a graph break, and the text length pinned across it) and makes a tensor of the text length
+    (before: pinned). Now one graph per batch size serves every resolution and prompt length."""
+    if not more_models.available(name):
+        pytest.skip(f"this diffusers has no {more_models.MODELS[name][0]}")
+    torch._dynamo.reset()
+    lyradynamo.reset_stats()
+    model = more_models.build(name)
+    compiled = torch.compile(model, backend="lyra")
+    with torch.no_grad():
+        for batch in (1, 2):
+            for i, size in enumerate(SIZES_AT_ONE_BATCH):
+                kwargs = more_models.inputs(name, batch, *size, seed=i)
+                out = more_models.call_compiled(compiled, kwargs, recompile_is_error=i > 0)
+                assert rel_err(out, more_models.first_output(model(**kwargs))) < 1e-5, (name, batch, size)
+            assert lyradynamo.compile_count() == batch, [r.recompile_reason for r in lyradynamo.compiled_graphs()]

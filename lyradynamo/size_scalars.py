@@ -1,0 +1,85 @@
+"""Where a traced size (or an int argument, traced as a symbol) meets a Python value.
+
+1. `torch.as_tensor(size)` / `torch.tensor(size)`: kept symbolic.
+
+A model that makes a 0-d tensor of a size (Qwen-Image's text-length fallback in
+`compute_text_seq_len_from_mask`: `torch.as_tensor(text_seq_len, device=...)`) would have
+Dynamo fix the size to its current value: torch builds the fake tensor from a Python number,
+so the symbol is evaluated and guarded (`Eq(L, 12)`), and every new prompt length recompiles.
+While a lyra frame is traced, such a call whose data is one symbolic int, float or bool (and
+whose other arguments are at most `dtype` and `device`) is traced as
+`torch.scalar_tensor(size, dtype=..., device=...)` instead: the same 0-d tensor, with the dtype
+`as_tensor` would infer (int64, the default float dtype, bool), and no guard. A call with any
+other argument is traced by torch as before.
+
+2. `f"{n}"`: the symbol is specialised. Z-Image picks its patch embedder by
+`self.all_x_embedder[f"{patch_size}-{f_patch_size}"]`, with the patch sizes passed as int
+arguments, which the shape policy traces as symbols. Dynamo's f-string of a symbol breaks the
+graph in a way it cannot resume from: the rest of the forward ran eagerly, each block a frame of
+its own (16 graphs in the tiny model). A symbol formatted into a string is a key or a message,
+not a size the graph computes with, so it is guarded to its value (a new patch size recompiles,
+as it would under torch's default static ints).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import shape_policy
+
+_FACTORIES = (torch.as_tensor, torch.tensor)
+_KWARGS = {"dtype", "device"}
+
+
+def install() -> None:
+    """Idempotent; if Dynamo's classes moved, leaves torch as it is (such sizes stay pinned)."""
+    try:
+        from torch._dynamo.variables import ConstantVariable, SymNodeVariable
+        from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+    except ImportError:
+        return
+    original = getattr(TorchInGraphFunctionVariable, "call_function", None)
+    if original is None or getattr(original, "__wrapped__", None) is not None:
+        return
+
+    def call_function(self, tx, args, kwargs):  # noqa: ANN001, ANN202 - torch's signature
+        if (shape_policy._active and getattr(self, "value", None) in _FACTORIES and len(args) == 1
+                and isinstance(args[0], SymNodeVariable) and set(kwargs) <= _KWARGS):
+            dtype = _inferred_dtype(args[0].python_type())
+            if dtype is not None:
+                kwargs = {"dtype": ConstantVariable.create(dtype)} | dict(kwargs)
+                return original(TorchInGraphFunctionVariable(torch.scalar_tensor), tx, list(args), kwargs)
+        return original(self, tx, args, kwargs)
+
+    call_function.__wrapped__ = original  # type: ignore[attr-defined]
+    TorchInGraphFunctionVariable.call_function = call_function
+    _install_format_specialised(ConstantVariable, SymNodeVariable)
+
+
+def _install_format_specialised(constant, sym_node) -> None:  # noqa: ANN001
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+    except ImportError:
+        return
+    original = getattr(InstructionTranslatorBase, "_format_value", None)
+    if original is None or getattr(original, "__wrapped__", None) is not None:
+        return
+
+    def _format_value(self, fmt_spec, flags):  # noqa: ANN001, ANN202 - torch's signature
+        if shape_policy._active and self.stack and isinstance(self.stack[-1], sym_node):
+            value = self.pop()
+            self.push(constant.create(value.evaluate_expr(self.output)))
+        return original(self, fmt_spec, flags)
+
+    _format_value.__wrapped__ = original  # type: ignore[attr-defined]
+    InstructionTranslatorBase._format_value = _format_value
+
+
+def _inferred_dtype(kind: type) -> torch.dtype | None:
+    """The dtype torch.as_tensor gives a Python number of this type."""
+    if kind is int:
+        return torch.int64
+    if kind is float:
+        return torch.get_default_dtype()
+    if kind is bool:
+        return torch.bool
+    return None
