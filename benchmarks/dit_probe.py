@@ -4,9 +4,11 @@ or Qwen-Image (20B).
 
     python benchmarks/dit_probe.py [--model wan|qwenimage] [--frames 33] [--height 480] [--width 832]
                                    [--text-len 256] [--calls 5] [--keep-fp32] [--no-ref] [--quant fp8]
-                                   [--lyra-config KEY=VALUE ...] [--out f.json]
+                                   [--lyra-config KEY=VALUE ...] [--more-sizes HxW[:L],...] [--out f.json]
 
-Random weights from the model's published config (no hub), built on the GPU. One call as the
+Random weights from the model's published config (no hub), built on the GPU; tensors the model
+keeps as plain attributes (Qwen-Image's RoPE tables) then go to the CPU, where from_pretrained
+leaves them, so lyra meets the host copies a real pipeline has. One call as the
 model's pipeline makes it (batch 1: Wan and Qwen-Image run the conditional and unconditional
 calls separately; Qwen-Image's pipeline drops an all-ones text mask, so no mask), in bf16. Reports
 eager's and lyra's median call (CUDA events, after warm-up calls), lyra's first call (trace +
@@ -32,7 +34,7 @@ import torch  # noqa: E402
 
 import lyradynamo  # noqa: E402
 from lyradynamo.ops import _common  # noqa: E402
-from lyradynamo.zoo.pipelines import _diffusers_model, keep_in_fp32  # noqa: E402
+from lyradynamo.zoo.pipelines import _diffusers_model, keep_in_fp32, plain_tensors_on_cpu  # noqa: E402
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -147,7 +149,7 @@ def main() -> None:
             out32 = ref(**_inputs(args, torch.float32))[0]
             del ref
             torch.cuda.empty_cache()
-        model = _diffusers_model(cls_name, config, torch.bfloat16, "cuda", 0)
+        model = plain_tensors_on_cpu(_diffusers_model(cls_name, config, torch.bfloat16, "cuda", 0))
         if args.keep_fp32:
             keep_in_fp32(model)
         inputs = _inputs(args, torch.bfloat16)

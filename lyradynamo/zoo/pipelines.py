@@ -112,6 +112,18 @@ def _diffusers_model(cls_name: str, config: dict, dtype, device, seed: int):
     return _finalize(model, dtype, device)
 
 
+def plain_tensors_on_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """Tensors that model's modules keep as plain attributes (not parameters, not buffers: Qwen-
+    Image's RoPE tables) moved to the CPU, where `from_pretrained` leaves them (made in
+    `__init__`, not moved by `.to(device)`). A model built on the GPU has them there instead.
+    Returns model."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                setattr(module, name, value.cpu())
+    return model
+
+
 def keep_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
     """model's parameters and buffers under its class's `_keep_in_fp32_modules` back in float32,
     as `from_pretrained(torch_dtype=torch.bfloat16)` leaves them (Wan: the RoPE tables, the
