@@ -129,6 +129,7 @@ def test_rewrite_quantises_attention_read_by_quantised_linears(name, n_attn, mod
         assert hist.get("lyra::qkv_quant3") == n_attn
         _, att_auto, _ = _compile_run(name, model, inputs)
         assert att_auto["fp8"] == 0 and all("not RMS-normalised" in why for why in att_auto["kept"].values())
+        assert all("not long and wide enough" in why for why in att_auto["kept"].values())
         text = dump.format_summary(lyradynamo.compiled_graphs()[0].summary)
         assert f"attention in fp8 (its output quantised by the kernel): 0; left in 16-bit: {n_attn}" in text
         assert f"attention x{n_attn}: q / k are not RMS-normalised" in text
@@ -191,6 +192,32 @@ def test_a_cast_to_the_outputs_own_dtype_is_dropped_from_the_fp8_chain():
     rec, as_close = _fp8_against_off(model, kwargs, "on")
     assert rec.report.quant["attention"] == {"fp8": 4, "kept": {}}, rec.report.quant["attention"]
     assert rec.summary["matched"]["rope"] == {"rope(split pairs)": 4}
+    assert as_close
+
+
+def test_auto_takes_long_wide_attention_without_rms_normalised_q_k(monkeypatch):
+    """fp8_attention = 'auto' also rewrites attention whose q / k are not RMS-normalised where
+    it is long and wide at the traced call (head dim >= 128, >= 8192 queries and keys: Wan's
+    self-attention at video sizes), and not cross-attention (a short text) nor short attention.
+    Thresholds scaled down to the tiny Wan (head dim 32, 128 tokens, 7 text tokens)."""
+    import more_models
+
+    from lyradynamo.quant import attention as quant_attention
+
+    if not more_models.available("wan"):
+        pytest.skip("this diffusers has no WanTransformer3DModel")
+    model = more_models.keep_in_fp32(more_models.build("wan", dtype=torch.bfloat16))
+    kwargs = more_models.inputs("wan", 2, 16, 16, 7, dtype=torch.bfloat16)
+    rec, _ = _fp8_against_off(model, kwargs, "auto")
+    kept = rec.report.quant["attention"]["kept"]
+    assert rec.report.quant["attention"]["fp8"] == 0 and len(kept) == 4
+    assert all("not long and wide enough" in why for why in kept.values()), kept
+    monkeypatch.setattr(quant_attention, "_WIDE_HEAD_DIM", 32)
+    monkeypatch.setattr(quant_attention, "_LONG_TOKENS", 100)
+    rec, as_close = _fp8_against_off(model, kwargs, "auto")
+    att = rec.report.quant["attention"]
+    assert att["fp8"] == 2 and len(att["kept"]) == 2, att  # the two self-attentions, not the cross
+    assert all("not long and wide enough" in why for why in att["kept"].values())
     assert as_close
 
 

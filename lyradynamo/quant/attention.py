@@ -16,9 +16,11 @@ becomes
     o8 -> the same view chain, mirrored on o_scale (B, L) -> lyra::qlinear_q(o8 view, o_scale view)
 
 so one kernel normalises, rotates and quantises q and k and copies v (its cat) to e4m3, and the
-out-projection's separate quantise pass is gone. With config.fp8_attention = "auto" only
-attention whose q and k are RMS-normalised (DiTs: FLUX, SD3) is rewritten: elsewhere (SDXL) the
-amax passes over q and k cost more than fp8 attention saves; "on" rewrites those too. Anything else reading o (or a mask, a head
+out-projection's separate quantise pass is gone. With config.fp8_attention = "auto" attention
+whose q and k are RMS-normalised (DiTs: FLUX, SD3) is rewritten, and other attention only where
+it is long and wide (head dim >= 128 and >= 8192 queries and keys at the traced call: video DiTs
+such as Wan): elsewhere (SDXL) the amax passes over q and k cost more than fp8 attention saves;
+"on" rewrites those too. Anything else reading o (or a mask, a head
 dim cuDNN does not take) leaves the attention as it is, with the reason in the report.
 """
 from __future__ import annotations
@@ -85,12 +87,32 @@ def _unsupported(node: fx.Node) -> Optional[str]:
     if not isinstance(d, int) or d % 16 or d > 256:
         return f"head dim {d} (cuDNN fp8 attention needs a multiple of 16, at most 256)"
     if config.fp8_attention == "auto":
-        if not all(_rms_normed(n) for n in (q, k)):
+        if not all(_rms_normed(n) for n in (q, k)) and not _long_and_wide(qv, m.val(k)):
             # SDXL (H100): the amax and quantise passes over q and k cost more than the fp8
             # attention saves at head dim 64 (0.752 -> 0.872 s/image)
-            return "q / k are not RMS-normalised (their per-tensor amax would take a pass each: no gain)"
+            return (f"q / k are not RMS-normalised (their per-tensor amax would take a pass each), and "
+                    f"the attention is not long and wide enough to pay for it (head dim >= "
+                    f"{_WIDE_HEAD_DIM} and >= {_LONG_TOKENS} queries and keys at the traced call)")
         return ops.unavailable_reason(qv.device)
     return None
+
+
+# auto, q / k not RMS-normalised: fp8 attention where the attention itself is long and wide.
+# Its cost grows with L_q * L_k, the amax and quantise passes over q / k / v only with L. Wan 2.1
+# 1.3B (head dim 128, 14 040 tokens; H200): 111.9 -> 102.4 ms a call. SDXL (head dim 64, 4096
+# tokens at 1024; H100) lost, and SD1.5's only head dim >= 128 (160) is its 8x-downsampled level
+# (64 tokens at 512): neither qualifies.
+_WIDE_HEAD_DIM = 128
+_LONG_TOKENS = 8192
+
+
+def _long_and_wide(qv: torch.Tensor, kv) -> bool:
+    """Head dim >= _WIDE_HEAD_DIM and both sequences >= _LONG_TOKENS at the traced call (one
+    compilation serves every size: the first call's sizes decide; blhd layout)."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 4:
+        return False
+    lengths = [m.hint(qv.shape[1], allow_none=True), m.hint(kv.shape[1], allow_none=True)]
+    return (qv.shape[-1] >= _WIDE_HEAD_DIM and None not in lengths and min(lengths) >= _LONG_TOKENS)
 
 
 def _rms_normed(node) -> bool:
