@@ -81,7 +81,9 @@ _OPTIONS: dict[str, _Option] = {
         "auto",
         "With quant = fp8: attention in fp8 (q, k, v quantised per tensor by the kernels that "
         "produce them, cuDNN's fp8 SDPA, its e4m3 output read as is by the quantised "
-        "out-projection). auto = where it runs (SM90+ with the cuDNN frontend, "
+        "out-projection). auto = where it pays (q / k RMS-normalised per head, as in FLUX and SD3; "
+        "or long and wide attention: head dim >= 128 and >= 8192 queries and keys at the first "
+        "call, a video DiT's self-attention) and where it runs (SM90+ with the cuDNN frontend, "
         "`pip install nvidia-cudnn-frontend`; the reference math on the CPU), the dump saying why "
         "not elsewhere; on = always (a logged reference fallback where cuDNN is missing); off.",
         choices=("auto", "on", "off"),
