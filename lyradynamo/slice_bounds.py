@@ -1,4 +1,4 @@
-"""A slice whose bound is a size symbol keeps a size expression, not an unknown size (torch 2.11).
+"""A slice whose bound is a symbol keeps a size expression, not an unknown size.
 
 Under lyra's shape policy torch reasons about backed sizes size-obliviously
 (`backed_size_oblivious`: what keeps a first call at batch 1 from pinning the batch). There a
@@ -12,8 +12,13 @@ and Wan's then failed to trace at all ("size of tensor a (2) must match the size
 (s27: hint = 1)"). torch 2.13 answers instead with the bound clamped to the size, as Python
 slicing defines it: `min(index, size)` for an index known to be >= 0, `max(index + size, 0)`
 for one known to be < 0. While a lyra frame is traced, this module gives torch 2.11 the same
-answer where its own function returns none; every answer torch gives is kept, and where
-torch 2.13 runs the wrapper never changes anything.
+answer where its own function returns none; every answer torch gives is kept.
+
+Both versions return none for a bound of unknown sign: an int argument of the call, which the
+policy traces as a symbol (Qwen-Image slices its RoPE table by the frame count of `img_shapes`,
+`table[idx : idx + frame]`). There the bound's value at this call decides, and the branch it
+takes is guarded (`_decided_by_hint`): inequalities on the int, so one compilation still serves
+its other values on the same side.
 """
 from __future__ import annotations
 
