@@ -28,12 +28,15 @@ class Modulated(torch.nn.Module):
     def __init__(self, factor: str, kind: str):
         super().__init__()
         self.emb = torch.nn.Linear(16, 2 * D)
-        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(D)) if kind == "rms" else None
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(D)) if kind.startswith("rms") else None
         self.factor, self.kind = factor, kind
 
     def norm(self, x):
         if self.kind == "rms":  # diffusers' RMSNorm
             var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            return (x * torch.rsqrt(var + 1e-6)).to(x.dtype) * self.weight
+        if self.kind == "rms, torch.mean":  # the function form (QwenImage21's text norm)
+            var = torch.mean(x.to(torch.float32) ** 2, dim=-1, keepdim=True)
             return (x * torch.rsqrt(var + 1e-6)).to(x.dtype) * self.weight
         return F.layer_norm(x, (D,), eps=1e-6)
 
@@ -63,10 +66,11 @@ def test_scalar_plus_scale_folds_into_the_norm(factor, dtype):
     assert rec.summary["matched"]["adaln"] == {f"layer_norm+({offset}+scale)+shift": 1}
 
 
+@pytest.mark.parametrize("kind", ["rms", "rms, torch.mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_folds_too(dtype):
+def test_rms_norm_folds_too(dtype, kind):
     torch.manual_seed(0)
-    rec = compiled_bitwise(Modulated("1 + s", "rms").to(dtype).eval(), *_inputs(dtype))
+    rec = compiled_bitwise(Modulated("1 + s", kind).to(dtype).eval(), *_inputs(dtype))
     assert _scalar_adds(rec) == 0
     assert rec.summary["matched"]["adaln"] == {"rms_norm(diffusers)+(1+scale)+shift": 1}
 

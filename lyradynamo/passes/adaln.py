@@ -44,7 +44,7 @@ def _manual_rms(rsqrt: fx.Node):
     if not (m.is_fn(add, m.ADD) and len(add.args) == 2 and isinstance(add.args[1], float)):
         return "rsqrt input is not mean + eps"
     mean, eps = add.args
-    if not (m.is_method(mean, "mean") and m.arg(mean, 1, "dim") in (-1, [-1], (-1,))
+    if not ((m.is_method(mean, "mean") or m.is_fn(mean, {torch.mean})) and m.arg(mean, 1, "dim") in (-1, [-1], (-1,))
             and mean.kwargs.get("keepdim", False)):
         return "not mean(-1, keepdim=True)"
     pw = mean.args[0]
