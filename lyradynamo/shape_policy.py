@@ -283,17 +283,34 @@ def _install_batch_only_duck() -> None:
                       for i, d in enumerate(sizes)]
         if batch_duck[0] is DimDynamic.DUCK and args and not _dim0_is_batch(args[0]):
             batch_duck[0] = DimDynamic.DYNAMIC
+        torch_constraints = getattr(ctx, "constraint_sizes", None)
+        constraints = list(torch_constraints or [None] * len(sizes))
+        if (args and _dim0_is_batch(args[0]) and _automatic_constraint(constraints[0])
+                and batch_duck[0] in (DimDynamic.DUCK, DimDynamic.DYNAMIC)):
+            # a recompile marks the dims that changed with a warn-only constraint (automatic
+            # dynamic), which makes torch give each its own symbol: the batch keeps one symbol
+            # across the inputs all the same, or `temb.view(batch, -1, D)` becomes
+            # (s0, s1 // s0, D) and broadcasting fails (LTX-2 at a new batch size)
+            batch_duck[0], constraints[0] = DimDynamic.DUCK, None
         for i in _broadcast_ones(args[0] if args else None):
             batch_duck[i] = DimDynamic.STATIC
-        if batch_duck == list(sizes):
+        fields = {"dynamic_sizes": batch_duck}
+        if torch_constraints is not None:
+            fields["constraint_sizes"] = constraints
+        if all(list(getattr(ctx, k)) == v for k, v in fields.items()):
             return ctx
         try:
-            return dataclasses.replace(ctx, dynamic_sizes=batch_duck)
+            return dataclasses.replace(ctx, **fields)
         except Exception:  # noqa: BLE001 - keep torch's choice if its context changed shape
             return ctx
 
     _automatic_dynamic.__wrapped__ = original  # type: ignore[attr-defined]
     builder._automatic_dynamic = _automatic_dynamic
+
+
+def _automatic_constraint(c) -> bool:  # noqa: ANN001
+    """c is the warn-only constraint automatic dynamic gives a dim that changed between calls."""
+    return c is not None and type(c).__name__ == "RelaxedUnspecConstraint" and bool(getattr(c, "warn_only", False))
 
 
 def _broadcast_ones(t) -> list:  # noqa: ANN001

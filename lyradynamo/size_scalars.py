@@ -19,8 +19,15 @@ graph in a way it cannot resume from: the rest of the forward ran eagerly, each 
 its own (16 graphs in the tiny model). A symbol formatted into a string is a key or a message,
 not a size the graph computes with, so it is guarded to its value (a new patch size recompiles,
 as it would under torch's default static ints).
+
+3. `s is None` / `s is not None` for a slice: answered without reading its bounds. Dynamo reads a
+slice's bounds as Python values to compare it, which pins a size symbol among them: QwenImage21
+builds `cache_write_slice = slice(0, prefix_len)` and asks `is not None`, so each new prompt
+length recompiled its blocks. A slice object is never None.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -53,6 +60,39 @@ def install() -> None:
     call_function.__wrapped__ = original  # type: ignore[attr-defined]
     TorchInGraphFunctionVariable.call_function = call_function
     _install_format_specialised(ConstantVariable, SymNodeVariable)
+    _install_slice_is_none(ConstantVariable)
+
+
+def _install_slice_is_none(constant) -> None:  # noqa: ANN001
+    try:
+        from torch._dynamo.variables import BuiltinVariable, SliceVariable
+    except ImportError:
+        return
+    original = getattr(BuiltinVariable, "call_function", None)
+    if original is None or getattr(original, "__wrapped__", None) is not None:
+        return
+    ops = {operator.is_: False, operator.is_not: True}  # the answer for a slice and None
+
+    def call_function(self, tx, args, kwargs):  # noqa: ANN001, ANN202 - torch's signature
+        if shape_policy._active and self.fn in ops and len(args) == 2 and not kwargs:
+            a, b = args
+            if isinstance(a, constant) and a.value is None:
+                a, b = b, a
+            if isinstance(a, SliceVariable) and isinstance(b, constant) and b.value is None:
+                return constant.create(ops[self.fn])
+        return original(self, tx, args, kwargs)
+
+    call_function.__wrapped__ = original  # type: ignore[attr-defined]
+    BuiltinVariable.call_function = call_function
+    try:  # torch 2.13 binds its `is` / `is not` handlers once, at import
+        from torch._dynamo import symbolic_convert
+
+        handlers = symbolic_convert.compare_op_handlers
+        for name, op in (("is", operator.is_), ("is not", operator.is_not)):
+            if name in handlers:
+                handlers[name] = BuiltinVariable(op).call_function
+    except (ImportError, AttributeError):
+        pass
 
 
 def _install_format_specialised(constant, sym_node) -> None:  # noqa: ANN001

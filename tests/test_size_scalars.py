@@ -59,3 +59,20 @@ def test_an_int_argument_in_an_f_string_is_specialised_not_a_graph_break():
         x = torch.randn(5, 4)
         torch.testing.assert_close(compiled(x, 3, 1), model(x, 3, 1))  # another key: recompiled
     assert lyradynamo.compile_count() == 2
+
+
+def test_a_slice_of_sizes_compared_with_none_keeps_its_sizes():
+    """QwenImage21's `cache_write_slice = slice(0, prefix_len)` then `if ... is not None`: Dynamo
+    compared the slice by its bounds and pinned prefix_len (a recompile per prompt length)."""
+    def f(x, n):
+        s = slice(0, n)
+        if s is not None and not (s is None):
+            return x[:, s] * 2
+        return x
+
+    _fresh()
+    compiled = torch.compile(f, backend="lyra")
+    for n in (3, 4, 6):
+        x = torch.randn(2, 8)
+        assert torch.equal(compiled(x, n), f(x, n))
+    assert lyradynamo.compile_count() == 1
