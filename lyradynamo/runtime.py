@@ -22,6 +22,7 @@ is ~0.1 ms less GPU idle per step there.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 import weakref
@@ -100,20 +101,22 @@ def make_runner(gm: fx.GraphModule, example_inputs: list, record, n_lifted: int 
             static.update(range(len(example_inputs) - n_lifted, len(example_inputs)))
             filled = host_prefix.fill_scalars(gm)
             parts = host_prefix.split(gm)
-            if parts is not None and not_capturable(parts.device) is None:
+            if parts is not None and not_capturable(parts.device, copies_ok=False) is None:
                 record.host_prefix = {"host_nodes": parts.host_nodes, "copies": parts.copies, "filled": filled}
                 log.info("lyradynamo: graph %d computes %d tensors on the host (%d copies to the "
                          "device): they run before each replay", record.index, parts.host_nodes, parts.copies)
                 return host_prefix.HostThenDevice(parts.host, CudaGraphRunner(parts.device, static, device, record))
             if filled:
                 record.host_prefix = {"host_nodes": 0, "copies": 0, "filled": filled}
-            return CudaGraphRunner(gm, static, device, record)
+            why = not_capturable(gm, copies_ok=False)
+            if why is None:
+                return CudaGraphRunner(gm, static, device, record)
         record.cuda_graphs_off = why
         log.info("lyradynamo: graph %d runs without CUDA graphs: %s", record.index, why)
     return gm.forward
 
 
-def not_capturable(gm: fx.GraphModule) -> str | None:
+def not_capturable(gm: fx.GraphModule, copies_ok: bool = True) -> str | None:
     """Why a CUDA graph of gm would be wrong or empty, or None. A replay re-launches the
     recorded kernels only: what the host computed while recording (a CPU tensor output, e.g.
     position ids made from a CPU tensor after a graph break) would come back as the recorded
@@ -132,6 +135,41 @@ def not_capturable(gm: fx.GraphModule) -> str | None:
     if host:
         return (f"output(s) {', '.join(host[:3])} computed on the host, which a replay would return "
                 f"as recorded")
+    for n in nodes:
+        why = _uncapturable_call(n, copies_ok)
+        if why:
+            return why
+    return None
+
+
+_INDEX_WRITES = {operator.setitem, torch.Tensor.index_put_, torch.Tensor.index_put, torch.index_put}
+
+
+def _uncapturable_call(n: fx.Node, copies_ok: bool) -> str | None:
+    """Why call n cannot be recorded, or None: a device op that reads a host tensor of 1+ dims
+    (indexing a GPU table by CPU indices, a CPU value written into a GPU tensor: torch copies it
+    inside the op; an explicit `.to(device)` copy only with copies_ok False, when host_prefix could
+    not move it before the replay), or an indexed write through a boolean mask (a data-dependent
+    count: a host sync). QwenImage21's token metadata does both after its graph breaks."""
+    if n.op not in host_prefix.CALLS:
+        return None
+    tensors = [a for a in n.all_input_nodes if isinstance(host_prefix._val(a), torch.Tensor)]
+    values = [host_prefix._val(a) for a in tensors] + [host_prefix._val(n)]
+    on_device = any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values)
+    if not on_device:
+        return None
+    for a in tensors:
+        v = host_prefix._val(a)
+        if v.device.type == "cpu" and v.dim() > 0:
+            if copies_ok and host_prefix._is_copy_to_device(n, a):
+                continue
+            return (f"{n.name} reads host tensor {a.name} on the device (a copy inside the op, which a "
+                    f"capture cannot record)")
+    if n.op == "call_function" and n.target in _INDEX_WRITES and len(n.args) > 1:
+        index = n.args[1] if isinstance(n.args[1], (tuple, list)) else (n.args[1],)
+        if any(isinstance(i, fx.Node) and isinstance(host_prefix._val(i), torch.Tensor)
+               and host_prefix._val(i).dtype == torch.bool for i in index):
+            return f"{n.name} writes through a boolean mask (a data-dependent count: a host sync)"
     return None
 
 

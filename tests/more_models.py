@@ -86,13 +86,15 @@ def _lumina2(B, h, w, L, randn, dtype):
 
 def _flux3(B, h, w, L, randn, dtype):
     """As Flux3's modular denoiser passes them: packed latents (a transposed view), ids shared by
-    the batch (image rows / columns at half scale), timestep / 1000 expanded over the batch."""
+    the batch (image rows / columns at half scale), timestep / 1000 (contiguous here: the
+pipeline's `t.expand(B)` has stride 0 at every batch, and a test that copies it to another
+dtype would change the stride between calls, which Dynamo guards)."""
     gh, gw = h // 2, w // 2
     img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(gh), torch.arange(gw), torch.tensor([0])).float()
     img_ids[:, 1:3] *= 0.5
     txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(L)).float()
     return dict(hidden_states=randn(B, 32, gh, gw).flatten(2).transpose(1, 2), encoder_hidden_states=randn(B, L, 64),
-                timestep=torch.tensor(0.8).expand(B).to(dtype), img_ids=img_ids, txt_ids=txt_ids)
+                timestep=torch.full((B,), 0.8, dtype=dtype), img_ids=img_ids, txt_ids=txt_ids)
 
 
 def _krea2(B, h, w, L, randn, dtype):
@@ -107,17 +109,17 @@ def _krea2(B, h, w, L, randn, dtype):
     image_ids = torch.zeros(gh, gw, 3)
     image_ids[..., 1] = torch.arange(gh)[:, None]
     image_ids[..., 2] = torch.arange(gw)[None, :]
-    return dict(hidden_states=latents, encoder_hidden_states=randn(B, L, 4, 64), timestep=torch.tensor(0.8).expand(B).to(dtype),
+    return dict(hidden_states=latents, encoder_hidden_states=randn(B, L, 4, 64), timestep=torch.full((B,), 0.8, dtype=dtype),
                 position_ids=torch.cat([torch.zeros(L, 3), image_ids.reshape(-1, 3)]), encoder_attention_mask=mask)
 
 
 def _hunyuanvideo(B, h, w, L, randn, dtype):
     """HunyuanVideoPipeline: a padded text mask (per-prompt token counts) in the model's dtype,
-    guidance * 1000, timestep expanded over the batch."""
+    guidance * 1000."""
     mask = torch.zeros(B, L)
     for b in range(B):
         mask[b, : max(1, L - 3 - 2 * b)] = 1
-    return dict(hidden_states=randn(B, 8, 2, h, w), timestep=torch.tensor(937.5).expand(B).to(dtype),
+    return dict(hidden_states=randn(B, 8, 2, h, w), timestep=torch.full((B,), 937.5, dtype=dtype),
                 encoder_hidden_states=randn(B, L, 32), encoder_attention_mask=mask.to(dtype),
                 pooled_projections=randn(B, 32).to(dtype), guidance=torch.full((B,), 6000.0).to(dtype))
 
@@ -131,10 +133,10 @@ def _ltx2_ropes():
 
 def _ltx2(B, h, w, L, randn, dtype):
     """LTX2Pipeline (no CFG): packed video and audio latents, all-ones connector masks, sigma =
-    timestep expanded over the batch, coords from the model's RoPE modules (2 latent frames at 24
+    timestep, coords from the model's RoPE modules (2 latent frames at 24
     fps; 9 audio frames)."""
     video_rope, audio_rope = _ltx2_ropes()
-    t = torch.tensor(937.5).expand(B)
+    t = torch.full((B,), 937.5)
     mask = torch.ones(B, L, dtype=torch.int64)
     cpu = torch.device("cpu")
     return dict(hidden_states=randn(B, 2 * h * w, 16), audio_hidden_states=randn(B, 8, 9, 4).transpose(1, 2).flatten(2).to(dtype),
@@ -150,7 +152,7 @@ def _qwenimage21(B, h, w, L, randn, dtype):
     then one True per 2x2 latents, img_shapes a list as long as the batch."""
     img_mask = torch.zeros(B, L, dtype=torch.bool)
     img_mask = torch.cat([img_mask, img_mask.new_ones(B, (h * w) // 4)], dim=1)
-    return dict(hidden_states=randn(B, 16, h * w).transpose(1, 2), timestep=(torch.tensor(800.0).expand(B) / 1000).to(dtype),
+    return dict(hidden_states=randn(B, 16, h * w).transpose(1, 2), timestep=torch.full((B,), 0.8, dtype=dtype),
                 encoder_hidden_states=randn(B, L, 32), encoder_hidden_states_mask=None,
                 img_shapes=[[(1, h, w)]] * B, img_mask=img_mask)
 

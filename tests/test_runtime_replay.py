@@ -5,6 +5,7 @@ is handed out."""
 import types
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lyradynamo import config, runtime
 
@@ -203,3 +204,29 @@ def test_the_reason_reaches_the_dump():
     why = "no operation to launch (the graph only returns its inputs)"
     assert f"CUDA graphs off for this graph (it runs op by op): {why}" in \
         dump.format_summary(rec.summary | {"cuda_graphs_off": why})
+
+
+def test_host_reads_inside_device_ops_and_mask_writes_are_not_captured():
+    """QwenImage21's token metadata after its graph breaks: a GPU table indexed by CPU indices
+    (torch copies them inside the op) and a write through a boolean mask (a host sync); both
+    would fail inside a capture. An explicit copy is left to host_prefix unless it could not be
+    split off (copies_ok=False)."""
+    meta = torch.empty(6, 4, device="meta")
+    idx = torch.arange(3)
+    gm = _graph_with_vals(lambda table, idx: table[idx] * 2, meta, idx)
+    assert "reads host tensor" in runtime.not_capturable(gm)
+    mask = torch.ones(6, dtype=torch.bool, device="meta")
+
+    def masked_write(x, mask):
+        x = x.clone()
+        x[mask] = 0.0
+        return x
+
+    assert "boolean mask" in runtime.not_capturable(_dynamo_graph(masked_write, meta, mask))
+    copy = torch.fx.symbolic_trace(lambda x, ids: x * ids.to(x.device))
+    with FakeTensorMode(allow_non_fake_inputs=True):  # x on "cuda", ids on the host
+        for n in copy.graph.nodes:
+            on_host = n.op == "placeholder" and n.name == "ids"
+            n.meta["example_value"] = torch.empty(6, device="cpu" if on_host else "cuda")
+    assert runtime.not_capturable(copy) is None  # an explicit copy: host_prefix's to move
+    assert "reads host tensor" in runtime.not_capturable(copy, copies_ok=False)
