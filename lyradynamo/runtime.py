@@ -136,7 +136,7 @@ def not_capturable(gm: fx.GraphModule, copies_ok: bool = True) -> str | None:
         return (f"output(s) {', '.join(host[:3])} computed on the host, which a replay would return "
                 f"as recorded")
     for n in nodes:
-        why = _uncapturable_call(n, copies_ok)
+        why = _uncapturable_call(gm, n, copies_ok)
         if why:
             return why
     return None
@@ -145,7 +145,19 @@ def not_capturable(gm: fx.GraphModule, copies_ok: bool = True) -> str | None:
 _INDEX_WRITES = {operator.setitem, torch.Tensor.index_put_, torch.Tensor.index_put, torch.index_put}
 
 
-def _uncapturable_call(n: fx.Node, copies_ok: bool) -> str | None:
+def _tensor_of(gm: fx.GraphModule, a: fx.Node):
+    """a's traced value, or for a constant the graph keeps as an attribute (Dynamo folds
+    `torch.tensor([0, 0, ...])` into one) the tensor itself; None for anything else."""
+    v = host_prefix._val(a)
+    if v is None and a.op == "get_attr":
+        try:
+            v = operator.attrgetter(a.target)(gm)
+        except AttributeError:
+            return None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _uncapturable_call(gm: fx.GraphModule, n: fx.Node, copies_ok: bool) -> str | None:
     """Why call n cannot be recorded, or None: a device op that reads a host tensor of 1+ dims
     (indexing a GPU table by CPU indices, a CPU value written into a GPU tensor: torch copies it
     inside the op; an explicit `.to(device)` copy only with copies_ok False, when host_prefix could
@@ -153,22 +165,23 @@ def _uncapturable_call(n: fx.Node, copies_ok: bool) -> str | None:
     count: a host sync). QwenImage21's token metadata does both after its graph breaks."""
     if n.op not in host_prefix.CALLS:
         return None
-    tensors = [a for a in n.all_input_nodes if isinstance(host_prefix._val(a), torch.Tensor)]
-    values = [host_prefix._val(a) for a in tensors] + [host_prefix._val(n)]
-    on_device = any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values)
-    if not on_device:
+    tensors = {a: _tensor_of(gm, a) for a in n.all_input_nodes}
+    tensors = {a: v for a, v in tensors.items() if v is not None}
+    values = [*tensors.values(), host_prefix._val(n)]
+    if not any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
         return None
-    for a in tensors:
-        v = host_prefix._val(a)
+    for a, v in tensors.items():
         if v.device.type == "cpu" and v.dim() > 0:
             if copies_ok and host_prefix._is_copy_to_device(n, a):
                 continue
             return (f"{n.name} reads host tensor {a.name} on the device (a copy inside the op, which a "
                     f"capture cannot record)")
     if n.op == "call_function" and n.target in _INDEX_WRITES and len(n.args) > 1:
+        value = n.args[2] if len(n.args) > 2 else None
+        if isinstance(value, fx.Node) and value in tensors and tensors[value].device.type == "cpu":
+            return f"{n.name} writes host tensor {value.name} into a device tensor (a copy inside the op)"
         index = n.args[1] if isinstance(n.args[1], (tuple, list)) else (n.args[1],)
-        if any(isinstance(i, fx.Node) and isinstance(host_prefix._val(i), torch.Tensor)
-               and host_prefix._val(i).dtype == torch.bool for i in index):
+        if any(isinstance(i, fx.Node) and i in tensors and tensors[i].dtype == torch.bool for i in index):
             return f"{n.name} writes through a boolean mask (a data-dependent count: a host sync)"
     return None
 

@@ -2,6 +2,7 @@
 before the parameters' addresses are checked, a capture keeps the storages it reads alive, and a
 replaced parameter (`.data =`) makes the same call recapture and replay again before any output
 is handed out."""
+import operator
 import types
 
 import torch
@@ -230,3 +231,34 @@ def test_host_reads_inside_device_ops_and_mask_writes_are_not_captured():
             n.meta["example_value"] = torch.empty(6, device="cpu" if on_host else "cuda")
     assert runtime.not_capturable(copy) is None  # an explicit copy: host_prefix's to move
     assert "reads host tensor" in runtime.not_capturable(copy, copies_ok=False)
+
+
+def test_host_constants_and_host_values_written_into_device_tensors_are_not_captured():
+    """Dynamo folds `torch.tensor([0, 0, ...])` into a constant the graph keeps as an attribute
+    (no traced value): indexing a device tensor by it is an implicit copy too. So is writing a
+    host tensor, even a 0-d one, into a device tensor."""
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("ids", torch.tensor([0, 0, 1]))
+
+        def forward(self, x):
+            return x[self.ids] * 2
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cuda = torch.empty(5, device="cuda")
+    table = torch.fx.symbolic_trace(Table())
+    for n in table.graph.nodes:
+        if n.op != "get_attr" and n.op != "output":
+            n.meta["example_value"] = cuda
+    assert "reads host tensor ids" in runtime.not_capturable(table)
+    graph = torch.fx.Graph()  # y = x * 1; y[0] = v (v a 0-d host tensor)
+    x, v = graph.placeholder("x"), graph.placeholder("v")
+    y = graph.call_function(operator.mul, (x, 1))
+    graph.call_function(operator.setitem, (y, 0, v))
+    graph.output(y)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x.meta["example_value"], y.meta["example_value"] = cuda, cuda
+        v.meta["example_value"] = torch.empty((), device="cpu")
+    assert "writes host tensor v" in runtime.not_capturable(gm)
