@@ -71,15 +71,14 @@ def _install_slice_is_none(constant) -> None:  # noqa: ANN001
     original = getattr(BuiltinVariable, "call_function", None)
     if original is None or getattr(original, "__wrapped__", None) is not None:
         return
-    ops = {operator.is_: False, operator.is_not: True}  # the answer for a slice and None
-
     def call_function(self, tx, args, kwargs):  # noqa: ANN001, ANN202 - torch's signature
-        if shape_policy._active and self.fn in ops and len(args) == 2 and not kwargs:
+        fn = self.fn
+        if shape_policy._active and (fn is operator.is_ or fn is operator.is_not) and len(args) == 2 and not kwargs:
             a, b = args
             if isinstance(a, constant) and a.value is None:
                 a, b = b, a
             if isinstance(a, SliceVariable) and isinstance(b, constant) and b.value is None:
-                return constant.create(ops[self.fn])
+                return constant.create(fn is operator.is_not)  # a slice is never None
         return original(self, tx, args, kwargs)
 
     call_function.__wrapped__ = original  # type: ignore[attr-defined]
