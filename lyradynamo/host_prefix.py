@@ -13,9 +13,11 @@ copies as extra inputs, which the CUDA-graph runner refills into its static buff
 other input before each replay. The cut is made only where it is exact: every host tensor the
 device part reads arrives through a copy to the device (`.to(device)`, `.cuda()`), and the host
 part reads nothing computed on the device (only the graph's inputs and sizes). Otherwise the
-graph is left as it was. `fill_scalars` first turns a 0-d device tensor made from a size
-(Qwen-Image's `torch.as_tensor(text_seq_len, device=...)`) into a fill kernel, which a capture
-records.
+graph is left as it was. A copy of a CPU *input* (a table the model keeps as a plain attribute:
+Qwen-Image's RoPE tables) also runs in the host part, and is made again only when its source
+changes. `fill_scalars` first turns a 0-d device tensor made from a number
+(`torch.as_tensor(3, device=...)`; one made from a size is traced as a `scalar_tensor` while a
+lyra frame is traced, size_scalars.py) into a fill kernel, which a capture records.
 """
 from __future__ import annotations
 

@@ -8,9 +8,11 @@ patches (LoRA fuse, ControlNet weight copy) are seen by the next replay; a param
 was *replaced* by a new tensor (`.data =`, torch.utils.swap_tensors) changes its address and
 triggers a new capture. Other inputs are copied into the capture's static buffers; outputs are
 cloned out of the pool so the caller may keep them across calls. A graph that launches no
-kernel (only sizes and views), or computes an output on the host, runs op by op instead
-(`not_capturable`; the dump names the reason). Host tensors the graph copies to the device (CogView4's RoPE tables from
-`torch.arange` on the CPU) are computed before each replay (host_prefix.py).
+kernel (only sizes and views), computes an output on the host, reads a host tensor inside a
+device op or writes through a boolean mask runs op by op instead (`not_capturable`; the dump
+names the reason). Host tensors the graph copies to the device (CogView4's RoPE tables from
+`torch.arange` on the CPU, Qwen-Image's CPU tables) are copied before each replay
+(host_prefix.py).
 
 The address check (~700 tensors for a UNet: 40-100 us of host time) runs after the replay is
 launched, while the GPU works, not before it: a capture holds a reference to the storage of
@@ -165,8 +167,7 @@ def _uncapturable_call(gm: fx.GraphModule, n: fx.Node, copies_ok: bool) -> str |
     count: a host sync). QwenImage21's token metadata does both after its graph breaks."""
     if n.op not in host_prefix.CALLS:
         return None
-    tensors = {a: _tensor_of(gm, a) for a in n.all_input_nodes}
-    tensors = {a: v for a, v in tensors.items() if v is not None}
+    tensors = {a: v for a in n.all_input_nodes if (v := _tensor_of(gm, a)) is not None}
     values = [*tensors.values(), host_prefix._val(n)]
     if not any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
         return None

@@ -40,77 +40,67 @@ _KWARGS = {"dtype", "device"}
 def install() -> None:
     """Idempotent; if Dynamo's classes moved, leaves torch as it is (such sizes stay pinned)."""
     try:
-        from torch._dynamo.variables import ConstantVariable, SymNodeVariable
+        from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+        from torch._dynamo.variables import BuiltinVariable, ConstantVariable, SliceVariable, SymNodeVariable
         from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
     except ImportError:
         return
-    original = getattr(TorchInGraphFunctionVariable, "call_function", None)
+
+    def factory_of_a_size(original):  # noqa: ANN001, ANN202
+        def call_function(self, tx, args, kwargs):  # noqa: ANN001, ANN202 - torch's signature
+            if (shape_policy._active and getattr(self, "value", None) in _FACTORIES and len(args) == 1
+                    and isinstance(args[0], SymNodeVariable) and set(kwargs) <= _KWARGS):
+                dtype = _inferred_dtype(args[0].python_type())
+                if dtype is not None:
+                    kwargs = {"dtype": ConstantVariable.create(dtype)} | dict(kwargs)
+                    return original(TorchInGraphFunctionVariable(torch.scalar_tensor), tx, list(args), kwargs)
+            return original(self, tx, args, kwargs)
+        return call_function
+
+    def format_specialised(original):  # noqa: ANN001, ANN202
+        def _format_value(self, fmt_spec, flags):  # noqa: ANN001, ANN202 - torch's signature
+            if shape_policy._active and self.stack and isinstance(self.stack[-1], SymNodeVariable):
+                value = self.pop()
+                self.push(ConstantVariable.create(value.evaluate_expr(self.output)))
+            return original(self, fmt_spec, flags)
+        return _format_value
+
+    def slice_is_never_none(original):  # noqa: ANN001, ANN202
+        def call_function(self, tx, args, kwargs):  # noqa: ANN001, ANN202 - torch's signature
+            fn = self.fn
+            if shape_policy._active and (fn is operator.is_ or fn is operator.is_not) and len(args) == 2 and not kwargs:
+                a, b = args
+                if isinstance(a, ConstantVariable) and a.value is None:
+                    a, b = b, a
+                if isinstance(a, SliceVariable) and isinstance(b, ConstantVariable) and b.value is None:
+                    return ConstantVariable.create(fn is operator.is_not)
+            return original(self, tx, args, kwargs)
+        return call_function
+
+    _wrap(TorchInGraphFunctionVariable, "call_function", factory_of_a_size)
+    _wrap(InstructionTranslatorBase, "_format_value", format_specialised)
+    if _wrap(BuiltinVariable, "call_function", slice_is_never_none):
+        try:  # torch 2.13 binds its `is` / `is not` handlers once, at import
+            from torch._dynamo import symbolic_convert
+
+            handlers = symbolic_convert.compare_op_handlers
+            for name, op in (("is", operator.is_), ("is not", operator.is_not)):
+                if name in handlers:
+                    handlers[name] = BuiltinVariable(op).call_function
+        except (ImportError, AttributeError):
+            pass
+
+
+def _wrap(owner, name: str, make) -> bool:  # noqa: ANN001
+    """owner.name replaced by make(original) once (the wrapper keeps it as `__wrapped__`); False
+    where torch has no such attribute or it is wrapped already."""
+    original = getattr(owner, name, None)
     if original is None or getattr(original, "__wrapped__", None) is not None:
-        return
-
-    def call_function(self, tx, args, kwargs):  # noqa: ANN001, ANN202 - torch's signature
-        if (shape_policy._active and getattr(self, "value", None) in _FACTORIES and len(args) == 1
-                and isinstance(args[0], SymNodeVariable) and set(kwargs) <= _KWARGS):
-            dtype = _inferred_dtype(args[0].python_type())
-            if dtype is not None:
-                kwargs = {"dtype": ConstantVariable.create(dtype)} | dict(kwargs)
-                return original(TorchInGraphFunctionVariable(torch.scalar_tensor), tx, list(args), kwargs)
-        return original(self, tx, args, kwargs)
-
-    call_function.__wrapped__ = original  # type: ignore[attr-defined]
-    TorchInGraphFunctionVariable.call_function = call_function
-    _install_format_specialised(ConstantVariable, SymNodeVariable)
-    _install_slice_is_none(ConstantVariable)
-
-
-def _install_slice_is_none(constant) -> None:  # noqa: ANN001
-    try:
-        from torch._dynamo.variables import BuiltinVariable, SliceVariable
-    except ImportError:
-        return
-    original = getattr(BuiltinVariable, "call_function", None)
-    if original is None or getattr(original, "__wrapped__", None) is not None:
-        return
-    def call_function(self, tx, args, kwargs):  # noqa: ANN001, ANN202 - torch's signature
-        fn = self.fn
-        if shape_policy._active and (fn is operator.is_ or fn is operator.is_not) and len(args) == 2 and not kwargs:
-            a, b = args
-            if isinstance(a, constant) and a.value is None:
-                a, b = b, a
-            if isinstance(a, SliceVariable) and isinstance(b, constant) and b.value is None:
-                return constant.create(fn is operator.is_not)  # a slice is never None
-        return original(self, tx, args, kwargs)
-
-    call_function.__wrapped__ = original  # type: ignore[attr-defined]
-    BuiltinVariable.call_function = call_function
-    try:  # torch 2.13 binds its `is` / `is not` handlers once, at import
-        from torch._dynamo import symbolic_convert
-
-        handlers = symbolic_convert.compare_op_handlers
-        for name, op in (("is", operator.is_), ("is not", operator.is_not)):
-            if name in handlers:
-                handlers[name] = BuiltinVariable(op).call_function
-    except (ImportError, AttributeError):
-        pass
-
-
-def _install_format_specialised(constant, sym_node) -> None:  # noqa: ANN001
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslatorBase
-    except ImportError:
-        return
-    original = getattr(InstructionTranslatorBase, "_format_value", None)
-    if original is None or getattr(original, "__wrapped__", None) is not None:
-        return
-
-    def _format_value(self, fmt_spec, flags):  # noqa: ANN001, ANN202 - torch's signature
-        if shape_policy._active and self.stack and isinstance(self.stack[-1], sym_node):
-            value = self.pop()
-            self.push(constant.create(value.evaluate_expr(self.output)))
-        return original(self, fmt_spec, flags)
-
-    _format_value.__wrapped__ = original  # type: ignore[attr-defined]
-    InstructionTranslatorBase._format_value = _format_value
+        return False
+    wrapper = make(original)
+    wrapper.__wrapped__ = original
+    setattr(owner, name, wrapper)
+    return True
 
 
 def _inferred_dtype(kind: type) -> torch.dtype | None:
